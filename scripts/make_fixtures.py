@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""Builds the tiny Stable Diffusion pipelines that Atelier's tests run, and what diffusers computes for them.
+
+Three pipelines with seeded random weights, in the diffusers folder layout, with the real CLIP BPE
+vocabulary (from the PyPI package open-clip-torch):
+  sd1   SD 1.x-like: epsilon, conv projections, PNDM/leading scheduler config, vocab.json + merges.txt
+        only, text encoder weights with the `text_model.` prefix (as transformers 4 wrote them).
+  sd2   SD 2.x-like: v-prediction, linear projections, gelu text encoder, pads with "!", DDIM config,
+        upcast attention, vocab.json + merges.txt,
+        every file saved as the `fp16` variant, text encoder without the prefix (transformers 5).
+  sdxl  SDXL-like: two text encoders (the second with projection), pooled embeddings and time ids,
+        force_zeros_for_empty_prompt, trailing timestep spacing, VAE factor 4, tokenizer.json (first
+        tokenizer only).
+Weights are stored in float16 (to keep the repository small); the reference runs load them in float32,
+as Atelier's CPU tests do, so both compute on identical values.
+
+For each pipeline, `expected.safetensors` and `expected.json` hold: token ids of tricky prompts, text
+embeddings, one UNet forward (also at a latent size that is not a multiple of 2^levels), one VAE decode,
+and the final latents and image of full runs from given noise with DDIM and Euler, with and without a
+negative prompt.
+
+Usage: python scripts/make_fixtures.py [OUT_DIR=tests/fixtures]
+Needs: pip install torch diffusers==0.42.1 transformers safetensors open-clip-torch numpy
+"""
+import gzip
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffusers
+import open_clip
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures")
+
+PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "",
+    "  Mixed   CASE, punctuation!!! and numbers 1234 -- don't stop's ",
+    "émigré café, naïve façade — 東京 🦊",
+    "a castle on a hill, (golden hour:1.2), <lora:foo:0.8>",
+    " ".join(["word"] * 90),  # longer than 77 tokens: truncated
+]
+RUN_PROMPT = "a red fox in the snow, highly detailed"
+RUN_NEGATIVE = "blurry, lowres"
+
+
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_vocab(folder: Path):
+    """vocab.json + merges.txt exactly as openai/clip-vit-large-patch14 ships them."""
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in merges[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
+def make_tokenizer(tmp: Path, pad_token: str) -> CLIPTokenizer:
+    write_clip_vocab(tmp)
+    return CLIPTokenizer(vocab=str(tmp / "vocab.json"), merges=str(tmp / "merges.txt"), pad_token=pad_token,
+                         model_max_length=77)
+
+
+def perturb(module: torch.nn.Module, seed: int):
+    """Default init leaves norms at 1/0 and some biases at 0; perturb them so wrong wiring shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.05 * noise)
+            elif "embedding" in name and p.dim() == 2:
+                p.copy_(0.5 * noise)
+    return module
+
+
+def text_config(hidden, layers, heads, act, projection=None):
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 2 + 5, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=1, projection_dim=projection or hidden,
+    )
+
+
+def tiny_vae(channels, scaling_factor, seed, groups=8):
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=1, norm_num_groups=groups, sample_size=64, scaling_factor=scaling_factor,
+    )
+    return perturb(vae, seed)
+
+
+def build_sd1(tmp):
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    )
+    unet = perturb(unet, 11)
+    torch.manual_seed(2)
+    te = perturb(CLIPTextModel(text_config(16, 3, 4, "quick_gelu")), 12)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae((16, 32), 0.18215, 13), text_encoder=te, tokenizer=make_tokenizer(tmp, "<|endoftext|>"),
+        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe, dict(width=64, height=48, steps=6, guidance=7.5)
+
+
+def build_sd2(tmp):
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
+        norm_num_groups=4,
+    )
+    unet = perturb(unet, 21)
+    torch.manual_seed(4)
+    te = perturb(CLIPTextModel(text_config(8, 2, 2, "gelu")), 22)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1, prediction_type="v_prediction", timestep_spacing="leading",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae((16, 32), 0.18215, 23), text_encoder=te, tokenizer=make_tokenizer(tmp, "!"),
+        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe, dict(width=48, height=64, steps=5, guidance=6.0)
+
+
+def build_sdxl(tmp):
+    torch.manual_seed(5)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=(2, 4), use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 + 6 * 8, norm_num_groups=8,
+    )
+    unet = perturb(unet, 31)
+    torch.manual_seed(6)
+    te = perturb(CLIPTextModel(text_config(8, 2, 2, "quick_gelu")), 32)
+    te2 = perturb(CLIPTextModelWithProjection(text_config(8, 2, 2, "gelu", projection=8)), 33)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="trailing", interpolation_type="linear", use_karras_sigmas=False,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae((16, 16, 32), 0.13025, 34), text_encoder=te, text_encoder_2=te2,
+        tokenizer=make_tokenizer(tmp / "1", "<|endoftext|>"), tokenizer_2=make_tokenizer(tmp / "2", "!"),
+        unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    return pipe, dict(width=64, height=64, steps=4, guidance=5.0)
+
+
+def add_text_model_prefix(path: Path):
+    """Rewrite a transformers-5 text encoder file with transformers 4's `text_model.` key prefix."""
+    tensors = load_file(path)
+    renamed = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in tensors.items()}
+    save_file(renamed, path, metadata={"format": "pt"})
+
+
+def tokenizer_only_vocab_merges(folder: Path, pad_token: str):
+    """Leave only vocab.json, merges.txt and the configs, as the SD 1.5 repos have."""
+    for name in ("tokenizer.json",):
+        (folder / name).unlink(missing_ok=True)
+    write_clip_vocab(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config.update({"tokenizer_class": "CLIPTokenizer", "pad_token": pad_token, "model_max_length": 77,
+                   "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def save(pipe, folder: Path, name: str):
+    if folder.exists():
+        shutil.rmtree(folder)
+    variant = "fp16" if name == "sd2" else None
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True, variant=variant)
+    if name == "sd1":
+        add_text_model_prefix(folder / "text_encoder" / "model.safetensors")
+        tokenizer_only_vocab_merges(folder / "tokenizer", "<|endoftext|>")
+    if name in ("sd2", "sdxl"):
+        tokenizer_only_vocab_merges(folder / ("tokenizer" if name == "sd2" else "tokenizer_2"), "!")
+    # Tokenizer folders must say which pad token they use: that is what Atelier reads.
+    for tok in ("tokenizer", "tokenizer_2"):
+        config_path = folder / tok / "tokenizer_config.json"
+        if config_path.exists():
+            config = json.loads(config_path.read_text())
+            assert "pad_token" in config, config_path
+    return variant
+
+
+def t(x):
+    return x.detach().to(torch.float32).contiguous().cpu()
+
+
+def main():
+    torch.set_grad_enabled(False)
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = OUT / ".tmp-vocab"
+    builders = {"sd1": build_sd1, "sd2": build_sd2, "sdxl": build_sdxl}
+    for name, build in builders.items():
+        pipe, run = build(tmp / name)
+        folder = OUT / name / "model"
+        variant = save(pipe, folder, name)
+        cls = StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
+        kwargs = {} if name == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
+        pipe = cls.from_pretrained(folder, torch_dtype=torch.float32, variant=variant, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        expected, meta = {}, {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                              "torch": torch.__version__, "run": run, "prompt": RUN_PROMPT, "negative_prompt": RUN_NEGATIVE}
+        xl = name == "sdxl"
+
+        # Tokenizers.
+        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if xl else [])
+        meta["tokens"] = []
+        for i, tok in enumerate(tokenizers):
+            for prompt in PROMPTS:
+                ids = tok(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+                full = tok(prompt).input_ids
+                meta["tokens"].append({"tokenizer": i, "prompt": prompt, "ids": ids, "untruncated_len": len(full)})
+
+        # Text embeddings, exactly as the pipeline computes them.
+        if xl:
+            pe, ne, pp, npool = pipe.encode_prompt(RUN_PROMPT, device="cpu", num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=True, negative_prompt=RUN_NEGATIVE)
+            _, ze, _, zp = pipe.encode_prompt(RUN_PROMPT, device="cpu", num_images_per_prompt=1,
+                                              do_classifier_free_guidance=True, negative_prompt=None)
+            expected.update(prompt_embeds=t(pe), negative_prompt_embeds=t(ne), pooled_prompt_embeds=t(pp),
+                            negative_pooled_prompt_embeds=t(npool), empty_negative_prompt_embeds=t(ze),
+                            empty_negative_pooled_prompt_embeds=t(zp))
+        else:
+            pe, ne = pipe.encode_prompt(RUN_PROMPT, "cpu", 1, True, negative_prompt=RUN_NEGATIVE)
+            _, ze = pipe.encode_prompt(RUN_PROMPT, "cpu", 1, True, negative_prompt=None)
+            expected.update(prompt_embeds=t(pe), negative_prompt_embeds=t(ne), empty_negative_prompt_embeds=t(ze))
+
+        # One UNet forward, at the run's latent size and at an odd one.
+        gen = torch.Generator().manual_seed(100)
+        ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=gen)
+        for tag, (lh, lw) in {"": (run["height"] // pipe.vae_scale_factor, run["width"] // pipe.vae_scale_factor),
+                              "_odd": (9, 7)}.items():
+            sample = torch.randn(2, 4, lh, lw, generator=gen)
+            extra = None
+            if xl:
+                text_embeds = torch.randn(2, 8, generator=gen)
+                time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [96.0, 48.0, 8.0, 4.0, 64.0, 32.0]])
+                extra = {"text_embeds": text_embeds, "time_ids": time_ids}
+                expected["unet_text_embeds" + tag] = text_embeds
+                expected["unet_time_ids" + tag] = time_ids
+            out = pipe.unet(sample, 421.5, encoder_hidden_states=ctx, added_cond_kwargs=extra).sample
+            expected["unet_sample" + tag] = sample
+            expected["unet_context" + tag] = ctx.clone()
+            expected["unet_out" + tag] = t(out)
+        meta["unet_timestep"] = 421.5
+
+        # One VAE decode of scaled latents.
+        lat = torch.randn(1, 4, 8, 6, generator=gen)
+        expected["vae_latents"] = lat
+        expected["vae_image"] = t(pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample)
+
+        # Full runs from given noise.
+        lh, lw = run["height"] // pipe.vae_scale_factor, run["width"] // pipe.vae_scale_factor
+        noise = torch.randn(1, 4, lh, lw, generator=gen)
+        expected["noise"] = noise
+        base_config = dict(pipe.scheduler.config)
+        meta["runs"] = []
+        for sched_name, sched_cls in (("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler)):
+            for with_negative in (False, True):
+                pipe.scheduler = sched_cls.from_config(base_config)
+                args = dict(prompt=RUN_PROMPT, negative_prompt=RUN_NEGATIVE if with_negative else None,
+                            num_inference_steps=run["steps"], guidance_scale=run["guidance"],
+                            width=run["width"], height=run["height"], latents=noise.clone())
+                latents = pipe(**args, output_type="latent").images
+                pipe.scheduler = sched_cls.from_config(base_config)
+                image = pipe(**args, output_type="np").images  # (1, H, W, 3) in [0, 1]
+                key = f"{sched_name}_{'neg' if with_negative else 'noneg'}"
+                expected[f"run_{key}_latents"] = t(latents)
+                expected[f"run_{key}_image"] = torch.from_numpy(np.ascontiguousarray(image)).float()
+                meta["runs"].append({"key": key, "scheduler": sched_name, "negative_prompt": with_negative,
+                                     "timesteps": [float(x) for x in pipe.scheduler.timesteps]})
+
+        save_file({k: v.contiguous() for k, v in expected.items()}, OUT / name / "expected.safetensors")
+        (OUT / name / "expected.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        print(name, "ok", {k: tuple(v.shape) for k, v in expected.items() if k.startswith("run_ddim_noneg")})
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

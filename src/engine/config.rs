@@ -1,0 +1,405 @@
+//! The `config.json` files of a diffusers folder, parsed into typed structs.
+//!
+//! Every model shape comes from these files: nothing about SD 1.5 is assumed.
+//! Fields that diffusers allows as "one value or one per block" are read by
+//! [`PerBlock`], and every default mirrors the diffusers class it comes from.
+
+use serde::Deserialize;
+
+/// A value that diffusers configs give either once or once per block.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    /// One value for every block.
+    Same(T),
+    /// One value per block, in down-block order.
+    Each(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    /// The value for block `index` (the last value repeats if the list is short).
+    pub fn at(&self, index: usize) -> Option<T> {
+        match self {
+            PerBlock::Same(value) => Some(value.clone()),
+            PerBlock::Each(values) => values.get(index).or(values.last()).cloned(),
+        }
+    }
+}
+
+fn default_in_channels() -> usize {
+    4
+}
+fn default_layers_per_block() -> usize {
+    2
+}
+fn default_norm_num_groups() -> usize {
+    32
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_cross_attention_dim() -> PerBlock<usize> {
+    PerBlock::Same(1280)
+}
+fn default_attention_head_dim() -> PerBlock<usize> {
+    PerBlock::Same(8)
+}
+fn default_transformer_layers() -> PerBlock<usize> {
+    PerBlock::Same(1)
+}
+fn default_unet_channels() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
+fn default_down_blocks() -> Vec<String> {
+    vec![
+        "CrossAttnDownBlock2D".into(),
+        "CrossAttnDownBlock2D".into(),
+        "CrossAttnDownBlock2D".into(),
+        "DownBlock2D".into(),
+    ]
+}
+fn default_up_blocks() -> Vec<String> {
+    vec![
+        "UpBlock2D".into(),
+        "CrossAttnUpBlock2D".into(),
+        "CrossAttnUpBlock2D".into(),
+        "CrossAttnUpBlock2D".into(),
+    ]
+}
+fn default_mid_block() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_conv_kernel() -> usize {
+    3
+}
+
+/// `unet/config.json`, as `UNet2DConditionModel` reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    /// Latent channels in.
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    /// Latent channels out.
+    #[serde(default = "default_in_channels")]
+    pub out_channels: usize,
+    /// Channels of each resolution level.
+    #[serde(default = "default_unet_channels")]
+    pub block_out_channels: Vec<usize>,
+    /// Kinds of the down blocks (`CrossAttnDownBlock2D` or `DownBlock2D`).
+    #[serde(default = "default_down_blocks")]
+    pub down_block_types: Vec<String>,
+    /// Kinds of the up blocks (`CrossAttnUpBlock2D` or `UpBlock2D`).
+    #[serde(default = "default_up_blocks")]
+    pub up_block_types: Vec<String>,
+    /// Kind of the middle block; `null` means none.
+    #[serde(default = "default_mid_block")]
+    pub mid_block_type: Option<String>,
+    /// Resnets per down block (up blocks have one more).
+    #[serde(default = "default_layers_per_block")]
+    pub layers_per_block: usize,
+    /// Groups of every GroupNorm.
+    #[serde(default = "default_norm_num_groups")]
+    pub norm_num_groups: usize,
+    /// Epsilon of the resnets' GroupNorms.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// Width of the text embeddings the cross-attention reads.
+    #[serde(default = "default_cross_attention_dim")]
+    pub cross_attention_dim: PerBlock<usize>,
+    /// Heads per block; diffusers historically names the head count this way.
+    #[serde(default = "default_attention_head_dim")]
+    pub attention_head_dim: PerBlock<usize>,
+    /// Heads per block, when the config names them explicitly.
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    /// Transformer blocks inside each attention block.
+    #[serde(default = "default_transformer_layers")]
+    pub transformer_layers_per_block: PerBlock<usize>,
+    /// Linear (SD 2.x, SDXL) rather than 1x1-conv projections around the transformer.
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    /// Compute attention scores in f32 (SD 2.1).
+    #[serde(default)]
+    pub upcast_attention: bool,
+    /// Order of sine and cosine in the timestep embedding.
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    /// Frequency shift of the timestep embedding.
+    #[serde(default)]
+    pub freq_shift: f64,
+    /// Activation of the timestep MLP and resnets.
+    #[serde(default = "default_act")]
+    pub act_fn: String,
+    /// `text_time` for SDXL's pooled-text and size conditioning.
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    /// Width of each SDXL time id's sinusoidal embedding.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of SDXL's `add_embedding`.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    /// Guidance-embedding width of LCM-distilled UNets.
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    /// Kernel of `conv_in`.
+    #[serde(default = "default_conv_kernel")]
+    pub conv_in_kernel: usize,
+    /// Kernel of `conv_out`.
+    #[serde(default = "default_conv_kernel")]
+    pub conv_out_kernel: usize,
+    /// Native latent size (image size / VAE factor).
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+}
+
+impl UNetConfig {
+    /// Attention heads of down block `index` (diffusers' `num_attention_heads or attention_head_dim`).
+    pub fn heads(&self, index: usize) -> usize {
+        self.num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+            .at(index)
+            .unwrap_or(8)
+    }
+}
+
+fn default_vae_channels() -> Vec<usize> {
+    vec![64]
+}
+fn default_latent_channels() -> usize {
+    4
+}
+fn default_vae_layers() -> usize {
+    1
+}
+fn default_scaling_factor() -> f64 {
+    0.18215
+}
+fn default_image_channels() -> usize {
+    3
+}
+
+/// `vae/config.json`, as `AutoencoderKL` reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    /// Image channels in.
+    #[serde(default = "default_image_channels")]
+    pub in_channels: usize,
+    /// Image channels out.
+    #[serde(default = "default_image_channels")]
+    pub out_channels: usize,
+    /// Channels of each level; the downsampling factor is 2^(len - 1).
+    #[serde(default = "default_vae_channels")]
+    pub block_out_channels: Vec<usize>,
+    /// Latent channels.
+    #[serde(default = "default_latent_channels")]
+    pub latent_channels: usize,
+    /// Resnets per encoder block (decoder blocks have one more).
+    #[serde(default = "default_vae_layers")]
+    pub layers_per_block: usize,
+    /// Groups of every GroupNorm.
+    #[serde(default = "default_norm_num_groups")]
+    pub norm_num_groups: usize,
+    /// Latents are multiplied by this before the UNet sees them.
+    #[serde(default = "default_scaling_factor")]
+    pub scaling_factor: f64,
+    /// Subtracted before scaling (SD3-style VAEs); absent in SD 1/2/XL.
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    /// True when the VAE overflows in f16 (SDXL's): decode it in f32.
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
+    /// Whether the 1x1 `post_quant_conv` exists.
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+    /// Whether the middle blocks have self-attention.
+    #[serde(default = "default_true")]
+    pub mid_block_add_attention: bool,
+}
+
+impl VaeConfig {
+    /// Pixels per latent cell along each side: 2^(len(block_out_channels) - 1).
+    pub fn scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+}
+
+fn default_clip_vocab() -> usize {
+    49408
+}
+fn default_clip_hidden() -> usize {
+    512
+}
+fn default_clip_intermediate() -> usize {
+    2048
+}
+fn default_clip_layers() -> usize {
+    12
+}
+fn default_clip_heads() -> usize {
+    8
+}
+fn default_clip_positions() -> usize {
+    77
+}
+fn default_clip_act() -> String {
+    "quick_gelu".into()
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-5
+}
+fn default_eos() -> i64 {
+    2
+}
+
+/// `text_encoder/config.json`, as transformers' `CLIPTextConfig` reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    /// Token vocabulary size.
+    #[serde(default = "default_clip_vocab")]
+    pub vocab_size: usize,
+    /// Width of the hidden states.
+    #[serde(default = "default_clip_hidden")]
+    pub hidden_size: usize,
+    /// Width of the MLPs.
+    #[serde(default = "default_clip_intermediate")]
+    pub intermediate_size: usize,
+    /// Encoder layers.
+    #[serde(default = "default_clip_layers")]
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    #[serde(default = "default_clip_heads")]
+    pub num_attention_heads: usize,
+    /// Maximum tokens (77).
+    #[serde(default = "default_clip_positions")]
+    pub max_position_embeddings: usize,
+    /// `quick_gelu` (OpenAI CLIP) or `gelu` (OpenCLIP).
+    #[serde(default = "default_clip_act")]
+    pub hidden_act: String,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    /// Output width of `text_projection` (CLIPTextModelWithProjection).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    /// End-of-text id; 2 is transformers' legacy value meaning "the highest id".
+    #[serde(default = "default_eos")]
+    pub eos_token_id: i64,
+    /// The transformers class that wrote the file.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+}
+
+/// `scheduler/scheduler_config.json`, as written.
+///
+/// Every field is optional because each diffusers scheduler class has its own defaults (DDIM
+/// clips x0 by default, Euler spaces timesteps by `linspace`, ...): a scheduler resolves the
+/// missing ones with its class's defaults, exactly as `XScheduler.from_config` does.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+pub struct SchedulerConfig {
+    /// The diffusers class the model was published with.
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    /// Training steps T.
+    #[serde(default)]
+    pub num_train_timesteps: Option<usize>,
+    /// First beta.
+    #[serde(default)]
+    pub beta_start: Option<f64>,
+    /// Last beta.
+    #[serde(default)]
+    pub beta_end: Option<f64>,
+    /// `linear`, `scaled_linear` or `squaredcos_cap_v2`.
+    #[serde(default)]
+    pub beta_schedule: Option<String>,
+    /// Explicit betas, overriding the schedule.
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+    /// `epsilon`, `v_prediction` or `sample`.
+    #[serde(default)]
+    pub prediction_type: Option<String>,
+    /// `leading`, `linspace` or `trailing`.
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
+    /// Added to every timestep with `leading` spacing.
+    #[serde(default)]
+    pub steps_offset: Option<usize>,
+    /// DDIM: clip the predicted x0.
+    #[serde(default)]
+    pub clip_sample: Option<bool>,
+    /// DDIM: the clip range.
+    #[serde(default)]
+    pub clip_sample_range: Option<f64>,
+    /// DDIM: the final alpha is 1 rather than alphas_cumprod[0].
+    #[serde(default)]
+    pub set_alpha_to_one: Option<bool>,
+    /// Euler: sigma interpolation (`linear` or `log_linear`).
+    #[serde(default)]
+    pub interpolation_type: Option<String>,
+    /// Karras sigmas (rho = 7).
+    #[serde(default)]
+    pub use_karras_sigmas: Option<bool>,
+    /// Rescale betas to zero terminal SNR.
+    #[serde(default)]
+    pub rescale_betas_zero_snr: Option<bool>,
+    /// Euler: `discrete` or `continuous` timesteps.
+    #[serde(default)]
+    pub timestep_type: Option<String>,
+    /// Euler: the last sigma, `zero` or `sigma_min`.
+    #[serde(default)]
+    pub final_sigmas_type: Option<String>,
+}
+
+impl SchedulerConfig {
+    /// SD 1.5's published scheduler config, for folders that lack one.
+    pub fn sd15() -> Self {
+        Self {
+            class_name: Some("PNDMScheduler".into()),
+            num_train_timesteps: Some(1000),
+            beta_start: Some(0.00085),
+            beta_end: Some(0.012),
+            beta_schedule: Some("scaled_linear".into()),
+            prediction_type: Some("epsilon".into()),
+            timestep_spacing: Some("leading".into()),
+            steps_offset: Some(1),
+            set_alpha_to_one: Some(false),
+            ..Default::default()
+        }
+    }
+
+    /// Training steps (1000 unless the config says otherwise; the same default in every class).
+    pub fn train_timesteps(&self) -> usize {
+        self.num_train_timesteps.unwrap_or(1000)
+    }
+}
+
+/// `model_index.json`: which components a pipeline has.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct ModelIndex {
+    /// The diffusers pipeline class (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, ...).
+    #[serde(rename = "_class_name", default)]
+    pub class_name: String,
+    /// SDXL: an empty negative prompt means zero embeddings.
+    #[serde(default)]
+    pub force_zeros_for_empty_prompt: Option<bool>,
+    /// Components and their classes, e.g. `"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]`.
+    #[serde(flatten)]
+    pub components: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl ModelIndex {
+    /// Whether the pipeline names a component (`text_encoder_2`, ...), and it is not null.
+    pub fn has_component(&self, name: &str) -> bool {
+        match self.components.get(name) {
+            Some(serde_json::Value::Array(parts)) => parts.iter().all(|p| !p.is_null()),
+            _ => false,
+        }
+    }
+}

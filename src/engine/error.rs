@@ -1,0 +1,65 @@
+//! The engine's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong inside the engine, each with a message an artist can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A tensor operation failed (shape mismatch, out of memory, device error).
+    #[error("tensor error: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// A model folder or file is not where it should be.
+    #[error("{what} not found: {path}")]
+    MissingFile {
+        /// What the file is, e.g. "UNet weights".
+        what: String,
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// A file exists but cannot be read or parsed.
+    #[error("cannot read {path}: {message}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Downloading from the Hugging Face Hub failed.
+    #[error("cannot download {file} from {repo}: {message}")]
+    Download {
+        /// The repo id.
+        repo: String,
+        /// The file inside the repo.
+        file: String,
+        /// Why.
+        message: String,
+    },
+    /// The model's configuration is something Atelier does not support.
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    /// A generation parameter is out of range.
+    #[error("invalid parameter: {0}")]
+    InvalidParameter(String),
+    /// The tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The requested device is not available in this build or on this machine.
+    #[error("device unavailable: {0}")]
+    Device(String),
+    /// The job was cancelled through its cancel flag.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Shorthand for engine results.
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+impl EngineError {
+    /// A [`EngineError::BadFile`] for `path`.
+    pub fn bad_file(path: impl Into<PathBuf>, message: impl ToString) -> Self {
+        EngineError::BadFile {
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+}

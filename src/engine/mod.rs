@@ -1,0 +1,17 @@
+//! The Stable Diffusion engine: models, text encoding, the denoising loop and previews.
+//!
+//! Nothing here knows about the window; the UI and the CLI drive it through [`pipeline`].
+
+pub mod clip;
+pub mod config;
+pub mod error;
+pub mod nn;
+pub mod noise;
+pub mod pipeline;
+pub mod preview;
+pub mod source;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+
+pub use error::{EngineError, Result};

@@ -1,0 +1,299 @@
+//! Building blocks shared by the UNet, the VAE and the text encoder.
+
+use candle_core::{D, DType, Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+use super::error::{EngineError, Result};
+
+/// A 2-D convolution with bias, `padding = kernel / 2`.
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let config = Conv2dConfig {
+        padding: kernel / 2,
+        stride,
+        ..Default::default()
+    };
+    Ok(candle_nn::conv2d(
+        in_channels,
+        out_channels,
+        kernel,
+        config,
+        vb,
+    )?)
+}
+
+/// A GroupNorm with affine weights.
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    if channels % groups != 0 {
+        return Err(EngineError::Unsupported(format!(
+            "GroupNorm with {groups} groups cannot split {channels} channels"
+        )));
+    }
+    Ok(candle_nn::group_norm(groups, channels, eps, vb)?)
+}
+
+/// A linear layer, with or without bias.
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    Ok(if bias {
+        candle_nn::linear(in_dim, out_dim, vb)?
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+    })
+}
+
+/// The activations the configs name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// x * sigmoid(x).
+    Silu,
+    /// The exact (erf) GELU.
+    Gelu,
+    /// x * sigmoid(1.702 x), OpenAI CLIP's approximation.
+    QuickGelu,
+}
+
+impl Activation {
+    /// Parses a config's activation name.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu" => Ok(Activation::Gelu),
+            "quick_gelu" => Ok(Activation::QuickGelu),
+            other => Err(EngineError::Unsupported(format!("activation {other:?}"))),
+        }
+    }
+
+    /// Applies the activation.
+    pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Silu => candle_nn::ops::silu(xs)?,
+            Activation::Gelu => xs.gelu_erf()?,
+            Activation::QuickGelu => (xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?)?,
+        })
+    }
+}
+
+/// Multi-head scaled dot-product attention over `(batch, tokens, heads * head_dim)` tensors.
+///
+/// Scores and softmax run in f32 when `upcast` is set or the inputs are half precision, which
+/// is what PyTorch's SDPA does internally for f16. `mask`, if any, is added to the scores.
+pub fn attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    heads: usize,
+    upcast: bool,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (batch, query_len, width) = query.dims3()?;
+    let key_len = key.dim(1)?;
+    let head_dim = width / heads;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let split = |xs: &Tensor, len: usize| -> Result<Tensor> {
+        Ok(xs
+            .reshape((batch, len, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let dtype = query.dtype();
+    let compute_dtype = if upcast || dtype != DType::F32 && dtype != DType::F64 {
+        DType::F32
+    } else {
+        dtype
+    };
+    let q = split(query, query_len)?.to_dtype(compute_dtype)?;
+    let k = split(key, key_len)?.to_dtype(compute_dtype)?;
+    let v = split(value, key_len)?;
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(&mask.to_dtype(compute_dtype)?)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let out = probs.matmul(&v)?;
+    Ok(out
+        .transpose(1, 2)?
+        .reshape((batch, query_len, width))?)
+}
+
+/// Sinusoidal embedding of (possibly fractional) timesteps, as diffusers' `get_timestep_embedding`.
+///
+/// `timesteps` is a 1-D f32 tensor; the result is `(len, dim)` in f32.
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: f64,
+) -> Result<Tensor> {
+    let half_dim = dim / 2;
+    let device = timesteps.device();
+    let exponents: Vec<f32> = (0..half_dim)
+        .map(|i| {
+            let exponent = -(10000f64.ln()) * i as f64 / (half_dim as f64 - downscale_freq_shift);
+            exponent as f32
+        })
+        .collect();
+    // diffusers computes exp() of the f32 exponent in f32; so do we.
+    let freqs = Tensor::new(exponents.as_slice(), device)?.exp()?;
+    let args = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs.unsqueeze(0)?)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], D::Minus1)?
+    } else {
+        Tensor::cat(&[sin, cos], D::Minus1)?
+    };
+    if dim % 2 == 1 {
+        return Ok(emb.pad_with_zeros(D::Minus1, 0, 1)?);
+    }
+    Ok(emb)
+}
+
+/// Diffusers' `TimestepEmbedding`: linear, activation, linear.
+#[derive(Debug, Clone)]
+pub struct TimestepMlp {
+    linear_1: Linear,
+    linear_2: Linear,
+    activation: Activation,
+}
+
+impl TimestepMlp {
+    /// Loads `linear_1` and `linear_2` under `vb`.
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        activation: Activation,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            linear_1: linear(in_dim, out_dim, true, vb.pp("linear_1"))?,
+            linear_2: linear(out_dim, out_dim, true, vb.pp("linear_2"))?,
+            activation,
+        })
+    }
+
+    /// Applies the MLP.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.activation.apply(&self.linear_1.forward(xs)?)?;
+        Ok(self.linear_2.forward(&xs)?)
+    }
+}
+
+/// Diffusers' `ResnetBlock2D` with the default (additive) time-embedding norm.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    activation: Activation,
+}
+
+impl ResnetBlock {
+    /// Loads a resnet from `in_channels` to `out_channels`; `temb_channels` is `None` in the VAE.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        temb_channels: Option<usize>,
+        groups: usize,
+        eps: f64,
+        activation: Activation,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let time_emb_proj = match temb_channels {
+            Some(channels) => Some(linear(channels, out_channels, true, vb.pp("time_emb_proj"))?),
+            None => None,
+        };
+        let conv_shortcut = if in_channels != out_channels {
+            Some(conv2d(
+                in_channels,
+                out_channels,
+                1,
+                1,
+                vb.pp("conv_shortcut"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(groups, in_channels, eps, vb.pp("norm1"))?,
+            conv1: conv2d(in_channels, out_channels, 3, 1, vb.pp("conv1"))?,
+            time_emb_proj,
+            norm2: group_norm(groups, out_channels, eps, vb.pp("norm2"))?,
+            conv2: conv2d(out_channels, out_channels, 3, 1, vb.pp("conv2"))?,
+            conv_shortcut,
+            activation,
+        })
+    }
+
+    /// Applies the block; `temb` is the (already computed) time embedding, if any.
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let act = self.activation;
+        let mut hidden = self
+            .conv1
+            .forward(&act.apply(&self.norm1.forward(xs)?)?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let temb = proj.forward(&act.apply(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
+            hidden = hidden.broadcast_add(&temb)?;
+        }
+        let hidden = self
+            .conv2
+            .forward(&act.apply(&self.norm2.forward(&hidden)?)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        Ok((shortcut + hidden)?)
+    }
+}
+
+/// Diffusers' `Downsample2D` with a strided convolution.
+#[derive(Debug, Clone)]
+pub struct Downsample {
+    conv: Conv2d,
+}
+
+impl Downsample {
+    /// Loads `conv` under `vb`; `padding` is 1 in the UNet, 0 (with asymmetric padding) in the VAE encoder.
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(channels, channels, 3, 2, vb.pp("conv"))?,
+        })
+    }
+
+    /// Halves the resolution.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(self.conv.forward(xs)?)
+    }
+}
+
+/// Diffusers' `Upsample2D`: nearest-neighbour interpolation, then a convolution.
+#[derive(Debug, Clone)]
+pub struct Upsample {
+    conv: Conv2d,
+}
+
+impl Upsample {
+    /// Loads `conv` under `vb`.
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(channels, channels, 3, 1, vb.pp("conv"))?,
+        })
+    }
+
+    /// Upsamples to `size` (height, width), or doubles when `None`.
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, height, width) = xs.dims4()?;
+        let (out_h, out_w) = size.unwrap_or((height * 2, width * 2));
+        let xs = xs.upsample_nearest2d(out_h, out_w)?;
+        Ok(self.conv.forward(&xs)?)
+    }
+}

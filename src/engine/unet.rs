@@ -1,0 +1,556 @@
+//! `UNet2DConditionModel`: the denoiser, built from `unet/config.json`.
+//!
+//! Mirrors diffusers' module tree and weight names, so the Hub's safetensors load as they are.
+
+use candle_core::{D, DType, Module, Tensor};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use super::config::UNetConfig;
+use super::error::{EngineError, Result};
+use super::nn::{
+    Activation, Downsample, ResnetBlock, TimestepMlp, Upsample, attention, conv2d, group_norm,
+    linear, timestep_embedding,
+};
+
+/// Diffusers' `Attention` as used in transformer blocks (no bias on q, k, v).
+#[derive(Debug, Clone)]
+struct CrossAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    upcast: bool,
+}
+
+impl CrossAttention {
+    fn new(
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        upcast: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: linear(query_dim, inner, false, vb.pp("to_q"))?,
+            to_k: linear(context_dim, inner, false, vb.pp("to_k"))?,
+            to_v: linear(context_dim, inner, false, vb.pp("to_v"))?,
+            to_out: linear(inner, query_dim, true, vb.pp("to_out").pp("0"))?,
+            heads,
+            upcast,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(xs);
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        let out = attention(&q, &k, &v, self.heads, self.upcast, None)?;
+        Ok(self.to_out.forward(&out)?)
+    }
+}
+
+/// Diffusers' `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward.
+#[derive(Debug, Clone)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: CrossAttention,
+    norm2: LayerNorm,
+    attn2: CrossAttention,
+    norm3: LayerNorm,
+    ff_in: Linear,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    fn new(
+        dim: usize,
+        heads: usize,
+        context_dim: usize,
+        upcast: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let head_dim = dim / heads;
+        let inner_ff = dim * 4;
+        Ok(Self {
+            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: CrossAttention::new(dim, dim, heads, head_dim, upcast, vb.pp("attn1"))?,
+            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: CrossAttention::new(dim, context_dim, heads, head_dim, upcast, vb.pp("attn2"))?,
+            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff_in: linear(dim, inner_ff * 2, true, vb.pp("ff.net.0.proj"))?,
+            ff_out: linear(inner_ff, dim, true, vb.pp("ff.net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + &xs)?;
+        let projected = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
+        let half = projected.dim(D::Minus1)? / 2;
+        let hidden = projected.narrow(D::Minus1, 0, half)?;
+        let gate = projected.narrow(D::Minus1, half, half)?;
+        let ff = self.ff_out.forward(&(hidden * gate.gelu_erf()?)?)?;
+        Ok((ff + xs)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Projection {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+/// Diffusers' `Transformer2DModel` for continuous (latent image) inputs.
+#[derive(Debug, Clone)]
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    fn new(
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        context_dim: usize,
+        config: &UNetConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let projection = |name: &str| -> Result<Projection> {
+            Ok(if config.use_linear_projection {
+                Projection::Linear(linear(channels, channels, true, vb.pp(name))?)
+            } else {
+                Projection::Conv(conv2d(channels, channels, 1, 1, vb.pp(name))?)
+            })
+        };
+        let blocks = (0..layers)
+            .map(|k| {
+                TransformerBlock::new(
+                    channels,
+                    heads,
+                    context_dim,
+                    config.upcast_attention,
+                    vb.pp("transformer_blocks").pp(k),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm(config.norm_num_groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: projection("proj_in")?,
+            blocks,
+            proj_out: projection("proj_out")?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (batch, channels, height, width) = xs.dims4()?;
+        let to_tokens = |t: Tensor| -> Result<Tensor> {
+            Ok(t.permute((0, 2, 3, 1))?
+                .reshape((batch, height * width, channels))?)
+        };
+        let to_image = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((batch, height, width, channels))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
+        };
+        let normed = self.norm.forward(xs)?;
+        let mut hidden = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(normed)?)?,
+        };
+        for block in &self.blocks {
+            hidden = block.forward(&hidden, context)?;
+        }
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(hidden)?)?,
+            Projection::Linear(lin) => to_image(lin.forward(&hidden)?)?,
+        };
+        Ok((out + xs)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DownBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    downsampler: Option<Downsample>,
+}
+
+#[derive(Debug, Clone)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    upsampler: Option<Upsample>,
+}
+
+#[derive(Debug, Clone)]
+struct MidBlock {
+    first: ResnetBlock,
+    attentions: Vec<SpatialTransformer>,
+    resnets: Vec<ResnetBlock>,
+}
+
+/// SDXL's extra conditioning: the pooled text embedding and the six size/crop time ids.
+#[derive(Debug, Clone)]
+pub struct AddedConditions {
+    /// `(batch, pooled_width)` pooled and projected text embedding of the second encoder.
+    pub text_embeds: Tensor,
+    /// `(batch, 6)` original size, crop top-left and target size, as f32.
+    pub time_ids: Tensor,
+}
+
+/// The UNet, ready to run.
+#[derive(Debug, Clone)]
+pub struct UNet {
+    config: UNetConfig,
+    conv_in: Conv2d,
+    time_embedding: TimestepMlp,
+    add_embedding: Option<TimestepMlp>,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    activation: Activation,
+}
+
+fn is_cross_attn(block_type: &str) -> Result<bool> {
+    match block_type {
+        "CrossAttnDownBlock2D" | "CrossAttnUpBlock2D" => Ok(true),
+        "DownBlock2D" | "UpBlock2D" => Ok(false),
+        other => Err(EngineError::Unsupported(format!("UNet block type {other}"))),
+    }
+}
+
+impl UNet {
+    /// Builds the UNet described by `config` from the weights in `vb`.
+    pub fn new(config: UNetConfig, vb: VarBuilder) -> Result<Self> {
+        let channels = &config.block_out_channels;
+        let levels = channels.len();
+        if levels == 0
+            || config.down_block_types.len() != levels
+            || config.up_block_types.len() != levels
+        {
+            return Err(EngineError::Unsupported(
+                "UNet config: block_out_channels, down_block_types and up_block_types differ in length".into(),
+            ));
+        }
+        if config.time_cond_proj_dim.is_some() {
+            return Err(EngineError::Unsupported(
+                "LCM-distilled UNets (time_cond_proj_dim) are not supported yet".into(),
+            ));
+        }
+        let activation = Activation::parse(&config.act_fn)?;
+        let groups = config.norm_num_groups;
+        let eps = config.norm_eps;
+        let time_dim = channels[0] * 4;
+        let context_dim = |i: usize| config.cross_attention_dim.at(i).unwrap_or(1280);
+        let layers_at = |i: usize| config.transformer_layers_per_block.at(i).unwrap_or(1);
+
+        let conv_in = conv2d(
+            config.in_channels,
+            channels[0],
+            config.conv_in_kernel,
+            1,
+            vb.pp("conv_in"),
+        )?;
+        let time_embedding =
+            TimestepMlp::new(channels[0], time_dim, activation, vb.pp("time_embedding"))?;
+        let add_embedding = match config.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let in_dim = config.projection_class_embeddings_input_dim.ok_or_else(|| {
+                    EngineError::Unsupported(
+                        "text_time UNet without projection_class_embeddings_input_dim".into(),
+                    )
+                })?;
+                Some(TimestepMlp::new(
+                    in_dim,
+                    time_dim,
+                    activation,
+                    vb.pp("add_embedding"),
+                )?)
+            }
+            Some(other) => {
+                return Err(EngineError::Unsupported(format!(
+                    "UNet addition_embed_type {other:?}"
+                )));
+            }
+        };
+
+        let mut down_blocks = Vec::with_capacity(levels);
+        let mut out_channels = channels[0];
+        for (i, block_type) in config.down_block_types.iter().enumerate() {
+            let in_channels = out_channels;
+            out_channels = channels[i];
+            let vb_block = vb.pp("down_blocks").pp(i);
+            let cross = is_cross_attn(block_type)?;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..config.layers_per_block {
+                let resnet_in = if j == 0 { in_channels } else { out_channels };
+                resnets.push(ResnetBlock::new(
+                    resnet_in,
+                    out_channels,
+                    Some(time_dim),
+                    groups,
+                    eps,
+                    activation,
+                    vb_block.pp("resnets").pp(j),
+                )?);
+                if cross {
+                    attentions.push(SpatialTransformer::new(
+                        out_channels,
+                        config.heads(i),
+                        layers_at(i),
+                        context_dim(i),
+                        &config,
+                        vb_block.pp("attentions").pp(j),
+                    )?);
+                }
+            }
+            let downsampler = if i + 1 < levels {
+                Some(Downsample::new(
+                    out_channels,
+                    vb_block.pp("downsamplers").pp(0),
+                )?)
+            } else {
+                None
+            };
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
+        }
+
+        let last = levels - 1;
+        let mid_channels = channels[last];
+        let mid_block = match config.mid_block_type.as_deref() {
+            None => None,
+            Some(kind @ ("UNetMidBlock2DCrossAttn" | "UNetMidBlock2D")) => {
+                let vb_mid = vb.pp("mid_block");
+                let resnet = |j: usize| {
+                    ResnetBlock::new(
+                        mid_channels,
+                        mid_channels,
+                        Some(time_dim),
+                        groups,
+                        eps,
+                        activation,
+                        vb_mid.pp("resnets").pp(j),
+                    )
+                };
+                let attentions = if kind == "UNetMidBlock2DCrossAttn" {
+                    vec![SpatialTransformer::new(
+                        mid_channels,
+                        config.heads(last),
+                        layers_at(last),
+                        context_dim(last),
+                        &config,
+                        vb_mid.pp("attentions").pp(0),
+                    )?]
+                } else {
+                    Vec::new()
+                };
+                Some(MidBlock {
+                    first: resnet(0)?,
+                    attentions,
+                    resnets: vec![resnet(1)?],
+                })
+            }
+            Some(other) => {
+                return Err(EngineError::Unsupported(format!("UNet mid block {other}")));
+            }
+        };
+
+        let mut up_blocks = Vec::with_capacity(levels);
+        let reversed: Vec<usize> = channels.iter().rev().copied().collect();
+        let mut prev_output = reversed[0];
+        for (i, block_type) in config.up_block_types.iter().enumerate() {
+            let level = last - i;
+            let out_channels = reversed[i];
+            let skip_in = reversed[(i + 1).min(last)];
+            let vb_block = vb.pp("up_blocks").pp(i);
+            let cross = is_cross_attn(block_type)?;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            let resnet_count = config.layers_per_block + 1;
+            for j in 0..resnet_count {
+                let skip = if j == resnet_count - 1 {
+                    skip_in
+                } else {
+                    out_channels
+                };
+                let resnet_in = if j == 0 { prev_output } else { out_channels };
+                resnets.push(ResnetBlock::new(
+                    resnet_in + skip,
+                    out_channels,
+                    Some(time_dim),
+                    groups,
+                    eps,
+                    activation,
+                    vb_block.pp("resnets").pp(j),
+                )?);
+                if cross {
+                    attentions.push(SpatialTransformer::new(
+                        out_channels,
+                        config.heads(level),
+                        layers_at(level),
+                        context_dim(level),
+                        &config,
+                        vb_block.pp("attentions").pp(j),
+                    )?);
+                }
+            }
+            let upsampler = if i < last {
+                Some(Upsample::new(out_channels, vb_block.pp("upsamplers").pp(0))?)
+            } else {
+                None
+            };
+            prev_output = out_channels;
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
+        }
+
+        Ok(Self {
+            conv_norm_out: group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(
+                channels[0],
+                config.out_channels,
+                config.conv_out_kernel,
+                1,
+                vb.pp("conv_out"),
+            )?,
+            config,
+            conv_in,
+            time_embedding,
+            add_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            activation,
+        })
+    }
+
+    /// The config this UNet was built from.
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Whether the UNet needs SDXL's [`AddedConditions`].
+    pub fn needs_added_conditions(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// Predicts noise (or v, or x0) for `sample` `(batch, C, h, w)` at `timestep`, conditioned on
+    /// `context` `(batch, tokens, width)`.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<&AddedConditions>,
+    ) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        let dtype = sample.dtype();
+        let device = sample.device();
+        let timesteps = Tensor::full(timestep as f32, batch, device)?;
+        let t_emb = timestep_embedding(
+            &timesteps,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?
+        .to_dtype(dtype)?;
+        let mut emb = self.time_embedding.forward(&t_emb)?;
+        if let Some(add_embedding) = &self.add_embedding {
+            let added = added.ok_or_else(|| {
+                EngineError::InvalidParameter(
+                    "this UNet needs pooled text embeddings and time ids (SDXL)".into(),
+                )
+            })?;
+            let time_dim = self.config.addition_time_embed_dim.unwrap_or(256);
+            let time_embeds = timestep_embedding(
+                &added.time_ids.flatten_all()?,
+                time_dim,
+                self.config.flip_sin_to_cos,
+                self.config.freq_shift,
+            )?
+            .reshape((batch, ()))?;
+            let add_embeds = Tensor::cat(
+                &[added.text_embeds.to_dtype(DType::F32)?, time_embeds],
+                D::Minus1,
+            )?
+            .to_dtype(dtype)?;
+            emb = (emb + add_embedding.forward(&add_embeds)?)?;
+        }
+
+        let mut hidden = self.conv_in.forward(sample)?;
+        let mut skips = vec![hidden.clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                hidden = resnet.forward(&hidden, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    hidden = attn.forward(&hidden, context)?;
+                }
+                skips.push(hidden.clone());
+            }
+            if let Some(down) = &block.downsampler {
+                hidden = down.forward(&hidden)?;
+                skips.push(hidden.clone());
+            }
+        }
+
+        if let Some(mid) = &self.mid_block {
+            hidden = mid.first.forward(&hidden, Some(&emb))?;
+            for (j, resnet) in mid.resnets.iter().enumerate() {
+                if let Some(attn) = mid.attentions.get(j) {
+                    hidden = attn.forward(&hidden, context)?;
+                }
+                hidden = resnet.forward(&hidden, Some(&emb))?;
+            }
+        }
+
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().ok_or_else(|| {
+                    EngineError::Unsupported("UNet skip connections do not line up".into())
+                })?;
+                hidden = Tensor::cat(&[&hidden, &skip], 1)?;
+                hidden = resnet.forward(&hidden, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    hidden = attn.forward(&hidden, context)?;
+                }
+            }
+            if let Some(up) = &block.upsampler {
+                // Upsample to the next skip's size, which handles sizes not divisible by 2^levels.
+                let size = match skips.last() {
+                    Some(skip) => {
+                        let (_, _, h, w) = skip.dims4()?;
+                        Some((h, w))
+                    }
+                    None => None,
+                };
+                hidden = up.forward(&hidden, size)?;
+            }
+        }
+
+        let hidden = self
+            .activation
+            .apply(&self.conv_norm_out.forward(&hidden)?)?;
+        Ok(self.conv_out.forward(&hidden)?)
+    }
+}

@@ -1,0 +1,182 @@
+//! The decoder half of `AutoencoderKL`, built from `vae/config.json`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+
+use super::config::VaeConfig;
+use super::error::{EngineError, Result};
+use super::nn::{Activation, ResnetBlock, Upsample, attention, conv2d, group_norm, linear};
+
+/// The VAE's single-head self-attention over all pixels of the middle block.
+#[derive(Debug, Clone)]
+struct VaeAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+}
+
+impl VaeAttention {
+    fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        // Checkpoints converted before diffusers 0.14 use the old names.
+        let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
+        let name = |new: &'static str, old: &'static str| if legacy { old } else { new };
+        Ok(Self {
+            group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            to_q: linear(channels, channels, true, vb.pp(name("to_q", "query")))?,
+            to_k: linear(channels, channels, true, vb.pp(name("to_k", "key")))?,
+            to_v: linear(channels, channels, true, vb.pp(name("to_v", "value")))?,
+            to_out: linear(
+                channels,
+                channels,
+                true,
+                if legacy {
+                    vb.pp("proj_attn")
+                } else {
+                    vb.pp("to_out").pp(0)
+                },
+            )?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (batch, channels, height, width) = xs.dims4()?;
+        let tokens = self
+            .group_norm
+            .forward(xs)?
+            .reshape((batch, channels, height * width))?
+            .transpose(1, 2)?;
+        let q = self.to_q.forward(&tokens)?;
+        let k = self.to_k.forward(&tokens)?;
+        let v = self.to_v.forward(&tokens)?;
+        let out = self.to_out.forward(&attention(&q, &k, &v, 1, true, None)?)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((batch, channels, height, width))?;
+        Ok((out + xs)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderUpBlock {
+    resnets: Vec<ResnetBlock>,
+    upsampler: Option<Upsample>,
+}
+
+/// The VAE decoder: scaled latents in, RGB in [-1, 1] out.
+#[derive(Debug, Clone)]
+pub struct VaeDecoder {
+    config: VaeConfig,
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_first: ResnetBlock,
+    mid_attention: Option<VaeAttention>,
+    mid_second: ResnetBlock,
+    up_blocks: Vec<DecoderUpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl VaeDecoder {
+    /// Builds the decoder described by `config` from the weights in `vb` (the whole VAE file).
+    pub fn new(config: VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let channels = &config.block_out_channels;
+        let Some(&top) = channels.last() else {
+            return Err(EngineError::Unsupported(
+                "VAE config has no block_out_channels".into(),
+            ));
+        };
+        let groups = config.norm_num_groups;
+        let eps = 1e-6;
+        let act = Activation::Silu;
+        let post_quant_conv = if config.use_post_quant_conv {
+            Some(conv2d(
+                config.latent_channels,
+                config.latent_channels,
+                1,
+                1,
+                vb.pp("post_quant_conv"),
+            )?)
+        } else {
+            None
+        };
+        let vb = vb.pp("decoder");
+        let mid = vb.pp("mid_block");
+        let mid_resnet =
+            |j: usize| ResnetBlock::new(top, top, None, groups, eps, act, mid.pp("resnets").pp(j));
+        let mid_attention = if config.mid_block_add_attention {
+            Some(VaeAttention::new(top, groups, mid.pp("attentions").pp(0))?)
+        } else {
+            None
+        };
+        let reversed: Vec<usize> = channels.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(reversed.len());
+        let mut out_channels = reversed[0];
+        for (i, &level_channels) in reversed.iter().enumerate() {
+            let prev_output = out_channels;
+            out_channels = level_channels;
+            let vb_block = vb.pp("up_blocks").pp(i);
+            let resnets = (0..config.layers_per_block + 1)
+                .map(|j| {
+                    let resnet_in = if j == 0 { prev_output } else { out_channels };
+                    ResnetBlock::new(
+                        resnet_in,
+                        out_channels,
+                        None,
+                        groups,
+                        eps,
+                        act,
+                        vb_block.pp("resnets").pp(j),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsampler = if i + 1 < reversed.len() {
+                Some(Upsample::new(out_channels, vb_block.pp("upsamplers").pp(0))?)
+            } else {
+                None
+            };
+            up_blocks.push(DecoderUpBlock { resnets, upsampler });
+        }
+        Ok(Self {
+            post_quant_conv,
+            conv_in: conv2d(config.latent_channels, top, 3, 1, vb.pp("conv_in"))?,
+            mid_first: mid_resnet(0)?,
+            mid_attention,
+            mid_second: mid_resnet(1)?,
+            up_blocks,
+            conv_norm_out: group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(channels[0], config.out_channels, 3, 1, vb.pp("conv_out"))?,
+            config,
+        })
+    }
+
+    /// The config this decoder was built from.
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// Decodes latents already divided by `scaling_factor` into images in [-1, 1].
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let mut xs = match &self.post_quant_conv {
+            Some(conv) => conv.forward(latents)?,
+            None => latents.clone(),
+        };
+        xs = self.conv_in.forward(&xs)?;
+        xs = self.mid_first.forward(&xs, None)?;
+        if let Some(attn) = &self.mid_attention {
+            xs = attn.forward(&xs)?;
+        }
+        xs = self.mid_second.forward(&xs, None)?;
+        for block in &self.up_blocks {
+            for resnet in &block.resnets {
+                xs = resnet.forward(&xs, None)?;
+            }
+            if let Some(up) = &block.upsampler {
+                xs = up.forward(&xs, None)?;
+            }
+        }
+        let xs = Activation::Silu.apply(&self.conv_norm_out.forward(&xs)?)?;
+        Ok(self.conv_out.forward(&xs)?)
+    }
+}

@@ -1,0 +1,119 @@
+//! Euler (Karras et al. 2022, Algorithm 2 without churn), as diffusers' `EulerDiscreteScheduler`.
+
+use candle_core::Tensor;
+
+use super::schedule::{ClassDefaults, Schedule, Spacing, interp_index};
+use super::{Prediction, Scheduler, StepOutput};
+use crate::engine::config::SchedulerConfig;
+use crate::engine::noise::NoiseGenerator;
+use crate::engine::{EngineError, Result};
+
+/// The Euler sampler on the model's sigma schedule.
+#[derive(Debug, Clone)]
+pub struct EulerScheduler {
+    timesteps: Vec<f64>,
+    /// One more than the timesteps: the final sigma is 0.
+    sigmas: Vec<f32>,
+    init_noise_sigma: f64,
+    prediction: Prediction,
+}
+
+impl EulerScheduler {
+    /// Prepares Euler for `steps` steps.
+    pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        if config.use_karras_sigmas == Some(true) {
+            return Err(EngineError::Unsupported(
+                "Karras sigmas are not supported yet".into(),
+            ));
+        }
+        if config.timestep_type.as_deref().is_some_and(|t| t != "discrete")
+            || config.final_sigmas_type.as_deref().is_some_and(|t| t != "zero")
+        {
+            return Err(EngineError::Unsupported(
+                "Euler with continuous timesteps or a non-zero final sigma".into(),
+            ));
+        }
+        // EulerDiscreteScheduler's own default spacing is linspace.
+        let schedule = Schedule::from_config(
+            config,
+            ClassDefaults {
+                spacing: Spacing::Linspace,
+            },
+        )?;
+        let alphas_cumprod = schedule.alphas_cumprod();
+        // ((1 - abar) / abar) ** 0.5 on a float32 tensor.
+        let train_sigmas: Vec<f64> = alphas_cumprod
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt() as f64)
+            .collect();
+        let timesteps = schedule.continuous_timesteps(steps);
+        let mut sigmas: Vec<f32> = match config.interpolation_type.as_deref().unwrap_or("linear") {
+            "linear" => timesteps
+                .iter()
+                .map(|&t| interp_index(t, &train_sigmas) as f32)
+                .collect(),
+            other => {
+                return Err(EngineError::Unsupported(format!(
+                    "Euler interpolation_type {other:?}"
+                )));
+            }
+        };
+        sigmas.push(0.0);
+        let max_sigma = sigmas.iter().copied().fold(0.0f32, f32::max);
+        let init_noise_sigma = match schedule.spacing {
+            Spacing::Linspace | Spacing::Trailing => max_sigma as f64,
+            Spacing::Leading => (max_sigma * max_sigma + 1.0).sqrt() as f64,
+        };
+        Ok(Self {
+            timesteps: timesteps.iter().map(|&t| t as f32 as f64).collect(),
+            sigmas,
+            init_noise_sigma,
+            prediction: Prediction::from_config(config)?,
+        })
+    }
+
+    /// The sigma of each step, then 0.
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+}
+
+impl Scheduler for EulerScheduler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+        let sigma = self.sigmas[index];
+        Ok((sample / (sigma * sigma + 1.0).sqrt() as f64)?)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _noise: &mut NoiseGenerator,
+    ) -> Result<StepOutput> {
+        let sigma = self.sigmas[index] as f64;
+        let sigma_next = self.sigmas[index + 1] as f64;
+        let pred_x0 = match self.prediction {
+            Prediction::Epsilon => (sample - (model_output * sigma)?)?,
+            Prediction::VPrediction => {
+                let scale = sigma * sigma + 1.0;
+                ((model_output * (-sigma / scale.sqrt()))? + (sample / scale)?)?
+            }
+            Prediction::Sample => model_output.clone(),
+        };
+        let derivative = ((sample - &pred_x0)? / sigma)?;
+        let prev_sample = (sample + (derivative * (sigma_next - sigma))?)?;
+        Ok(StepOutput {
+            prev_sample,
+            pred_original_sample: pred_x0,
+        })
+    }
+}

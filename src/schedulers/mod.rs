@@ -1,0 +1,129 @@
+//! Schedulers (samplers): our own implementations, one file per family, behind one trait.
+//!
+//! Each is configured from the model's `scheduler_config.json` exactly as diffusers'
+//! `XScheduler.from_config(config)` is, and checked against diffusers in the tests.
+
+pub mod ddim;
+pub mod euler;
+pub mod schedule;
+
+use candle_core::Tensor;
+
+use crate::engine::config::SchedulerConfig;
+use crate::engine::noise::NoiseGenerator;
+use crate::engine::{EngineError, Result};
+
+/// What one scheduler step produces.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// The latents for the next step.
+    pub prev_sample: Tensor,
+    /// The scheduler's estimate of the clean latents (used for previews).
+    pub pred_original_sample: Tensor,
+}
+
+/// A sampler, prepared for a fixed number of steps.
+///
+/// The loop is: for each index `i` of [`Scheduler::timesteps`], call the model on
+/// [`Scheduler::scale_model_input`] at `timesteps()[i]`, then [`Scheduler::step`] with index `i`.
+pub trait Scheduler: Send {
+    /// The timestep of each model evaluation, in order.
+    fn timesteps(&self) -> &[f64];
+    /// Standard deviation of the initial noise (the noise is multiplied by this).
+    fn init_noise_sigma(&self) -> f64;
+    /// Scales the latents before the model sees them at evaluation `index`.
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor>;
+    /// Advances the latents after evaluation `index`; stochastic samplers draw from `noise`.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: &mut NoiseGenerator,
+    ) -> Result<StepOutput>;
+}
+
+/// The samplers Atelier knows, by the ids the CLI and metadata use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    /// DDIM (eta 0).
+    Ddim,
+    /// Euler (EulerDiscreteScheduler).
+    Euler,
+}
+
+impl SchedulerKind {
+    /// Every scheduler, in menu order.
+    pub const ALL: &'static [SchedulerKind] = &[SchedulerKind::Ddim, SchedulerKind::Euler];
+
+    /// The CLI id, e.g. `euler`.
+    pub fn id(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
+        }
+    }
+
+    /// The name artists know (AUTOMATIC1111's), e.g. `Euler`.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "DDIM",
+            SchedulerKind::Euler => "Euler",
+        }
+    }
+
+    /// Parses a CLI id; the error lists the valid ones.
+    pub fn parse(id: &str) -> Result<Self> {
+        let wanted = id.trim().to_ascii_lowercase();
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|kind| kind.id() == wanted)
+            .ok_or_else(|| {
+                let valid: Vec<&str> = Self::ALL.iter().map(|k| k.id()).collect();
+                EngineError::InvalidParameter(format!(
+                    "unknown scheduler {id:?}; valid schedulers: {}",
+                    valid.join(", ")
+                ))
+            })
+    }
+
+    /// Builds the scheduler from the model's config, prepared for `steps` steps.
+    pub fn build(self, config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
+        if steps == 0 || steps > config.train_timesteps() {
+            return Err(EngineError::InvalidParameter(format!(
+                "steps must be between 1 and {}, got {steps}",
+                config.train_timesteps()
+            )));
+        }
+        Ok(match self {
+            SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, steps, 0.0)?),
+            SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, steps)?),
+        })
+    }
+}
+
+/// What the model predicts, from `prediction_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prediction {
+    /// The added noise.
+    Epsilon,
+    /// The velocity sqrt(abar) eps - sqrt(1 - abar) x0.
+    VPrediction,
+    /// The clean sample itself.
+    Sample,
+}
+
+impl Prediction {
+    /// The config's `prediction_type` (epsilon when absent, in every class).
+    pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
+        match config.prediction_type.as_deref().unwrap_or("epsilon") {
+            "epsilon" => Ok(Prediction::Epsilon),
+            "v_prediction" => Ok(Prediction::VPrediction),
+            "sample" | "original_sample" => Ok(Prediction::Sample),
+            other => Err(EngineError::Unsupported(format!(
+                "prediction_type {other:?}"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Noise schedules and timestep spacings shared by every scheduler, computed with the same
+//! floating-point types and orders of operation as torch and numpy in diffusers.
+
+use crate::engine::config::SchedulerConfig;
+use crate::engine::{EngineError, Result};
+
+/// Timestep spacing (see "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spacing {
+    /// Multiples of T / n from 0, plus `steps_offset`.
+    Leading,
+    /// Evenly from 0 to T - 1.
+    Linspace,
+    /// Multiples of T / n down from T - 1.
+    Trailing,
+}
+
+/// The schedule part of a scheduler config, resolved with one class's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    /// Training steps T.
+    pub train_timesteps: usize,
+    /// The betas, as float32 values.
+    pub betas: Vec<f32>,
+    /// How inference timesteps are spaced.
+    pub spacing: Spacing,
+    /// Added to `leading` timesteps.
+    pub steps_offset: usize,
+}
+
+/// Defaults that differ between diffusers scheduler classes.
+#[derive(Debug, Clone, Copy)]
+pub struct ClassDefaults {
+    /// `timestep_spacing` when the config has none.
+    pub spacing: Spacing,
+}
+
+impl Schedule {
+    /// Resolves the config's schedule with `defaults` for what it leaves out.
+    pub fn from_config(config: &SchedulerConfig, defaults: ClassDefaults) -> Result<Self> {
+        let spacing = match config.timestep_spacing.as_deref() {
+            None => defaults.spacing,
+            Some("leading") => Spacing::Leading,
+            Some("linspace") => Spacing::Linspace,
+            Some("trailing") => Spacing::Trailing,
+            Some(other) => {
+                return Err(EngineError::Unsupported(format!(
+                    "timestep_spacing {other:?} (expected leading, linspace or trailing)"
+                )));
+            }
+        };
+        if config.rescale_betas_zero_snr == Some(true) {
+            return Err(EngineError::Unsupported(
+                "rescale_betas_zero_snr is not supported yet".into(),
+            ));
+        }
+        Ok(Self {
+            train_timesteps: config.train_timesteps(),
+            betas: betas(config)?,
+            spacing,
+            steps_offset: config.steps_offset.unwrap_or(0),
+        })
+    }
+
+    /// `torch.cumprod(1 - betas)` in float32.
+    pub fn alphas_cumprod(&self) -> Vec<f32> {
+        let mut product = 1.0f32;
+        self.betas
+            .iter()
+            .map(|beta| {
+                product *= 1.0 - beta;
+                product
+            })
+            .collect()
+    }
+
+    /// Integer timesteps as DDIM/DDPM/PNDM compute them, largest first.
+    pub fn discrete_timesteps(&self, steps: usize) -> Vec<i64> {
+        let train = self.train_timesteps;
+        match self.spacing {
+            Spacing::Linspace => numpy_linspace(0.0, (train - 1) as f64, steps)
+                .into_iter()
+                .rev()
+                .map(|t| t.round_ties_even() as i64)
+                .collect(),
+            Spacing::Leading => {
+                let ratio = (train / steps) as i64;
+                (0..steps as i64)
+                    .rev()
+                    .map(|i| i * ratio + self.steps_offset as i64)
+                    .collect()
+            }
+            Spacing::Trailing => {
+                let ratio = train as f64 / steps as f64;
+                numpy_arange(train as f64, 0.0, -ratio)
+                    .into_iter()
+                    .map(|t| t.round_ties_even() as i64 - 1)
+                    .collect()
+            }
+        }
+    }
+
+    /// Fractional timesteps as the sigma-based schedulers compute them, largest first.
+    pub fn continuous_timesteps(&self, steps: usize) -> Vec<f64> {
+        let train = self.train_timesteps;
+        match self.spacing {
+            // np.linspace(..., dtype=np.float32): computed in f64, stored as f32.
+            Spacing::Linspace => numpy_linspace(0.0, (train - 1) as f64, steps)
+                .into_iter()
+                .rev()
+                .map(|t| t as f32 as f64)
+                .collect(),
+            Spacing::Leading => {
+                let ratio = (train / steps) as f64;
+                (0..steps)
+                    .rev()
+                    .map(|i| (i as f64 * ratio).round_ties_even() + self.steps_offset as f64)
+                    .collect()
+            }
+            Spacing::Trailing => {
+                let ratio = train as f64 / steps as f64;
+                numpy_arange(train as f64, 0.0, -ratio)
+                    .into_iter()
+                    .map(|t| t.round_ties_even() - 1.0)
+                    .collect()
+            }
+        }
+    }
+}
+
+/// `torch.linspace(start, end, steps, dtype=float32)`, element for element.
+fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps - 1) as f32;
+    let halfway = steps / 2;
+    (0..steps)
+        .map(|i| {
+            if i < halfway {
+                start + step * i as f32
+            } else {
+                end - step * (steps - i - 1) as f32
+            }
+        })
+        .collect()
+}
+
+/// `np.linspace(start, stop, num)` in f64.
+pub fn numpy_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    if num == 1 {
+        return vec![start];
+    }
+    let step = (stop - start) / (num - 1) as f64;
+    let mut values: Vec<f64> = (0..num).map(|i| i as f64 * step + start).collect();
+    values[num - 1] = stop;
+    values
+}
+
+/// `np.arange(start, stop, step)` in f64 (same element count rule as numpy).
+pub fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let count = ((stop - start) / step).ceil().max(0.0) as usize;
+    (0..count).map(|i| start + i as f64 * step).collect()
+}
+
+/// The betas of the config (`trained_betas`, else `beta_schedule`), as float32 values.
+fn betas(config: &SchedulerConfig) -> Result<Vec<f32>> {
+    if let Some(trained) = &config.trained_betas {
+        return Ok(trained.iter().map(|&b| b as f32).collect());
+    }
+    let n = config.train_timesteps();
+    let start = config.beta_start.unwrap_or(0.0001);
+    let end = config.beta_end.unwrap_or(0.02);
+    Ok(match config.beta_schedule.as_deref().unwrap_or("linear") {
+        "linear" => torch_linspace_f32(start as f32, end as f32, n),
+        "scaled_linear" => torch_linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n)
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
+        "squaredcos_cap_v2" => {
+            let alpha_bar =
+                |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+            (0..n)
+                .map(|i| {
+                    let t1 = i as f64 / n as f64;
+                    let t2 = (i + 1) as f64 / n as f64;
+                    (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
+                })
+                .collect()
+        }
+        other => {
+            return Err(EngineError::Unsupported(format!("beta_schedule {other:?}")));
+        }
+    })
+}
+
+/// `np.interp(x, arange(len(values)), values)`.
+pub fn interp_index(x: f64, values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    if x <= 0.0 {
+        return values[0];
+    }
+    let last = values.len() - 1;
+    if x >= last as f64 {
+        return values[last];
+    }
+    let low = x.floor() as usize;
+    let frac = x - low as f64;
+    values[low] + (values[low + 1] - values[low]) * frac
+}

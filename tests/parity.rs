@@ -1,0 +1,206 @@
+//! Atelier against diffusers on the tiny fixture pipelines (f32, CPU).
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+
+use atelier::engine::pipeline::{GenerationRequest, PreviewOptions};
+use atelier::schedulers::SchedulerKind;
+use atelier::engine::unet::AddedConditions;
+use candle_core::{DType, Tensor};
+use common::*;
+
+/// Final latents of whole runs: the bar.
+const LATENT_TOLERANCE: f64 = 1e-3;
+/// Single forward passes have no error accumulation and must be tighter.
+const FORWARD_TOLERANCE: f64 = 1e-4;
+
+#[test]
+fn token_ids_match_transformers() {
+    for family in FAMILIES {
+        let model = load_model(family);
+        let expected = Expected::load(family);
+        for entry in expected.meta["tokens"].as_array().expect("tokens") {
+            let prompt = entry["prompt"].as_str().expect("prompt");
+            let tokenizer = entry["tokenizer"].as_u64().expect("tokenizer") as usize;
+            let want: Vec<u32> = entry["ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|v| v.as_u64().expect("id") as u32)
+                .collect();
+            let ours = model.tokenize(prompt).expect("tokenize");
+            assert_eq!(ours[tokenizer], want, "{family} tokenizer {tokenizer} on {prompt:?}");
+        }
+    }
+}
+
+#[test]
+fn long_prompts_report_dropped_tokens() {
+    let model = load_model("sd1");
+    let expected = Expected::load("sd1");
+    let long = expected.meta["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .find(|e| e["untruncated_len"].as_u64().expect("len") > 77)
+        .expect("a long prompt in the fixture");
+    let prompt = long["prompt"].as_str().expect("prompt");
+    let untruncated = long["untruncated_len"].as_u64().expect("len") as usize;
+    let embeddings = model.encode_prompt(prompt).expect("encode");
+    assert_eq!(embeddings.dropped_tokens, untruncated - 77);
+}
+
+#[test]
+fn text_embeddings_match_diffusers() {
+    for family in FAMILIES {
+        let model = load_model(family);
+        let expected = Expected::load(family);
+        let prompt = expected.meta["prompt"].as_str().expect("prompt");
+        let negative = expected.meta["negative_prompt"].as_str().expect("negative");
+        let positive = model.encode_prompt(prompt).expect("encode");
+        assert_close(
+            &format!("{family} prompt embeddings"),
+            &positive.context,
+            expected.tensor("prompt_embeds"),
+            FORWARD_TOLERANCE,
+        );
+        let neg = model.encode_negative_prompt(negative, &positive).expect("negative");
+        assert_close(
+            &format!("{family} negative embeddings"),
+            &neg.context,
+            expected.tensor("negative_prompt_embeds"),
+            FORWARD_TOLERANCE,
+        );
+        let empty = model.encode_negative_prompt("", &positive).expect("empty");
+        assert_close(
+            &format!("{family} empty negative embeddings"),
+            &empty.context,
+            expected.tensor("empty_negative_prompt_embeds"),
+            FORWARD_TOLERANCE,
+        );
+        if family == "sdxl" {
+            let pairs = [
+                (&positive, "pooled_prompt_embeds"),
+                (&neg, "negative_pooled_prompt_embeds"),
+                (&empty, "empty_negative_pooled_prompt_embeds"),
+            ];
+            for (embeddings, name) in pairs {
+                let pooled = embeddings.pooled.as_ref().expect("pooled");
+                let reference = expected.tensor(name);
+                if reference.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() == 0.0 {
+                    let total: f32 = pooled.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                    assert_eq!(total, 0.0, "{name} must be zeros");
+                } else {
+                    assert_close(name, pooled, reference, FORWARD_TOLERANCE);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn unet_forward_matches_diffusers() {
+    for family in FAMILIES {
+        let model = load_model(family);
+        let expected = Expected::load(family);
+        let timestep = expected.meta["unet_timestep"].as_f64().expect("timestep");
+        for tag in ["", "_odd"] {
+            let added = (family == "sdxl").then(|| AddedConditions {
+                text_embeds: expected.tensor(&format!("unet_text_embeds{tag}")).clone(),
+                time_ids: expected.tensor(&format!("unet_time_ids{tag}")).clone(),
+            });
+            let out = model
+                .unet()
+                .forward(
+                    expected.tensor(&format!("unet_sample{tag}")),
+                    timestep,
+                    expected.tensor(&format!("unet_context{tag}")),
+                    added.as_ref(),
+                )
+                .expect("unet forward");
+            assert_close(
+                &format!("{family} unet{tag}"),
+                &out,
+                expected.tensor(&format!("unet_out{tag}")),
+                FORWARD_TOLERANCE,
+            );
+        }
+    }
+}
+
+#[test]
+fn vae_decode_matches_diffusers() {
+    for family in FAMILIES {
+        let model = load_model(family);
+        let expected = Expected::load(family);
+        let latents = expected.tensor("vae_latents");
+        let scaled = (latents / model.vae().config().scaling_factor).unwrap();
+        let image = model.vae().decode(&scaled).expect("decode");
+        assert_close(
+            &format!("{family} vae"),
+            &image,
+            expected.tensor("vae_image"),
+            FORWARD_TOLERANCE,
+        );
+    }
+}
+
+#[test]
+fn full_runs_match_diffusers() {
+    for family in FAMILIES {
+        let model = load_model(family);
+        let expected = Expected::load(family);
+        let run = &expected.meta["run"];
+        for entry in expected.meta["runs"].as_array().expect("runs") {
+            let key = entry["key"].as_str().expect("key");
+            let scheduler = SchedulerKind::parse(entry["scheduler"].as_str().expect("id")).unwrap();
+            let request = GenerationRequest {
+                prompt: expected.meta["prompt"].as_str().unwrap().into(),
+                negative_prompt: if entry["negative_prompt"].as_bool().unwrap() {
+                    expected.meta["negative_prompt"].as_str().unwrap().into()
+                } else {
+                    String::new()
+                },
+                seed: 0,
+                steps: run["steps"].as_u64().unwrap() as usize,
+                guidance_scale: run["guidance"].as_f64().unwrap(),
+                width: run["width"].as_u64().unwrap() as usize,
+                height: run["height"].as_u64().unwrap() as usize,
+                batch_size: 1,
+                scheduler,
+            };
+            let output = model
+                .generate(
+                    &request,
+                    Some(expected.tensor("noise")),
+                    PreviewOptions::default(),
+                    &AtomicBool::new(false),
+                    &mut |_| {},
+                )
+                .expect("generate");
+            assert_close(
+                &format!("{family} {key} latents"),
+                &output.latents,
+                expected.tensor(&format!("run_{key}_latents")),
+                LATENT_TOLERANCE,
+            );
+            let reference = (expected.tensor(&format!("run_{key}_image")) * 255.0).unwrap();
+            let ours: Vec<f32> = output.images[0].as_raw().iter().map(|&b| b as f32).collect();
+            let ours = Tensor::from_vec(ours, reference.dims(), reference.device()).unwrap();
+            let max_diff: f32 = (ours - &reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(max_diff <= 2.0, "{family} {key}: pixels differ by {max_diff}/255");
+        }
+    }
+}
