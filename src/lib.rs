@@ -1,4 +1,6 @@
 //! Atelier: a desktop studio for Stable Diffusion, on candle.
 
+pub mod cli;
 pub mod engine;
+pub mod gallery;
 pub mod schedulers;

@@ -1,3 +1,5 @@
-fn main() {
-    println!("Hello, world!");
+//! `atelier`: the studio window (soon) and the headless subcommands.
+
+fn main() -> std::process::ExitCode {
+    atelier::cli::main()
 }

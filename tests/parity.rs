@@ -1,12 +1,13 @@
 //! Atelier against diffusers on the tiny fixture pipelines (f32, CPU).
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod common;
 
 use std::sync::atomic::AtomicBool;
 
 use atelier::engine::pipeline::{GenerationRequest, PreviewOptions};
-use atelier::schedulers::SchedulerKind;
 use atelier::engine::unet::AddedConditions;
+use atelier::schedulers::SchedulerKind;
 use candle_core::{DType, Tensor};
 use common::*;
 
@@ -30,7 +31,10 @@ fn token_ids_match_transformers() {
                 .map(|v| v.as_u64().expect("id") as u32)
                 .collect();
             let ours = model.tokenize(prompt).expect("tokenize");
-            assert_eq!(ours[tokenizer], want, "{family} tokenizer {tokenizer} on {prompt:?}");
+            assert_eq!(
+                ours[tokenizer], want,
+                "{family} tokenizer {tokenizer} on {prompt:?}"
+            );
         }
     }
 }
@@ -65,7 +69,9 @@ fn text_embeddings_match_diffusers() {
             expected.tensor("prompt_embeds"),
             FORWARD_TOLERANCE,
         );
-        let neg = model.encode_negative_prompt(negative, &positive).expect("negative");
+        let neg = model
+            .encode_negative_prompt(negative, &positive)
+            .expect("negative");
         assert_close(
             &format!("{family} negative embeddings"),
             &neg.context,
@@ -88,8 +94,22 @@ fn text_embeddings_match_diffusers() {
             for (embeddings, name) in pairs {
                 let pooled = embeddings.pooled.as_ref().expect("pooled");
                 let reference = expected.tensor(name);
-                if reference.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() == 0.0 {
-                    let total: f32 = pooled.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                if reference
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+                {
+                    let total: f32 = pooled
+                        .abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar()
+                        .unwrap();
                     assert_eq!(total, 0.0, "{name} must be zeros");
                 } else {
                     assert_close(name, pooled, reference, FORWARD_TOLERANCE);
@@ -186,7 +206,11 @@ fn full_runs_match_diffusers() {
                 LATENT_TOLERANCE,
             );
             let reference = (expected.tensor(&format!("run_{key}_image")) * 255.0).unwrap();
-            let ours: Vec<f32> = output.images[0].as_raw().iter().map(|&b| b as f32).collect();
+            let ours: Vec<f32> = output.images[0]
+                .as_raw()
+                .iter()
+                .map(|&b| b as f32)
+                .collect();
             let ours = Tensor::from_vec(ours, reference.dims(), reference.device()).unwrap();
             let max_diff: f32 = (ours - &reference)
                 .unwrap()
@@ -200,7 +224,10 @@ fn full_runs_match_diffusers() {
                 .unwrap()
                 .to_scalar()
                 .unwrap();
-            assert!(max_diff <= 2.0, "{family} {key}: pixels differ by {max_diff}/255");
+            assert!(
+                max_diff <= 2.0,
+                "{family} {key}: pixels differ by {max_diff}/255"
+            );
         }
     }
 }

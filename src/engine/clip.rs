@@ -1,11 +1,11 @@
 //! The CLIP text encoder (transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`).
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 use super::config::ClipTextConfig;
 use super::error::{EngineError, Result};
-use super::nn::{Activation, attention, linear};
+use super::nn::{Activation, Linear, attention, linear};
 
 #[derive(Debug, Clone)]
 struct EncoderLayer {
@@ -88,8 +88,7 @@ impl ClipTextEncoder {
         let with_prefix = vb.contains_tensor("text_model.embeddings.token_embedding.weight");
         if !with_prefix && !vb.contains_tensor("embeddings.token_embedding.weight") {
             return Err(EngineError::Unsupported(
-                "text encoder weights have neither text_model.embeddings.* nor embeddings.*"
-                    .into(),
+                "text encoder weights have neither text_model.embeddings.* nor embeddings.*".into(),
             ));
         }
         let model = if with_prefix {
@@ -136,7 +135,10 @@ impl ClipTextEncoder {
     /// Width of [`TextEncoding::pooled`].
     pub fn pooled_width(&self) -> usize {
         match &self.text_projection {
-            Some(_) => self.config.projection_dim.unwrap_or(self.config.hidden_size),
+            Some(_) => self
+                .config
+                .projection_dim
+                .unwrap_or(self.config.hidden_size),
             None => self.config.hidden_size,
         }
     }

@@ -2,6 +2,7 @@
 //!
 //! Nothing here knows about the window; the UI and the CLI drive it through [`pipeline`].
 
+pub mod bench;
 pub mod clip;
 pub mod config;
 pub mod error;
@@ -9,6 +10,7 @@ pub mod nn;
 pub mod noise;
 pub mod pipeline;
 pub mod preview;
+pub mod random;
 pub mod source;
 pub mod tokenizer;
 pub mod unet;

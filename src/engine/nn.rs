@@ -1,7 +1,7 @@
 //! Building blocks shared by the UNet, the VAE and the text encoder.
 
 use candle_core::{D, DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
 use super::error::{EngineError, Result};
 
@@ -29,7 +29,7 @@ pub fn conv2d(
 
 /// A GroupNorm with affine weights.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    if channels % groups != 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) {
         return Err(EngineError::Unsupported(format!(
             "GroupNorm with {groups} groups cannot split {channels} channels"
         )));
@@ -37,13 +37,28 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
     Ok(candle_nn::group_norm(groups, channels, eps, vb)?)
 }
 
+/// A linear layer that makes its input contiguous first: candle 0.11's `Linear` returns wrong
+/// rows for a batched input with transposed strides (checked in `tests/candle_quirks.rs`).
+#[derive(Debug, Clone)]
+pub struct Linear(candle_nn::Linear);
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if xs.is_contiguous() {
+            self.0.forward(xs)
+        } else {
+            self.0.forward(&xs.contiguous()?)
+        }
+    }
+}
+
 /// A linear layer, with or without bias.
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    Ok(if bias {
+    Ok(Linear(if bias {
         candle_nn::linear(in_dim, out_dim, vb)?
     } else {
         candle_nn::linear_no_bias(in_dim, out_dim, vb)?
-    })
+    }))
 }
 
 /// The activations the configs name.
@@ -115,9 +130,7 @@ pub fn attention(
     }
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     let out = probs.matmul(&v)?;
-    Ok(out
-        .transpose(1, 2)?
-        .reshape((batch, query_len, width))?)
+    Ok(out.transpose(1, 2)?.reshape((batch, query_len, width))?)
 }
 
 /// Sinusoidal embedding of (possibly fractional) timesteps, as diffusers' `get_timestep_embedding`.
@@ -209,7 +222,12 @@ impl ResnetBlock {
         vb: VarBuilder,
     ) -> Result<Self> {
         let time_emb_proj = match temb_channels {
-            Some(channels) => Some(linear(channels, out_channels, true, vb.pp("time_emb_proj"))?),
+            Some(channels) => Some(linear(
+                channels,
+                out_channels,
+                true,
+                vb.pp("time_emb_proj"),
+            )?),
             None => None,
         };
         let conv_shortcut = if in_channels != out_channels {
@@ -237,11 +255,12 @@ impl ResnetBlock {
     /// Applies the block; `temb` is the (already computed) time embedding, if any.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let act = self.activation;
-        let mut hidden = self
-            .conv1
-            .forward(&act.apply(&self.norm1.forward(xs)?)?)?;
+        let mut hidden = self.conv1.forward(&act.apply(&self.norm1.forward(xs)?)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let temb = proj.forward(&act.apply(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
+            let temb = proj
+                .forward(&act.apply(temb)?)?
+                .unsqueeze(2)?
+                .unsqueeze(3)?;
             hidden = hidden.broadcast_add(&temb)?;
         }
         let hidden = self

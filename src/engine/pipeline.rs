@@ -296,10 +296,15 @@ impl StableDiffusion {
             };
 
         let mut text_encoders = Vec::new();
-        for (tokenizer_dir, encoder_dir) in [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")] {
+        for (tokenizer_dir, encoder_dir) in [
+            ("tokenizer", "text_encoder"),
+            ("tokenizer_2", "text_encoder_2"),
+        ] {
             let config_name = format!("{encoder_dir}/config.json");
-            let listed = index.has_component(encoder_dir);
-            if !listed && !(encoder_dir == "text_encoder" && index.components.is_empty()) {
+            // Without a model_index.json, assume the one text encoder of SD 1.x/2.x.
+            let wanted = index.has_component(encoder_dir)
+                || (encoder_dir == "text_encoder" && index.components.is_empty());
+            if !wanted {
                 continue;
             }
             files.report(LoadProgress::Loading {
@@ -390,6 +395,22 @@ impl StableDiffusion {
         self.dtype
     }
 
+    /// The parts the benchmark times.
+    pub fn bench_target(&self) -> super::bench::BenchTarget<'_> {
+        super::bench::BenchTarget {
+            text_encoders: self
+                .text_encoders
+                .iter()
+                .map(|part| &part.encoder)
+                .collect(),
+            unet: &self.unet,
+            vae: &self.vae,
+            dtype: self.dtype,
+            vae_dtype: self.vae_dtype,
+            device: &self.device,
+        }
+    }
+
     /// The UNet.
     pub fn unet(&self) -> &UNet {
         &self.unet
@@ -471,7 +492,11 @@ impl StableDiffusion {
         if negative_prompt.is_empty() && self.force_zeros_for_empty_prompt {
             return Ok(PromptEmbeddings {
                 context: positive.context.zeros_like()?,
-                pooled: positive.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+                pooled: positive
+                    .pooled
+                    .as_ref()
+                    .map(Tensor::zeros_like)
+                    .transpose()?,
                 dropped_tokens: 0,
             });
         }
@@ -482,7 +507,7 @@ impl StableDiffusion {
     pub fn validate(&self, request: &GenerationRequest) -> Result<()> {
         let factor = self.vae_scale_factor();
         for (name, value) in [("width", request.width), ("height", request.height)] {
-            if value == 0 || value % factor != 0 {
+            if value == 0 || !value.is_multiple_of(factor) {
                 return Err(EngineError::InvalidParameter(format!(
                     "{name} {value} must be a positive multiple of {factor} for this model"
                 )));
@@ -508,7 +533,8 @@ impl StableDiffusion {
         if request.steps == 0 || request.steps > self.scheduler_config.train_timesteps() {
             return Err(EngineError::InvalidParameter(format!(
                 "steps must be between 1 and {}, got {}",
-                self.scheduler_config.train_timesteps(), request.steps
+                self.scheduler_config.train_timesteps(),
+                request.steps
             )));
         }
         Ok(())

@@ -15,7 +15,8 @@ use super::source::ModelFiles;
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
 /// The pre-tokenization pattern of transformers' CLIPTokenizer.
-const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// A prompt turned into exactly `max_length` token ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +41,9 @@ impl ClipTokenizer {
     pub fn load(files: &ModelFiles, folder: &str) -> Result<Self> {
         let config = read_tokenizer_config(files, folder)?;
         let mut tokenizer = match files.optional(&format!("{folder}/tokenizer.json"))? {
-            Some(path) => Tokenizer::from_file(&path)
-                .map_err(|e| EngineError::bad_file(&path, e))?,
+            Some(path) => {
+                Tokenizer::from_file(&path).map_err(|e| EngineError::bad_file(&path, e))?
+            }
             None => {
                 let vocab =
                     files.required(&format!("{folder}/vocab.json"), "tokenizer vocabulary")?;
@@ -57,7 +59,9 @@ impl ClipTokenizer {
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let id = |token: &str| {
             tokenizer.token_to_id(token).ok_or_else(|| {
-                EngineError::Tokenizer(format!("{folder}: token {token:?} is not in the vocabulary"))
+                EngineError::Tokenizer(format!(
+                    "{folder}: token {token:?} is not in the vocabulary"
+                ))
             })
         };
         Ok(Self {
@@ -132,7 +136,8 @@ fn read_tokenizer_config(files: &ModelFiles, folder: &str) -> Result<TokenizerCo
     // special_tokens_map.json first, tokenizer_config.json wins where both speak.
     for name in ["special_tokens_map.json", "tokenizer_config.json"] {
         if let Some(path) = files.optional(&format!("{folder}/{name}"))? {
-            let text = std::fs::read_to_string(&path).map_err(|e| EngineError::bad_file(&path, e))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| EngineError::bad_file(&path, e))?;
             let config: TokenizerConfig =
                 serde_json::from_str(&text).map_err(|e| EngineError::bad_file(&path, e))?;
             merged.pad_token = config.pad_token.or(merged.pad_token);
@@ -161,7 +166,8 @@ struct TokenizerConfigResolved {
 
 /// Builds the pipeline transformers' `CLIPTokenizer` builds from the two files.
 fn from_vocab_and_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
-    let tokenizer_error = |e: Box<dyn std::error::Error + Send + Sync>| EngineError::Tokenizer(e.to_string());
+    let tokenizer_error =
+        |e: Box<dyn std::error::Error + Send + Sync>| EngineError::Tokenizer(e.to_string());
     let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
         .continuing_subword_prefix(String::new())
         .end_of_word_suffix("</w>".into())
@@ -172,22 +178,25 @@ fn from_vocab_and_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::new(bpe);
     let normalizer = NormalizerSequence::new(vec![
         NFC.into(),
-        Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(tokenizer_error)?
-            .into(),
+        Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(tokenizer_error)?
+        .into(),
         Lowercase.into(),
     ]);
-    tokenizer.with_normalizer(Some(normalizer)).map_err(tokenizer_error)?;
+    tokenizer
+        .with_normalizer(Some(normalizer))
+        .map_err(tokenizer_error)?;
     let split = Split::new(
         SplitPattern::Regex(CLIP_PATTERN.into()),
         SplitDelimiterBehavior::Removed,
         true,
     )
     .map_err(tokenizer_error)?;
-    let pre_tokenizer = PreTokenizerSequence::new(vec![
-        split.into(),
-        ByteLevel::new(false, true, true).into(),
-    ]);
+    let pre_tokenizer =
+        PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, true).into()]);
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     tokenizer

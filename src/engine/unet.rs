@@ -3,13 +3,13 @@
 //! Mirrors diffusers' module tree and weight names, so the Hub's safetensors load as they are.
 
 use candle_core::{D, DType, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, VarBuilder};
 
 use super::config::UNetConfig;
 use super::error::{EngineError, Result};
 use super::nn::{
-    Activation, Downsample, ResnetBlock, TimestepMlp, Upsample, attention, conv2d, group_norm,
-    linear, timestep_embedding,
+    Activation, Downsample, Linear, ResnetBlock, TimestepMlp, Upsample, attention, conv2d,
+    group_norm, linear, timestep_embedding,
 };
 
 /// Diffusers' `Attention` as used in transformer blocks (no bias on q, k, v).
@@ -268,11 +268,13 @@ impl UNet {
         let add_embedding = match config.addition_embed_type.as_deref() {
             None => None,
             Some("text_time") => {
-                let in_dim = config.projection_class_embeddings_input_dim.ok_or_else(|| {
-                    EngineError::Unsupported(
-                        "text_time UNet without projection_class_embeddings_input_dim".into(),
-                    )
-                })?;
+                let in_dim = config
+                    .projection_class_embeddings_input_dim
+                    .ok_or_else(|| {
+                        EngineError::Unsupported(
+                            "text_time UNet without projection_class_embeddings_input_dim".into(),
+                        )
+                    })?;
                 Some(TimestepMlp::new(
                     in_dim,
                     time_dim,
@@ -413,7 +415,10 @@ impl UNet {
                 }
             }
             let upsampler = if i < last {
-                Some(Upsample::new(out_channels, vb_block.pp("upsamplers").pp(0))?)
+                Some(Upsample::new(
+                    out_channels,
+                    vb_block.pp("upsamplers").pp(0),
+                )?)
             } else {
                 None
             };

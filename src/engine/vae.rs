@@ -1,11 +1,11 @@
 //! The decoder half of `AutoencoderKL`, built from `vae/config.json`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, GroupNorm, VarBuilder};
 
 use super::config::VaeConfig;
 use super::error::{EngineError, Result};
-use super::nn::{Activation, ResnetBlock, Upsample, attention, conv2d, group_norm, linear};
+use super::nn::{Activation, Linear, ResnetBlock, Upsample, attention, conv2d, group_norm, linear};
 
 /// The VAE's single-head self-attention over all pixels of the middle block.
 #[derive(Debug, Clone)]
@@ -50,7 +50,9 @@ impl VaeAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let out = self.to_out.forward(&attention(&q, &k, &v, 1, true, None)?)?;
+        let out = self
+            .to_out
+            .forward(&attention(&q, &k, &v, 1, true, None)?)?;
         let out = out
             .transpose(1, 2)?
             .reshape((batch, channels, height, width))?;
@@ -132,7 +134,10 @@ impl VaeDecoder {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let upsampler = if i + 1 < reversed.len() {
-                Some(Upsample::new(out_channels, vb_block.pp("upsamplers").pp(0))?)
+                Some(Upsample::new(
+                    out_channels,
+                    vb_block.pp("upsamplers").pp(0),
+                )?)
             } else {
                 None
             };

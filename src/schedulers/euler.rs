@@ -26,8 +26,14 @@ impl EulerScheduler {
                 "Karras sigmas are not supported yet".into(),
             ));
         }
-        if config.timestep_type.as_deref().is_some_and(|t| t != "discrete")
-            || config.final_sigmas_type.as_deref().is_some_and(|t| t != "zero")
+        if config
+            .timestep_type
+            .as_deref()
+            .is_some_and(|t| t != "discrete")
+            || config
+                .final_sigmas_type
+                .as_deref()
+                .is_some_and(|t| t != "zero")
         {
             return Err(EngineError::Unsupported(
                 "Euler with continuous timesteps or a non-zero final sigma".into(),

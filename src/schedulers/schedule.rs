@@ -178,8 +178,11 @@ fn betas(config: &SchedulerConfig) -> Result<Vec<f32>> {
             .map(|b| b * b)
             .collect(),
         "squaredcos_cap_v2" => {
-            let alpha_bar =
-                |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+            let alpha_bar = |t: f64| {
+                ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                    .cos()
+                    .powi(2)
+            };
             (0..n)
                 .map(|i| {
                     let t1 = i as f64 / n as f64;

@@ -1,5 +1,5 @@
 //! Shared helpers for the tests: fixture paths, expected values, tolerances.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)] // shared by several test crates; panics are test failures
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,8 +37,9 @@ pub struct Expected {
 impl Expected {
     pub fn load(family: &str) -> Self {
         let dir = fixture_dir(family);
-        let tensors = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
-            .expect("expected.safetensors");
+        let tensors =
+            candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+                .expect("expected.safetensors");
         let meta = serde_json::from_str(
             &std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"),
         )

@@ -1,0 +1,117 @@
+//! `atelier bench`.
+
+use anyhow::bail;
+use clap::Args;
+
+use crate::engine::bench::{BenchOptions, BenchTarget, run as run_bench};
+use crate::engine::pipeline::default_dtype;
+use crate::engine::random::RandomModel;
+
+/// Arguments of `atelier bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A model folder or repo id to time.
+    #[arg(long, conflicts_with = "random_weights")]
+    pub model: Option<String>,
+    /// Time a full-size architecture with random weights instead: sd15 or sdxl.
+    #[arg(long)]
+    pub random_weights: Option<String>,
+    /// cpu, cuda, metal or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Width in pixels (default: 512 for sd15, 1024 for sdxl, else the model's native size).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Height in pixels (same default as width).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Timed UNet evaluations.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed UNet evaluations first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Images per step (the UNet batch is twice this with guidance).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Time without classifier-free guidance (UNet batch = batch size).
+    #[arg(long)]
+    pub no_guidance: bool,
+    /// Print the figures as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `atelier bench`.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let device = super::open_device(&args.device)?;
+    let dtype = default_dtype(&device);
+    let random;
+    let loaded;
+    let (target, label, native) = match (&args.model, &args.random_weights) {
+        (Some(spec), None) => {
+            loaded = super::generate::load_model(spec, &args.device)?;
+            let native = loaded.native_size().unwrap_or(512);
+            (loaded.bench_target(), loaded.name().to_string(), native)
+        }
+        (None, Some(arch)) => {
+            random = RandomModel::new(arch, &device, dtype)?;
+            let native = if arch == "sdxl" { 1024 } else { 512 };
+            let target = BenchTarget {
+                text_encoders: random.text_encoders.iter().collect(),
+                unet: &random.unet,
+                vae: &random.vae,
+                dtype,
+                vae_dtype: random.vae_dtype,
+                device: &device,
+            };
+            (target, format!("{arch} (random weights)"), native)
+        }
+        _ => bail!("give either --model or --random-weights sd15|sdxl"),
+    };
+    let options = BenchOptions {
+        width: args.width.unwrap_or(native),
+        height: args.height.unwrap_or(native),
+        steps: args.steps,
+        warmup: args.warmup,
+        batch_size: args.batch_size.max(1),
+        guidance: !args.no_guidance,
+    };
+    let factor = target.vae.config().scale_factor();
+    if !options.width.is_multiple_of(factor) || !options.height.is_multiple_of(factor) {
+        bail!("width and height must be multiples of {factor}");
+    }
+    let report = run_bench(&target, options)?;
+    if args.json {
+        let value = serde_json::json!({
+            "model": label,
+            "device": format!("{:?}", target.device.location()),
+            "dtype": format!("{:?}", target.dtype),
+            "width": options.width,
+            "height": options.height,
+            "unet_batch": options.batch_size * if options.guidance { 2 } else { 1 },
+            "report": report,
+        });
+        println!("{value}");
+    } else {
+        println!(
+            "{label} on {:?} ({:?}), {}x{}, UNet batch {}",
+            target.device.location(),
+            target.dtype,
+            options.width,
+            options.height,
+            options.batch_size * if options.guidance { 2 } else { 1 }
+        );
+        println!("text encoding   {:>10.1} ms", report.text_encoding_ms);
+        println!(
+            "UNet step       {:>10.1} ms  ({:.2} it/s)",
+            report.unet_step_ms, report.unet_steps_per_sec
+        );
+        println!("VAE decode      {:>10.1} ms", report.vae_decode_ms);
+        println!(
+            "30-step job     {:>10.1} ms  (text + 30 steps + decode)",
+            report.end_to_end_30_steps_ms
+        );
+    }
+    Ok(())
+}

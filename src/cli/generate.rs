@@ -1,0 +1,261 @@
+//! `atelier generate`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Tensor};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::engine::pipeline::{GenerationRequest, LoadOptions, PreviewOptions, StableDiffusion};
+use crate::engine::source::{LoadProgress, ModelSource};
+use crate::gallery::metadata::{PARAMETERS_KEYWORD, write_png};
+use crate::schedulers::SchedulerKind;
+
+/// Arguments of `atelier generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A diffusers model folder, or a Hugging Face repo id such as stabilityai/sd-turbo.
+    #[arg(long)]
+    pub model: String,
+    /// What to draw.
+    #[arg(long)]
+    pub prompt: String,
+    /// What to avoid (empty: unconditional).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (<= 1 disables guidance, as Turbo models want).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Seed of the first image (default: a random one, printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Width in pixels (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Height in pixels (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Images to generate together; image k uses seed + k.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Sampler id (ddim, euler, ...).
+    #[arg(long, default_value = "euler")]
+    pub scheduler: String,
+    /// cpu, cuda, metal or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// A float32 .npy of standard-normal noise, shape (batch, 4, H/f, W/f), used instead of the seed.
+    #[arg(long)]
+    pub init_noise: Option<PathBuf>,
+    /// Write the final latents (before the VAE) as a float32 .npy.
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// Where to write the PNG; with a batch, image k goes to NAME-k.png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn random_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (nanos as u64 ^ (nanos >> 64) as u64) % 4_294_967_296
+}
+
+/// Loads a model with a progress display on stderr.
+pub fn load_model(spec: &str, device: &str) -> anyhow::Result<StableDiffusion> {
+    let source = ModelSource::parse(spec)?;
+    let device = super::open_device(device)?;
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let reporter = bar.clone();
+    let progress = Arc::new(move |event: LoadProgress| match event {
+        LoadProgress::Downloading {
+            file,
+            bytes_done,
+            bytes_total,
+        } => reporter.set_message(format!(
+            "downloading {file}: {:.1} / {:.1} MB",
+            bytes_done as f64 / 1e6,
+            bytes_total as f64 / 1e6
+        )),
+        LoadProgress::Loading { component } => reporter.set_message(format!("loading {component}")),
+    });
+    let mut options = LoadOptions::new(device);
+    options.progress = Some(progress);
+    let model =
+        StableDiffusion::load(source, options).with_context(|| format!("cannot load model {spec}"));
+    bar.finish_and_clear();
+    model
+}
+
+fn output_path(out: &Path, index: usize, batch: usize) -> PathBuf {
+    if batch == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    out.with_file_name(format!("{stem}-{index}.png"))
+}
+
+/// Runs `atelier generate`.
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let scheduler = SchedulerKind::parse(&args.scheduler)?;
+    if args
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        != Some("png".into())
+    {
+        bail!("--out must name a .png file, got {}", args.out.display());
+    }
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        bail!("the folder {} does not exist", parent.display());
+    }
+    let init_noise = match &args.init_noise {
+        Some(path) => {
+            let noise = Tensor::read_npy(path)
+                .with_context(|| format!("cannot read {} as .npy", path.display()))?;
+            if noise.dtype() != DType::F32 {
+                bail!(
+                    "{} holds {:?} values; --init-noise needs float32",
+                    path.display(),
+                    noise.dtype()
+                );
+            }
+            Some(noise)
+        }
+        None => None,
+    };
+    let model = load_model(&args.model, &args.device)?;
+    let native = model.native_size().unwrap_or(512);
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let request = GenerationRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        seed,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        width: args.width.unwrap_or(native),
+        height: args.height.unwrap_or(native),
+        batch_size: init_noise
+            .as_ref()
+            .and_then(|n| n.dims().first().copied())
+            .unwrap_or(args.batch_size),
+        scheduler,
+    };
+    model.validate(&request)?;
+    if init_noise.is_none() {
+        eprintln!("seed {seed}");
+    }
+    eprintln!(
+        "{} ({}) on {:?}, {}x{}, {} steps of {}",
+        model.name(),
+        model.family().display_name(),
+        model.device().location(),
+        request.width,
+        request.height,
+        request.steps,
+        scheduler.display_name()
+    );
+
+    let bar = ProgressBar::new(request.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps {msg} [{elapsed_precise}, ETA {eta}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let cancel = AtomicBool::new(false);
+    let output = model.generate(
+        &request,
+        init_noise.as_ref(),
+        PreviewOptions::default(),
+        &cancel,
+        &mut |step| {
+            bar.set_position(step.step_index as u64 + 1);
+            let per_sec = (step.step_index + 1) as f64 / step.elapsed_secs.max(1e-9);
+            bar.set_message(format!("{per_sec:.2} it/s"));
+        },
+    );
+    bar.finish_and_clear();
+    let output = output?;
+    for warning in &output.warnings {
+        eprintln!("warning: {warning}");
+    }
+
+    for (index, image) in output.images.iter().enumerate() {
+        let path = output_path(&args.out, index, output.images.len());
+        let mut pairs = vec![
+            ("Steps".to_string(), request.steps.to_string()),
+            ("Sampler".to_string(), scheduler.display_name().to_string()),
+            (
+                "CFG scale".to_string(),
+                format!("{}", request.guidance_scale),
+            ),
+        ];
+        match &args.init_noise {
+            Some(noise) => pairs.push((
+                "Initial noise".to_string(),
+                noise
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            )),
+            None => pairs.push((
+                "Seed".to_string(),
+                (seed.wrapping_add(index as u64)).to_string(),
+            )),
+        }
+        pairs.push((
+            "Size".to_string(),
+            format!("{}x{}", request.width, request.height),
+        ));
+        pairs.push(("Model".to_string(), model.name().to_string()));
+        pairs.push((
+            "Version".to_string(),
+            format!("atelier {}", env!("CARGO_PKG_VERSION")),
+        ));
+        let parameters = crate::gallery::metadata::A1111Parameters {
+            prompt: request.prompt.clone(),
+            negative_prompt: request.negative_prompt.clone(),
+            pairs,
+        };
+        write_png(&path, image, &[(PARAMETERS_KEYWORD, &parameters.to_text())])?;
+        println!("{}", path.display());
+    }
+    if let Some(path) = &args.save_latents {
+        output
+            .latents
+            .write_npy(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let timings = output.timings;
+    eprintln!(
+        "{} steps in {:.2} s ({:.3} s/step), total {:.2} s (text encoding {:.2} s, decode {:.2} s)",
+        request.steps,
+        timings.denoising_secs,
+        timings.denoising_secs / request.steps as f64,
+        timings.total_secs,
+        timings.text_encoding_secs,
+        timings.decode_secs
+    );
+    Ok(())
+}

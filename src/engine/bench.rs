@@ -1,0 +1,140 @@
+//! Timing of the engine's parts: text encoding, UNet steps, VAE decode.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::clip::ClipTextEncoder;
+use super::error::Result;
+use super::unet::{AddedConditions, UNet};
+use super::vae::VaeDecoder;
+
+/// What to time.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Timed UNet evaluations.
+    pub steps: usize,
+    /// Untimed evaluations first (kernel compilation, caches).
+    pub warmup: usize,
+    /// Images per step; with guidance, the UNet batch is twice this.
+    pub batch_size: usize,
+    /// Classifier-free guidance doubles the UNet batch.
+    pub guidance: bool,
+}
+
+/// The parts of a model that the benchmark runs.
+pub struct BenchTarget<'a> {
+    /// Text encoders, in order.
+    pub text_encoders: Vec<&'a ClipTextEncoder>,
+    /// The UNet.
+    pub unet: &'a UNet,
+    /// The VAE decoder.
+    pub vae: &'a VaeDecoder,
+    /// Precision of the UNet and text encoders.
+    pub dtype: DType,
+    /// Precision of the VAE.
+    pub vae_dtype: DType,
+    /// Where they run.
+    pub device: &'a Device,
+}
+
+/// Measured times (milliseconds unless named otherwise).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct BenchReport {
+    /// One prompt through every text encoder.
+    pub text_encoding_ms: f64,
+    /// Mean time of one UNet evaluation (with guidance: one batch of 2).
+    pub unet_step_ms: f64,
+    /// Steps per second.
+    pub unet_steps_per_sec: f64,
+    /// One VAE decode of the batch.
+    pub vae_decode_ms: f64,
+    /// Text encoding + 30 steps + decode, from the figures above.
+    pub end_to_end_30_steps_ms: f64,
+}
+
+fn timed<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    device.synchronize()?;
+    let started = Instant::now();
+    let value = f()?;
+    device.synchronize()?;
+    Ok((value, started.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Runs the benchmark.
+pub fn run(target: &BenchTarget<'_>, options: BenchOptions) -> Result<BenchReport> {
+    let device = target.device;
+    let factor = target.vae.config().scale_factor();
+    let (lh, lw) = (options.height / factor, options.width / factor);
+    let model_batch = options.batch_size * if options.guidance { 2 } else { 1 };
+    // <|startoftext|> a few words <|endoftext|> then padding, as a tokenizer would give.
+    let mut ids = vec![49406u32, 320, 1929, 539, 320, 2368, 49407];
+    ids.resize(77, 49407);
+
+    let encode = || -> Result<(Tensor, Option<Tensor>)> {
+        let mut contexts = Vec::new();
+        let mut pooled = None;
+        for encoder in &target.text_encoders {
+            let encoding = encoder.encode(std::slice::from_ref(&ids), device)?;
+            if target.text_encoders.len() > 1 {
+                contexts.push(encoding.penultimate_hidden_state);
+                pooled = Some(encoding.pooled);
+            } else {
+                contexts.push(encoding.last_hidden_state);
+            }
+        }
+        Ok((Tensor::cat(&contexts, 2)?, pooled))
+    };
+    encode()?;
+    let ((context, pooled), text_encoding_ms) = timed(device, encode)?;
+    let context = context
+        .repeat((model_batch, 1, 1))?
+        .to_dtype(target.dtype)?;
+    let added = match pooled {
+        Some(pooled) if target.unet.needs_added_conditions() => {
+            let (h, w) = (options.height as f32, options.width as f32);
+            Some(AddedConditions {
+                text_embeds: pooled.repeat((model_batch, 1))?,
+                time_ids: Tensor::new(&[h, w, 0.0, 0.0, h, w], device)?
+                    .unsqueeze(0)?
+                    .repeat((model_batch, 1))?,
+            })
+        }
+        _ => None,
+    };
+    let channels = target.unet.config().in_channels;
+    let sample = Tensor::randn(0f32, 1.0, (model_batch, channels, lh, lw), device)?
+        .to_dtype(target.dtype)?;
+    for _ in 0..options.warmup {
+        target
+            .unet
+            .forward(&sample, 999.0, &context, added.as_ref())?;
+    }
+    let steps = options.steps.max(1);
+    let (_, unet_total_ms) = timed(device, || {
+        for step in 0..steps {
+            let timestep = 999.0 - step as f64 * (999.0 / steps as f64);
+            target
+                .unet
+                .forward(&sample, timestep, &context, added.as_ref())?;
+        }
+        Ok(())
+    })?;
+    let unet_step_ms = unet_total_ms / steps as f64;
+
+    let latents = Tensor::randn(0f32, 1.0, (options.batch_size, channels, lh, lw), device)?
+        .to_dtype(target.vae_dtype)?;
+    target.vae.decode(&latents)?;
+    let (_, vae_decode_ms) = timed(device, || target.vae.decode(&latents))?;
+    Ok(BenchReport {
+        text_encoding_ms,
+        unet_step_ms,
+        unet_steps_per_sec: 1e3 / unet_step_ms,
+        vae_decode_ms,
+        end_to_end_30_steps_ms: text_encoding_ms + 30.0 * unet_step_ms + vae_decode_ms,
+    })
+}

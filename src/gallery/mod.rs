@@ -1,0 +1,3 @@
+//! Storage of images and their metadata.
+
+pub mod metadata;

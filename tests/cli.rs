@@ -1,0 +1,265 @@
+//! End to end: the `atelier` binary on a fixture model, checked against diffusers.
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod common;
+
+use std::process::Command;
+
+use atelier::gallery::metadata::{A1111Parameters, read_png_text};
+use candle_core::Tensor;
+use common::*;
+
+fn atelier() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_atelier"))
+}
+
+#[test]
+fn generate_reproduces_diffusers_from_the_same_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = Expected::load("sd2");
+    let run = &expected.meta["run"];
+    let noise_path = dir.path().join("noise.npy");
+    expected.tensor("noise").write_npy(&noise_path).unwrap();
+    let latents_path = dir.path().join("latents.npy");
+    let out = dir.path().join("fox.png");
+    let output = atelier()
+        .args(["generate", "--model"])
+        .arg(model_dir("sd2"))
+        .args(["--prompt", expected.meta["prompt"].as_str().unwrap()])
+        .args([
+            "--negative-prompt",
+            expected.meta["negative_prompt"].as_str().unwrap(),
+        ])
+        .args(["--steps", &run["steps"].to_string()])
+        .args(["--guidance", &run["guidance"].to_string()])
+        .args(["--width", &run["width"].to_string()])
+        .args(["--height", &run["height"].to_string()])
+        .args(["--scheduler", "euler", "--device", "cpu"])
+        .arg("--init-noise")
+        .arg(&noise_path)
+        .arg("--save-latents")
+        .arg(&latents_path)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "atelier failed: {stderr}");
+    assert!(stderr.contains("s/step"), "no timing summary in: {stderr}");
+
+    let latents = Tensor::read_npy(&latents_path).unwrap();
+    assert_close(
+        "CLI latents",
+        &latents,
+        expected.tensor("run_euler_neg_latents"),
+        1e-3,
+    );
+
+    let image = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(
+        (image.width() as u64, image.height() as u64),
+        (
+            run["width"].as_u64().unwrap(),
+            run["height"].as_u64().unwrap()
+        )
+    );
+    let reference = expected.tensor("run_euler_neg_image");
+    let reference: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
+    let worst = image
+        .as_raw()
+        .iter()
+        .zip(&reference)
+        .map(|(&ours, &theirs)| (ours as f32 - theirs * 255.0).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 2.0, "pixels differ by {worst}/255");
+
+    let chunks = read_png_text(&out).unwrap();
+    let parameters = A1111Parameters::parse(&chunks["parameters"]);
+    assert_eq!(parameters.prompt, expected.meta["prompt"].as_str().unwrap());
+    assert_eq!(
+        parameters.negative_prompt,
+        expected.meta["negative_prompt"].as_str().unwrap()
+    );
+    assert_eq!(parameters.get("Sampler"), Some("Euler"));
+    assert_eq!(
+        parameters.get("Steps"),
+        Some(run["steps"].to_string().as_str())
+    );
+    assert_eq!(parameters.get("Size"), Some("48x64"));
+    assert_eq!(parameters.get("Initial noise"), Some("noise.npy"));
+}
+
+#[test]
+fn same_seed_same_image_and_batch_seeds_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let generate = |name: &str, seed: &str, batch: &str| {
+        let out = dir.path().join(name);
+        let output = atelier()
+            .args(["generate", "--model"])
+            .arg(model_dir("sd1"))
+            .args([
+                "--prompt",
+                "a fox",
+                "--steps",
+                "3",
+                "--seed",
+                seed,
+                "--batch-size",
+                batch,
+            ])
+            .args(["--device", "cpu", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        out
+    };
+    let first = generate("a.png", "7", "1");
+    let again = generate("b.png", "7", "1");
+    let other = generate("c.png", "8", "1");
+    generate("batch.png", "7", "2");
+    let pixels = |path: &std::path::Path| image::open(path).unwrap().to_rgb8().into_raw();
+    assert_eq!(pixels(&first), pixels(&again), "same seed, same image");
+    assert_ne!(
+        pixels(&first),
+        pixels(&other),
+        "another seed, another image"
+    );
+    // Image k of a batch is the image of seed + k on its own (up to float summation order
+    // in batched matrix products: at most one level of 255).
+    let max_diff =
+        |a: Vec<u8>, b: Vec<u8>| a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(max_diff(pixels(&dir.path().join("batch-0.png")), pixels(&first)) <= 1);
+    assert!(max_diff(pixels(&dir.path().join("batch-1.png")), pixels(&other)) <= 1);
+    let chunks = read_png_text(&dir.path().join("batch-1.png")).unwrap();
+    assert_eq!(
+        A1111Parameters::parse(&chunks["parameters"]).get("Seed"),
+        Some("8")
+    );
+}
+
+#[test]
+fn bad_arguments_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let model = model_dir("sd1");
+    let model = model.to_str().unwrap();
+    let out = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--model", "/no/such/folder", "--prompt", "x", "--out", out],
+            "model folder not found",
+        ),
+        (
+            vec![
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--scheduler",
+                "dpm9",
+                "--out",
+                out,
+            ],
+            "valid schedulers: ddim, euler",
+        ),
+        (
+            vec![
+                "--model", model, "--prompt", "x", "--width", "63", "--out", out,
+            ],
+            "multiple of 2",
+        ),
+        (
+            vec![
+                "--model", model, "--prompt", "x", "--steps", "0", "--out", out,
+            ],
+            "steps must be between",
+        ),
+        (
+            vec![
+                "--model", model, "--prompt", "x", "--device", "tpu", "--out", out,
+            ],
+            "unknown device",
+        ),
+        (
+            vec!["--model", model, "--prompt", "x", "--out", "/tmp/x.jpg"],
+            "must name a .png",
+        ),
+        (
+            vec![
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--init-noise",
+                "/no/noise.npy",
+                "--out",
+                out,
+            ],
+            "cannot read",
+        ),
+    ];
+    for (args, message) in cases {
+        let output = atelier().arg("generate").args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} should fail");
+        assert!(
+            stderr.contains(message),
+            "{args:?}: expected {message:?} in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+    assert!(!std::path::Path::new(out).exists());
+}
+
+#[test]
+fn wrong_noise_shape_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let noise = dir.path().join("noise.npy");
+    Tensor::zeros(
+        (1, 4, 5, 5),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .write_npy(&noise)
+    .unwrap();
+    let output = atelier()
+        .args(["generate", "--model"])
+        .arg(model_dir("sd1"))
+        .args(["--prompt", "x", "--out"])
+        .arg(dir.path().join("x.png"))
+        .arg("--init-noise")
+        .arg(&noise)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("initial noise has shape [1, 4, 5, 5]"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bench_runs_on_a_fixture_model() {
+    let output = atelier()
+        .args([
+            "bench", "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", "--model",
+        ])
+        .arg(model_dir("sdxl"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["unet_batch"], 2);
+    assert!(report["report"]["unet_step_ms"].as_f64().unwrap() > 0.0);
+}
