@@ -285,7 +285,12 @@ impl StableDiffusion {
         let device = options.device.clone();
         let dtype = options.dtype.unwrap_or_else(|| default_dtype(&device));
         let prefer_fp16 = dtype != DType::F32;
-        let index: ModelIndex = match files.optional("model_index.json")? {
+        // Every diffusers repo on the Hub has a model_index.json; a local folder may lack one.
+        let index_path = match files.source() {
+            ModelSource::Hub(_) => Some(files.required("model_index.json", "pipeline index")?),
+            ModelSource::Folder(_) => files.optional("model_index.json")?,
+        };
+        let index: ModelIndex = match index_path {
             Some(path) => read_json(&path)?,
             None => ModelIndex::default(),
         };

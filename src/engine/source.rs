@@ -159,7 +159,13 @@ impl ModelFiles {
             ModelSource::Hub(repo) => EngineError::Download {
                 repo: repo.clone(),
                 file: relative.to_string(),
-                message: format!("the repo has no such file ({what})"),
+                message: if hub_offline() {
+                    format!(
+                        "{what} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+                    )
+                } else {
+                    format!("the repo has no such file ({what})")
+                },
             },
         }
     }
@@ -209,11 +215,8 @@ fn hub_get(repo: &str, file: &str, progress: Option<&LoadProgressFn>) -> Result<
         return Ok(Some(path));
     }
     if hub_offline() {
-        return Err(EngineError::Download {
-            repo: repo.into(),
-            file: file.into(),
-            message: "not in the local Hugging Face cache and HF_HUB_OFFLINE is set".into(),
-        });
+        // Offline, the cache is all there is: an uncached file counts as absent.
+        return Ok(None);
     }
     let download_error = |message: String| EngineError::Download {
         repo: repo.into(),
