@@ -4,3 +4,5 @@ pub mod cli;
 pub mod engine;
 pub mod gallery;
 pub mod schedulers;
+pub mod ui;
+pub mod worker;

@@ -5,13 +5,13 @@ mod generate;
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
-/// Atelier: Stable Diffusion on your own GPU.
+/// Atelier: Stable Diffusion on your own GPU. Without a command, it opens the window.
 #[derive(Debug, Parser)]
 #[command(name = "atelier", version, about, long_about = None)]
 pub struct Cli {
-    /// What to do; without one, Atelier prints this help.
+    /// What to do; without one, Atelier opens its window.
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -29,7 +29,7 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => Cli::command().print_help().map_err(anyhow::Error::from),
+        None => run_window(),
         Some(Command::Generate(args)) => generate::run(args),
         Some(Command::Bench(args)) => bench::run(args),
     };
@@ -40,6 +40,27 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Opens the studio window and runs until it closes.
+pub fn run_window() -> anyhow::Result<()> {
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("Atelier")
+            .with_inner_size([1400.0, 900.0])
+            .with_min_inner_size([900.0, 600.0]),
+        renderer: eframe::Renderer::Wgpu,
+        ..Default::default()
+    };
+    eframe::run_native(
+        "Atelier",
+        options,
+        Box::new(|cc| {
+            let engine = Box::new(crate::worker::DiffusionEngine::default());
+            Ok(Box::new(crate::ui::AtelierApp::new(cc, engine)?))
+        }),
+    )
+    .map_err(|e| anyhow::anyhow!("the window failed: {e}"))
 }
 
 /// Reads `--device`, defaulting to the best available.

@@ -1,6 +1,7 @@
 //! The text-to-image pipeline: load a model, encode prompts, denoise, decode.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -240,7 +241,7 @@ pub struct PromptEmbeddings {
 }
 
 struct TextEncoderPart {
-    tokenizer: ClipTokenizer,
+    tokenizer: Arc<ClipTokenizer>,
     encoder: ClipTextEncoder,
 }
 
@@ -320,7 +321,10 @@ impl StableDiffusion {
             let weights = files.weights(encoder_dir, "model", prefer_fp16)?;
             let encoder = ClipTextEncoder::new(config, var_builder(&weights, dtype, &device)?)?;
             let tokenizer = ClipTokenizer::load(&files, tokenizer_dir)?;
-            text_encoders.push(TextEncoderPart { tokenizer, encoder });
+            text_encoders.push(TextEncoderPart {
+                tokenizer: Arc::new(tokenizer),
+                encoder,
+            });
         }
         if text_encoders.is_empty() {
             return Err(EngineError::Unsupported(
@@ -449,6 +453,12 @@ impl StableDiffusion {
         let part = &self.text_encoders[0];
         let count = part.tokenizer.prompt_tokens(prompt)?.len();
         Ok((count, part.tokenizer.max_length() - 2))
+    }
+
+    /// A thread-safe counter of prompt tokens (the first tokenizer's), for the prompt box.
+    pub fn token_counter(&self) -> Arc<dyn Fn(&str) -> usize + Send + Sync> {
+        let tokenizer = self.text_encoders[0].tokenizer.clone();
+        Arc::new(move |prompt: &str| tokenizer.prompt_tokens(prompt).map_or(0, |t| t.len()))
     }
 
     /// Tokenizes `prompt` with every tokenizer of the model.

@@ -1,0 +1,206 @@
+//! The centre: the image or its live preview, progress, and what to do with the result.
+
+use egui::{RichText, Ui};
+
+use super::{AtelierApp, ModelState, UiCommand};
+
+/// Formats seconds as `1:05` or `12.3 s`.
+pub fn format_secs(secs: f64) -> String {
+    if secs >= 60.0 {
+        let whole = secs.round() as u64;
+        format!("{}:{:02}", whole / 60, whole % 60)
+    } else {
+        format!("{secs:.1} s")
+    }
+}
+
+/// Draws the error banner, progress, the image and its toolbar.
+pub fn canvas_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
+    if let Some(error) = &app.error {
+        egui::Frame::new()
+            .fill(ui.visuals().extreme_bg_color)
+            .stroke(egui::Stroke::new(1.0, ui.visuals().error_fg_color))
+            .inner_margin(8.0)
+            .corner_radius(4.0)
+            .show(ui, |ui| {
+                ui.horizontal(|ui| {
+                    ui.vertical(|ui| {
+                        ui.colored_label(
+                            ui.visuals().error_fg_color,
+                            RichText::new(&error.message).strong(),
+                        );
+                        if !error.hint.is_empty() {
+                            ui.label(&error.hint);
+                        }
+                    });
+                    ui.with_layout(egui::Layout::right_to_left(egui::Align::Min), |ui| {
+                        if ui.button("Dismiss").clicked() {
+                            commands.push(UiCommand::DismissError);
+                        }
+                    });
+                });
+            });
+        ui.add_space(4.0);
+    }
+    for warning in &app.warnings {
+        ui.colored_label(ui.visuals().warn_fg_color, warning);
+    }
+
+    if let Some(running) = &app.running {
+        ui.horizontal(|ui| {
+            let fraction = running.steps_done as f32 / running.total_steps.max(1) as f32;
+            let per_sec = if running.elapsed_secs > 0.0 {
+                running.steps_done as f64 / running.elapsed_secs
+            } else {
+                0.0
+            };
+            let remaining = running.total_steps.saturating_sub(running.steps_done);
+            let eta = if per_sec > 0.0 {
+                format_secs(remaining as f64 / per_sec)
+            } else {
+                "…".into()
+            };
+            let text = if running.cancelling {
+                "Cancelling…".to_string()
+            } else {
+                format!(
+                    "step {}/{} · {per_sec:.2} it/s · {} elapsed · ETA {eta}",
+                    running.steps_done,
+                    running.total_steps,
+                    format_secs(running.elapsed_secs)
+                )
+            };
+            let cancel_width = 90.0;
+            ui.add(
+                egui::ProgressBar::new(fraction)
+                    .text(text)
+                    .desired_width(ui.available_width() - cancel_width),
+            );
+            if ui
+                .add_enabled(!running.cancelling, egui::Button::new("Cancel"))
+                .on_hover_text("Esc")
+                .clicked()
+            {
+                commands.push(UiCommand::Cancel);
+            }
+        });
+    } else if matches!(app.model, ModelState::Loading { .. }) && !app.queue.is_empty() {
+        ui.label("Waiting for the model to load…");
+    }
+
+    ui.horizontal(|ui| {
+        ui.selectable_value(&mut app.settings.zoom_to_fit, true, "Fit");
+        ui.selectable_value(&mut app.settings.zoom_to_fit, false, "1:1");
+        ui.separator();
+        let has_image = app.shown.is_some();
+        if ui
+            .add_enabled(has_image, egui::Button::new("Save as…"))
+            .clicked()
+        {
+            commands.push(UiCommand::SaveAs);
+        }
+        if ui
+            .add_enabled(has_image, egui::Button::new("Copy seed"))
+            .clicked()
+        {
+            commands.push(UiCommand::CopySeed);
+        }
+        if ui
+            .add_enabled(has_image, egui::Button::new("Copy prompt"))
+            .clicked()
+        {
+            commands.push(UiCommand::CopyPrompt);
+        }
+    });
+
+    let texture = if app.running.is_some() {
+        app.preview
+            .as_ref()
+            .or(app.shown.as_ref().map(|s| &s.texture))
+    } else {
+        app.shown.as_ref().map(|s| &s.texture)
+    };
+    if let Some(shown) = app.shown.as_ref().filter(|_| app.running.is_none()) {
+        let r = &shown.request;
+        let t = &shown.timings;
+        ui.weak(format!(
+            "seed {} · {} steps · {} · guidance {} · {}x{} · {} steps in {} ({:.2} s/step), total {}",
+            r.seed,
+            r.steps,
+            r.scheduler.display_name(),
+            r.guidance_scale,
+            r.width,
+            r.height,
+            r.steps,
+            format_secs(t.denoising_secs),
+            t.denoising_secs / r.steps.max(1) as f64,
+            format_secs(t.total_secs)
+        ));
+    }
+    match texture {
+        Some(texture) => {
+            let size = texture.size_vec2();
+            let target = app
+                .running
+                .as_ref()
+                .map(|r| egui::vec2(r.job.request.width as f32, r.job.request.height as f32))
+                .or_else(|| {
+                    app.shown
+                        .as_ref()
+                        .map(|s| egui::vec2(s.request.width as f32, s.request.height as f32))
+                })
+                .unwrap_or(size);
+            if app.settings.zoom_to_fit {
+                let available = ui.available_size();
+                let scale = (available.x / target.x)
+                    .min(available.y / target.y)
+                    .max(0.05);
+                ui.centered_and_justified(|ui| {
+                    ui.add(egui::Image::new(texture).fit_to_exact_size(target * scale));
+                });
+            } else {
+                egui::ScrollArea::both().show(ui, |ui| {
+                    ui.add(egui::Image::new(texture).fit_to_exact_size(target));
+                });
+            }
+        }
+        None => {
+            ui.centered_and_justified(|ui| {
+                ui.label(
+                    RichText::new(
+                        "Your image appears here.\nType a prompt and press Generate (Ctrl+Enter).",
+                    )
+                    .weak()
+                    .size(18.0),
+                );
+            });
+        }
+    }
+}
+
+/// The status bar: model, UI frame time, time to first preview.
+pub fn status_bar_ui(ui: &mut Ui, app: &AtelierApp) {
+    ui.horizontal(|ui| {
+        match &app.model {
+            ModelState::Ready(info) => ui.label(format!("Ready: {} on {}", info.name, info.device)),
+            ModelState::Loading { model, .. } => ui.label(format!("Loading {model}…")),
+            ModelState::Failed { model } => ui.label(format!("Failed to load {model}")),
+            ModelState::Empty => ui.label("No model"),
+        };
+        ui.separator();
+        let stats = &app.frame_stats;
+        let mut text = format!("UI frame {:.1} ms", stats.last_ms);
+        if stats.frames_while_busy > 0 {
+            text.push_str(&format!(
+                " (while generating: mean {:.1} ms, max {:.1} ms)",
+                stats.total_while_busy_ms / stats.frames_while_busy as f64,
+                stats.max_while_busy_ms
+            ));
+        }
+        ui.weak(text);
+        if let Some(secs) = stats.first_preview_secs {
+            ui.separator();
+            ui.weak(format!("first preview {:.2} s after Generate", secs));
+        }
+    });
+}

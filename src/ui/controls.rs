@@ -1,0 +1,305 @@
+//! The left panel: model, prompts and every generation setting.
+
+use egui::{RichText, Ui};
+
+use super::settings::{MODEL_PRESETS, size_presets};
+use super::{AtelierApp, ModelState, UiCommand};
+use crate::engine::source::LoadProgress;
+use crate::schedulers::SchedulerKind;
+
+/// Draws the controls; actions go to `commands`, values are edited in place.
+pub fn controls_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
+    model_ui(ui, app, commands);
+    ui.separator();
+    prompts_ui(ui, app);
+    ui.separator();
+    parameters_ui(ui, app, commands);
+    ui.add_space(8.0);
+    let generate = egui::Button::new(RichText::new("Generate").heading())
+        .min_size(egui::vec2(ui.available_width(), 36.0));
+    let label = if app.busy() {
+        "Queue another (Ctrl+Enter)"
+    } else {
+        "Generate (Ctrl+Enter)"
+    };
+    if ui.add(generate).on_hover_text(label).clicked() {
+        commands.push(UiCommand::Generate);
+    }
+    ui.add_space(4.0);
+    egui::CollapsingHeader::new("Settings").show(ui, |ui| settings_ui(ui, app, commands));
+}
+
+fn model_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
+    let model_heading = ui.heading("Model");
+    let current = match &app.model {
+        ModelState::Ready(info) => info.name.clone(),
+        ModelState::Loading { model, .. } | ModelState::Failed { model } => model.clone(),
+        ModelState::Empty => "Choose a model…".into(),
+    };
+    ui.horizontal(|ui| {
+        egui::ComboBox::from_id_salt("model-picker")
+            .selected_text(current)
+            .width(ui.available_width() - 110.0)
+            .show_ui(ui, |ui| {
+                for preset in MODEL_PRESETS {
+                    if ui
+                        .selectable_label(app.settings.model == preset.repo, preset.label)
+                        .on_hover_text(preset.repo)
+                        .clicked()
+                    {
+                        app.settings.steps = preset.steps;
+                        app.settings.guidance = preset.guidance;
+                        app.settings.width = preset.size;
+                        app.settings.height = preset.size;
+                        commands.push(UiCommand::LoadModel(preset.repo.into()));
+                    }
+                }
+                let recent: Vec<String> = app
+                    .settings
+                    .recent_models
+                    .iter()
+                    .filter(|m| !MODEL_PRESETS.iter().any(|p| p.repo == m.as_str()))
+                    .cloned()
+                    .collect();
+                if !recent.is_empty() {
+                    ui.separator();
+                    ui.weak("Recent");
+                    for model in recent {
+                        if ui
+                            .selectable_label(app.settings.model == model, &model)
+                            .clicked()
+                        {
+                            commands.push(UiCommand::LoadModel(model));
+                        }
+                    }
+                }
+            })
+            .response
+            .labelled_by(model_heading.id);
+        if ui.button("Open folder…").clicked() {
+            commands.push(UiCommand::OpenFolder);
+        }
+    });
+    ui.horizontal(|ui| {
+        let field = egui::TextEdit::singleline(&mut app.model_input)
+            .hint_text("folder or owner/repo")
+            .desired_width(ui.available_width() - 50.0);
+        let response = ui
+            .add(field)
+            .on_hover_text("A diffusers folder or a Hugging Face repo id");
+        let submitted = response.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+        if (ui.button("Load").clicked() || submitted) && !app.model_input.trim().is_empty() {
+            commands.push(UiCommand::LoadModel(app.model_input.trim().to_string()));
+        }
+    });
+    match &app.model {
+        ModelState::Empty => {
+            ui.weak("No model loaded.");
+        }
+        ModelState::Loading { progress, .. } => {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                match progress {
+                    Some(LoadProgress::Downloading {
+                        file,
+                        bytes_done,
+                        bytes_total,
+                    }) => {
+                        let fraction = if *bytes_total > 0 {
+                            *bytes_done as f32 / *bytes_total as f32
+                        } else {
+                            0.0
+                        };
+                        ui.add(egui::ProgressBar::new(fraction).text(format!(
+                            "{file}: {:.0} / {:.0} MB",
+                            *bytes_done as f64 / 1e6,
+                            *bytes_total as f64 / 1e6
+                        )));
+                    }
+                    Some(LoadProgress::Loading { component }) => {
+                        ui.label(format!("Loading {component}…"));
+                    }
+                    None => {
+                        ui.label("Loading…");
+                    }
+                }
+            });
+        }
+        ModelState::Ready(info) => {
+            ui.label(format!(
+                "{} · {} · {}",
+                info.name,
+                info.family.display_name(),
+                info.device
+            ));
+        }
+        ModelState::Failed { .. } => {
+            ui.colored_label(ui.visuals().error_fg_color, "Could not load this model.");
+        }
+    }
+}
+
+fn prompts_ui(ui: &mut Ui, app: &mut AtelierApp) {
+    let counter = match &app.model {
+        ModelState::Ready(info) => Some((info.token_counter.clone(), info.max_prompt_tokens)),
+        _ => None,
+    };
+    for (label, hint, negative) in [
+        ("Prompt", "What to draw", false),
+        ("Negative prompt", "What to avoid", true),
+    ] {
+        let label_response = ui.label(label);
+        let text = if negative {
+            &mut app.settings.negative_prompt
+        } else {
+            &mut app.settings.prompt
+        };
+        let editor = egui::TextEdit::multiline(text)
+            .hint_text(hint)
+            .desired_rows(if negative { 2 } else { 4 })
+            .desired_width(f32::INFINITY);
+        ui.add(editor).labelled_by(label_response.id);
+        if let Some((count, limit)) = counter.as_ref().map(|(f, limit)| (f(text), *limit)) {
+            let summary = format!("{count} / {limit} tokens");
+            if count > limit {
+                ui.colored_label(
+                    ui.visuals().warn_fg_color,
+                    format!("{summary}: the last {} will be dropped", count - limit),
+                );
+            } else {
+                ui.weak(summary);
+            }
+        }
+    }
+}
+
+fn parameters_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
+    let settings = &mut app.settings;
+    egui::Grid::new("parameters")
+        .num_columns(2)
+        .spacing([8.0, 6.0])
+        .show(ui, |ui| {
+            let seed_label = ui.label("Seed");
+            ui.horizontal(|ui| {
+                ui.add(egui::DragValue::new(&mut settings.seed).range(0..=u64::from(u32::MAX)))
+                    .labelled_by(seed_label.id)
+                    .on_hover_text("The seed of the next image");
+                if ui
+                    .button("Random")
+                    .on_hover_text("Draw a random seed")
+                    .clicked()
+                {
+                    commands.push(UiCommand::RandomSeed);
+                }
+                ui.checkbox(&mut settings.seed_locked, "Lock")
+                    .on_hover_text("Keep this seed; unlocked, every Generate draws a new one");
+            });
+            ui.end_row();
+
+            let steps_label = ui.label("Steps");
+            ui.add(egui::Slider::new(&mut settings.steps, 1..=150))
+                .labelled_by(steps_label.id);
+            ui.end_row();
+
+            let guidance_label = ui.label("Guidance");
+            ui.add(egui::Slider::new(&mut settings.guidance, 0.0..=20.0).step_by(0.5))
+                .labelled_by(guidance_label.id)
+                .on_hover_text("Classifier-free guidance; 0 or 1 turns it off (Turbo models)");
+            ui.end_row();
+
+            let size_label = ui.label("Size");
+            ui.vertical(|ui| {
+                let (family, native, multiple) = match &app.model {
+                    ModelState::Ready(info) => {
+                        (Some(info.family), info.native_size, info.size_multiple)
+                    }
+                    _ => (None, None, 8),
+                };
+                egui::ComboBox::from_id_salt("size-presets")
+                    .selected_text(format!("{} × {}", settings.width, settings.height))
+                    .show_ui(ui, |ui| {
+                        for (w, h) in size_presets(family, native) {
+                            if ui
+                                .selectable_label(
+                                    (settings.width, settings.height) == (w, h),
+                                    format!("{w} × {h}"),
+                                )
+                                .clicked()
+                            {
+                                settings.width = w;
+                                settings.height = h;
+                            }
+                        }
+                    })
+                    .response
+                    .labelled_by(size_label.id);
+                ui.horizontal(|ui| {
+                    let multiple = multiple.max(1);
+                    ui.add(
+                        egui::DragValue::new(&mut settings.width)
+                            .range(multiple..=4096)
+                            .speed(multiple as f64)
+                            .prefix("W "),
+                    );
+                    ui.add(
+                        egui::DragValue::new(&mut settings.height)
+                            .range(multiple..=4096)
+                            .speed(multiple as f64)
+                            .prefix("H "),
+                    );
+                    settings.width = (settings.width / multiple).max(1) * multiple;
+                    settings.height = (settings.height / multiple).max(1) * multiple;
+                });
+            });
+            ui.end_row();
+
+            let scheduler_label = ui.label("Scheduler");
+            let current = SchedulerKind::parse(&settings.scheduler).unwrap_or(SchedulerKind::Euler);
+            egui::ComboBox::from_id_salt("scheduler")
+                .selected_text(current.display_name())
+                .show_ui(ui, |ui| {
+                    for kind in SchedulerKind::ALL {
+                        if ui
+                            .selectable_label(current == *kind, kind.display_name())
+                            .clicked()
+                        {
+                            settings.scheduler = kind.id().into();
+                        }
+                    }
+                })
+                .response
+                .labelled_by(scheduler_label.id);
+            ui.end_row();
+
+            let batch_label = ui.label("Batch count");
+            ui.add(egui::DragValue::new(&mut settings.batch_count).range(1..=32))
+                .labelled_by(batch_label.id)
+                .on_hover_text("Jobs to queue; their seeds follow one another");
+            ui.end_row();
+        });
+}
+
+fn settings_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
+    let settings = &mut app.settings;
+    ui.horizontal(|ui| {
+        let device_label = ui.label("Device");
+        let before = settings.device.clone();
+        egui::ComboBox::from_id_salt("device")
+            .selected_text(&settings.device)
+            .show_ui(ui, |ui| {
+                for device in ["auto", "cpu", "cuda", "metal"] {
+                    ui.selectable_value(&mut settings.device, device.to_string(), device);
+                }
+            })
+            .response
+            .labelled_by(device_label.id);
+        if settings.device != before && !settings.model.is_empty() {
+            commands.push(UiCommand::LoadModel(settings.model.clone()));
+        }
+    });
+    ui.horizontal(|ui| {
+        ui.label("Full VAE preview every");
+        ui.add(egui::DragValue::new(&mut settings.vae_preview_every).range(0..=50));
+        ui.label("steps (0: fast preview only)");
+    });
+}

@@ -1,0 +1,156 @@
+//! What the window remembers across restarts.
+
+use serde::{Deserialize, Serialize};
+
+/// The persisted state: settings and the last parameters. `#[serde(default)]` lets new fields
+/// appear without breaking old saves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// The model to load: a folder or a Hub repo id (empty: none chosen yet).
+    pub model: String,
+    /// Models used before, most recent first.
+    pub recent_models: Vec<String>,
+    /// `auto`, `cpu`, `cuda` or `metal`.
+    pub device: String,
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt.
+    pub negative_prompt: String,
+    /// The seed of the next job.
+    pub seed: u64,
+    /// Keep the seed; otherwise every Generate draws a new one.
+    pub seed_locked: bool,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance: f64,
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Scheduler id.
+    pub scheduler: String,
+    /// Jobs queued per Generate (seeds follow one another).
+    pub batch_count: usize,
+    /// Full VAE preview every N steps (0: the cheap projection only).
+    pub vae_preview_every: usize,
+    /// Show the image scaled to fit (else 1:1).
+    pub zoom_to_fit: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            recent_models: Vec::new(),
+            device: "auto".into(),
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            seed: 42,
+            seed_locked: false,
+            steps: 25,
+            guidance: 7.5,
+            width: 512,
+            height: 512,
+            scheduler: "euler".into(),
+            batch_count: 1,
+            vae_preview_every: 0,
+            zoom_to_fit: true,
+        }
+    }
+}
+
+impl Settings {
+    /// The key under which eframe stores the settings.
+    pub const STORAGE_KEY: &'static str = "atelier-settings";
+
+    /// Puts `model` first in the recent list (at most 8 entries).
+    pub fn remember_model(&mut self, model: &str) {
+        self.recent_models.retain(|m| m != model);
+        self.recent_models.insert(0, model.to_string());
+        self.recent_models.truncate(8);
+    }
+}
+
+/// A model the picker offers by name.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelPreset {
+    /// The name shown.
+    pub label: &'static str,
+    /// The Hub repo id.
+    pub repo: &'static str,
+    /// Good default steps.
+    pub steps: usize,
+    /// Good default guidance.
+    pub guidance: f64,
+    /// Native size.
+    pub size: usize,
+}
+
+/// The presets of the model picker.
+pub const MODEL_PRESETS: &[ModelPreset] = &[
+    ModelPreset {
+        label: "SD 1.5",
+        repo: "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        steps: 25,
+        guidance: 7.5,
+        size: 512,
+    },
+    ModelPreset {
+        label: "SD 2.1",
+        repo: "stabilityai/stable-diffusion-2-1",
+        steps: 25,
+        guidance: 7.5,
+        size: 768,
+    },
+    ModelPreset {
+        label: "SDXL 1.0",
+        repo: "stabilityai/stable-diffusion-xl-base-1.0",
+        steps: 30,
+        guidance: 7.0,
+        size: 1024,
+    },
+    ModelPreset {
+        label: "SD-Turbo",
+        repo: "stabilityai/sd-turbo",
+        steps: 1,
+        guidance: 0.0,
+        size: 512,
+    },
+    ModelPreset {
+        label: "SDXL-Turbo",
+        repo: "stabilityai/sdxl-turbo",
+        steps: 1,
+        guidance: 0.0,
+        size: 512,
+    },
+];
+
+/// Sizes offered for a family, as (width, height); the native size comes first.
+pub fn size_presets(
+    family: Option<crate::engine::pipeline::ModelFamily>,
+    native: Option<usize>,
+) -> Vec<(usize, usize)> {
+    use crate::engine::pipeline::ModelFamily;
+    let mut sizes: Vec<(usize, usize)> = match family {
+        Some(ModelFamily::Sdxl) => vec![
+            (1024, 1024),
+            (896, 1152),
+            (1152, 896),
+            (832, 1216),
+            (1216, 832),
+            (768, 1344),
+            (1344, 768),
+            (512, 512),
+        ],
+        Some(ModelFamily::Sd2) => vec![(768, 768), (512, 512), (576, 768), (768, 576), (512, 768)],
+        _ => vec![(512, 512), (512, 768), (768, 512), (640, 640), (768, 768)],
+    };
+    if let Some(native) = native
+        && !sizes.contains(&(native, native))
+    {
+        sizes.insert(0, (native, native));
+    }
+    sizes
+}
