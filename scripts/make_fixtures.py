@@ -307,16 +307,19 @@ def main():
         expected["noise"] = noise
         base_config = dict(pipe.scheduler.config)
         meta["runs"] = []
-        for sched_name, sched_cls in (("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler)):
-            for with_negative in (False, True):
-                pipe.scheduler = sched_cls.from_config(base_config)
+        samplers = [("ddim", DDIMScheduler, {}, (False, True)), ("euler", EulerDiscreteScheduler, {}, (False, True)),
+                    ("euler-karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}, (True,)),
+                    ("euler-exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True}, (True,))]
+        for sched_name, sched_cls, options, negatives in samplers:
+            for with_negative in negatives:
+                pipe.scheduler = sched_cls.from_config(base_config, **options)
                 args = dict(prompt=RUN_PROMPT, negative_prompt=RUN_NEGATIVE if with_negative else None,
                             num_inference_steps=run["steps"], guidance_scale=run["guidance"],
                             width=run["width"], height=run["height"], latents=noise.clone())
                 latents = pipe(**args, output_type="latent").images
-                pipe.scheduler = sched_cls.from_config(base_config)
+                pipe.scheduler = sched_cls.from_config(base_config, **options)
                 image = pipe(**args, output_type="np").images  # (1, H, W, 3) in [0, 1]
-                key = f"{sched_name}_{'neg' if with_negative else 'noneg'}"
+                key = f"{sched_name.replace('-', '_')}_{'neg' if with_negative else 'noneg'}"
                 expected[f"run_{key}_latents"] = t(latents)
                 expected[f"run_{key}_image"] = torch.from_numpy(np.ascontiguousarray(image)).float()
                 meta["runs"].append({"key": key, "scheduler": sched_name, "negative_prompt": with_negative,
@@ -326,6 +329,33 @@ def main():
         (OUT / name / "expected.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
         print(name, "ok", {k: tuple(v.shape) for k, v in expected.items() if k.startswith("run_ddim_noneg")})
     shutil.rmtree(tmp, ignore_errors=True)
+    scheduler_tables()
+
+
+def scheduler_tables():
+    """Timesteps, sigmas and the initial sigma of every scheduler config x sampler x step count."""
+    configs = {
+        name: json.loads((OUT / name / "model" / "scheduler" / "scheduler_config.json").read_text())
+        for name in ("sd1", "sd2", "sdxl")
+    }
+    configs["linspace"] = dict(configs["sd1"], timestep_spacing="linspace", steps_offset=0)
+    configs["squaredcos"] = dict(configs["sd2"], beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    samplers = {"ddim": (DDIMScheduler, {}), "euler": (EulerDiscreteScheduler, {}),
+                "euler-karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+                "euler-exponential": (EulerDiscreteScheduler, {"use_exponential_sigmas": True})}
+    tables = []
+    for config_name, config in configs.items():
+        for sampler, (cls, options) in samplers.items():
+            for steps in (1, 4, 7, 10, 25, 33, 50):
+                scheduler = cls.from_config(config, **options)
+                scheduler.set_timesteps(steps)
+                entry = {"config": config_name, "scheduler_config": config, "sampler": sampler, "steps": steps,
+                         "timesteps": [float(t) for t in scheduler.timesteps],
+                         "init_noise_sigma": float(scheduler.init_noise_sigma)}
+                if hasattr(scheduler, "sigmas"):
+                    entry["sigmas"] = [float(s) for s in scheduler.sigmas]
+                tables.append(entry)
+    (OUT / "schedulers.json").write_text(json.dumps(tables))
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ fn bad_arguments_fail_cleanly() {
                 "--out",
                 out,
             ],
-            "valid schedulers: ddim, euler",
+            "valid schedulers: ddim, euler, euler-karras",
         ),
         (
             vec![
@@ -262,4 +262,37 @@ fn bench_runs_on_a_fixture_model() {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["unet_batch"], 2);
     assert!(report["report"]["unet_step_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn karras_sigmas_are_recorded_in_the_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("k.png");
+    let output = atelier()
+        .args(["generate", "--model"])
+        .arg(model_dir("sd1"))
+        .args([
+            "--prompt",
+            "a fox",
+            "--steps",
+            "3",
+            "--seed",
+            "1",
+            "--scheduler",
+            "euler-karras",
+        ])
+        .args(["--device", "cpu", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let chunks = read_png_text(&out).unwrap();
+    let parameters = A1111Parameters::parse(&chunks["parameters"]);
+    assert_eq!(parameters.get("Sampler"), Some("Euler"));
+    assert_eq!(parameters.get("Schedule type"), Some("Karras"));
+    assert_eq!(parameters.get("Seed"), Some("1"));
 }

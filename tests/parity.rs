@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 
 use atelier::engine::pipeline::{GenerationRequest, PreviewOptions};
 use atelier::engine::unet::AddedConditions;
-use atelier::schedulers::SchedulerKind;
+use atelier::schedulers::Sampler;
 use candle_core::{DType, Tensor};
 use common::*;
 
@@ -174,7 +174,7 @@ fn full_runs_match_diffusers() {
         let run = &expected.meta["run"];
         for entry in expected.meta["runs"].as_array().expect("runs") {
             let key = entry["key"].as_str().expect("key");
-            let scheduler = SchedulerKind::parse(entry["scheduler"].as_str().expect("id")).unwrap();
+            let sampler = Sampler::parse(entry["scheduler"].as_str().expect("id")).unwrap();
             let request = GenerationRequest {
                 prompt: expected.meta["prompt"].as_str().unwrap().into(),
                 negative_prompt: if entry["negative_prompt"].as_bool().unwrap() {
@@ -188,7 +188,8 @@ fn full_runs_match_diffusers() {
                 width: run["width"].as_u64().unwrap() as usize,
                 height: run["height"].as_u64().unwrap() as usize,
                 batch_size: 1,
-                scheduler,
+                scheduler: sampler.kind,
+                sigmas: sampler.sigmas,
             };
             let output = model
                 .generate(

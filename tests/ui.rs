@@ -461,3 +461,69 @@ fn studio_snapshot() {
     f.allow_steps(2);
     f.wait_for("the result", |app| app.shown.is_some());
 }
+
+/// The real engine on a fixture model: Generate in the window, and the final image shows, the
+/// same image the engine gives directly for the same parameters.
+#[test]
+fn real_engine_generates_into_the_window() {
+    let model_dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1/model");
+    let settings = Settings {
+        model: model_dir.display().to_string(),
+        device: "cpu".into(),
+        prompt: "a red fox".into(),
+        seed: 5,
+        seed_locked: true,
+        steps: 3,
+        width: 64,
+        height: 48,
+        vae_preview_every: 2,
+        ..Default::default()
+    };
+    let harness = Harness::builder()
+        .with_size(egui::vec2(1300.0, 820.0))
+        .build_eframe(move |cc| {
+            AtelierApp::with_settings(
+                &cc.egui_ctx,
+                Box::new(atelier::worker::DiffusionEngine::default()),
+                settings,
+            )
+            .unwrap()
+        });
+    let mut f = Fixture {
+        harness,
+        seen: Arc::new(Mutex::new(Seen::default())),
+        steps: sync_channel(1).0,
+    };
+    f.wait_for("the fixture model to load", |app| {
+        matches!(app.model, ModelState::Ready(_))
+    });
+    assert!(
+        f.harness.query_by_label("3 / 75 tokens").is_some(),
+        "real token count"
+    );
+    f.click("Generate");
+    f.wait_for("the image", |app| app.shown.is_some());
+    let shown = &f.app().shown.as_ref().unwrap().image;
+    assert_eq!(shown.dimensions(), (64, 48));
+
+    let model = atelier::engine::pipeline::StableDiffusion::load(
+        atelier::engine::source::ModelSource::Folder(model_dir),
+        atelier::engine::pipeline::LoadOptions::new(candle_core::Device::Cpu),
+    )
+    .unwrap();
+    let request = f.app().current_request(5);
+    let direct = model
+        .generate(
+            &request,
+            None,
+            Default::default(),
+            &std::sync::atomic::AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(
+        shown, &direct.images[0],
+        "the window shows the engine's image"
+    );
+}

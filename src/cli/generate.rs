@@ -12,8 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::engine::pipeline::{GenerationRequest, LoadOptions, PreviewOptions, StableDiffusion};
 use crate::engine::source::{LoadProgress, ModelSource};
-use crate::gallery::metadata::{PARAMETERS_KEYWORD, write_png};
-use crate::schedulers::SchedulerKind;
+use crate::gallery::metadata::{A1111Parameters, PARAMETERS_KEYWORD, write_png};
+use crate::schedulers::Sampler;
 
 /// Arguments of `atelier generate`.
 #[derive(Debug, Args)]
@@ -45,7 +45,7 @@ pub struct GenerateArgs {
     /// Images to generate together; image k uses seed + k.
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
-    /// Sampler id (ddim, euler, ...).
+    /// Sampler id: ddim, euler, euler-karras, euler-exponential, ...
     #[arg(long, default_value = "euler")]
     pub scheduler: String,
     /// cpu, cuda, metal or auto.
@@ -114,7 +114,8 @@ fn output_path(out: &Path, index: usize, batch: usize) -> PathBuf {
 
 /// Runs `atelier generate`.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let scheduler = SchedulerKind::parse(&args.scheduler)?;
+    let sampler = Sampler::parse(&args.scheduler)?;
+    let scheduler = sampler.kind;
     if args
         .out
         .extension()
@@ -160,6 +161,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             .and_then(|n| n.dims().first().copied())
             .unwrap_or(args.batch_size),
         scheduler,
+        sigmas: sampler.sigmas,
     };
     model.validate(&request)?;
     if init_noise.is_none() {
@@ -203,41 +205,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
     for (index, image) in output.images.iter().enumerate() {
         let path = output_path(&args.out, index, output.images.len());
-        let mut pairs = vec![
-            ("Steps".to_string(), request.steps.to_string()),
-            ("Sampler".to_string(), scheduler.display_name().to_string()),
-            (
-                "CFG scale".to_string(),
-                format!("{}", request.guidance_scale),
-            ),
-        ];
-        match &args.init_noise {
-            Some(noise) => pairs.push((
-                "Initial noise".to_string(),
-                noise
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            )),
-            None => pairs.push((
-                "Seed".to_string(),
-                (seed.wrapping_add(index as u64)).to_string(),
-            )),
-        }
-        pairs.push((
-            "Size".to_string(),
-            format!("{}x{}", request.width, request.height),
-        ));
-        pairs.push(("Model".to_string(), model.name().to_string()));
-        pairs.push((
-            "Version".to_string(),
-            format!("atelier {}", env!("CARGO_PKG_VERSION")),
-        ));
-        let parameters = crate::gallery::metadata::A1111Parameters {
-            prompt: request.prompt.clone(),
-            negative_prompt: request.negative_prompt.clone(),
-            pairs,
+        let item_request = GenerationRequest {
+            seed: seed.wrapping_add(index as u64),
+            ..request.clone()
         };
+        let mut parameters = A1111Parameters::for_request(&item_request, model.name());
+        if let Some(noise) = &args.init_noise {
+            // The noise came from a file, not from the seed: say so instead.
+            let name = noise
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            parameters.pairs.retain(|(key, _)| key != "Seed");
+            parameters.pairs.push(("Initial noise".into(), name));
+        }
         write_png(&path, image, &[(PARAMETERS_KEYWORD, &parameters.to_text())])?;
         println!("{}", path.display());
     }

@@ -14,6 +14,66 @@ pub struct Cli {
     /// What to do; without one, Atelier opens its window.
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Settings for the window (they override the remembered ones).
+    #[command(flatten)]
+    pub window: WindowArgs,
+}
+
+/// Options of the window (`atelier` without a command).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WindowArgs {
+    /// Open with this model (folder or repo id).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Start with this prompt.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Start with this many steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Start with this size, WIDTHxHEIGHT.
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<(usize, usize)>,
+    /// Start with this seed, locked.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// cpu, cuda, metal or auto.
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+fn parse_size(text: &str) -> Result<(usize, usize), String> {
+    let (w, h) = text
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("expected WIDTHxHEIGHT, got {text:?}"))?;
+    let parse = |v: &str| v.trim().parse::<usize>().map_err(|e| format!("{v:?}: {e}"));
+    Ok((parse(w)?, parse(h)?))
+}
+
+impl WindowArgs {
+    /// Applies the options to the remembered settings.
+    pub fn apply(&self, settings: &mut crate::ui::settings::Settings) {
+        if let Some(model) = &self.model {
+            settings.model = model.clone();
+        }
+        if let Some(prompt) = &self.prompt {
+            settings.prompt = prompt.clone();
+        }
+        if let Some(steps) = self.steps {
+            settings.steps = steps;
+        }
+        if let Some((width, height)) = self.size {
+            settings.width = width;
+            settings.height = height;
+        }
+        if let Some(seed) = self.seed {
+            settings.seed = seed;
+            settings.seed_locked = true;
+        }
+        if let Some(device) = &self.device {
+            settings.device = device.clone();
+        }
+    }
 }
 
 /// The headless subcommands.
@@ -29,7 +89,7 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => run_window(),
+        None => run_window(cli.window),
         Some(Command::Generate(args)) => generate::run(args),
         Some(Command::Bench(args)) => bench::run(args),
     };
@@ -43,7 +103,7 @@ pub fn main() -> ExitCode {
 }
 
 /// Opens the studio window and runs until it closes.
-pub fn run_window() -> anyhow::Result<()> {
+pub fn run_window(args: WindowArgs) -> anyhow::Result<()> {
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("Atelier")
@@ -57,7 +117,18 @@ pub fn run_window() -> anyhow::Result<()> {
         options,
         Box::new(|cc| {
             let engine = Box::new(crate::worker::DiffusionEngine::default());
-            Ok(Box::new(crate::ui::AtelierApp::new(cc, engine)?))
+            let mut settings: crate::ui::settings::Settings = cc
+                .storage
+                .and_then(|storage| {
+                    eframe::get_value(storage, crate::ui::settings::Settings::STORAGE_KEY)
+                })
+                .unwrap_or_default();
+            args.apply(&mut settings);
+            Ok(Box::new(crate::ui::AtelierApp::with_settings(
+                &cc.egui_ctx,
+                engine,
+                settings,
+            )?))
         }),
     )
     .map_err(|e| anyhow::anyhow!("the window failed: {e}"))

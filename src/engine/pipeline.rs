@@ -19,7 +19,7 @@ use super::source::{LoadProgress, LoadProgressFn, ModelFiles, ModelSource};
 use super::tokenizer::ClipTokenizer;
 use super::unet::{AddedConditions, UNet};
 use super::vae::VaeDecoder;
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{SchedulerKind, SigmaSchedule};
 
 /// The model families Atelier knows, detected from the configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -170,6 +170,8 @@ pub struct GenerationRequest {
     pub batch_size: usize,
     /// The sampler.
     pub scheduler: SchedulerKind,
+    /// Its sigma schedule (for samplers that have one).
+    pub sigmas: SigmaSchedule,
 }
 
 impl Default for GenerationRequest {
@@ -184,6 +186,7 @@ impl Default for GenerationRequest {
             height: 512,
             batch_size: 1,
             scheduler: SchedulerKind::Euler,
+            sigmas: SigmaSchedule::Default,
         }
     }
 }
@@ -656,9 +659,10 @@ impl StableDiffusion {
         };
         let text_encoding_secs = started.elapsed().as_secs_f64();
 
-        let mut scheduler = request
-            .scheduler
-            .build(&self.scheduler_config, request.steps)?;
+        let mut scheduler =
+            request
+                .scheduler
+                .build(&self.scheduler_config, request.steps, request.sigmas)?;
         let timesteps = scheduler.timesteps().to_vec();
         let mut latents = (noise * scheduler.init_noise_sigma())?;
         let mut generator = NoiseGenerator::new(request.seed ^ 0x5eed_5eed_5eed_5eed);

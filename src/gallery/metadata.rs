@@ -25,6 +25,41 @@ pub struct A1111Parameters {
 }
 
 impl A1111Parameters {
+    /// The parameters of one generated image, in A1111's order and wording.
+    pub fn for_request(
+        request: &crate::engine::pipeline::GenerationRequest,
+        model_name: &str,
+    ) -> Self {
+        let mut pairs = vec![
+            ("Steps".to_string(), request.steps.to_string()),
+            (
+                "Sampler".to_string(),
+                request.scheduler.display_name().to_string(),
+            ),
+        ];
+        if request.sigmas != crate::schedulers::SigmaSchedule::Default {
+            pairs.push(("Schedule type".into(), request.sigmas.display_name().into()));
+        }
+        pairs.extend([
+            ("CFG scale".to_string(), request.guidance_scale.to_string()),
+            ("Seed".to_string(), request.seed.to_string()),
+            (
+                "Size".to_string(),
+                format!("{}x{}", request.width, request.height),
+            ),
+            ("Model".to_string(), model_name.to_string()),
+            (
+                "Version".to_string(),
+                format!("atelier {}", env!("CARGO_PKG_VERSION")),
+            ),
+        ]);
+        Self {
+            prompt: request.prompt.clone(),
+            negative_prompt: request.negative_prompt.clone(),
+            pairs,
+        }
+    }
+
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.pairs

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use super::schedule::{ClassDefaults, Schedule, Spacing, interp_index};
-use super::{Prediction, Scheduler, StepOutput};
+use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::engine::config::SchedulerConfig;
 use crate::engine::noise::NoiseGenerator;
 use crate::engine::{EngineError, Result};
@@ -19,13 +19,14 @@ pub struct EulerScheduler {
 }
 
 impl EulerScheduler {
-    /// Prepares Euler for `steps` steps.
-    pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        if config.use_karras_sigmas == Some(true) {
-            return Err(EngineError::Unsupported(
-                "Karras sigmas are not supported yet".into(),
-            ));
-        }
+    /// Prepares Euler for `steps` steps; the config's `use_karras_sigmas` also selects Karras.
+    pub fn new(config: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
+        let sigma_schedule = match schedule {
+            SigmaSchedule::Default if config.use_karras_sigmas == Some(true) => {
+                SigmaSchedule::Karras
+            }
+            other => other,
+        };
         if config
             .timestep_type
             .as_deref()
@@ -52,16 +53,35 @@ impl EulerScheduler {
             .iter()
             .map(|&a| ((1.0 - a) / a).sqrt() as f64)
             .collect();
-        let timesteps = schedule.continuous_timesteps(steps);
-        let mut sigmas: Vec<f32> = match config.interpolation_type.as_deref().unwrap_or("linear") {
+        let mut timesteps = schedule.continuous_timesteps(steps);
+        let interpolated: Vec<f64> = match config.interpolation_type.as_deref().unwrap_or("linear")
+        {
             "linear" => timesteps
                 .iter()
-                .map(|&t| interp_index(t, &train_sigmas) as f32)
+                .map(|&t| interp_index(t, &train_sigmas))
                 .collect(),
             other => {
                 return Err(EngineError::Unsupported(format!(
                     "Euler interpolation_type {other:?}"
                 )));
+            }
+        };
+        let (sigma_max, sigma_min) = (interpolated[0], interpolated[interpolated.len() - 1]);
+        let spaced: Option<Vec<f64>> = match sigma_schedule {
+            SigmaSchedule::Default => None,
+            SigmaSchedule::Karras => Some(karras_sigmas(sigma_min, sigma_max, steps)),
+            SigmaSchedule::Exponential => Some(exponential_sigmas(sigma_min, sigma_max, steps)),
+        };
+        let mut sigmas: Vec<f32> = match spaced {
+            None => interpolated.iter().map(|&s| s as f32).collect(),
+            Some(spaced) => {
+                // log of the float32 training sigmas, as numpy computes it.
+                let log_sigmas: Vec<f64> = train_sigmas
+                    .iter()
+                    .map(|&s| (s as f32).ln() as f64)
+                    .collect();
+                timesteps = spaced.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
+                spaced.iter().map(|&s| s as f32).collect()
             }
         };
         sigmas.push(0.0);
@@ -82,6 +102,41 @@ impl EulerScheduler {
     pub fn sigmas(&self) -> &[f32] {
         &self.sigmas
     }
+}
+
+/// Karras et al.'s schedule with rho = 7, from `sigma_max` down to `sigma_min`.
+pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let min_inv_rho = sigma_min.powf(1.0 / rho);
+    let max_inv_rho = sigma_max.powf(1.0 / rho);
+    super::schedule::numpy_linspace(0.0, 1.0, steps)
+        .into_iter()
+        .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho))
+        .collect()
+}
+
+/// Sigmas evenly spaced in log space, from `sigma_max` down to `sigma_min`.
+pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    super::schedule::numpy_linspace(sigma_max.ln(), sigma_min.ln(), steps)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
+}
+
+/// The (fractional) training timestep of `sigma`, by linear interpolation in log sigma
+/// (diffusers' `_sigma_to_t`).
+pub fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let last_below = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l >= 0.0)
+        .unwrap_or(0);
+    let low_index = last_below.min(log_sigmas.len().saturating_sub(2));
+    let (low, high) = (log_sigmas[low_index], log_sigmas[low_index + 1]);
+    // numpy subtracts the two float32 log sigmas in float32; the rest runs in float64.
+    let step = (low as f32 - high as f32) as f64;
+    let w = ((low - log_sigma) / step).clamp(0.0, 1.0);
+    (1.0 - w) * low_index as f64 + w * (low_index + 1) as f64
 }
 
 impl Scheduler for EulerScheduler {

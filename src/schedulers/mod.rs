@@ -72,24 +72,39 @@ impl SchedulerKind {
         }
     }
 
-    /// Parses a CLI id; the error lists the valid ones.
+    /// Parses a CLI id without a sigma suffix; the error lists the valid ones.
     pub fn parse(id: &str) -> Result<Self> {
-        let wanted = id.trim().to_ascii_lowercase();
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|kind| kind.id() == wanted)
-            .ok_or_else(|| {
-                let valid: Vec<&str> = Self::ALL.iter().map(|k| k.id()).collect();
-                EngineError::InvalidParameter(format!(
-                    "unknown scheduler {id:?}; valid schedulers: {}",
-                    valid.join(", ")
-                ))
-            })
+        let sampler = Sampler::parse(id)?;
+        if sampler.sigmas != SigmaSchedule::Default {
+            return Err(EngineError::InvalidParameter(format!(
+                "{id:?} names a sigma schedule too; give the scheduler alone"
+            )));
+        }
+        Ok(sampler.kind)
+    }
+
+    /// Whether the family can use a sigma schedule (DDIM-style samplers step on timesteps).
+    pub fn supports(self, sigmas: SigmaSchedule) -> bool {
+        match self {
+            SchedulerKind::Ddim => sigmas == SigmaSchedule::Default,
+            SchedulerKind::Euler => true,
+        }
     }
 
     /// Builds the scheduler from the model's config, prepared for `steps` steps.
-    pub fn build(self, config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
+    pub fn build(
+        self,
+        config: &SchedulerConfig,
+        steps: usize,
+        sigmas: SigmaSchedule,
+    ) -> Result<Box<dyn Scheduler>> {
+        if !self.supports(sigmas) {
+            return Err(EngineError::InvalidParameter(format!(
+                "{} has no {} sigma schedule",
+                self.display_name(),
+                sigmas.display_name()
+            )));
+        }
         if steps == 0 || steps > config.train_timesteps() {
             return Err(EngineError::InvalidParameter(format!(
                 "steps must be between 1 and {}, got {steps}",
@@ -98,8 +113,101 @@ impl SchedulerKind {
         }
         Ok(match self {
             SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, steps, 0.0)?),
-            SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, steps)?),
+            SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, steps, sigmas)?),
         })
+    }
+}
+
+/// How the noise levels of a sigma-based sampler are spaced.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub enum SigmaSchedule {
+    /// The model's own: the sigmas at the spaced timesteps.
+    #[default]
+    Default,
+    /// Karras et al. (2022), rho = 7: more steps at low noise.
+    Karras,
+    /// Evenly spaced in log sigma.
+    Exponential,
+}
+
+impl SigmaSchedule {
+    /// Every schedule, in menu order.
+    pub const ALL: &'static [SigmaSchedule] = &[
+        SigmaSchedule::Default,
+        SigmaSchedule::Karras,
+        SigmaSchedule::Exponential,
+    ];
+
+    /// The name artists know (A1111's "Schedule type").
+    pub fn display_name(self) -> &'static str {
+        match self {
+            SigmaSchedule::Default => "Default",
+            SigmaSchedule::Karras => "Karras",
+            SigmaSchedule::Exponential => "Exponential",
+        }
+    }
+
+    /// The CLI suffix (`-karras`), empty for the default.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            SigmaSchedule::Default => "",
+            SigmaSchedule::Karras => "-karras",
+            SigmaSchedule::Exponential => "-exponential",
+        }
+    }
+}
+
+/// A sampler with its sigma schedule, as artists pick it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sampler {
+    /// The scheduler family.
+    pub kind: SchedulerKind,
+    /// Its sigma schedule.
+    pub sigmas: SigmaSchedule,
+}
+
+impl Sampler {
+    /// Parses a CLI id such as `euler`, `euler-karras` or `euler-exponential`; the error lists
+    /// the valid ids.
+    pub fn parse(id: &str) -> Result<Self> {
+        let wanted = id.trim().to_ascii_lowercase();
+        for kind in SchedulerKind::ALL {
+            for &sigmas in SigmaSchedule::ALL {
+                if !kind.supports(sigmas) {
+                    continue;
+                }
+                if wanted == format!("{}{}", kind.id(), sigmas.suffix()) {
+                    return Ok(Self {
+                        kind: *kind,
+                        sigmas,
+                    });
+                }
+            }
+        }
+        Err(EngineError::InvalidParameter(format!(
+            "unknown scheduler {id:?}; valid schedulers: {}",
+            Self::all_ids().join(", ")
+        )))
+    }
+
+    /// Every valid CLI id.
+    pub fn all_ids() -> Vec<String> {
+        let mut ids = Vec::new();
+        for kind in SchedulerKind::ALL {
+            for &sigmas in SigmaSchedule::ALL {
+                if kind.supports(sigmas) {
+                    ids.push(format!("{}{}", kind.id(), sigmas.suffix()));
+                }
+            }
+        }
+        ids
+    }
+
+    /// The CLI id.
+    pub fn id(self) -> String {
+        format!("{}{}", self.kind.id(), self.sigmas.suffix())
     }
 }
 

@@ -62,14 +62,15 @@ impl Schedule {
         })
     }
 
-    /// `torch.cumprod(1 - betas)` in float32.
+    /// `torch.cumprod(1 - betas)` on float32: torch's CPU kernel accumulates in float64 and
+    /// rounds each output to float32.
     pub fn alphas_cumprod(&self) -> Vec<f32> {
-        let mut product = 1.0f32;
+        let mut product = 1.0f64;
         self.betas
             .iter()
             .map(|beta| {
-                product *= 1.0 - beta;
-                product
+                product *= (1.0 - beta) as f64;
+                product as f32
             })
             .collect()
     }

@@ -5,7 +5,7 @@ use egui::{RichText, Ui};
 use super::settings::{MODEL_PRESETS, size_presets};
 use super::{AtelierApp, ModelState, UiCommand};
 use crate::engine::source::LoadProgress;
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{SchedulerKind, SigmaSchedule};
 
 /// Draws the controls; actions go to `commands`, values are edited in place.
 pub fn controls_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
@@ -269,6 +269,33 @@ fn parameters_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand
                 })
                 .response
                 .labelled_by(scheduler_label.id);
+            ui.end_row();
+
+            let sigmas_label = ui.label("Sigmas");
+            ui.add_enabled_ui(current != SchedulerKind::Ddim, |ui| {
+                egui::ComboBox::from_id_salt("sigma-schedule")
+                    .selected_text(if current.supports(settings.sigma_schedule) {
+                        settings.sigma_schedule.display_name()
+                    } else {
+                        SigmaSchedule::Default.display_name()
+                    })
+                    .show_ui(ui, |ui| {
+                        for schedule in SigmaSchedule::ALL {
+                            if current.supports(*schedule) {
+                                ui.selectable_value(
+                                    &mut settings.sigma_schedule,
+                                    *schedule,
+                                    schedule.display_name(),
+                                );
+                            }
+                        }
+                    })
+                    .response
+                    .labelled_by(sigmas_label.id)
+                    .on_hover_text(
+                        "How the noise levels are spaced (Karras: more steps at low noise)",
+                    );
+            });
             ui.end_row();
 
             let batch_label = ui.label("Batch count");

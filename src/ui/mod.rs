@@ -15,7 +15,7 @@ use image::RgbImage;
 
 use crate::engine::pipeline::{DeviceChoice, GenerationRequest, PreviewOptions, Timings};
 use crate::engine::source::LoadProgress;
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{SchedulerKind, SigmaSchedule};
 use crate::worker::{Command, Engine, Event, Job, JobId, ModelInfo, UserError, WorkerHandle};
 use queue::JobQueue;
 use settings::Settings;
@@ -146,16 +146,8 @@ pub struct AtelierApp {
 }
 
 impl AtelierApp {
-    /// Creates the app with `engine` on its worker thread, restoring saved settings.
-    pub fn new(cc: &eframe::CreationContext<'_>, engine: Box<dyn Engine>) -> std::io::Result<Self> {
-        let settings: Settings = cc
-            .storage
-            .and_then(|storage| eframe::get_value(storage, Settings::STORAGE_KEY))
-            .unwrap_or_default();
-        Self::with_settings(&cc.egui_ctx, engine, settings)
-    }
-
-    /// Creates the app with explicit settings; fails only if the engine thread cannot start.
+    /// Creates the app with `engine` on its worker thread and `settings` (the remembered ones,
+    /// see [`Settings::STORAGE_KEY`]); fails only if the engine thread cannot start.
     pub fn with_settings(
         ctx: &egui::Context,
         engine: Box<dyn Engine>,
@@ -230,6 +222,13 @@ impl AtelierApp {
             height: s.height,
             batch_size: 1,
             scheduler: SchedulerKind::parse(&s.scheduler).unwrap_or(SchedulerKind::Euler),
+            sigmas: if SchedulerKind::parse(&s.scheduler)
+                .is_ok_and(|kind| kind.supports(s.sigma_schedule))
+            {
+                s.sigma_schedule
+            } else {
+                SigmaSchedule::Default
+            },
         }
     }
 
@@ -425,7 +424,11 @@ impl AtelierApp {
             return;
         };
         let image = shown.image.clone();
-        let parameters = a1111_parameters(&shown.request, &shown.model_name).to_text();
+        let parameters = crate::gallery::metadata::A1111Parameters::for_request(
+            &shown.request,
+            &shown.model_name,
+        )
+        .to_text();
         let sender = self.dialog_sender.clone();
         let repaint = ctx.clone();
         let file_name = format!("atelier-{}.png", shown.request.seed);
@@ -472,32 +475,6 @@ impl AtelierApp {
             }
         }
         self.start_next_job();
-    }
-}
-
-/// A1111 `parameters` for a request.
-pub fn a1111_parameters(
-    request: &GenerationRequest,
-    model_name: &str,
-) -> crate::gallery::metadata::A1111Parameters {
-    crate::gallery::metadata::A1111Parameters {
-        prompt: request.prompt.clone(),
-        negative_prompt: request.negative_prompt.clone(),
-        pairs: vec![
-            ("Steps".into(), request.steps.to_string()),
-            ("Sampler".into(), request.scheduler.display_name().into()),
-            ("CFG scale".into(), request.guidance_scale.to_string()),
-            ("Seed".into(), request.seed.to_string()),
-            (
-                "Size".into(),
-                format!("{}x{}", request.width, request.height),
-            ),
-            ("Model".into(), model_name.to_string()),
-            (
-                "Version".into(),
-                format!("atelier {}", env!("CARGO_PKG_VERSION")),
-            ),
-        ],
     }
 }
 

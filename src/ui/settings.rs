@@ -31,6 +31,8 @@ pub struct Settings {
     pub height: usize,
     /// Scheduler id.
     pub scheduler: String,
+    /// Sigma schedule (for schedulers that have one).
+    pub sigma_schedule: crate::schedulers::SigmaSchedule,
     /// Jobs queued per Generate (seeds follow one another).
     pub batch_count: usize,
     /// Full VAE preview every N steps (0: the cheap projection only).
@@ -54,6 +56,7 @@ impl Default for Settings {
             width: 512,
             height: 512,
             scheduler: "euler".into(),
+            sigma_schedule: Default::default(),
             batch_count: 1,
             vae_preview_every: 0,
             zoom_to_fit: true,
