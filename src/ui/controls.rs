@@ -39,7 +39,7 @@ fn model_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
     ui.horizontal(|ui| {
         egui::ComboBox::from_id_salt("model-picker")
             .selected_text(current)
-            .width(ui.available_width() - 110.0)
+            .width(200.0)
             .show_ui(ui, |ui| {
                 for preset in MODEL_PRESETS {
                     if ui
@@ -83,7 +83,7 @@ fn model_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
     ui.horizontal(|ui| {
         let field = egui::TextEdit::singleline(&mut app.model_input)
             .hint_text("folder or owner/repo")
-            .desired_width(ui.available_width() - 50.0);
+            .desired_width(262.0);
         let response = ui
             .add(field)
             .on_hover_text("A diffusers folder or a Hugging Face repo id");
