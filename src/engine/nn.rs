@@ -122,14 +122,41 @@ pub fn attention(
         dtype
     };
     let q = split(query, query_len)?.to_dtype(compute_dtype)?;
-    let k = split(key, key_len)?.to_dtype(compute_dtype)?;
+    let k_t = split(key, key_len)?.to_dtype(compute_dtype)?.t()?;
     let v = split(value, key_len)?;
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(&mask.to_dtype(compute_dtype)?)?;
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    let out = probs.matmul(&v)?;
+    // Score matrices grow with the square of the token count (4096 tokens at SD 1.5's first
+    // level): process queries in chunks so that each chunk's scores stay small. On the CPU this
+    // keeps them in cache and avoids huge allocations; on GPUs it bounds memory.
+    let max_score_elements = if query.device().is_cpu() {
+        1 << 21
+    } else {
+        1 << 28
+    };
+    let rows = batch * heads;
+    let chunk = (max_score_elements / (rows * key_len).max(1)).clamp(1, query_len);
+    let attend = |q: &Tensor, mask: Option<Tensor>| -> Result<Tensor> {
+        let mut scores = (q.matmul(&k_t)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(&mask.to_dtype(compute_dtype)?)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        Ok(probs.matmul(&v)?)
+    };
+    let out = if chunk >= query_len {
+        attend(&q, mask.cloned())?
+    } else {
+        let mut outputs = Vec::with_capacity(query_len.div_ceil(chunk));
+        for start in (0..query_len).step_by(chunk) {
+            let len = chunk.min(query_len - start);
+            let q_chunk = q.narrow(2, start, len)?.contiguous()?;
+            let mask_chunk = match mask {
+                Some(mask) => Some(mask.narrow(mask.rank() - 2, start, len)?),
+                None => None,
+            };
+            outputs.push(attend(&q_chunk, mask_chunk)?);
+        }
+        Tensor::cat(&outputs, 2)?
+    };
     Ok(out.transpose(1, 2)?.reshape((batch, query_len, width))?)
 }
 

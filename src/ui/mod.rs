@@ -339,6 +339,19 @@ impl AtelierApp {
                 }
             }
             Event::JobFinished { id, output } => {
+                if std::env::var_os("ATELIER_STATS").is_some() {
+                    // For measuring the window (scripts/screenshots.sh): one line per job.
+                    let stats = &self.frame_stats;
+                    eprintln!(
+                        "job {id}: {} UI frames while generating, mean {:.2} ms, max {:.2} ms; first preview after Generate: {}",
+                        stats.frames_while_busy,
+                        stats.total_while_busy_ms / stats.frames_while_busy.max(1) as f64,
+                        stats.max_while_busy_ms,
+                        stats
+                            .first_preview_secs
+                            .map_or("n/a".to_string(), |s| format!("{s:.3} s"))
+                    );
+                }
                 let running = self.running.take().filter(|r| r.job.id == id);
                 self.preview = None;
                 self.warnings = output.warnings;

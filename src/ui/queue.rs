@@ -72,38 +72,36 @@ pub fn queue_ui(ui: &mut Ui, queue: &JobQueue, commands: &mut Vec<UiCommand>) {
     egui::ScrollArea::vertical().show(ui, |ui| {
         let count = queue.len();
         for (index, job) in queue.iter().enumerate() {
+            let request = &job.request;
+            let title = if request.prompt.is_empty() {
+                "(empty prompt)".to_string()
+            } else {
+                request.prompt.clone()
+            };
+            // The prompt on its own line (cut short with an ellipsis), its buttons below.
+            ui.add(egui::Label::new(format!("{}. {title}", index + 1)).truncate())
+                .on_hover_text(format!(
+                    "{}\nseed {}, {} steps, {}x{}",
+                    request.prompt, request.seed, request.steps, request.width, request.height
+                ));
             ui.horizontal(|ui| {
-                let request = &job.request;
-                let mut title: String = request.prompt.chars().take(28).collect();
-                if request.prompt.chars().count() > 28 {
-                    title.push('…');
+                if ui
+                    .add_enabled(index > 0, egui::Button::new("Sooner").small())
+                    .clicked()
+                {
+                    commands.push(UiCommand::MoveQueued(job.id, -1));
                 }
-                if title.is_empty() {
-                    title = "(empty prompt)".into();
+                if ui
+                    .add_enabled(index + 1 < count, egui::Button::new("Later").small())
+                    .clicked()
+                {
+                    commands.push(UiCommand::MoveQueued(job.id, 1));
                 }
-                ui.label(format!("{}. {title}", index + 1))
-                    .on_hover_text(format!(
-                        "{}\nseed {}, {} steps, {}x{}",
-                        request.prompt, request.seed, request.steps, request.width, request.height
-                    ));
-                ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                    if ui.small_button("Remove").clicked() {
-                        commands.push(UiCommand::RemoveQueued(job.id));
-                    }
-                    if ui
-                        .add_enabled(index + 1 < count, egui::Button::new("Later").small())
-                        .clicked()
-                    {
-                        commands.push(UiCommand::MoveQueued(job.id, 1));
-                    }
-                    if ui
-                        .add_enabled(index > 0, egui::Button::new("Sooner").small())
-                        .clicked()
-                    {
-                        commands.push(UiCommand::MoveQueued(job.id, -1));
-                    }
-                });
+                if ui.small_button("Remove").clicked() {
+                    commands.push(UiCommand::RemoveQueued(job.id));
+                }
             });
+            ui.separator();
         }
     });
 }
