@@ -402,3 +402,29 @@ fn worker_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_previews_are_downsampled_small_ones_kept() {
+        let large = downsample(RgbImage::new(1024, 768));
+        assert_eq!(large.dimensions(), (512, 384));
+        let tall = downsample(RgbImage::new(600, 1800));
+        assert_eq!(tall.dimensions(), (171, 512));
+        let small = downsample(RgbImage::new(128, 96));
+        assert_eq!(small.dimensions(), (128, 96));
+    }
+
+    #[test]
+    fn engine_errors_come_with_a_hint() {
+        let offline = UserError::from_engine(&EngineError::Download {
+            repo: "a/b".into(),
+            file: "model_index.json".into(),
+            message: "offline".into(),
+        });
+        assert!(offline.message.contains("model_index.json"));
+        assert!(offline.hint.contains("local model folder"));
+    }
+}
