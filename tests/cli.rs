@@ -13,6 +13,25 @@ fn atelier() -> Command {
     Command::new(env!("CARGO_BIN_EXE_atelier"))
 }
 
+/// `atelier generate` on the SD 1.x fixture, on the CPU, prompt "a fox", 3 steps, plus `extra`;
+/// it must succeed.
+fn generate_sd1(out: &std::path::Path, extra: &[&str]) {
+    let output = atelier()
+        .args(["generate", "--model"])
+        .arg(model_dir("sd1"))
+        .args(["--prompt", "a fox", "--steps", "3", "--device", "cpu"])
+        .args(extra)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[test]
 fn generate_reproduces_diffusers_from_the_same_noise() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,28 +113,7 @@ fn same_seed_same_image_and_batch_seeds_follow() {
     let dir = tempfile::tempdir().unwrap();
     let generate = |name: &str, seed: &str, batch: &str| {
         let out = dir.path().join(name);
-        let output = atelier()
-            .args(["generate", "--model"])
-            .arg(model_dir("sd1"))
-            .args([
-                "--prompt",
-                "a fox",
-                "--steps",
-                "3",
-                "--seed",
-                seed,
-                "--batch-size",
-                batch,
-            ])
-            .args(["--device", "cpu", "--out"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        generate_sd1(&out, &["--seed", seed, "--batch-size", batch]);
         out
     };
     let first = generate("a.png", "7", "1");
@@ -268,28 +266,7 @@ fn bench_runs_on_a_fixture_model() {
 fn karras_sigmas_are_recorded_in_the_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("k.png");
-    let output = atelier()
-        .args(["generate", "--model"])
-        .arg(model_dir("sd1"))
-        .args([
-            "--prompt",
-            "a fox",
-            "--steps",
-            "3",
-            "--seed",
-            "1",
-            "--scheduler",
-            "euler-karras",
-        ])
-        .args(["--device", "cpu", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    generate_sd1(&out, &["--seed", "1", "--scheduler", "euler-karras"]);
     let chunks = read_png_text(&out).unwrap();
     let parameters = A1111Parameters::parse(&chunks["parameters"]);
     assert_eq!(parameters.get("Sampler"), Some("Euler"));

@@ -228,18 +228,25 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn missing_weights_are_named() {
+/// The error of loading a copy of the SD 1.x fixture after `damage` was done to it.
+fn load_error_after(damage: impl FnOnce(&Path)) -> String {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&model_dir("sd1"), dir.path());
-    std::fs::remove_file(dir.path().join("unet/diffusion_pytorch_model.safetensors")).unwrap();
-    let error = StableDiffusion::load(
+    damage(dir.path());
+    StableDiffusion::load(
         ModelSource::Folder(dir.path().to_path_buf()),
         LoadOptions::new(Device::Cpu),
     )
     .err()
     .unwrap()
-    .to_string();
+    .to_string()
+}
+
+#[test]
+fn missing_weights_are_named() {
+    let error = load_error_after(|dir| {
+        std::fs::remove_file(dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    });
     assert!(error.contains("unet weights not found"), "{error}");
     assert!(
         error.contains("unet/diffusion_pytorch_model.safetensors"),
@@ -249,16 +256,9 @@ fn missing_weights_are_named() {
 
 #[test]
 fn corrupt_config_is_reported_with_its_path() {
-    let dir = tempfile::tempdir().unwrap();
-    copy_dir(&model_dir("sd1"), dir.path());
-    std::fs::write(dir.path().join("vae/config.json"), "{ not json").unwrap();
-    let error = StableDiffusion::load(
-        ModelSource::Folder(dir.path().to_path_buf()),
-        LoadOptions::new(Device::Cpu),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let error = load_error_after(|dir| {
+        std::fs::write(dir.join("vae/config.json"), "{ not json").unwrap();
+    });
     assert!(error.contains("vae/config.json"), "{error}");
 }
 
