@@ -204,7 +204,6 @@ impl Engine for DiffusionEngine {
         let mut options = LoadOptions::new(device.open()?);
         options.progress = Some(progress);
         let loaded = StableDiffusion::load(source, options)?;
-        let max_prompt_tokens = loaded.count_tokens("")?.1;
         let info = ModelInfo {
             model: model.to_string(),
             name: loaded.name().to_string(),
@@ -212,7 +211,7 @@ impl Engine for DiffusionEngine {
             native_size: loaded.native_size(),
             size_multiple: loaded.vae_scale_factor(),
             device: format!("{:?}", loaded.device().location()),
-            max_prompt_tokens,
+            max_prompt_tokens: loaded.max_prompt_tokens(),
             token_counter: loaded.token_counter(),
         };
         self.model = Some(loaded);

@@ -451,11 +451,9 @@ impl StableDiffusion {
             .map(|s| s * self.vae_scale_factor())
     }
 
-    /// Number of prompt tokens (without start/end) per tokenizer, and the limit.
-    pub fn count_tokens(&self, prompt: &str) -> Result<(usize, usize)> {
-        let part = &self.text_encoders[0];
-        let count = part.tokenizer.prompt_tokens(prompt)?.len();
-        Ok((count, part.tokenizer.max_length() - 2))
+    /// Prompt tokens the text encoder takes, without the start and end tokens (75 for CLIP).
+    pub fn max_prompt_tokens(&self) -> usize {
+        self.text_encoders[0].tokenizer.max_length() - 2
     }
 
     /// A thread-safe counter of prompt tokens (the first tokenizer's), for the prompt box.

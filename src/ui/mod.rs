@@ -212,6 +212,7 @@ impl AtelierApp {
     /// The request the panels describe, for seed `seed`.
     pub fn current_request(&self, seed: u64) -> GenerationRequest {
         let s = &self.settings;
+        let scheduler = SchedulerKind::parse(&s.scheduler).unwrap_or(SchedulerKind::Euler);
         GenerationRequest {
             prompt: s.prompt.clone(),
             negative_prompt: s.negative_prompt.clone(),
@@ -221,10 +222,8 @@ impl AtelierApp {
             width: s.width,
             height: s.height,
             batch_size: 1,
-            scheduler: SchedulerKind::parse(&s.scheduler).unwrap_or(SchedulerKind::Euler),
-            sigmas: if SchedulerKind::parse(&s.scheduler)
-                .is_ok_and(|kind| kind.supports(s.sigma_schedule))
-            {
+            scheduler,
+            sigmas: if scheduler.supports(s.sigma_schedule) {
                 s.sigma_schedule
             } else {
                 SigmaSchedule::Default
