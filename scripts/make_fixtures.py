@@ -39,6 +39,7 @@ import transformers
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -309,7 +310,9 @@ def main():
         meta["runs"] = []
         samplers = [("ddim", DDIMScheduler, {}, (False, True)), ("euler", EulerDiscreteScheduler, {}, (False, True)),
                     ("euler-karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}, (True,)),
-                    ("euler-exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True}, (True,))]
+                    ("euler-exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True}, (True,)),
+                    ("dpmpp-2m", DPMSolverMultistepScheduler, {}, (True,)),
+                    ("dpmpp-2m-karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, (False,))]
         for sched_name, sched_cls, options, negatives in samplers:
             for with_negative in negatives:
                 pipe.scheduler = sched_cls.from_config(base_config, **options)
@@ -342,7 +345,10 @@ def scheduler_tables():
     configs["squaredcos"] = dict(configs["sd2"], beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
     samplers = {"ddim": (DDIMScheduler, {}), "euler": (EulerDiscreteScheduler, {}),
                 "euler-karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
-                "euler-exponential": (EulerDiscreteScheduler, {"use_exponential_sigmas": True})}
+                "euler-exponential": (EulerDiscreteScheduler, {"use_exponential_sigmas": True}),
+                "dpmpp-2m": (DPMSolverMultistepScheduler, {}),
+                "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+                "dpmpp-2m-exponential": (DPMSolverMultistepScheduler, {"use_exponential_sigmas": True})}
     tables = []
     for config_name, config in configs.items():
         for sampler, (cls, options) in samplers.items():

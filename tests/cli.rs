@@ -163,7 +163,7 @@ fn bad_arguments_fail_cleanly() {
                 "--out",
                 out,
             ],
-            "valid schedulers: ddim, euler, euler-karras",
+            "dpmpp-2m-karras",
         ),
         (
             vec![

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use atelier::engine::config::SchedulerConfig;
+use atelier::schedulers::dpm_solver::DpmSolverMultistep;
 use atelier::schedulers::euler::EulerScheduler;
 use atelier::schedulers::{Sampler, SchedulerKind};
 
@@ -54,9 +55,23 @@ fn timesteps_sigmas_and_initial_sigma_match_diffusers() {
             "{what}: initial sigma {} vs {init}",
             scheduler.init_noise_sigma()
         );
-        if sampler.kind == SchedulerKind::Euler {
-            let euler = EulerScheduler::new(&config, steps, sampler.sigmas).unwrap();
-            let ours: Vec<f64> = euler.sigmas().iter().map(|&s| s as f64).collect();
+        let sigmas: Option<Vec<f32>> = match sampler.kind {
+            SchedulerKind::Euler => Some(
+                EulerScheduler::new(&config, steps, sampler.sigmas)
+                    .unwrap()
+                    .sigmas()
+                    .to_vec(),
+            ),
+            SchedulerKind::DpmPp2m => Some(
+                DpmSolverMultistep::new(&config, steps, sampler.sigmas)
+                    .unwrap()
+                    .sigmas()
+                    .to_vec(),
+            ),
+            SchedulerKind::Ddim => None,
+        };
+        if let Some(sigmas) = sigmas {
+            let ours: Vec<f64> = sigmas.iter().map(|&s| s as f64).collect();
             assert_all_close(
                 &format!("{what} sigmas"),
                 &ours,

@@ -4,6 +4,7 @@
 //! `XScheduler.from_config(config)` is, and checked against diffusers in the tests.
 
 pub mod ddim;
+pub mod dpm_solver;
 pub mod euler;
 pub mod schedule;
 
@@ -50,17 +51,24 @@ pub enum SchedulerKind {
     Ddim,
     /// Euler (EulerDiscreteScheduler).
     Euler,
+    /// DPM++ 2M (DPMSolverMultistepScheduler).
+    DpmPp2m,
 }
 
 impl SchedulerKind {
     /// Every scheduler, in menu order.
-    pub const ALL: &'static [SchedulerKind] = &[SchedulerKind::Ddim, SchedulerKind::Euler];
+    pub const ALL: &'static [SchedulerKind] = &[
+        SchedulerKind::Euler,
+        SchedulerKind::DpmPp2m,
+        SchedulerKind::Ddim,
+    ];
 
     /// The CLI id, e.g. `euler`.
     pub fn id(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::Euler => "euler",
+            SchedulerKind::DpmPp2m => "dpmpp-2m",
         }
     }
 
@@ -69,6 +77,7 @@ impl SchedulerKind {
         match self {
             SchedulerKind::Ddim => "DDIM",
             SchedulerKind::Euler => "Euler",
+            SchedulerKind::DpmPp2m => "DPM++ 2M",
         }
     }
 
@@ -87,7 +96,7 @@ impl SchedulerKind {
     pub fn supports(self, sigmas: SigmaSchedule) -> bool {
         match self {
             SchedulerKind::Ddim => sigmas == SigmaSchedule::Default,
-            SchedulerKind::Euler => true,
+            SchedulerKind::Euler | SchedulerKind::DpmPp2m => true,
         }
     }
 
@@ -114,6 +123,9 @@ impl SchedulerKind {
         Ok(match self {
             SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, steps, 0.0)?),
             SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, steps, sigmas)?),
+            SchedulerKind::DpmPp2m => {
+                Box::new(dpm_solver::DpmSolverMultistep::new(config, steps, sigmas)?)
+            }
         })
     }
 }

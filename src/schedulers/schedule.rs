@@ -214,3 +214,38 @@ pub fn interp_index(x: f64, values: &[f64]) -> f64 {
     let frac = x - low as f64;
     values[low] + (values[low + 1] - values[low]) * frac
 }
+
+/// Karras et al.'s schedule with rho = 7, from `sigma_max` down to `sigma_min`.
+pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let min_inv_rho = sigma_min.powf(1.0 / rho);
+    let max_inv_rho = sigma_max.powf(1.0 / rho);
+    numpy_linspace(0.0, 1.0, steps)
+        .into_iter()
+        .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho))
+        .collect()
+}
+
+/// Sigmas evenly spaced in log space, from `sigma_max` down to `sigma_min`.
+pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    numpy_linspace(sigma_max.ln(), sigma_min.ln(), steps)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
+}
+
+/// The (fractional) training timestep of `sigma`, by linear interpolation in log sigma
+/// (diffusers' `_sigma_to_t`).
+pub fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let last_below = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l >= 0.0)
+        .unwrap_or(0);
+    let low_index = last_below.min(log_sigmas.len().saturating_sub(2));
+    let (low, high) = (log_sigmas[low_index], log_sigmas[low_index + 1]);
+    // numpy subtracts the two float32 log sigmas in float32; the rest runs in float64.
+    let step = (low as f32 - high as f32) as f64;
+    let w = ((low - log_sigma) / step).clamp(0.0, 1.0);
+    (1.0 - w) * low_index as f64 + w * (low_index + 1) as f64
+}
