@@ -40,6 +40,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -333,6 +334,7 @@ def main():
         print(name, "ok", {k: tuple(v.shape) for k, v in expected.items() if k.startswith("run_ddim_noneg")})
     shutil.rmtree(tmp, ignore_errors=True)
     scheduler_tables()
+    scheduler_trajectories()
 
 
 def scheduler_tables():
@@ -348,7 +350,8 @@ def scheduler_tables():
                 "euler-exponential": (EulerDiscreteScheduler, {"use_exponential_sigmas": True}),
                 "dpmpp-2m": (DPMSolverMultistepScheduler, {}),
                 "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-                "dpmpp-2m-exponential": (DPMSolverMultistepScheduler, {"use_exponential_sigmas": True})}
+                "dpmpp-2m-exponential": (DPMSolverMultistepScheduler, {"use_exponential_sigmas": True}),
+                "euler-a": (EulerAncestralDiscreteScheduler, {})}
     tables = []
     for config_name, config in configs.items():
         for sampler, (cls, options) in samplers.items():
@@ -362,6 +365,66 @@ def scheduler_tables():
                     entry["sigmas"] = [float(s) for s in scheduler.sigmas]
                 tables.append(entry)
     (OUT / "schedulers.json").write_text(json.dumps(tables))
+
+
+# The stand-in model of the trajectories: the ideal denoiser for data x0 ~ N(MU, S^2), evaluated
+# with alphas_cumprod interpolated at (possibly fractional) timesteps, in float64.
+MU, S = 0.5, 0.8
+
+
+def ideal_model(x, t, alphas_cumprod, prediction_type):
+    abar = float(np.interp(float(t), np.arange(len(alphas_cumprod)), alphas_cumprod.double().numpy()))
+    x = x.double()
+    eps = (1 - abar) ** 0.5 * (x - abar ** 0.5 * MU) / (abar * S * S + 1 - abar)
+    if prediction_type == "v_prediction":
+        x0 = (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
+        return (abar ** 0.5 * eps - (1 - abar) ** 0.5 * x0).float()
+    return eps.float()
+
+
+def scheduler_trajectories():
+    """Full sampling loops driven by the ideal denoiser from fixed noise; stochastic schedulers draw
+    their noise from a list that is stored too, so that Atelier can replay it."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ancestral_module
+    configs = {name: json.loads((OUT / name / "model" / "scheduler" / "scheduler_config.json").read_text())
+               for name in ("sd1", "sd2")}
+    samplers = {"ddim": (DDIMScheduler, {}), "euler": (EulerDiscreteScheduler, {}),
+                "euler-karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+                "euler-a": (EulerAncestralDiscreteScheduler, {}),
+                "dpmpp-2m": (DPMSolverMultistepScheduler, {}),
+                "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True})}
+    tensors, entries = {}, []
+    gen = torch.Generator().manual_seed(7)
+    for config_name, config in configs.items():
+        for sampler, (cls, options) in samplers.items():
+            for steps in (4, 10):
+                key = f"{config_name}_{sampler}_{steps}"
+                scheduler = cls.from_config(config, **options)
+                scheduler.set_timesteps(steps)
+                noise = torch.randn(1, 4, 8, 8, generator=gen)
+                drawn = []
+
+                def fake_randn(shape, dtype=None, device=None, generator=None, **_):
+                    z = torch.randn(shape, generator=gen, dtype=torch.float32)
+                    drawn.append(z.clone())
+                    return z.to(dtype or torch.float32)
+
+                ancestral_module.randn_tensor = fake_randn
+                sample = noise * scheduler.init_noise_sigma
+                trajectory = []
+                for t in scheduler.timesteps:
+                    x = scheduler.scale_model_input(sample, t)
+                    out = ideal_model(x, t, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+                    sample = scheduler.step(out, t, sample).prev_sample
+                    trajectory.append(sample.clone())
+                tensors[f"{key}_noise"] = noise
+                tensors[f"{key}_trajectory"] = torch.cat(trajectory)
+                if drawn:
+                    tensors[f"{key}_step_noise"] = torch.cat(drawn)
+                entries.append({"key": key, "config": config_name, "scheduler_config": config,
+                                "sampler": sampler, "steps": steps, "stochastic": bool(drawn)})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, OUT / "trajectories.safetensors")
+    (OUT / "trajectories.json").write_text(json.dumps({"mu": MU, "s": S, "runs": entries}))
 
 
 if __name__ == "__main__":

@@ -327,3 +327,34 @@ fn hub_models_load_from_the_cache_offline() {
     assert!(stderr.contains("model_index.json"), "{stderr}");
     assert!(stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
 }
+
+#[test]
+fn stochastic_samplers_follow_the_seed() {
+    let model = load_model("sd1");
+    let mut r = request(4);
+    r.scheduler = SchedulerKind::EulerA;
+    let run = |r: &GenerationRequest| {
+        model
+            .generate(
+                r,
+                None,
+                PreviewOptions::default(),
+                &AtomicBool::new(false),
+                &mut |_| {},
+            )
+            .unwrap()
+            .latents
+    };
+    let first = run(&r);
+    assert_eq!(
+        relative_error(&run(&r), &first),
+        0.0,
+        "same seed, same image"
+    );
+    // The same initial noise with other step noise gives another image: the seed drives both.
+    let euler = run(&GenerationRequest {
+        scheduler: SchedulerKind::Euler,
+        ..r.clone()
+    });
+    assert!(relative_error(&first, &euler) > 1e-3);
+}

@@ -3,9 +3,12 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use atelier::engine::config::SchedulerConfig;
+use atelier::engine::noise::NoiseGenerator;
 use atelier::schedulers::dpm_solver::DpmSolverMultistep;
 use atelier::schedulers::euler::EulerScheduler;
+use atelier::schedulers::schedule::{ClassDefaults, Schedule, Spacing, interp_index};
 use atelier::schedulers::{Sampler, SchedulerKind};
+use candle_core::{DType, Device, Tensor};
 
 fn tables() -> Vec<serde_json::Value> {
     let path =
@@ -56,6 +59,12 @@ fn timesteps_sigmas_and_initial_sigma_match_diffusers() {
             scheduler.init_noise_sigma()
         );
         let sigmas: Option<Vec<f32>> = match sampler.kind {
+            SchedulerKind::EulerA => Some(
+                EulerScheduler::ancestral(&config, steps)
+                    .unwrap()
+                    .sigmas()
+                    .to_vec(),
+            ),
             SchedulerKind::Euler => Some(
                 EulerScheduler::new(&config, steps, sampler.sigmas)
                     .unwrap()
@@ -91,4 +100,98 @@ fn unknown_ids_list_the_valid_ones() {
         "DDIM has no sigma schedule"
     );
     assert_eq!(Sampler::parse("Euler-Karras").unwrap().id(), "euler-karras");
+}
+
+/// diffusers' stand-in: the ideal denoiser of data ~ N(mu, s^2), at fractional timesteps by
+/// linear interpolation of alphas_cumprod, in f64.
+fn ideal_model(
+    x: &Tensor,
+    t: f64,
+    alphas_cumprod: &[f64],
+    v_prediction: bool,
+    mu: f64,
+    s: f64,
+) -> Tensor {
+    let abar = interp_index(t, alphas_cumprod);
+    let x = x.to_dtype(DType::F64).unwrap();
+    let eps = (((&x - abar.sqrt() * mu).unwrap() * (1.0 - abar).sqrt()).unwrap()
+        / (abar * s * s + 1.0 - abar))
+        .unwrap();
+    let out = if v_prediction {
+        let x0 = ((&x - (&eps * (1.0 - abar).sqrt()).unwrap()).unwrap() / abar.sqrt()).unwrap();
+        ((&eps * abar.sqrt()).unwrap() - (x0 * (1.0 - abar).sqrt()).unwrap()).unwrap()
+    } else {
+        eps
+    };
+    out.to_dtype(DType::F32).unwrap()
+}
+
+/// Whole sampling loops, step by step, against diffusers driven by the same stand-in model from
+/// the same noise; stochastic samplers replay diffusers' own step noise.
+#[test]
+fn trajectories_match_diffusers() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let tensors =
+        candle_core::safetensors::load(dir.join("trajectories.safetensors"), &Device::Cpu).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("trajectories.json")).unwrap())
+            .unwrap();
+    let (mu, s) = (meta["mu"].as_f64().unwrap(), meta["s"].as_f64().unwrap());
+    let runs = meta["runs"].as_array().unwrap();
+    assert!(runs.len() >= 20);
+    for run in runs {
+        let key = run["key"].as_str().unwrap();
+        let config: SchedulerConfig =
+            serde_json::from_value(run["scheduler_config"].clone()).unwrap();
+        let sampler = Sampler::parse(run["sampler"].as_str().unwrap()).unwrap();
+        let steps = run["steps"].as_u64().unwrap() as usize;
+        let mut scheduler = sampler.kind.build(&config, steps, sampler.sigmas).unwrap();
+        let alphas_cumprod: Vec<f64> = Schedule::from_config(
+            &config,
+            ClassDefaults {
+                spacing: Spacing::Leading,
+            },
+        )
+        .unwrap()
+        .alphas_cumprod()
+        .iter()
+        .map(|&a| a as f64)
+        .collect();
+        let v_prediction = config.prediction_type.as_deref() == Some("v_prediction");
+        let mut noise = match tensors.get(&format!("{key}_step_noise")) {
+            Some(all) => NoiseGenerator::replay(
+                (0..all.dim(0).unwrap())
+                    .map(|i| all.narrow(0, i, 1).unwrap())
+                    .collect(),
+            ),
+            None => NoiseGenerator::new(0),
+        };
+        let expected = &tensors[&format!("{key}_trajectory")];
+        let mut sample =
+            (&tensors[&format!("{key}_noise")] * scheduler.init_noise_sigma()).unwrap();
+        let timesteps = scheduler.timesteps().to_vec();
+        assert_eq!(timesteps.len(), expected.dim(0).unwrap(), "{key}");
+        for (i, &t) in timesteps.iter().enumerate() {
+            let x = scheduler.scale_model_input(&sample, i).unwrap();
+            let out = ideal_model(&x, t, &alphas_cumprod, v_prediction, mu, s);
+            sample = scheduler
+                .step(&out, i, &sample, &mut noise)
+                .unwrap()
+                .prev_sample;
+            let want = expected.narrow(0, i, 1).unwrap();
+            let diff: f32 = (&sample - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "{key} step {i}: off by {diff} (scale {scale})"
+            );
+        }
+    }
 }

@@ -5,29 +5,59 @@ use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::StandardNormal;
 
-use super::error::Result;
+use super::error::{EngineError, Result};
 
 /// A seeded source of standard-normal noise, drawn on the CPU in row-major order and then
 /// moved to the device, so that a seed means the same image on CPU, CUDA and Metal.
 #[derive(Debug)]
 pub struct NoiseGenerator {
-    rng: ChaCha8Rng,
+    source: NoiseSource,
+}
+
+#[derive(Debug)]
+enum NoiseSource {
+    Seeded(Box<ChaCha8Rng>),
+    Replay(std::collections::VecDeque<Tensor>),
 }
 
 impl NoiseGenerator {
     /// A generator for `seed`.
     pub fn new(seed: u64) -> Self {
         Self {
-            rng: ChaCha8Rng::seed_from_u64(seed),
+            source: NoiseSource::Seeded(Box::new(ChaCha8Rng::seed_from_u64(seed))),
+        }
+    }
+
+    /// A generator that hands out `noise` in order: the test hook that lets a stochastic
+    /// scheduler run on another implementation's noise.
+    pub fn replay(noise: Vec<Tensor>) -> Self {
+        Self {
+            source: NoiseSource::Replay(noise.into()),
         }
     }
 
     /// Draws a standard-normal f32 tensor of `shape` on `device`.
     pub fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
-        let count: usize = shape.iter().product();
-        let values: Vec<f32> = (0..count)
-            .map(|_| self.rng.sample::<f32, _>(StandardNormal))
-            .collect();
-        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?)
+        match &mut self.source {
+            NoiseSource::Seeded(rng) => {
+                let count: usize = shape.iter().product();
+                let values: Vec<f32> = (0..count)
+                    .map(|_| rng.sample::<f32, _>(StandardNormal))
+                    .collect();
+                Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?)
+            }
+            NoiseSource::Replay(queue) => {
+                let next = queue.pop_front().ok_or_else(|| {
+                    EngineError::InvalidParameter("replayed noise ran out".into())
+                })?;
+                if next.dims() != shape {
+                    return Err(EngineError::InvalidParameter(format!(
+                        "replayed noise has shape {:?}, the scheduler wants {shape:?}",
+                        next.dims()
+                    )));
+                }
+                Ok(next.to_device(device)?)
+            }
+        }
     }
 }

@@ -18,6 +18,8 @@ pub struct EulerScheduler {
     sigmas: Vec<f32>,
     init_noise_sigma: f64,
     prediction: Prediction,
+    /// Euler a: step down further and add fresh noise (k-diffusion's ancestral sampling).
+    ancestral: bool,
 }
 
 impl EulerScheduler {
@@ -97,7 +99,20 @@ impl EulerScheduler {
             sigmas,
             init_noise_sigma,
             prediction: Prediction::from_config(config)?,
+            ancestral: false,
         })
+    }
+
+    /// Euler a (diffusers' `EulerAncestralDiscreteScheduler`): the default sigmas, ancestral steps.
+    pub fn ancestral(config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        // EulerAncestralDiscreteScheduler knows no Karras sigmas; its config flag is ignored there.
+        let plain = SchedulerConfig {
+            use_karras_sigmas: None,
+            ..config.clone()
+        };
+        let mut scheduler = Self::new(&plain, steps, SigmaSchedule::Default)?;
+        scheduler.ancestral = true;
+        Ok(scheduler)
     }
 
     /// The sigma of each step, then 0.
@@ -125,7 +140,7 @@ impl Scheduler for EulerScheduler {
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
-        _noise: &mut NoiseGenerator,
+        noise: &mut NoiseGenerator,
     ) -> Result<StepOutput> {
         let sigma = self.sigmas[index] as f64;
         let sigma_next = self.sigmas[index + 1] as f64;
@@ -138,7 +153,19 @@ impl Scheduler for EulerScheduler {
             Prediction::Sample => model_output.clone(),
         };
         let derivative = ((sample - &pred_x0)? / sigma)?;
-        let prev_sample = (sample + (derivative * (sigma_next - sigma))?)?;
+        let prev_sample = if self.ancestral {
+            // sigma_up and sigma_down in float32, as diffusers computes them on 0-d tensors.
+            let (from, to) = (self.sigmas[index], self.sigmas[index + 1]);
+            let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
+            let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
+            let stepped = (sample + (derivative * (sigma_down as f64 - sigma))?)?;
+            let fresh = noise
+                .randn(model_output.dims(), model_output.device())?
+                .to_dtype(stepped.dtype())?;
+            (stepped + (fresh * sigma_up as f64)?)?
+        } else {
+            (sample + (derivative * (sigma_next - sigma))?)?
+        };
         Ok(StepOutput {
             prev_sample,
             pred_original_sample: pred_x0,

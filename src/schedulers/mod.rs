@@ -51,6 +51,8 @@ pub enum SchedulerKind {
     Ddim,
     /// Euler (EulerDiscreteScheduler).
     Euler,
+    /// Euler a (EulerAncestralDiscreteScheduler): stochastic.
+    EulerA,
     /// DPM++ 2M (DPMSolverMultistepScheduler).
     DpmPp2m,
 }
@@ -59,6 +61,7 @@ impl SchedulerKind {
     /// Every scheduler, in menu order.
     pub const ALL: &'static [SchedulerKind] = &[
         SchedulerKind::Euler,
+        SchedulerKind::EulerA,
         SchedulerKind::DpmPp2m,
         SchedulerKind::Ddim,
     ];
@@ -68,6 +71,7 @@ impl SchedulerKind {
         match self {
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerA => "euler-a",
             SchedulerKind::DpmPp2m => "dpmpp-2m",
         }
     }
@@ -77,6 +81,7 @@ impl SchedulerKind {
         match self {
             SchedulerKind::Ddim => "DDIM",
             SchedulerKind::Euler => "Euler",
+            SchedulerKind::EulerA => "Euler a",
             SchedulerKind::DpmPp2m => "DPM++ 2M",
         }
     }
@@ -95,7 +100,7 @@ impl SchedulerKind {
     /// Whether the family can use a sigma schedule (DDIM-style samplers step on timesteps).
     pub fn supports(self, sigmas: SigmaSchedule) -> bool {
         match self {
-            SchedulerKind::Ddim => sigmas == SigmaSchedule::Default,
+            SchedulerKind::Ddim | SchedulerKind::EulerA => sigmas == SigmaSchedule::Default,
             SchedulerKind::Euler | SchedulerKind::DpmPp2m => true,
         }
     }
@@ -123,6 +128,7 @@ impl SchedulerKind {
         Ok(match self {
             SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, steps, 0.0)?),
             SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, steps, sigmas)?),
+            SchedulerKind::EulerA => Box::new(euler::EulerScheduler::ancestral(config, steps)?),
             SchedulerKind::DpmPp2m => {
                 Box::new(dpm_solver::DpmSolverMultistep::new(config, steps, sigmas)?)
             }

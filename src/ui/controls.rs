@@ -272,7 +272,7 @@ fn parameters_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand
             ui.end_row();
 
             let sigmas_label = ui.label("Sigmas");
-            ui.add_enabled_ui(current != SchedulerKind::Ddim, |ui| {
+            ui.add_enabled_ui(current.supports(SigmaSchedule::Karras), |ui| {
                 egui::ComboBox::from_id_salt("sigma-schedule")
                     .selected_text(if current.supports(settings.sigma_schedule) {
                         settings.sigma_schedule.display_name()
