@@ -351,7 +351,8 @@ def scheduler_tables():
                 "dpmpp-2m": (DPMSolverMultistepScheduler, {}),
                 "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
                 "dpmpp-2m-exponential": (DPMSolverMultistepScheduler, {"use_exponential_sigmas": True}),
-                "euler-a": (EulerAncestralDiscreteScheduler, {})}
+                "euler-a": (EulerAncestralDiscreteScheduler, {}),
+                "dpmpp-2m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"})}
     tables = []
     for config_name, config in configs.items():
         for sampler, (cls, options) in samplers.items():
@@ -385,6 +386,7 @@ def ideal_model(x, t, alphas_cumprod, prediction_type):
 def scheduler_trajectories():
     """Full sampling loops driven by the ideal denoiser from fixed noise; stochastic schedulers draw
     their noise from a list that is stored too, so that Atelier can replay it."""
+    import diffusers.schedulers.scheduling_dpmsolver_multistep as dpm_module
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as ancestral_module
     configs = {name: json.loads((OUT / name / "model" / "scheduler" / "scheduler_config.json").read_text())
                for name in ("sd1", "sd2")}
@@ -392,7 +394,9 @@ def scheduler_trajectories():
                 "euler-karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
                 "euler-a": (EulerAncestralDiscreteScheduler, {}),
                 "dpmpp-2m": (DPMSolverMultistepScheduler, {}),
-                "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True})}
+                "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+                "dpmpp-2m-sde-karras": (DPMSolverMultistepScheduler,
+                                        {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"})}
     tensors, entries = {}, []
     gen = torch.Generator().manual_seed(7)
     for config_name, config in configs.items():
@@ -410,6 +414,7 @@ def scheduler_trajectories():
                     return z.to(dtype or torch.float32)
 
                 ancestral_module.randn_tensor = fake_randn
+                dpm_module.randn_tensor = fake_randn
                 sample = noise * scheduler.init_noise_sigma
                 trajectory = []
                 for t in scheduler.timesteps:

@@ -71,8 +71,8 @@ fn timesteps_sigmas_and_initial_sigma_match_diffusers() {
                     .sigmas()
                     .to_vec(),
             ),
-            SchedulerKind::DpmPp2m => Some(
-                DpmSolverMultistep::new(&config, steps, sampler.sigmas)
+            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mSde => Some(
+                DpmSolverMultistep::new(&config, steps, sampler.sigmas, false)
                     .unwrap()
                     .sigmas()
                     .to_vec(),

@@ -1,6 +1,6 @@
-//! DPM++ 2M (Lu et al. 2022, multistep DPM-Solver++ of order 2, midpoint), as diffusers'
-//! `DPMSolverMultistepScheduler` with its defaults (`algorithm_type="dpmsolver++"`,
-//! `solver_order=2`, `lower_order_final=True`, `final_sigmas_type="zero"`).
+//! DPM++ 2M and DPM++ 2M SDE (Lu et al. 2022, multistep DPM-Solver++ of order 2, midpoint), as
+//! diffusers' `DPMSolverMultistepScheduler` with its defaults (`algorithm_type="dpmsolver++"` or
+//! `"sde-dpmsolver++"`, `solver_order=2`, `lower_order_final=True`, `final_sigmas_type="zero"`).
 
 use candle_core::Tensor;
 
@@ -20,8 +20,10 @@ pub struct DpmSolverMultistep {
     /// One more than the timesteps: the final sigma is 0.
     sigmas: Vec<f32>,
     prediction: Prediction,
-    /// The last two predicted x0, oldest first.
+    /// The previous step's predicted x0.
     previous: Option<Tensor>,
+    /// The SDE variant: fresh noise every step (from the job's seeded generator).
+    sde: bool,
 }
 
 /// `alpha_t, sigma_t` of a sigma, as `_sigma_to_alpha_sigma_t` (in float32, like the tensors).
@@ -35,8 +37,13 @@ fn lambda(alpha: f64, sigma: f64) -> f64 {
 }
 
 impl DpmSolverMultistep {
-    /// Prepares DPM++ 2M for `steps` steps.
-    pub fn new(config: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
+    /// Prepares DPM++ 2M (or, with `sde`, DPM++ 2M SDE) for `steps` steps.
+    pub fn new(
+        config: &SchedulerConfig,
+        steps: usize,
+        schedule: SigmaSchedule,
+        sde: bool,
+    ) -> Result<Self> {
         let schedule = match schedule {
             SigmaSchedule::Default if config.use_karras_sigmas == Some(true) => {
                 SigmaSchedule::Karras
@@ -132,6 +139,7 @@ impl DpmSolverMultistep {
             sigmas,
             prediction: Prediction::from_config(config)?,
             previous: None,
+            sde,
         })
     }
 
@@ -159,7 +167,7 @@ impl Scheduler for DpmSolverMultistep {
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
-        _noise: &mut NoiseGenerator,
+        noise: &mut NoiseGenerator,
     ) -> Result<StepOutput> {
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[index]);
         let pred_x0 = match self.prediction {
@@ -169,19 +177,35 @@ impl Scheduler for DpmSolverMultistep {
         };
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[index + 1]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s0, sigma_s0);
-        let decay = alpha_t * ((-h).exp() - 1.0);
-        // The final step (to sigma 0) and the first are first order.
-        let last = index + 1 == self.timesteps.len();
-        let prev_sample = match (&self.previous, last) {
-            (Some(previous), false) => {
-                let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[index - 1]);
-                let h_0 = lambda(alpha_s0, sigma_s0) - lambda(alpha_s1, sigma_s1);
-                let r0 = h_0 / h;
-                let d1 = ((&pred_x0 - previous)? * (1.0 / r0))?;
-                (((sample * (sigma_t / sigma_s0))? - (&pred_x0 * decay)?)? - (d1 * (0.5 * decay))?)?
-            }
-            _ => ((sample * (sigma_t / sigma_s0))? - (&pred_x0 * decay)?)?,
+        // The SDE variant draws its noise every step, before the update (as diffusers does).
+        let fresh = if self.sde {
+            Some(noise.randn(model_output.dims(), model_output.device())?)
+        } else {
+            None
         };
+        // x_t = a * sample + b * (D0 + D1 / 2) [+ c * noise]; the final step (to sigma 0) and
+        // the first are first order (no D1).
+        let (a, b) = if self.sde {
+            (
+                sigma_t / sigma_s0 * (-h).exp(),
+                alpha_t * (1.0 - (-2.0 * h).exp()),
+            )
+        } else {
+            (sigma_t / sigma_s0, -alpha_t * ((-h).exp() - 1.0))
+        };
+        let last = index + 1 == self.timesteps.len();
+        let mut prev_sample = ((sample * a)? + (&pred_x0 * b)?)?;
+        if let (Some(previous), false) = (&self.previous, last) {
+            let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[index - 1]);
+            let h_0 = lambda(alpha_s0, sigma_s0) - lambda(alpha_s1, sigma_s1);
+            let r0 = h_0 / h;
+            let d1 = ((&pred_x0 - previous)? * (1.0 / r0))?;
+            prev_sample = (prev_sample + (d1 * (0.5 * b))?)?;
+        }
+        if let Some(fresh) = fresh {
+            let c = sigma_t * (1.0 - (-2.0 * h).exp()).sqrt();
+            prev_sample = (prev_sample + (fresh.to_dtype(sample.dtype())? * c)?)?;
+        }
         self.previous = Some(pred_x0.clone());
         Ok(StepOutput {
             prev_sample,

@@ -55,6 +55,8 @@ pub enum SchedulerKind {
     EulerA,
     /// DPM++ 2M (DPMSolverMultistepScheduler).
     DpmPp2m,
+    /// DPM++ 2M SDE (DPMSolverMultistepScheduler, sde-dpmsolver++): stochastic.
+    DpmPp2mSde,
 }
 
 impl SchedulerKind {
@@ -63,6 +65,7 @@ impl SchedulerKind {
         SchedulerKind::Euler,
         SchedulerKind::EulerA,
         SchedulerKind::DpmPp2m,
+        SchedulerKind::DpmPp2mSde,
         SchedulerKind::Ddim,
     ];
 
@@ -73,6 +76,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "euler",
             SchedulerKind::EulerA => "euler-a",
             SchedulerKind::DpmPp2m => "dpmpp-2m",
+            SchedulerKind::DpmPp2mSde => "dpmpp-2m-sde",
         }
     }
 
@@ -83,6 +87,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "Euler",
             SchedulerKind::EulerA => "Euler a",
             SchedulerKind::DpmPp2m => "DPM++ 2M",
+            SchedulerKind::DpmPp2mSde => "DPM++ 2M SDE",
         }
     }
 
@@ -101,7 +106,7 @@ impl SchedulerKind {
     pub fn supports(self, sigmas: SigmaSchedule) -> bool {
         match self {
             SchedulerKind::Ddim | SchedulerKind::EulerA => sigmas == SigmaSchedule::Default,
-            SchedulerKind::Euler | SchedulerKind::DpmPp2m => true,
+            SchedulerKind::Euler | SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mSde => true,
         }
     }
 
@@ -129,8 +134,13 @@ impl SchedulerKind {
             SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, steps, 0.0)?),
             SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, steps, sigmas)?),
             SchedulerKind::EulerA => Box::new(euler::EulerScheduler::ancestral(config, steps)?),
-            SchedulerKind::DpmPp2m => {
-                Box::new(dpm_solver::DpmSolverMultistep::new(config, steps, sigmas)?)
+            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mSde => {
+                Box::new(dpm_solver::DpmSolverMultistep::new(
+                    config,
+                    steps,
+                    sigmas,
+                    self == SchedulerKind::DpmPp2mSde,
+                )?)
             }
         })
     }
