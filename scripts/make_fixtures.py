@@ -42,6 +42,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -352,7 +353,9 @@ def scheduler_tables():
                 "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
                 "dpmpp-2m-exponential": (DPMSolverMultistepScheduler, {"use_exponential_sigmas": True}),
                 "euler-a": (EulerAncestralDiscreteScheduler, {}),
-                "dpmpp-2m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"})}
+                "dpmpp-2m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+                "heun": (HeunDiscreteScheduler, {}),
+                "heun-karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True})}
     tables = []
     for config_name, config in configs.items():
         for sampler, (cls, options) in samplers.items():
@@ -396,7 +399,8 @@ def scheduler_trajectories():
                 "dpmpp-2m": (DPMSolverMultistepScheduler, {}),
                 "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
                 "dpmpp-2m-sde-karras": (DPMSolverMultistepScheduler,
-                                        {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"})}
+                                        {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
+                "heun": (HeunDiscreteScheduler, {}), "heun-karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True})}
     tensors, entries = {}, []
     gen = torch.Generator().manual_seed(7)
     for config_name, config in configs.items():

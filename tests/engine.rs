@@ -358,3 +358,27 @@ fn stochastic_samplers_follow_the_seed() {
     });
     assert!(relative_error(&first, &euler) > 1e-3);
 }
+
+#[test]
+fn progress_counts_model_evaluations() {
+    let model = load_model("sd1");
+    let mut r = request(4);
+    r.scheduler = SchedulerKind::Heun;
+    let mut seen = Vec::new();
+    model
+        .generate(
+            &r,
+            None,
+            PreviewOptions::default(),
+            &AtomicBool::new(false),
+            &mut |step| {
+                seen.push((step.step_index, step.total_steps));
+            },
+        )
+        .unwrap();
+    // Heun evaluates the model twice per step but once for the last: 2 * 4 - 1.
+    assert_eq!(seen.len(), 7);
+    assert!(seen.iter().all(|&(_, total)| total == 7));
+    assert_eq!(seen.last(), Some(&(6, 7)));
+    assert_eq!(SchedulerKind::Heun.model_evaluations(4), 7);
+}

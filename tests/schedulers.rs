@@ -6,6 +6,7 @@ use atelier::engine::config::SchedulerConfig;
 use atelier::engine::noise::NoiseGenerator;
 use atelier::schedulers::dpm_solver::DpmSolverMultistep;
 use atelier::schedulers::euler::EulerScheduler;
+use atelier::schedulers::heun::HeunScheduler;
 use atelier::schedulers::schedule::{ClassDefaults, Schedule, Spacing, interp_index};
 use atelier::schedulers::{Sampler, SchedulerKind};
 use candle_core::{DType, Device, Tensor};
@@ -73,6 +74,12 @@ fn timesteps_sigmas_and_initial_sigma_match_diffusers() {
             ),
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mSde => Some(
                 DpmSolverMultistep::new(&config, steps, sampler.sigmas, false)
+                    .unwrap()
+                    .sigmas()
+                    .to_vec(),
+            ),
+            SchedulerKind::Heun => Some(
+                HeunScheduler::new(&config, steps, sampler.sigmas)
                     .unwrap()
                     .sigmas()
                     .to_vec(),

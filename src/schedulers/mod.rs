@@ -6,6 +6,7 @@
 pub mod ddim;
 pub mod dpm_solver;
 pub mod euler;
+pub mod heun;
 pub mod schedule;
 
 use candle_core::Tensor;
@@ -53,6 +54,8 @@ pub enum SchedulerKind {
     Euler,
     /// Euler a (EulerAncestralDiscreteScheduler): stochastic.
     EulerA,
+    /// Heun (HeunDiscreteScheduler): two model evaluations per step.
+    Heun,
     /// DPM++ 2M (DPMSolverMultistepScheduler).
     DpmPp2m,
     /// DPM++ 2M SDE (DPMSolverMultistepScheduler, sde-dpmsolver++): stochastic.
@@ -64,6 +67,7 @@ impl SchedulerKind {
     pub const ALL: &'static [SchedulerKind] = &[
         SchedulerKind::Euler,
         SchedulerKind::EulerA,
+        SchedulerKind::Heun,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mSde,
         SchedulerKind::Ddim,
@@ -75,6 +79,7 @@ impl SchedulerKind {
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::Euler => "euler",
             SchedulerKind::EulerA => "euler-a",
+            SchedulerKind::Heun => "heun",
             SchedulerKind::DpmPp2m => "dpmpp-2m",
             SchedulerKind::DpmPp2mSde => "dpmpp-2m-sde",
         }
@@ -86,6 +91,7 @@ impl SchedulerKind {
             SchedulerKind::Ddim => "DDIM",
             SchedulerKind::Euler => "Euler",
             SchedulerKind::EulerA => "Euler a",
+            SchedulerKind::Heun => "Heun",
             SchedulerKind::DpmPp2m => "DPM++ 2M",
             SchedulerKind::DpmPp2mSde => "DPM++ 2M SDE",
         }
@@ -102,11 +108,22 @@ impl SchedulerKind {
         Ok(sampler.kind)
     }
 
+    /// Model evaluations for `steps` steps (Heun evaluates twice per step, but once for the last).
+    pub fn model_evaluations(self, steps: usize) -> usize {
+        match self {
+            SchedulerKind::Heun => (2 * steps).saturating_sub(1),
+            _ => steps,
+        }
+    }
+
     /// Whether the family can use a sigma schedule (DDIM-style samplers step on timesteps).
     pub fn supports(self, sigmas: SigmaSchedule) -> bool {
         match self {
             SchedulerKind::Ddim | SchedulerKind::EulerA => sigmas == SigmaSchedule::Default,
-            SchedulerKind::Euler | SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mSde => true,
+            SchedulerKind::Euler
+            | SchedulerKind::Heun
+            | SchedulerKind::DpmPp2m
+            | SchedulerKind::DpmPp2mSde => true,
         }
     }
 
@@ -134,6 +151,7 @@ impl SchedulerKind {
             SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, steps, 0.0)?),
             SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, steps, sigmas)?),
             SchedulerKind::EulerA => Box::new(euler::EulerScheduler::ancestral(config, steps)?),
+            SchedulerKind::Heun => Box::new(heun::HeunScheduler::new(config, steps, sigmas)?),
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mSde => {
                 Box::new(dpm_solver::DpmSolverMultistep::new(
                     config,

@@ -281,7 +281,7 @@ impl AtelierApp {
         let Some(job) = self.queue.pop() else {
             return;
         };
-        let total_steps = job.request.steps;
+        let total_steps = job.request.scheduler.model_evaluations(job.request.steps);
         match self.worker.send(Command::Generate(job.clone())) {
             Ok(()) => {
                 self.running = Some(RunningJob {
