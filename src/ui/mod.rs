@@ -16,7 +16,9 @@ use image::RgbImage;
 use crate::engine::pipeline::{DeviceChoice, GenerationRequest, PreviewOptions, Timings};
 use crate::engine::source::LoadProgress;
 use crate::schedulers::{SchedulerKind, SigmaSchedule};
-use crate::worker::{Command, Engine, Event, Job, JobId, ModelInfo, UserError, WorkerHandle};
+use crate::worker::{
+    Command, Engine, Event, Job, JobId, ModelInfo, SendError, UserError, WorkerHandle,
+};
 use queue::JobQueue;
 use settings::Settings;
 
@@ -95,7 +97,8 @@ pub struct ShownImage {
     pub timings: Timings,
 }
 
-/// UI-thread timing, for the status bar and the README's figures.
+/// UI-thread CPU time per frame (eframe's `cpu_usage`: ui, tessellation and rendering), for the
+/// status bar and the README's figures.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FrameStats {
     /// The last frame's UI time in milliseconds.
@@ -242,9 +245,6 @@ impl AtelierApp {
             );
             return;
         }
-        if SchedulerKind::parse(&self.settings.scheduler).is_err() {
-            self.settings.scheduler = SchedulerKind::Euler.id().into();
-        }
         if !self.settings.seed_locked {
             self.settings.seed = random_seed();
         }
@@ -295,7 +295,17 @@ impl AtelierApp {
                 self.frame_stats.frames_while_busy = 0;
                 self.frame_stats.total_while_busy_ms = 0.0;
             }
-            Err(e) => self.show_error(e.to_string(), "Try again in a moment."),
+            Err(SendError::Busy) => {
+                // The job goes back to the front and is sent again next frame.
+                self.queue.push_front(job);
+            }
+            Err(e) => {
+                self.queue.push_front(job);
+                self.show_error(
+                    e.to_string(),
+                    "Restart Atelier; the queue is kept until then.",
+                );
+            }
         }
     }
 
@@ -521,8 +531,11 @@ impl eframe::App for AtelierApp {
         self.process_events(ctx);
     }
 
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         let started = Instant::now();
+        // eframe measures the whole previous frame (ui, tessellation, rendering); without it
+        // (the first frame, test harnesses) count this ui() alone.
+        let previous_frame_ms = frame.info().cpu_usage.map(|secs| secs as f64 * 1e3);
         let mut commands = Vec::new();
         egui::Panel::bottom("status").show(ui, |ui| canvas::status_bar_ui(ui, self));
         egui::Panel::left("controls")
@@ -546,7 +559,7 @@ impl eframe::App for AtelierApp {
             // Repaint as events arrive (the worker wakes us); keep the clock moving meanwhile.
             ctx.request_repaint_after(std::time::Duration::from_millis(250));
         }
-        let frame_ms = started.elapsed().as_secs_f64() * 1e3;
+        let frame_ms = previous_frame_ms.unwrap_or_else(|| started.elapsed().as_secs_f64() * 1e3);
         self.frame_stats.last_ms = frame_ms;
         if self.busy() {
             self.frame_stats.frames_while_busy += 1;

@@ -19,6 +19,11 @@ impl JobQueue {
         self.jobs.push_back(job);
     }
 
+    /// Puts a job back at the front (it could not be started).
+    pub fn push_front(&mut self, job: Job) {
+        self.jobs.push_front(job);
+    }
+
     /// Takes the next job.
     pub fn pop(&mut self) -> Option<Job> {
         self.jobs.pop_front()
