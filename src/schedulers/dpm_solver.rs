@@ -44,12 +44,7 @@ impl DpmSolverMultistep {
         schedule: SigmaSchedule,
         sde: bool,
     ) -> Result<Self> {
-        let schedule = match schedule {
-            SigmaSchedule::Default if config.use_karras_sigmas == Some(true) => {
-                SigmaSchedule::Karras
-            }
-            other => other,
-        };
+        let schedule = schedule.resolve(config);
         if config
             .final_sigmas_type
             .as_deref()
@@ -66,7 +61,6 @@ impl DpmSolverMultistep {
                 spacing: Spacing::Linspace,
             },
         )?;
-        let alphas_cumprod = spacing.alphas_cumprod();
         let train = spacing.train_timesteps;
         // lambda_min_clipped is -inf by default: the last timestep is T.
         let last_timestep = train as f64;
@@ -94,14 +88,8 @@ impl DpmSolverMultistep {
                 .map(|t| t.round_ties_even() - 1.0)
                 .collect(),
         };
-        let train_sigmas: Vec<f64> = alphas_cumprod
-            .iter()
-            .map(|&a| ((1.0 - a) / a).sqrt() as f64)
-            .collect();
-        let log_sigmas: Vec<f64> = train_sigmas
-            .iter()
-            .map(|&s| (s as f32).ln() as f64)
-            .collect();
+        let train_sigmas = spacing.train_sigmas();
+        let log_sigmas = spacing.log_train_sigmas();
         let (sigma_min, sigma_max) = (train_sigmas[0], train_sigmas[train_sigmas.len() - 1]);
         let spaced = match schedule {
             SigmaSchedule::Default => None,

@@ -3,7 +3,8 @@
 use candle_core::Tensor;
 
 use super::schedule::{
-    ClassDefaults, Schedule, Spacing, exponential_sigmas, interp_index, karras_sigmas, sigma_to_t,
+    ClassDefaults, Schedule, Spacing, exponential_sigmas, interp_index, karras_sigmas,
+    scale_by_sigma, sigma_to_t,
 };
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::engine::config::SchedulerConfig;
@@ -25,12 +26,7 @@ pub struct EulerScheduler {
 impl EulerScheduler {
     /// Prepares Euler for `steps` steps; the config's `use_karras_sigmas` also selects Karras.
     pub fn new(config: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
-        let sigma_schedule = match schedule {
-            SigmaSchedule::Default if config.use_karras_sigmas == Some(true) => {
-                SigmaSchedule::Karras
-            }
-            other => other,
-        };
+        let sigma_schedule = schedule.resolve(config);
         if config
             .timestep_type
             .as_deref()
@@ -51,12 +47,7 @@ impl EulerScheduler {
                 spacing: Spacing::Linspace,
             },
         )?;
-        let alphas_cumprod = schedule.alphas_cumprod();
-        // ((1 - abar) / abar) ** 0.5 on a float32 tensor.
-        let train_sigmas: Vec<f64> = alphas_cumprod
-            .iter()
-            .map(|&a| ((1.0 - a) / a).sqrt() as f64)
-            .collect();
+        let train_sigmas = schedule.train_sigmas();
         let mut timesteps = schedule.continuous_timesteps(steps);
         let interpolated: Vec<f64> = match config.interpolation_type.as_deref().unwrap_or("linear")
         {
@@ -80,10 +71,7 @@ impl EulerScheduler {
             None => interpolated.iter().map(|&s| s as f32).collect(),
             Some(spaced) => {
                 // log of the float32 training sigmas, as numpy computes it.
-                let log_sigmas: Vec<f64> = train_sigmas
-                    .iter()
-                    .map(|&s| (s as f32).ln() as f64)
-                    .collect();
+                let log_sigmas = schedule.log_train_sigmas();
                 timesteps = spaced.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
                 spaced.iter().map(|&s| s as f32).collect()
             }
@@ -131,8 +119,7 @@ impl Scheduler for EulerScheduler {
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        let sigma = self.sigmas[index];
-        Ok((sample / (sigma * sigma + 1.0).sqrt() as f64)?)
+        scale_by_sigma(sample, self.sigmas[index])
     }
 
     fn step(
@@ -144,14 +131,7 @@ impl Scheduler for EulerScheduler {
     ) -> Result<StepOutput> {
         let sigma = self.sigmas[index] as f64;
         let sigma_next = self.sigmas[index + 1] as f64;
-        let pred_x0 = match self.prediction {
-            Prediction::Epsilon => (sample - (model_output * sigma)?)?,
-            Prediction::VPrediction => {
-                let scale = sigma * sigma + 1.0;
-                ((model_output * (-sigma / scale.sqrt()))? + (sample / scale)?)?
-            }
-            Prediction::Sample => model_output.clone(),
-        };
+        let pred_x0 = self.prediction.x0_at_sigma(model_output, sample, sigma)?;
         let derivative = ((sample - &pred_x0)? / sigma)?;
         let prev_sample = if self.ancestral {
             // sigma_up and sigma_down in float32, as diffusers computes them on 0-d tensors.

@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 
 use super::euler::EulerScheduler;
+use super::schedule::scale_by_sigma;
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::engine::Result;
 use crate::engine::config::SchedulerConfig;
@@ -70,8 +71,7 @@ impl Scheduler for HeunScheduler {
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        let sigma = self.sigmas[index];
-        Ok((sample / (sigma * sigma + 1.0).sqrt() as f64)?)
+        scale_by_sigma(sample, self.sigmas[index])
     }
 
     fn step(
@@ -89,14 +89,9 @@ impl Scheduler for HeunScheduler {
         };
         // The prediction is made at the sigma the model was evaluated at.
         let sigma_input = if first_order { sigma } else { sigma_next };
-        let pred_x0 = match self.prediction {
-            Prediction::Epsilon => (sample - (model_output * sigma_input)?)?,
-            Prediction::VPrediction => {
-                let scale = sigma_input * sigma_input + 1.0;
-                ((model_output * (-sigma_input / scale.sqrt()))? + (sample / scale)?)?
-            }
-            Prediction::Sample => model_output.clone(),
-        };
+        let pred_x0 = self
+            .prediction
+            .x0_at_sigma(model_output, sample, sigma_input)?;
         let prev_sample = match self.first_half.take() {
             None => {
                 let derivative = ((sample - &pred_x0)? / sigma)?;

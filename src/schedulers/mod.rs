@@ -195,6 +195,16 @@ impl SigmaSchedule {
         }
     }
 
+    /// This schedule, or Karras when it is the default and the config sets `use_karras_sigmas`.
+    pub fn resolve(self, config: &SchedulerConfig) -> Self {
+        match self {
+            SigmaSchedule::Default if config.use_karras_sigmas == Some(true) => {
+                SigmaSchedule::Karras
+            }
+            other => other,
+        }
+    }
+
     /// The CLI suffix (`-karras`), empty for the default.
     pub fn suffix(self) -> &'static str {
         match self {
@@ -269,6 +279,19 @@ pub enum Prediction {
 }
 
 impl Prediction {
+    /// The clean sample predicted by `model_output` at noise level `sigma`, for the k-diffusion
+    /// style samplers whose latents carry noise of standard deviation `sigma`.
+    pub fn x0_at_sigma(self, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
+        Ok(match self {
+            Prediction::Epsilon => (sample - (model_output * sigma)?)?,
+            Prediction::VPrediction => {
+                let scale = sigma * sigma + 1.0;
+                ((model_output * (-sigma / scale.sqrt()))? + (sample / scale)?)?
+            }
+            Prediction::Sample => model_output.clone(),
+        })
+    }
+
     /// The config's `prediction_type` (epsilon when absent, in every class).
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         match config.prediction_type.as_deref().unwrap_or("epsilon") {

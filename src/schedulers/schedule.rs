@@ -75,6 +75,22 @@ impl Schedule {
             .collect()
     }
 
+    /// The training sigmas `((1 - abar) / abar) ** 0.5`, computed on float32 as torch does.
+    pub fn train_sigmas(&self) -> Vec<f64> {
+        self.alphas_cumprod()
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt() as f64)
+            .collect()
+    }
+
+    /// `np.log` of the float32 training sigmas (what `_sigma_to_t` interpolates in).
+    pub fn log_train_sigmas(&self) -> Vec<f64> {
+        self.train_sigmas()
+            .iter()
+            .map(|&s| (s as f32).ln() as f64)
+            .collect()
+    }
+
     /// Integer timesteps as DDIM/DDPM/PNDM compute them, largest first.
     pub fn discrete_timesteps(&self, steps: usize) -> Vec<i64> {
         let train = self.train_timesteps;
@@ -248,4 +264,9 @@ pub fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
     let step = (low as f32 - high as f32) as f64;
     let w = ((low - log_sigma) / step).clamp(0.0, 1.0);
     (1.0 - w) * low_index as f64 + w * (low_index + 1) as f64
+}
+
+/// Scales latents for the model at noise level `sigma`: `sample / sqrt(sigma^2 + 1)`.
+pub fn scale_by_sigma(sample: &candle_core::Tensor, sigma: f32) -> Result<candle_core::Tensor> {
+    Ok((sample / (sigma * sigma + 1.0).sqrt() as f64)?)
 }
