@@ -39,11 +39,19 @@ import transformers
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
+    UniPCMultistepScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -314,7 +322,13 @@ def main():
                     ("euler-karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}, (True,)),
                     ("euler-exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True}, (True,)),
                     ("dpmpp-2m", DPMSolverMultistepScheduler, {}, (True,)),
-                    ("dpmpp-2m-karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, (False,))]
+                    ("dpmpp-2m-karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, (False,)),
+                    ("heun", HeunDiscreteScheduler, {}, (True,)),
+                    ("lms-karras", LMSDiscreteScheduler, {"use_karras_sigmas": True}, (True,)),
+                    ("pndm", PNDMScheduler, {"skip_prk_steps": True}, (True,)),
+                    ("dpm2", KDPM2DiscreteScheduler, {}, (True,)),
+                    ("unipc", UniPCMultistepScheduler, {}, (True,)),
+                    ("deis", DEISMultistepScheduler, {}, (True,))]
         for sched_name, sched_cls, options, negatives in samplers:
             for with_negative in negatives:
                 pipe.scheduler = sched_cls.from_config(base_config, **options)
@@ -355,7 +369,8 @@ def scheduler_tables():
                 "euler-a": (EulerAncestralDiscreteScheduler, {}),
                 "dpmpp-2m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
                 "heun": (HeunDiscreteScheduler, {}),
-                "heun-karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True})}
+                "heun-karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True}),
+                **NEW_SAMPLERS}
     tables = []
     for config_name, config in configs.items():
         for sampler, (cls, options) in samplers.items():
@@ -367,13 +382,39 @@ def scheduler_tables():
                          "init_noise_sigma": float(scheduler.init_noise_sigma)}
                 if hasattr(scheduler, "sigmas"):
                     entry["sigmas"] = [float(s) for s in scheduler.sigmas]
+                if config_name == "squaredcos" and sampler.startswith("dpm2-a"):
+                    # KDPM2 ancestral at sigma_max = 20291: diffusers' first down-sigma is rounding
+                    # noise of sqrt(s1^2 - up^2) (NaN for 4 and 7 steps, a random midpoint for the
+                    # rest); Atelier uses the exact s1^2 / s0 there, so there is nothing to match.
+                    continue
                 tables.append(entry)
     (OUT / "schedulers.json").write_text(json.dumps(tables))
+
+
+# The samplers added for issue 3 (diffusers class and options per CLI id).
+NEW_SAMPLERS = {
+    "ddpm": (DDPMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "lms-karras": (LMSDiscreteScheduler, {"use_karras_sigmas": True}),
+    "dpm2": (KDPM2DiscreteScheduler, {}),
+    "dpm2-karras": (KDPM2DiscreteScheduler, {"use_karras_sigmas": True}),
+    "dpm2-a": (KDPM2AncestralDiscreteScheduler, {}),
+    "dpm2-a-karras": (KDPM2AncestralDiscreteScheduler, {"use_karras_sigmas": True}),
+    "dpmpp-sde": (DPMSolverSDEScheduler, {}),
+    "dpmpp-sde-karras": (DPMSolverSDEScheduler, {"use_karras_sigmas": True}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "unipc-karras": (UniPCMultistepScheduler, {"use_karras_sigmas": True}),
+    "deis": (DEISMultistepScheduler, {}),
+    "deis-karras": (DEISMultistepScheduler, {"use_karras_sigmas": True}),
+    "lcm": (LCMScheduler, {}),
+}
 
 
 # The stand-in model of the trajectories: the ideal denoiser for data x0 ~ N(MU, S^2), evaluated
 # with alphas_cumprod interpolated at (possibly fractional) timesteps, in float64.
 MU, S = 0.5, 0.8
+DDIM_ETA = 0.5
 
 
 def ideal_model(x, t, alphas_cumprod, prediction_type):
@@ -384,6 +425,65 @@ def ideal_model(x, t, alphas_cumprod, prediction_type):
         x0 = (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
         return (abar ** 0.5 * eps - (1 - abar) ** 0.5 * x0).float()
     return eps.float()
+
+
+class BrownianReplay:
+    """Stands in for DPMSolverSDEScheduler's Brownian tree. Each step asks for the normalised
+    increment from sigma_k to the midpoint, then from sigma_k to sigma_k+1; the two overlap, so the
+    second is built from the first and an independent draw z. The draws stored (and replayed by
+    Atelier) are the first increment and z."""
+
+    def __init__(self, randn):
+        self.randn, self.first = randn, None
+
+    def __call__(self, sigma, sigma_next):
+        z = self.randn((1, 4, 8, 8))
+        if self.first is None:
+            self.first = (sigma, sigma_next, z)
+            return z
+        start, midpoint, n1 = self.first
+        self.first = None
+        a, b = start - midpoint, midpoint - sigma_next
+        return (a.sqrt() * n1 + b.sqrt() * z) / (a + b).sqrt()
+
+
+def dpmpp_2s_ancestral_reference(config, options, steps, noise, randn):
+    """k-diffusion's sample_dpmpp_2s_ancestral (eta 1) on Euler's sigmas, with the ideal model
+    wrapped as k-diffusion's CompVis denoisers do; returns the sample after every model evaluation."""
+    euler = EulerDiscreteScheduler.from_config(config, **options)
+    euler.set_timesteps(steps)
+    sigmas, timesteps = euler.sigmas, euler.timesteps
+    log_sigmas = np.log(np.array(((1 - euler.alphas_cumprod) / euler.alphas_cumprod) ** 0.5))
+    v = euler.config.prediction_type == "v_prediction"
+
+    def denoise(x, sigma, t):
+        out = ideal_model(x / (sigma ** 2 + 1) ** 0.5, t, euler.alphas_cumprod, euler.config.prediction_type)
+        if v:
+            return out * (-sigma / (sigma ** 2 + 1) ** 0.5) + x / (sigma ** 2 + 1)
+        return x - sigma * out
+
+    x = noise * euler.init_noise_sigma
+    trajectory = []
+    for i in range(len(sigmas) - 1):
+        s, sn = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, s, timesteps[i])
+        up = torch.minimum(sn, (sn ** 2 * (s ** 2 - sn ** 2) / s ** 2) ** 0.5)
+        down = (sn ** 2 - up ** 2) ** 0.5
+        if down == 0:
+            x = x + (x - denoised) / s * (down - s)
+        else:
+            t, t_next = -s.log(), -down.log()
+            h = t_next - t
+            sig_mid = (-(t + h * 0.5)).exp()
+            x_2 = (sig_mid / (-t).exp()) * x - (-h * 0.5).expm1() * denoised
+            trajectory.append(x_2.clone())
+            t_mid = float(np.float32(euler._sigma_to_t(np.array(float(sig_mid)), log_sigmas)))
+            denoised_2 = denoise(x_2, sig_mid, t_mid)
+            x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_2
+        if sn > 0:
+            x = x + randn(x.shape) * up
+        trajectory.append(x.clone())
+    return trajectory
 
 
 def scheduler_trajectories():
@@ -400,15 +500,19 @@ def scheduler_trajectories():
                 "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
                 "dpmpp-2m-sde-karras": (DPMSolverMultistepScheduler,
                                         {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
-                "heun": (HeunDiscreteScheduler, {}), "heun-karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True})}
+                "heun": (HeunDiscreteScheduler, {}), "heun-karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True}),
+                **NEW_SAMPLERS, "dpmpp-2s-a": (None, {}), "dpmpp-2s-a-karras": (None, {"use_karras_sigmas": True}),
+                "ddim-eta": (DDIMScheduler, {})}
+    import diffusers.schedulers.scheduling_ddim as ddim_module
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+    import diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete as kdpm2a_module
+    import diffusers.schedulers.scheduling_lcm as lcm_module
     tensors, entries = {}, []
     gen = torch.Generator().manual_seed(7)
     for config_name, config in configs.items():
         for sampler, (cls, options) in samplers.items():
             for steps in (4, 10):
                 key = f"{config_name}_{sampler}_{steps}"
-                scheduler = cls.from_config(config, **options)
-                scheduler.set_timesteps(steps)
                 noise = torch.randn(1, 4, 8, 8, generator=gen)
                 drawn = []
 
@@ -417,21 +521,30 @@ def scheduler_trajectories():
                     drawn.append(z.clone())
                     return z.to(dtype or torch.float32)
 
-                ancestral_module.randn_tensor = fake_randn
-                dpm_module.randn_tensor = fake_randn
-                sample = noise * scheduler.init_noise_sigma
-                trajectory = []
-                for t in scheduler.timesteps:
-                    x = scheduler.scale_model_input(sample, t)
-                    out = ideal_model(x, t, scheduler.alphas_cumprod, scheduler.config.prediction_type)
-                    sample = scheduler.step(out, t, sample).prev_sample
-                    trajectory.append(sample.clone())
+                for module in (ancestral_module, dpm_module, ddpm_module, kdpm2a_module, lcm_module, ddim_module):
+                    module.randn_tensor = fake_randn
+                if cls is None:
+                    trajectory = dpmpp_2s_ancestral_reference(config, options, steps, noise, fake_randn)
+                else:
+                    scheduler = cls.from_config(config, **options)
+                    scheduler.set_timesteps(steps)
+                    if cls is DPMSolverSDEScheduler:
+                        scheduler.noise_sampler = BrownianReplay(fake_randn)
+                    sample = noise * scheduler.init_noise_sigma
+                    trajectory = []
+                    for t in scheduler.timesteps:
+                        x = scheduler.scale_model_input(sample, t)
+                        out = ideal_model(x, t, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+                        extra = {"eta": DDIM_ETA} if sampler == "ddim-eta" else {}
+                        sample = scheduler.step(out, t, sample, **extra).prev_sample
+                        trajectory.append(sample.clone())
                 tensors[f"{key}_noise"] = noise
                 tensors[f"{key}_trajectory"] = torch.cat(trajectory)
                 if drawn:
                     tensors[f"{key}_step_noise"] = torch.cat(drawn)
                 entries.append({"key": key, "config": config_name, "scheduler_config": config,
-                                "sampler": sampler, "steps": steps, "stochastic": bool(drawn)})
+                                "sampler": "ddim" if sampler == "ddim-eta" else sampler, "steps": steps,
+                                "eta": DDIM_ETA if sampler == "ddim-eta" else 0.0, "stochastic": bool(drawn)})
     save_file({k: v.contiguous() for k, v in tensors.items()}, OUT / "trajectories.safetensors")
     (OUT / "trajectories.json").write_text(json.dumps({"mu": MU, "s": S, "runs": entries}))
 

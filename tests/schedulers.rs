@@ -4,10 +4,13 @@
 
 use atelier::engine::config::SchedulerConfig;
 use atelier::engine::noise::NoiseGenerator;
+use atelier::schedulers::deis::DeisScheduler;
 use atelier::schedulers::dpm_solver::DpmSolverMultistep;
 use atelier::schedulers::euler::EulerScheduler;
 use atelier::schedulers::heun::HeunScheduler;
+use atelier::schedulers::lms::LmsScheduler;
 use atelier::schedulers::schedule::{ClassDefaults, Schedule, Spacing, interp_index};
+use atelier::schedulers::unipc::UniPcScheduler;
 use atelier::schedulers::{Sampler, SchedulerKind};
 use candle_core::{DType, Device, Tensor};
 
@@ -26,11 +29,15 @@ fn floats(value: &serde_json::Value) -> Vec<f64> {
         .collect()
 }
 
+/// Relative error of a whole vector: each difference against the vector's largest magnitude
+/// (a timestep of 6e-5 against diffusers' 0.0 in a schedule that starts at 999 is a relative
+/// error of 6e-8, not of infinity).
 fn assert_all_close(what: &str, ours: &[f64], theirs: &[f64], relative: f64) {
     assert_eq!(ours.len(), theirs.len(), "{what}: {ours:?} vs {theirs:?}");
+    let scale = theirs.iter().fold(1.0f64, |m, b| m.max(b.abs()));
     for (a, b) in ours.iter().zip(theirs) {
         assert!(
-            (a - b).abs() <= relative * b.abs().max(1.0),
+            (a - b).abs() <= relative * scale,
             "{what}: {ours:?} vs {theirs:?}"
         );
     }
@@ -46,7 +53,10 @@ fn timesteps_sigmas_and_initial_sigma_match_diffusers() {
         let sampler = Sampler::parse(entry["sampler"].as_str().unwrap()).unwrap();
         let steps = entry["steps"].as_u64().unwrap() as usize;
         let what = format!("{} {} {steps} steps", entry["config"], sampler.id());
-        let scheduler = sampler.kind.build(&config, steps, sampler.sigmas).unwrap();
+        let scheduler = sampler
+            .kind
+            .build(&config, steps, sampler.sigmas, 0.0)
+            .unwrap();
         assert_all_close(
             &format!("{what} timesteps"),
             scheduler.timesteps(),
@@ -84,7 +94,27 @@ fn timesteps_sigmas_and_initial_sigma_match_diffusers() {
                     .sigmas()
                     .to_vec(),
             ),
-            SchedulerKind::Ddim => None,
+            SchedulerKind::Lms => Some(
+                LmsScheduler::new(&config, steps, sampler.sigmas)
+                    .unwrap()
+                    .sigmas()
+                    .to_vec(),
+            ),
+            SchedulerKind::UniPc => Some(
+                UniPcScheduler::new(&config, steps, sampler.sigmas)
+                    .unwrap()
+                    .sigmas()
+                    .to_vec(),
+            ),
+            SchedulerKind::Deis => Some(
+                DeisScheduler::new(&config, steps, sampler.sigmas)
+                    .unwrap()
+                    .sigmas()
+                    .to_vec(),
+            ),
+            // diffusers keeps these sigmas in another layout (repeated per evaluation) or has
+            // none; their timesteps above and trajectories below pin them down.
+            _ => None,
         };
         if let Some(sigmas) = sigmas {
             let ours: Vec<f64> = sigmas.iter().map(|&s| s as f64).collect();
@@ -152,7 +182,11 @@ fn trajectories_match_diffusers() {
             serde_json::from_value(run["scheduler_config"].clone()).unwrap();
         let sampler = Sampler::parse(run["sampler"].as_str().unwrap()).unwrap();
         let steps = run["steps"].as_u64().unwrap() as usize;
-        let mut scheduler = sampler.kind.build(&config, steps, sampler.sigmas).unwrap();
+        let eta = run["eta"].as_f64().unwrap_or(0.0);
+        let mut scheduler = sampler
+            .kind
+            .build(&config, steps, sampler.sigmas, eta)
+            .unwrap();
         let alphas_cumprod: Vec<f64> = Schedule::from_config(
             &config,
             ClassDefaults {
@@ -201,4 +235,83 @@ fn trajectories_match_diffusers() {
             );
         }
     }
+}
+
+#[test]
+fn progress_counts_every_model_evaluation() {
+    let config = SchedulerConfig::sd15();
+    for &kind in SchedulerKind::ALL {
+        for steps in [1, 2, 3, 4, 10, 25, 33] {
+            let scheduler = kind
+                .build(
+                    &config,
+                    steps,
+                    atelier::schedulers::SigmaSchedule::Default,
+                    0.0,
+                )
+                .unwrap();
+            assert_eq!(
+                kind.model_evaluations(steps),
+                scheduler.timesteps().len(),
+                "{} at {steps} steps",
+                kind.id()
+            );
+        }
+        for evaluations in [5, 10, 20, 50] {
+            let steps = kind.steps_for_evaluations(evaluations);
+            assert!(kind.model_evaluations(steps) <= evaluations);
+            assert!(kind.model_evaluations(steps + 1) > evaluations);
+        }
+    }
+}
+
+#[test]
+fn every_cli_id_of_the_docs_table_parses() {
+    let ids = [
+        "ddim",
+        "ddpm",
+        "pndm",
+        "lms",
+        "lms-karras",
+        "euler",
+        "euler-a",
+        "heun",
+        "dpm2",
+        "dpm2-karras",
+        "dpm2-a",
+        "dpm2-a-karras",
+        "dpmpp-2m",
+        "dpmpp-2m-karras",
+        "dpmpp-2m-sde",
+        "dpmpp-2m-sde-karras",
+        "dpmpp-sde",
+        "dpmpp-sde-karras",
+        "dpmpp-2s-a",
+        "unipc",
+        "deis",
+        "lcm",
+    ];
+    for id in ids {
+        assert_eq!(Sampler::parse(id).unwrap().id(), id);
+    }
+    let error = Sampler::parse("plms-karras").unwrap_err().to_string();
+    assert!(
+        error.contains("dpmpp-sde-karras") && error.contains("lcm"),
+        "{error}"
+    );
+}
+
+#[test]
+fn lcm_refuses_more_steps_than_it_was_distilled_with() {
+    let error = SchedulerKind::Lcm
+        .build(
+            &SchedulerConfig::sd15(),
+            51,
+            atelier::schedulers::SigmaSchedule::Default,
+            0.0,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("at most 50"), "{error}");
 }

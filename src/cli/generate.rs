@@ -45,9 +45,12 @@ pub struct GenerateArgs {
     /// Images to generate together; image k uses seed + k.
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
-    /// Sampler id: ddim, euler, euler-karras, euler-exponential, ...
+    /// Sampler id: euler, euler-a, dpmpp-2m-karras, unipc, ddim, ... (`atelier schedulers` lists them)
     #[arg(long, default_value = "euler")]
     pub scheduler: String,
+    /// DDIM's eta: 0 is deterministic, 1 as noisy as DDPM (other samplers ignore it).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
     /// cpu, cuda, metal or auto.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -162,6 +165,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             .unwrap_or(args.batch_size),
         scheduler,
         sigmas: sampler.sigmas,
+        eta: args.eta,
     };
     model.validate(&request)?;
     if init_noise.is_none() {

@@ -355,6 +355,42 @@ pub struct SchedulerConfig {
     /// Euler: the last sigma, `zero` or `sigma_min`.
     #[serde(default)]
     pub final_sigmas_type: Option<String>,
+    /// DDPM: `fixed_small`, `fixed_large`, ...
+    #[serde(default)]
+    pub variance_type: Option<String>,
+    /// PNDM: run PLMS only, without the Runge-Kutta warm-up.
+    #[serde(default)]
+    pub skip_prk_steps: Option<bool>,
+    /// Multistep solvers (DPM-Solver++, UniPC, DEIS): the order.
+    #[serde(default)]
+    pub solver_order: Option<usize>,
+    /// Multistep solvers: lower the order for the final steps.
+    #[serde(default)]
+    pub lower_order_final: Option<bool>,
+    /// Dynamic thresholding of x0 (Imagen); not supported.
+    #[serde(default)]
+    pub thresholding: Option<bool>,
+    /// UniPC: `bh1` or `bh2`.
+    #[serde(default)]
+    pub solver_type: Option<String>,
+    /// UniPC: predict x0 (data prediction) rather than noise.
+    #[serde(default)]
+    pub predict_x0: Option<bool>,
+    /// UniPC: steps without the corrector.
+    #[serde(default)]
+    pub disable_corrector: Option<Vec<usize>>,
+    /// DPM-Solver++ / DEIS: the algorithm (`dpmsolver++`, `deis`, ...).
+    #[serde(default)]
+    pub algorithm_type: Option<String>,
+    /// LCM: the step count the model was distilled with.
+    #[serde(default)]
+    pub original_inference_steps: Option<usize>,
+    /// LCM: scales the timestep in the boundary condition.
+    #[serde(default)]
+    pub timestep_scaling: Option<f64>,
+    /// Use exponential sigmas.
+    #[serde(default)]
+    pub use_exponential_sigmas: Option<bool>,
 }
 
 impl SchedulerConfig {

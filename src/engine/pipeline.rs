@@ -172,6 +172,9 @@ pub struct GenerationRequest {
     pub scheduler: SchedulerKind,
     /// Its sigma schedule (for samplers that have one).
     pub sigmas: SigmaSchedule,
+    /// DDIM's eta: 0 is deterministic DDIM, 1 adds as much noise as DDPM (other samplers
+    /// ignore it).
+    pub eta: f64,
 }
 
 impl Default for GenerationRequest {
@@ -187,6 +190,7 @@ impl Default for GenerationRequest {
             batch_size: 1,
             scheduler: SchedulerKind::Euler,
             sigmas: SigmaSchedule::Default,
+            eta: 0.0,
         }
     }
 }
@@ -657,10 +661,12 @@ impl StableDiffusion {
         };
         let text_encoding_secs = started.elapsed().as_secs_f64();
 
-        let mut scheduler =
-            request
-                .scheduler
-                .build(&self.scheduler_config, request.steps, request.sigmas)?;
+        let mut scheduler = request.scheduler.build(
+            &self.scheduler_config,
+            request.steps,
+            request.sigmas,
+            request.eta,
+        )?;
         let timesteps = scheduler.timesteps().to_vec();
         let mut latents = (noise * scheduler.init_noise_sigma())?;
         let mut generator = NoiseGenerator::new(request.seed ^ 0x5eed_5eed_5eed_5eed);

@@ -40,6 +40,10 @@ impl A1111Parameters {
         if request.sigmas != crate::schedulers::SigmaSchedule::Default {
             pairs.push(("Schedule type".into(), request.sigmas.display_name().into()));
         }
+        if request.scheduler == crate::schedulers::SchedulerKind::Ddim && request.eta > 0.0 {
+            // A1111's key for DDIM's eta.
+            pairs.push(("Eta DDIM".into(), request.eta.to_string()));
+        }
         pairs.extend([
             ("CFG scale".to_string(), request.guidance_scale.to_string()),
             ("Seed".to_string(), request.seed.to_string()),

@@ -4,10 +4,7 @@
 
 use candle_core::Tensor;
 
-use super::schedule::{
-    ClassDefaults, Schedule, Spacing, exponential_sigmas, interp_index, karras_sigmas,
-    numpy_arange, numpy_linspace, sigma_to_t,
-};
+use super::schedule::{TimestepRounding, alpha_sigma, lambda, multistep_steps};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::engine::config::SchedulerConfig;
 use crate::engine::noise::NoiseGenerator;
@@ -24,16 +21,6 @@ pub struct DpmSolverMultistep {
     previous: Option<Tensor>,
     /// The SDE variant: fresh noise every step (from the job's seeded generator).
     sde: bool,
-}
-
-/// `alpha_t, sigma_t` of a sigma, as `_sigma_to_alpha_sigma_t` (in float32, like the tensors).
-fn alpha_sigma(sigma: f32) -> (f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha as f64, (sigma * alpha) as f64)
-}
-
-fn lambda(alpha: f64, sigma: f64) -> f64 {
-    alpha.ln() - sigma.ln()
 }
 
 impl DpmSolverMultistep {
@@ -54,76 +41,16 @@ impl DpmSolverMultistep {
                 "DPM++ 2M with a non-zero final sigma".into(),
             ));
         }
-        // DPMSolverMultistepScheduler's own default spacing is linspace.
-        let spacing = Schedule::from_config(
-            config,
-            ClassDefaults {
-                spacing: Spacing::Linspace,
-            },
-        )?;
-        let train = spacing.train_timesteps;
-        // lambda_min_clipped is -inf by default: the last timestep is T.
-        let last_timestep = train as f64;
-        let mut timesteps: Vec<f64> = match spacing.spacing {
-            Spacing::Linspace => {
-                let mut t: Vec<f64> = numpy_linspace(0.0, last_timestep - 1.0, steps + 1)
-                    .into_iter()
-                    .map(f64::round_ties_even)
-                    .rev()
-                    .collect();
-                t.pop();
-                t
-            }
-            Spacing::Leading => {
-                let ratio = (last_timestep as usize / (steps + 1)) as f64;
-                let mut t: Vec<f64> = (0..=steps)
-                    .rev()
-                    .map(|i| (i as f64 * ratio).round_ties_even())
-                    .collect();
-                t.pop();
-                t.iter().map(|v| v + spacing.steps_offset as f64).collect()
-            }
-            Spacing::Trailing => numpy_arange(last_timestep, 0.0, -(train as f64 / steps as f64))
-                .into_iter()
-                .map(|t| t.round_ties_even() - 1.0)
-                .collect(),
+        // diffusers rounds Karras timesteps (except for squaredcos_cap_v2, where it truncates).
+        let rounding = if config.beta_schedule.as_deref() == Some("squaredcos_cap_v2") {
+            TimestepRounding::Truncate
+        } else {
+            TimestepRounding::Round
         };
-        let train_sigmas = spacing.train_sigmas();
-        let log_sigmas = spacing.log_train_sigmas();
-        let (sigma_min, sigma_max) = (train_sigmas[0], train_sigmas[train_sigmas.len() - 1]);
-        let spaced = match schedule {
-            SigmaSchedule::Default => None,
-            SigmaSchedule::Karras => Some((karras_sigmas(sigma_min, sigma_max, steps), true)),
-            SigmaSchedule::Exponential => {
-                Some((exponential_sigmas(sigma_min, sigma_max, steps), false))
-            }
-        };
-        let squaredcos = config.beta_schedule.as_deref() == Some("squaredcos_cap_v2");
-        let mut sigmas: Vec<f32> = match spaced {
-            None => timesteps
-                .iter()
-                .map(|&t| interp_index(t, &train_sigmas) as f32)
-                .collect(),
-            Some((spaced, round)) => {
-                // diffusers rounds Karras timesteps (except for squaredcos_cap_v2), then stores
-                // them as int64, which truncates what was not rounded.
-                timesteps = spaced
-                    .iter()
-                    .map(|&s| {
-                        let t = sigma_to_t(s, &log_sigmas);
-                        if round && !squaredcos {
-                            t.round_ties_even()
-                        } else {
-                            t.trunc()
-                        }
-                    })
-                    .collect();
-                spaced.iter().map(|&s| s as f32).collect()
-            }
-        };
+        let (timesteps, mut sigmas) = multistep_steps(config, steps, schedule, rounding)?;
         sigmas.push(0.0);
         Ok(Self {
-            timesteps: timesteps.iter().map(|t| t.trunc()).collect(),
+            timesteps,
             sigmas,
             prediction: Prediction::from_config(config)?,
             previous: None,

@@ -2,10 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::schedule::{
-    ClassDefaults, Schedule, Spacing, exponential_sigmas, interp_index, karras_sigmas,
-    scale_by_sigma, sigma_to_t,
-};
+use super::schedule::{SigmaSteps, scale_by_sigma};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::engine::config::SchedulerConfig;
 use crate::engine::noise::NoiseGenerator;
@@ -40,52 +37,11 @@ impl EulerScheduler {
                 "Euler with continuous timesteps or a non-zero final sigma".into(),
             ));
         }
-        // EulerDiscreteScheduler's own default spacing is linspace.
-        let schedule = Schedule::from_config(
-            config,
-            ClassDefaults {
-                spacing: Spacing::Linspace,
-            },
-        )?;
-        let train_sigmas = schedule.train_sigmas();
-        let mut timesteps = schedule.continuous_timesteps(steps);
-        let interpolated: Vec<f64> = match config.interpolation_type.as_deref().unwrap_or("linear")
-        {
-            "linear" => timesteps
-                .iter()
-                .map(|&t| interp_index(t, &train_sigmas))
-                .collect(),
-            other => {
-                return Err(EngineError::Unsupported(format!(
-                    "Euler interpolation_type {other:?}"
-                )));
-            }
-        };
-        let (sigma_max, sigma_min) = (interpolated[0], interpolated[interpolated.len() - 1]);
-        let spaced: Option<Vec<f64>> = match sigma_schedule {
-            SigmaSchedule::Default => None,
-            SigmaSchedule::Karras => Some(karras_sigmas(sigma_min, sigma_max, steps)),
-            SigmaSchedule::Exponential => Some(exponential_sigmas(sigma_min, sigma_max, steps)),
-        };
-        let mut sigmas: Vec<f32> = match spaced {
-            None => interpolated.iter().map(|&s| s as f32).collect(),
-            Some(spaced) => {
-                // log of the float32 training sigmas, as numpy computes it.
-                let log_sigmas = schedule.log_train_sigmas();
-                timesteps = spaced.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
-                spaced.iter().map(|&s| s as f32).collect()
-            }
-        };
-        sigmas.push(0.0);
-        let max_sigma = sigmas.iter().copied().fold(0.0f32, f32::max);
-        let init_noise_sigma = match schedule.spacing {
-            Spacing::Linspace | Spacing::Trailing => max_sigma as f64,
-            Spacing::Leading => (max_sigma * max_sigma + 1.0).sqrt() as f64,
-        };
+        let steps = SigmaSteps::new(config, steps, sigma_schedule)?;
         Ok(Self {
-            timesteps: timesteps.iter().map(|&t| t as f32 as f64).collect(),
-            sigmas,
-            init_noise_sigma,
+            timesteps: steps.timesteps,
+            sigmas: steps.sigmas,
+            init_noise_sigma: steps.init_noise_sigma,
             prediction: Prediction::from_config(config)?,
             ancestral: false,
         })
@@ -96,6 +52,7 @@ impl EulerScheduler {
         // EulerAncestralDiscreteScheduler knows no Karras sigmas; its config flag is ignored there.
         let plain = SchedulerConfig {
             use_karras_sigmas: None,
+            use_exponential_sigmas: None,
             ..config.clone()
         };
         let mut scheduler = Self::new(&plain, steps, SigmaSchedule::Default)?;

@@ -4,10 +4,19 @@
 //! `XScheduler.from_config(config)` is, and checked against diffusers in the tests.
 
 pub mod ddim;
+pub mod ddpm;
+pub mod deis;
+pub mod dpm_sde;
 pub mod dpm_solver;
+pub mod dpmpp_2s;
 pub mod euler;
 pub mod heun;
+pub mod kdpm2;
+pub mod lcm;
+pub mod lms;
+pub mod pndm;
 pub mod schedule;
+pub mod unipc;
 
 use candle_core::Tensor;
 
@@ -45,21 +54,42 @@ pub trait Scheduler: Send {
     ) -> Result<StepOutput>;
 }
 
-/// The samplers Atelier knows, by the ids the CLI and metadata use.
+/// The samplers Atelier knows, by the ids the CLI and metadata use
+/// (`../shared/docs/schedulers.md` maps each to its diffusers class).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SchedulerKind {
-    /// DDIM (eta 0).
+    /// DDIM (DDIMScheduler), deterministic unless eta > 0.
     Ddim,
+    /// DDPM (DDPMScheduler): stochastic.
+    Ddpm,
+    /// PLMS (PNDMScheduler with skip_prk_steps): one more evaluation than steps.
+    Pndm,
+    /// LMS (LMSDiscreteScheduler): linear multistep of order 4.
+    Lms,
     /// Euler (EulerDiscreteScheduler).
     Euler,
     /// Euler a (EulerAncestralDiscreteScheduler): stochastic.
     EulerA,
     /// Heun (HeunDiscreteScheduler): two model evaluations per step.
     Heun,
+    /// DPM2 (KDPM2DiscreteScheduler): two model evaluations per step.
+    Dpm2,
+    /// DPM2 a (KDPM2AncestralDiscreteScheduler): two evaluations per step, stochastic.
+    Dpm2A,
     /// DPM++ 2M (DPMSolverMultistepScheduler).
     DpmPp2m,
     /// DPM++ 2M SDE (DPMSolverMultistepScheduler, sde-dpmsolver++): stochastic.
     DpmPp2mSde,
+    /// DPM++ SDE (DPMSolverSDEScheduler): two evaluations per step, stochastic.
+    DpmPpSde,
+    /// DPM++ 2S a (k-diffusion's sample_dpmpp_2s_ancestral): two evaluations per step, stochastic.
+    DpmPp2sA,
+    /// UniPC (UniPCMultistepScheduler).
+    UniPc,
+    /// DEIS (DEISMultistepScheduler).
+    Deis,
+    /// LCM (LCMScheduler), for LCM-distilled models: stochastic.
+    Lcm,
 }
 
 impl SchedulerKind {
@@ -70,18 +100,38 @@ impl SchedulerKind {
         SchedulerKind::Heun,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mSde,
+        SchedulerKind::DpmPpSde,
+        SchedulerKind::DpmPp2sA,
+        SchedulerKind::Dpm2,
+        SchedulerKind::Dpm2A,
+        SchedulerKind::Lms,
+        SchedulerKind::UniPc,
+        SchedulerKind::Deis,
         SchedulerKind::Ddim,
+        SchedulerKind::Pndm,
+        SchedulerKind::Ddpm,
+        SchedulerKind::Lcm,
     ];
 
     /// The CLI id, e.g. `euler`.
     pub fn id(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Ddpm => "ddpm",
+            SchedulerKind::Pndm => "pndm",
+            SchedulerKind::Lms => "lms",
             SchedulerKind::Euler => "euler",
             SchedulerKind::EulerA => "euler-a",
             SchedulerKind::Heun => "heun",
+            SchedulerKind::Dpm2 => "dpm2",
+            SchedulerKind::Dpm2A => "dpm2-a",
             SchedulerKind::DpmPp2m => "dpmpp-2m",
             SchedulerKind::DpmPp2mSde => "dpmpp-2m-sde",
+            SchedulerKind::DpmPpSde => "dpmpp-sde",
+            SchedulerKind::DpmPp2sA => "dpmpp-2s-a",
+            SchedulerKind::UniPc => "unipc",
+            SchedulerKind::Deis => "deis",
+            SchedulerKind::Lcm => "lcm",
         }
     }
 
@@ -89,11 +139,21 @@ impl SchedulerKind {
     pub fn display_name(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "DDIM",
+            SchedulerKind::Ddpm => "DDPM",
+            SchedulerKind::Pndm => "PLMS",
+            SchedulerKind::Lms => "LMS",
             SchedulerKind::Euler => "Euler",
             SchedulerKind::EulerA => "Euler a",
             SchedulerKind::Heun => "Heun",
+            SchedulerKind::Dpm2 => "DPM2",
+            SchedulerKind::Dpm2A => "DPM2 a",
             SchedulerKind::DpmPp2m => "DPM++ 2M",
             SchedulerKind::DpmPp2mSde => "DPM++ 2M SDE",
+            SchedulerKind::DpmPpSde => "DPM++ SDE",
+            SchedulerKind::DpmPp2sA => "DPM++ 2S a",
+            SchedulerKind::UniPc => "UniPC",
+            SchedulerKind::Deis => "DEIS",
+            SchedulerKind::Lcm => "LCM",
         }
     }
 
@@ -108,31 +168,62 @@ impl SchedulerKind {
         Ok(sampler.kind)
     }
 
-    /// Model evaluations for `steps` steps (Heun evaluates twice per step, but once for the last).
+    /// Whether the sampler draws fresh noise (from the job's seeded generator) as it goes.
+    pub fn is_stochastic(self) -> bool {
+        matches!(
+            self,
+            SchedulerKind::Ddpm
+                | SchedulerKind::EulerA
+                | SchedulerKind::Dpm2A
+                | SchedulerKind::DpmPp2mSde
+                | SchedulerKind::DpmPpSde
+                | SchedulerKind::DpmPp2sA
+                | SchedulerKind::Lcm
+        )
+    }
+
+    /// Model evaluations for `steps` steps: the second-order singlestep samplers evaluate twice
+    /// per step but once for the last; PLMS once more than steps (from 2 steps on).
     pub fn model_evaluations(self, steps: usize) -> usize {
         match self {
-            SchedulerKind::Heun => (2 * steps).saturating_sub(1),
+            SchedulerKind::Heun
+            | SchedulerKind::Dpm2
+            | SchedulerKind::Dpm2A
+            | SchedulerKind::DpmPpSde
+            | SchedulerKind::DpmPp2sA => (2 * steps).saturating_sub(1),
+            SchedulerKind::Pndm if steps >= 2 => steps + 1,
             _ => steps,
         }
+    }
+
+    /// The most steps whose model evaluations fit in `evaluations` (at least 1).
+    pub fn steps_for_evaluations(self, evaluations: usize) -> usize {
+        (1..=evaluations.max(1))
+            .rev()
+            .find(|&steps| self.model_evaluations(steps) <= evaluations)
+            .unwrap_or(1)
     }
 
     /// Whether the family can use a sigma schedule (DDIM-style samplers step on timesteps).
     pub fn supports(self, sigmas: SigmaSchedule) -> bool {
         match self {
-            SchedulerKind::Ddim | SchedulerKind::EulerA => sigmas == SigmaSchedule::Default,
-            SchedulerKind::Euler
-            | SchedulerKind::Heun
-            | SchedulerKind::DpmPp2m
-            | SchedulerKind::DpmPp2mSde => true,
+            SchedulerKind::Ddim
+            | SchedulerKind::Ddpm
+            | SchedulerKind::Pndm
+            | SchedulerKind::Lcm
+            | SchedulerKind::EulerA => sigmas == SigmaSchedule::Default,
+            _ => true,
         }
     }
 
-    /// Builds the scheduler from the model's config, prepared for `steps` steps.
+    /// Builds the scheduler from the model's config, prepared for `steps` steps. `eta` is DDIM's
+    /// stochasticity (0 = deterministic); the other samplers ignore it.
     pub fn build(
         self,
         config: &SchedulerConfig,
         steps: usize,
         sigmas: SigmaSchedule,
+        eta: f64,
     ) -> Result<Box<dyn Scheduler>> {
         if !self.supports(sigmas) {
             return Err(EngineError::InvalidParameter(format!(
@@ -147,11 +238,25 @@ impl SchedulerKind {
                 config.train_timesteps()
             )));
         }
+        if !(0.0..=1.0).contains(&eta) {
+            return Err(EngineError::InvalidParameter(format!(
+                "eta must be between 0 and 1, got {eta}"
+            )));
+        }
         Ok(match self {
-            SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, steps, 0.0)?),
+            SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, steps, eta)?),
+            SchedulerKind::Ddpm => Box::new(ddpm::DdpmScheduler::new(config, steps)?),
+            SchedulerKind::Pndm => Box::new(pndm::PndmScheduler::new(config, steps)?),
+            SchedulerKind::Lms => Box::new(lms::LmsScheduler::new(config, steps, sigmas)?),
             SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, steps, sigmas)?),
             SchedulerKind::EulerA => Box::new(euler::EulerScheduler::ancestral(config, steps)?),
             SchedulerKind::Heun => Box::new(heun::HeunScheduler::new(config, steps, sigmas)?),
+            SchedulerKind::Dpm2 | SchedulerKind::Dpm2A => Box::new(kdpm2::Kdpm2Scheduler::new(
+                config,
+                steps,
+                sigmas,
+                self == SchedulerKind::Dpm2A,
+            )?),
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mSde => {
                 Box::new(dpm_solver::DpmSolverMultistep::new(
                     config,
@@ -160,6 +265,15 @@ impl SchedulerKind {
                     self == SchedulerKind::DpmPp2mSde,
                 )?)
             }
+            SchedulerKind::DpmPpSde => {
+                Box::new(dpm_sde::DpmSdeScheduler::new(config, steps, sigmas)?)
+            }
+            SchedulerKind::DpmPp2sA => {
+                Box::new(dpmpp_2s::DpmPp2sAncestral::new(config, steps, sigmas)?)
+            }
+            SchedulerKind::UniPc => Box::new(unipc::UniPcScheduler::new(config, steps, sigmas)?),
+            SchedulerKind::Deis => Box::new(deis::DeisScheduler::new(config, steps, sigmas)?),
+            SchedulerKind::Lcm => Box::new(lcm::LcmScheduler::new(config, steps)?),
         })
     }
 }
@@ -195,11 +309,15 @@ impl SigmaSchedule {
         }
     }
 
-    /// This schedule, or Karras when it is the default and the config sets `use_karras_sigmas`.
+    /// This schedule, or the config's (`use_karras_sigmas`, `use_exponential_sigmas`) when it is
+    /// the default.
     pub fn resolve(self, config: &SchedulerConfig) -> Self {
         match self {
             SigmaSchedule::Default if config.use_karras_sigmas == Some(true) => {
                 SigmaSchedule::Karras
+            }
+            SigmaSchedule::Default if config.use_exponential_sigmas == Some(true) => {
+                SigmaSchedule::Exponential
             }
             other => other,
         }

@@ -270,3 +270,196 @@ pub fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
 pub fn scale_by_sigma(sample: &candle_core::Tensor, sigma: f32) -> Result<candle_core::Tensor> {
     Ok((sample / (sigma * sigma + 1.0).sqrt() as f64)?)
 }
+
+/// The noise levels of the k-diffusion style samplers (Euler, Heun, LMS, DPM2, DPM++ SDE, 2S a),
+/// as diffusers' `EulerDiscreteScheduler.set_timesteps` computes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigmaSteps {
+    /// The (fractional) timestep of each step, largest first, as float32 values.
+    pub timesteps: Vec<f64>,
+    /// The sigma of each step, then 0.
+    pub sigmas: Vec<f32>,
+    /// Standard deviation of the initial noise.
+    pub init_noise_sigma: f64,
+}
+
+impl SigmaSteps {
+    /// Spaces `steps` sigmas by the config's timestep spacing, then by `schedule`; classes whose
+    /// default spacing is `linspace` (all of the k-diffusion family in diffusers).
+    pub fn new(
+        config: &SchedulerConfig,
+        steps: usize,
+        schedule: super::SigmaSchedule,
+    ) -> Result<Self> {
+        let spacing = Schedule::from_config(
+            config,
+            ClassDefaults {
+                spacing: Spacing::Linspace,
+            },
+        )?;
+        let train_sigmas = spacing.train_sigmas();
+        let mut timesteps = spacing.continuous_timesteps(steps);
+        let interpolated: Vec<f64> = match config.interpolation_type.as_deref().unwrap_or("linear")
+        {
+            "linear" => timesteps
+                .iter()
+                .map(|&t| interp_index(t, &train_sigmas))
+                .collect(),
+            other => {
+                return Err(EngineError::Unsupported(format!(
+                    "interpolation_type {other:?}"
+                )));
+            }
+        };
+        let (sigma_max, sigma_min) = (interpolated[0], interpolated[interpolated.len() - 1]);
+        let spaced: Option<Vec<f64>> = match schedule {
+            super::SigmaSchedule::Default => None,
+            super::SigmaSchedule::Karras => Some(karras_sigmas(sigma_min, sigma_max, steps)),
+            super::SigmaSchedule::Exponential => {
+                Some(exponential_sigmas(sigma_min, sigma_max, steps))
+            }
+        };
+        let mut sigmas: Vec<f32> = match spaced {
+            None => interpolated.iter().map(|&s| s as f32).collect(),
+            Some(spaced) => {
+                // log of the float32 training sigmas, as numpy computes it.
+                let log_sigmas = spacing.log_train_sigmas();
+                timesteps = spaced.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
+                spaced.iter().map(|&s| s as f32).collect()
+            }
+        };
+        sigmas.push(0.0);
+        let max_sigma = sigmas.iter().copied().fold(0.0f32, f32::max);
+        let init_noise_sigma = match spacing.spacing {
+            Spacing::Linspace | Spacing::Trailing => max_sigma as f64,
+            Spacing::Leading => (max_sigma * max_sigma + 1.0).sqrt() as f64,
+        };
+        Ok(Self {
+            timesteps: timesteps.iter().map(|&t| t as f32 as f64).collect(),
+            sigmas,
+            init_noise_sigma,
+        })
+    }
+}
+
+/// How a multistep solver turns Karras or exponential sigmas back into integer timesteps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepRounding {
+    /// Round to the nearest timestep.
+    Round,
+    /// Truncate (what storing a fractional timestep as int64 does).
+    Truncate,
+}
+
+/// Timesteps and sigmas of the multistep solvers (DPM-Solver++, UniPC, DEIS), as their
+/// `set_timesteps` computes them: `steps + 1` points with the last dropped, integer timesteps.
+/// The sigmas have no final entry; each solver appends its own.
+pub fn multistep_steps(
+    config: &SchedulerConfig,
+    steps: usize,
+    schedule: super::SigmaSchedule,
+    karras_rounding: TimestepRounding,
+) -> Result<(Vec<f64>, Vec<f32>)> {
+    // These classes' own default spacing is linspace.
+    let spacing = Schedule::from_config(
+        config,
+        ClassDefaults {
+            spacing: Spacing::Linspace,
+        },
+    )?;
+    let train = spacing.train_timesteps;
+    let last_timestep = train as f64;
+    let mut timesteps: Vec<f64> = match spacing.spacing {
+        Spacing::Linspace => {
+            let mut t: Vec<f64> = numpy_linspace(0.0, last_timestep - 1.0, steps + 1)
+                .into_iter()
+                .map(f64::round_ties_even)
+                .rev()
+                .collect();
+            t.pop();
+            t
+        }
+        Spacing::Leading => {
+            let ratio = (train / (steps + 1)) as f64;
+            let mut t: Vec<f64> = (0..=steps)
+                .rev()
+                .map(|i| (i as f64 * ratio).round_ties_even())
+                .collect();
+            t.pop();
+            t.iter().map(|v| v + spacing.steps_offset as f64).collect()
+        }
+        Spacing::Trailing => numpy_arange(last_timestep, 0.0, -(train as f64 / steps as f64))
+            .into_iter()
+            .map(|t| t.round_ties_even() - 1.0)
+            .collect(),
+    };
+    let train_sigmas = spacing.train_sigmas();
+    let log_sigmas = spacing.log_train_sigmas();
+    let (sigma_min, sigma_max) = (train_sigmas[0], train_sigmas[train_sigmas.len() - 1]);
+    let spaced = match schedule {
+        super::SigmaSchedule::Default => None,
+        super::SigmaSchedule::Karras => {
+            Some((karras_sigmas(sigma_min, sigma_max, steps), karras_rounding))
+        }
+        super::SigmaSchedule::Exponential => Some((
+            exponential_sigmas(sigma_min, sigma_max, steps),
+            TimestepRounding::Truncate,
+        )),
+    };
+    let sigmas: Vec<f32> = match spaced {
+        None => timesteps
+            .iter()
+            .map(|&t| interp_index(t, &train_sigmas) as f32)
+            .collect(),
+        Some((spaced, rounding)) => {
+            timesteps = spaced
+                .iter()
+                .map(|&s| {
+                    let t = sigma_to_t(s, &log_sigmas);
+                    match rounding {
+                        TimestepRounding::Round => t.round_ties_even(),
+                        TimestepRounding::Truncate => t.trunc(),
+                    }
+                })
+                .collect();
+            spaced.iter().map(|&s| s as f32).collect()
+        }
+    };
+    Ok((timesteps.iter().map(|t| t.trunc()).collect(), sigmas))
+}
+
+/// `alpha_t, sigma_t` of a k-diffusion sigma (diffusers' `_sigma_to_alpha_sigma_t`), in float32
+/// like the tensors they are computed on.
+pub fn alpha_sigma(sigma: f32) -> (f64, f64) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha as f64, (sigma * alpha) as f64)
+}
+
+/// Half-log signal-to-noise ratio `log(alpha) - log(sigma)`.
+pub fn lambda(alpha: f64, sigma: f64) -> f64 {
+    alpha.ln() - sigma.ln()
+}
+
+/// [`sigma_to_t`] as diffusers evaluates it on float32 tensors (KDPM2's interpolated sigmas).
+pub fn sigma_to_t_f32(sigma: f32, log_sigmas: &[f64]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let last_below = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l as f32 >= 0.0)
+        .unwrap_or(0);
+    let low_index = last_below.min(log_sigmas.len().saturating_sub(2));
+    let (low, high) = (
+        log_sigmas[low_index] as f32,
+        log_sigmas[low_index + 1] as f32,
+    );
+    let w = ((low - log_sigma) / (low - high)).clamp(0.0, 1.0);
+    ((1.0 - w) * low_index as f32 + w * (low_index + 1) as f32) as f64
+}
+
+/// `torch.lerp(start, end, 0.5)` on float32, in log space, then exponentiated: the geometric
+/// mean of two sigmas as KDPM2 computes it (0 when either is 0).
+pub fn log_midpoint_f32(a: f32, b: f32) -> f32 {
+    let (start, end) = (a.ln(), b.ln());
+    // torch's lerp with weight >= 0.5 computes end - (end - start) * (1 - weight).
+    (end - (end - start) * 0.5).exp()
+}

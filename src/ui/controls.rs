@@ -298,6 +298,14 @@ fn parameters_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand
             });
             ui.end_row();
 
+            if current == SchedulerKind::Ddim {
+                let eta_label = ui.label("Eta");
+                ui.add(egui::Slider::new(&mut settings.eta, 0.0..=1.0).fixed_decimals(2))
+                    .labelled_by(eta_label.id)
+                    .on_hover_text("0: deterministic DDIM; 1: as much fresh noise as DDPM");
+                ui.end_row();
+            }
+
             let batch_label = ui.label("Batch count");
             ui.add(egui::DragValue::new(&mut settings.batch_count).range(1..=32))
                 .labelled_by(batch_label.id)

@@ -231,6 +231,11 @@ impl AtelierApp {
             } else {
                 SigmaSchedule::Default
             },
+            eta: if scheduler == SchedulerKind::Ddim {
+                s.eta.clamp(0.0, 1.0)
+            } else {
+                0.0
+            },
         }
     }
 

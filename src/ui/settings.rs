@@ -33,6 +33,8 @@ pub struct Settings {
     pub scheduler: String,
     /// Sigma schedule (for schedulers that have one).
     pub sigma_schedule: crate::schedulers::SigmaSchedule,
+    /// DDIM's eta (0: deterministic).
+    pub eta: f64,
     /// Jobs queued per Generate (seeds follow one another).
     pub batch_count: usize,
     /// Full VAE preview every N steps (0: the cheap projection only).
@@ -57,6 +59,7 @@ impl Default for Settings {
             height: 512,
             scheduler: "euler".into(),
             sigma_schedule: Default::default(),
+            eta: 0.0,
             batch_count: 1,
             vae_preview_every: 0,
             zoom_to_fit: true,
