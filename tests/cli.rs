@@ -108,6 +108,93 @@ fn generate_reproduces_diffusers_from_the_same_noise() {
     assert_eq!(parameters.get("Initial noise"), Some("noise.npy"));
 }
 
+/// The bar for the full pipeline: `atelier generate` from diffusers' noise ends at
+/// diffusers' latents with every scheduler of the fixture runs (11 of them for SD 2.x).
+#[test]
+fn generate_reproduces_diffusers_with_every_fixture_scheduler() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = Expected::load("sd2");
+    let run = &expected.meta["run"];
+    let noise_path = dir.path().join("noise.npy");
+    expected.tensor("noise").write_npy(&noise_path).unwrap();
+    let mut checked = Vec::new();
+    for entry in expected.meta["runs"].as_array().unwrap() {
+        if !entry["negative_prompt"].as_bool().unwrap() {
+            continue;
+        }
+        let scheduler = entry["scheduler"].as_str().unwrap();
+        let key = entry["key"].as_str().unwrap();
+        let latents_path = dir.path().join(format!("{key}.npy"));
+        let output = atelier()
+            .args(["generate", "--model"])
+            .arg(model_dir("sd2"))
+            .args(["--prompt", expected.meta["prompt"].as_str().unwrap()])
+            .args([
+                "--negative-prompt",
+                expected.meta["negative_prompt"].as_str().unwrap(),
+            ])
+            .args(["--steps", &run["steps"].to_string()])
+            .args(["--guidance", &run["guidance"].to_string()])
+            .args(["--width", &run["width"].to_string()])
+            .args(["--height", &run["height"].to_string()])
+            .args(["--scheduler", scheduler, "--device", "cpu"])
+            .arg("--init-noise")
+            .arg(&noise_path)
+            .arg("--save-latents")
+            .arg(&latents_path)
+            .arg("--out")
+            .arg(dir.path().join(format!("{key}.png")))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{scheduler}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_close(
+            &format!("CLI latents with {scheduler}"),
+            &Tensor::read_npy(&latents_path).unwrap(),
+            expected.tensor(&format!("run_{key}_latents")),
+            1e-3,
+        );
+        checked.push(scheduler.to_string());
+    }
+    assert!(checked.len() >= 8, "only {checked:?}");
+}
+
+#[test]
+fn schedulers_command_prints_the_quality_map_and_plots_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("quality.png");
+    let output = atelier()
+        .args(["schedulers", "--samples", "500", "--plot"])
+        .arg(&plot)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = String::from_utf8_lossy(&output.stdout);
+    for id in atelier::schedulers::Sampler::all_ids() {
+        if !id.ends_with("-exponential") {
+            assert!(
+                table.lines().any(|l| l.starts_with(&format!("{id} "))),
+                "{id} missing:\n{table}"
+            );
+        }
+    }
+    assert!(table.contains("50 evals"));
+    let image = image::open(&plot).unwrap();
+    assert!(image.width() > 600 && image.height() > 400);
+    let refused = atelier()
+        .args(["schedulers", "--samples", "5"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+}
+
 #[test]
 fn same_seed_same_image_and_batch_seeds_follow() {
     let dir = tempfile::tempdir().unwrap();

@@ -190,6 +190,7 @@ fn full_runs_match_diffusers() {
                 batch_size: 1,
                 scheduler: sampler.kind,
                 sigmas: sampler.sigmas,
+                eta: 0.0,
             };
             let output = model
                 .generate(

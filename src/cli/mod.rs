@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+pub mod schedulers;
 
 use std::process::ExitCode;
 
@@ -83,6 +84,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Time text encoding, UNet steps and VAE decode.
     Bench(bench::BenchArgs),
+    /// Measure every sampler against the ideal denoiser: error at 5, 10, 20 and 50 model
+    /// evaluations.
+    Schedulers(schedulers::SchedulersArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -92,6 +96,7 @@ pub fn main() -> ExitCode {
         None => run_window(cli.window),
         Some(Command::Generate(args)) => generate::run(args),
         Some(Command::Bench(args)) => bench::run(args),
+        Some(Command::Schedulers(args)) => schedulers::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

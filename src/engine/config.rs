@@ -406,6 +406,8 @@ impl SchedulerConfig {
             timestep_spacing: Some("leading".into()),
             steps_offset: Some(1),
             set_alpha_to_one: Some(false),
+            clip_sample: Some(false),
+            skip_prk_steps: Some(true),
             ..Default::default()
         }
     }

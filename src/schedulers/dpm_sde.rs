@@ -95,7 +95,7 @@ impl DpmSdeScheduler {
 
     fn input_sigma(&self, index: usize) -> f32 {
         let k = index / 2;
-        if index % 2 == 0 {
+        if index.is_multiple_of(2) {
             self.sigmas[k]
         } else {
             midpoint_sigma(self.sigmas[k], self.sigmas[k + 1])

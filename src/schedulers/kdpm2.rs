@@ -109,7 +109,7 @@ impl Kdpm2Scheduler {
     /// The sigma at which evaluation `index` sees the model.
     fn input_sigma(&self, index: usize) -> f32 {
         let k = index / 2;
-        if index % 2 == 0 {
+        if index.is_multiple_of(2) {
             self.sigmas[k]
         } else {
             self.midpoints[k]
@@ -144,7 +144,7 @@ impl Scheduler for Kdpm2Scheduler {
             .prediction
             .x0_at_sigma(model_output, sample, sigma_input)?;
         let derivative = ((sample - &pred_x0)? / sigma_input)?;
-        let prev_sample = if index % 2 == 0 {
+        let prev_sample = if index.is_multiple_of(2) {
             // First half: to the midpoint (the last step goes to 0 and has no second half).
             let dt = self.midpoints[k] as f64 - sigma;
             self.saved = Some(sample.clone());

@@ -15,6 +15,7 @@ pub mod kdpm2;
 pub mod lcm;
 pub mod lms;
 pub mod pndm;
+pub mod quality;
 pub mod schedule;
 pub mod unipc;
 

@@ -43,10 +43,11 @@ fn solve(mut matrix: Vec<Vec<f64>>, mut rhs: Vec<f64>) -> Vec<f64> {
             .unwrap_or(col);
         matrix.swap(col, pivot);
         rhs.swap(col, pivot);
+        let pivot_row = matrix[col].clone();
         for row in col + 1..n {
-            let factor = matrix[row][col] / matrix[col][col];
-            for c in col..n {
-                matrix[row][c] -= factor * matrix[col][c];
+            let factor = matrix[row][col] / pivot_row[col];
+            for (value, pivot_value) in matrix[row].iter_mut().zip(&pivot_row).skip(col) {
+                *value -= factor * pivot_value;
             }
             rhs[row] -= factor * rhs[col];
         }
@@ -247,10 +248,11 @@ impl Scheduler for UniPcScheduler {
             Prediction::Sample => model_output.clone(),
         };
         let mut sample = sample.clone();
-        if index > 0 && !self.disable_corrector.contains(&(index - 1)) {
-            if let Some(last) = &self.last_sample {
-                sample = self.corrector(&pred_x0, last, index, self.this_order)?;
-            }
+        if let Some(last) = &self.last_sample
+            && index > 0
+            && !self.disable_corrector.contains(&(index - 1))
+        {
+            sample = self.corrector(&pred_x0, last, index, self.this_order)?;
         }
         self.model_outputs.push(pred_x0.clone());
         if self.model_outputs.len() > self.solver_order {
