@@ -267,6 +267,46 @@ pub fn write_png(
     result
 }
 
+/// The text chunks of a PNG that come before its image data (where Atelier, A1111 (PIL),
+/// ComfyUI and InvokeAI all put them), without decoding the pixels; falls back to
+/// [`read_png_text`] when there are none. Fast enough to index thousands of files.
+pub fn read_png_text_fast(path: &Path) -> Result<BTreeMap<String, String>, PngError> {
+    let display = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| PngError::Io {
+        path: display.clone(),
+        source,
+    })?;
+    let reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .map_err(|e| PngError::Format {
+            path: display.clone(),
+            message: e.to_string(),
+        })?;
+    let chunks = text_of(reader.info());
+    if chunks.is_empty() {
+        return read_png_text(path);
+    }
+    Ok(chunks)
+}
+
+fn text_of(info: &png::Info<'_>) -> BTreeMap<String, String> {
+    let mut chunks = BTreeMap::new();
+    for chunk in &info.uncompressed_latin1_text {
+        chunks.insert(chunk.keyword.clone(), chunk.text.clone());
+    }
+    for chunk in &info.compressed_latin1_text {
+        if let Ok(text) = chunk.get_text() {
+            chunks.insert(chunk.keyword.clone(), text);
+        }
+    }
+    for chunk in &info.utf8_text {
+        if let Ok(text) = chunk.get_text() {
+            chunks.insert(chunk.keyword.clone(), text);
+        }
+    }
+    chunks
+}
+
 /// Reads every text chunk (tEXt, zTXt, iTXt) of a PNG, keyword to text.
 pub fn read_png_text(path: &Path) -> Result<BTreeMap<String, String>, PngError> {
     let display = path.display().to_string();
@@ -285,22 +325,7 @@ pub fn read_png_text(path: &Path) -> Result<BTreeMap<String, String>, PngError> 
     let mut buffer = vec![0; reader.output_buffer_size().unwrap_or(0)];
     reader.next_frame(&mut buffer).map_err(format_error)?;
     reader.finish().map_err(format_error)?;
-    let info = reader.info();
-    let mut chunks = BTreeMap::new();
-    for chunk in &info.uncompressed_latin1_text {
-        chunks.insert(chunk.keyword.clone(), chunk.text.clone());
-    }
-    for chunk in &info.compressed_latin1_text {
-        if let Ok(text) = chunk.get_text() {
-            chunks.insert(chunk.keyword.clone(), text);
-        }
-    }
-    for chunk in &info.utf8_text {
-        if let Ok(text) = chunk.get_text() {
-            chunks.insert(chunk.keyword.clone(), text);
-        }
-    }
-    Ok(chunks)
+    Ok(text_of(reader.info()))
 }
 
 #[cfg(test)]

@@ -1,3 +1,7 @@
-//! Storage of images and their metadata.
+//! Storage of images and their metadata: a folder of PNGs, indexed in SQLite.
 
+pub mod import;
+pub mod library;
 pub mod metadata;
+pub mod record;
+pub mod worker;

@@ -1,0 +1,320 @@
+//! The gallery's threads: one owns the library (saving, searching, importing, deleting), one
+//! makes thumbnails. The window talks to them through channels and never waits.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::Instant;
+
+use image::RgbImage;
+use sha2::{Digest, Sha256};
+
+use super::library::{DeletedImage, GalleryEntry, GalleryQuery, Library, SyncReport, thumbnail};
+use super::record::ImageMetadata;
+
+/// Wakes the window when something arrives.
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// What the window asks of the library.
+pub enum GalleryCommand {
+    /// Open the library at this folder (creating it), replacing the current one.
+    Open(PathBuf),
+    /// Save a finished image; `weights` (the UNet weights file) is hashed for the metadata.
+    Save {
+        /// The pixels.
+        image: RgbImage,
+        /// Its parameters.
+        metadata: Box<ImageMetadata>,
+        /// The model's UNet weights, for the model hash.
+        weights: Option<PathBuf>,
+    },
+    /// Run a search.
+    Search(GalleryQuery),
+    /// Mark or unmark a favourite.
+    SetFavourite(i64, bool),
+    /// Move an image to the trash.
+    Delete(i64),
+    /// Put the last deleted image back.
+    UndoDelete,
+    /// Import PNGs from other tools.
+    Import(Vec<PathBuf>),
+    /// Read every PNG again.
+    Rebuild,
+    /// Load an image at full size.
+    LoadImage(i64),
+}
+
+/// What the library tells the window.
+pub enum GalleryEvent {
+    /// The library is open.
+    Opened {
+        /// Its folder.
+        root: PathBuf,
+        /// What the first sync did.
+        report: SyncReport,
+    },
+    /// An image was saved.
+    Saved(GalleryEntry),
+    /// Search results, newest first.
+    Results {
+        /// The query they answer.
+        query: GalleryQuery,
+        /// The matches.
+        entries: Vec<GalleryEntry>,
+        /// Models and samplers in the library (for the filters).
+        models: Vec<String>,
+        /// Samplers in the library.
+        schedulers: Vec<String>,
+        /// How long the search took.
+        search_ms: f64,
+    },
+    /// The library changed: search again.
+    Changed,
+    /// An image went to the trash (undo possible).
+    Deleted(GalleryEntry),
+    /// A deleted image is back.
+    Restored(GalleryEntry),
+    /// An import finished.
+    Imported {
+        /// Images added.
+        added: Vec<GalleryEntry>,
+        /// Files refused, with the reason.
+        failed: Vec<String>,
+    },
+    /// A full-size image.
+    Image {
+        /// Its entry id.
+        id: i64,
+        /// The pixels.
+        image: RgbImage,
+    },
+    /// Something failed; the message says what.
+    Failed(String),
+}
+
+/// A thumbnail made (or that could not be made).
+pub struct ThumbnailReady {
+    /// The file it belongs to.
+    pub file: String,
+    /// The pixels, or why not.
+    pub image: Result<RgbImage, String>,
+}
+
+/// The window's side of the gallery threads.
+pub struct GalleryHandle {
+    commands: Sender<GalleryCommand>,
+    events: Receiver<GalleryEvent>,
+    thumbnail_requests: Sender<(PathBuf, String)>,
+    thumbnails: Receiver<ThumbnailReady>,
+}
+
+/// The thumbnail size on disk and in the grid.
+pub const THUMBNAIL_SIDE: u32 = 256;
+
+impl GalleryHandle {
+    /// Starts the gallery threads (`atelier-gallery`, `atelier-thumbnails`).
+    pub fn spawn(wake: Wake) -> std::io::Result<Self> {
+        let (commands, command_rx) = channel();
+        let (event_tx, events) = channel();
+        let (thumbnail_requests, request_rx) = channel::<(PathBuf, String)>();
+        let (thumb_tx, thumbnails) = channel();
+        let gallery_wake = wake.clone();
+        std::thread::Builder::new()
+            .name("atelier-gallery".into())
+            .spawn(move || GalleryThread::new(event_tx, gallery_wake).run(command_rx))?;
+        std::thread::Builder::new()
+            .name("atelier-thumbnails".into())
+            .spawn(move || {
+                while let Ok((root, file)) = request_rx.recv() {
+                    let image = thumbnail(&root, &file, THUMBNAIL_SIDE).map_err(|e| e.to_string());
+                    if thumb_tx.send(ThumbnailReady { file, image }).is_err() {
+                        return;
+                    }
+                    wake();
+                }
+            })?;
+        Ok(Self {
+            commands,
+            events,
+            thumbnail_requests,
+            thumbnails,
+        })
+    }
+
+    /// Sends a command; false if the gallery thread is gone.
+    pub fn send(&self, command: GalleryCommand) -> bool {
+        self.commands.send(command).is_ok()
+    }
+
+    /// The next event, if any.
+    pub fn try_recv(&self) -> Option<GalleryEvent> {
+        self.events.try_recv().ok()
+    }
+
+    /// Asks for the thumbnail of `file` in the library at `root`.
+    pub fn request_thumbnail(&self, root: &Path, file: &str) {
+        let _ = self
+            .thumbnail_requests
+            .send((root.to_path_buf(), file.to_string()));
+    }
+
+    /// The next finished thumbnail, if any.
+    pub fn try_thumbnail(&self) -> Option<ThumbnailReady> {
+        self.thumbnails.try_recv().ok()
+    }
+}
+
+/// First 10 hex digits of the SHA-256 of a file (AUTOMATIC1111's "Model hash").
+pub fn file_hash(path: &Path) -> std::io::Result<String> {
+    let mut file = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hex::encode(hasher.finalize())[..10].to_string())
+}
+
+struct GalleryThread {
+    library: Option<Library>,
+    events: Sender<GalleryEvent>,
+    wake: Wake,
+    hashes: HashMap<PathBuf, String>,
+    last_deleted: Option<DeletedImage>,
+}
+
+impl GalleryThread {
+    fn new(events: Sender<GalleryEvent>, wake: Wake) -> Self {
+        Self {
+            library: None,
+            events,
+            wake,
+            hashes: HashMap::new(),
+            last_deleted: None,
+        }
+    }
+
+    fn emit(&self, event: GalleryEvent) {
+        if self.events.send(event).is_ok() {
+            (self.wake)();
+        }
+    }
+
+    fn run(mut self, commands: Receiver<GalleryCommand>) {
+        while let Ok(command) = commands.recv() {
+            if let Err(message) = self.handle(command) {
+                self.emit(GalleryEvent::Failed(message));
+            }
+        }
+    }
+
+    fn library(&mut self) -> Result<&mut Library, String> {
+        self.library
+            .as_mut()
+            .ok_or_else(|| "the gallery is not open".to_string())
+    }
+
+    fn handle(&mut self, command: GalleryCommand) -> Result<(), String> {
+        match command {
+            GalleryCommand::Open(root) => {
+                let (library, report) = Library::open(&root).map_err(|e| e.to_string())?;
+                // Images deleted in an earlier session cannot be undone any more.
+                let _ = library.empty_trash();
+                self.library = Some(library);
+                self.last_deleted = None;
+                self.emit(GalleryEvent::Opened { root, report });
+            }
+            GalleryCommand::Save {
+                image,
+                mut metadata,
+                weights,
+            } => {
+                if let Some(weights) = weights {
+                    if !self.hashes.contains_key(&weights)
+                        && let Ok(hash) = file_hash(&weights)
+                    {
+                        self.hashes.insert(weights.clone(), hash);
+                    }
+                    metadata.model_hash = self.hashes.get(&weights).cloned();
+                }
+                let entry = self
+                    .library()?
+                    .save(&image, &metadata)
+                    .map_err(|e| format!("the image could not be saved to the gallery: {e}"))?;
+                self.emit(GalleryEvent::Saved(entry));
+            }
+            GalleryCommand::Search(query) => {
+                let started = Instant::now();
+                let library = self.library()?;
+                let entries = library.search(&query).map_err(|e| e.to_string())?;
+                let search_ms = started.elapsed().as_secs_f64() * 1e3;
+                let models = library.models().map_err(|e| e.to_string())?;
+                let schedulers = library.schedulers().map_err(|e| e.to_string())?;
+                self.emit(GalleryEvent::Results {
+                    query,
+                    entries,
+                    models,
+                    schedulers,
+                    search_ms,
+                });
+            }
+            GalleryCommand::SetFavourite(id, favourite) => {
+                self.library()?
+                    .set_favourite(id, favourite)
+                    .map_err(|e| e.to_string())?;
+                self.emit(GalleryEvent::Changed);
+            }
+            GalleryCommand::Delete(id) => {
+                let deleted = self.library()?.delete(id).map_err(|e| e.to_string())?;
+                let entry = deleted.entry.clone();
+                self.last_deleted = Some(deleted);
+                self.emit(GalleryEvent::Deleted(entry));
+            }
+            GalleryCommand::UndoDelete => {
+                let Some(deleted) = self.last_deleted.take() else {
+                    return Ok(());
+                };
+                let entry = self
+                    .library()?
+                    .undo_delete(&deleted)
+                    .map_err(|e| e.to_string())?;
+                self.emit(GalleryEvent::Restored(entry));
+            }
+            GalleryCommand::Import(paths) => {
+                let library = self.library()?;
+                let mut added = Vec::new();
+                let mut failed = Vec::new();
+                for path in paths {
+                    match library.import(&path) {
+                        Ok(entry) => added.push(entry),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                self.emit(GalleryEvent::Imported { added, failed });
+            }
+            GalleryCommand::Rebuild => {
+                self.library()?.rebuild().map_err(|e| e.to_string())?;
+                self.emit(GalleryEvent::Changed);
+            }
+            GalleryCommand::LoadImage(id) => {
+                let library = self.library()?;
+                let entry = library
+                    .get(id)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("image {id} is no longer in the library"))?;
+                let path = library.image_path(&entry);
+                let image = image::open(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+                    .to_rgb8();
+                self.emit(GalleryEvent::Image { id, image });
+            }
+        }
+        Ok(())
+    }
+}
