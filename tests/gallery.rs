@@ -320,32 +320,10 @@ fn delete_and_undo_filters_and_corrupt_files_in_the_folder() {
     assert_eq!(library.count().unwrap(), 2);
 }
 
-/// Writes `count` small PNGs with A1111 metadata straight into `folder` (no fsync: test data).
-fn fill_folder(folder: &Path, count: usize) {
-    const WORDS: [&str; 8] = ["fox", "castle", "forest", "ocean", "robot", "portrait", "city", "dragon"];
-    for i in 0..count {
-        let prompt = format!(
-            "a {} in the style of artist{}, {} light",
-            WORDS[i % 8],
-            i % 100,
-            WORDS[(i / 8) % 8]
-        );
-        let text = format!(
-            "{prompt}\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: {i}, Size: 8x8"
-        );
-        let file = std::fs::File::create(folder.join(format!("img-{i:05}.png"))).unwrap();
-        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), 8, 8);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.add_text_chunk("parameters".into(), text).unwrap();
-        let mut writer = encoder.write_header().unwrap();
-        writer.write_image_data(&[i as u8; 8 * 8 * 3]).unwrap();
-    }
-}
-
 #[test]
 fn search_over_ten_thousand_images() {
     let dir = tempfile::tempdir().unwrap();
-    fill_folder(dir.path(), 10_000);
+    atelier::gallery::library::write_sample_library(dir.path(), 10_000).unwrap();
     let started = std::time::Instant::now();
     let (library, report) = Library::open(dir.path()).unwrap();
     let index_secs = started.elapsed().as_secs_f64();

@@ -1,6 +1,7 @@
 //! The command line: `atelier generate`, `atelier bench`, ... (the same binary as the window).
 
 mod bench;
+pub mod gallery;
 mod generate;
 pub mod schedulers;
 
@@ -87,6 +88,8 @@ pub enum Command {
     /// Measure every sampler against the ideal denoiser: error at 5, 10, 20 and 50 model
     /// evaluations.
     Schedulers(schedulers::SchedulersArgs),
+    /// The gallery on the command line: list, search, rebuild, bench.
+    Gallery(gallery::GalleryArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -97,6 +100,7 @@ pub fn main() -> ExitCode {
         Some(Command::Generate(args)) => generate::run(args),
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Schedulers(args)) => schedulers::run(args),
+        Some(Command::Gallery(args)) => gallery::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

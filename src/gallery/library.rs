@@ -656,3 +656,39 @@ pub fn thumbnail(root: &Path, file: &str, side: u32) -> Result<RgbImage> {
     let _ = write_png(&cache, &small, &[]);
     Ok(small)
 }
+
+/// Writes `count` small PNGs with A1111 metadata into `folder` (for benchmarks and tests; no
+/// fsync): prompts combine 8 subjects, 100 artists and 8 lights.
+pub fn write_sample_library(folder: &Path, count: usize) -> Result<()> {
+    const WORDS: [&str; 8] = [
+        "fox", "castle", "forest", "ocean", "robot", "portrait", "city", "dragon",
+    ];
+    for i in 0..count {
+        let prompt = format!(
+            "a {} in the style of artist{}, {} light",
+            WORDS[i % 8],
+            i % 100,
+            WORDS[(i / 8) % 8]
+        );
+        let text = format!(
+            "{prompt}\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: {i}, Size: 8x8"
+        );
+        let path = folder.join(format!("img-{i:05}.png"));
+        let file = std::fs::File::create(&path).map_err(io_error(&path))?;
+        let format_error = |e: png::EncodingError| PngError::Format {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), 8, 8);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder
+            .add_text_chunk("parameters".into(), text)
+            .map_err(format_error)?;
+        let mut writer = encoder.write_header().map_err(format_error)?;
+        writer
+            .write_image_data(&[(i % 256) as u8; 8 * 8 * 3])
+            .map_err(format_error)?;
+        writer.finish().map_err(format_error)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! `atelier gallery list|search|rebuild|bench`: the gallery on the command line.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use crate::gallery::library::{GalleryEntry, GalleryQuery, Library};
+
+/// Arguments of `atelier gallery`.
+#[derive(Debug, Args)]
+pub struct GalleryArgs {
+    /// The library folder (default: the platform's data directory, or ATELIER_LIBRARY).
+    #[arg(long, global = true)]
+    pub library: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: GalleryAction,
+}
+
+/// `atelier gallery` actions.
+#[derive(Debug, Subcommand)]
+pub enum GalleryAction {
+    /// List the newest images.
+    List {
+        /// How many (0: all).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Favourites only.
+        #[arg(long)]
+        favourites: bool,
+    },
+    /// Full-text search over prompts and negative prompts (every word, as a prefix).
+    Search {
+        /// The words.
+        text: String,
+        /// Only this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only this sampler id (e.g. dpmpp-2m-karras).
+        #[arg(long)]
+        scheduler: Option<String>,
+        /// How many (0: all).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Rebuild the index from the PNGs in the folder.
+    Rebuild,
+    /// Time indexing and searching a library of N generated images (in a temporary folder).
+    Bench {
+        /// Images in the library.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+    },
+}
+
+fn open(library: &Option<PathBuf>) -> anyhow::Result<Library> {
+    let root = match library {
+        Some(root) => root.clone(),
+        None => Library::default_root().context(
+            "no data directory on this system; give the library folder with --library",
+        )?,
+    };
+    let (library, report) =
+        Library::open(&root).with_context(|| format!("cannot open the library {}", root.display()))?;
+    if report.rebuilt_corrupt_index {
+        eprintln!("the index was corrupt: set aside and rebuilt from the PNGs");
+    }
+    Ok(library)
+}
+
+fn print_entries(library: &Library, entries: &[GalleryEntry]) {
+    for entry in entries {
+        let m = &entry.metadata;
+        let date = jiff::Timestamp::from_second(m.created_unix)
+            .map(|t| t.strftime("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_default();
+        println!(
+            "{}{date}  {}  seed {}  {} steps  {}  {}x{}  {}\n    {}",
+            if entry.favourite { "* " } else { "  " },
+            m.model,
+            m.seed.map_or("?".into(), |s| s.to_string()),
+            m.steps.map_or("?".into(), |s| s.to_string()),
+            m.scheduler,
+            m.width,
+            m.height,
+            library.image_path(entry).display(),
+            m.prompt.replace('\n', " ")
+        );
+    }
+}
+
+/// Runs `atelier gallery`.
+pub fn run(args: GalleryArgs) -> anyhow::Result<()> {
+    match args.action {
+        GalleryAction::List { limit, favourites } => {
+            let library = open(&args.library)?;
+            let entries = library.search(&GalleryQuery {
+                favourites_only: favourites,
+                limit,
+                ..Default::default()
+            })?;
+            print_entries(&library, &entries);
+            eprintln!("{} of {} images", entries.len(), library.count()?);
+        }
+        GalleryAction::Search {
+            text,
+            model,
+            scheduler,
+            limit,
+        } => {
+            let library = open(&args.library)?;
+            let started = Instant::now();
+            let entries = library.search(&GalleryQuery {
+                text,
+                model,
+                scheduler,
+                limit,
+                ..Default::default()
+            })?;
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            print_entries(&library, &entries);
+            eprintln!("{} matches in {ms:.1} ms", entries.len());
+        }
+        GalleryAction::Rebuild => {
+            let mut library = open(&args.library)?;
+            let report = library.rebuild()?;
+            eprintln!(
+                "rebuilt {}: {} images indexed",
+                library.root().display(),
+                report.added
+            );
+        }
+        GalleryAction::Bench { count } => bench(count)?,
+    }
+    Ok(())
+}
+
+fn bench(count: usize) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("atelier-gallery-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> anyhow::Result<()> {
+        let started = Instant::now();
+        crate::gallery::library::write_sample_library(&dir, count)?;
+        eprintln!("wrote {count} PNGs in {:.2} s", started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let (library, report) = Library::open(&dir)?;
+        println!(
+            "index {} PNGs (first open): {:.2} s",
+            report.added,
+            started.elapsed().as_secs_f64()
+        );
+        let queries = ["dragon", "castle artist4", "portrait city light", "zzz-nothing"];
+        for text in queries {
+            let mut times = Vec::new();
+            let mut hits = 0;
+            for _ in 0..20 {
+                let started = Instant::now();
+                hits = library
+                    .search(&GalleryQuery {
+                        text: text.into(),
+                        ..Default::default()
+                    })?
+                    .len();
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "search {text:?}: {hits} hits, median {:.2} ms (all rows loaded)",
+                times[times.len() / 2]
+            );
+        }
+        for limit in [200, 0] {
+            let started = Instant::now();
+            let rows = library
+                .search(&GalleryQuery {
+                    limit,
+                    ..Default::default()
+                })?
+                .len();
+            println!(
+                "newest first, {rows} rows: {:.2} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(Path::new(&dir));
+    result
+}
