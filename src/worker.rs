@@ -69,6 +69,8 @@ pub struct ModelInfo {
     pub max_prompt_tokens: usize,
     /// Counts prompt tokens.
     pub token_counter: TokenCounter,
+    /// The UNet weights file, hashed for the gallery's metadata (none for fake engines).
+    pub weights_path: Option<std::path::PathBuf>,
 }
 
 /// An error for the window: what happened and what to do next.
@@ -213,6 +215,7 @@ impl Engine for DiffusionEngine {
             device: format!("{:?}", loaded.device().location()),
             max_prompt_tokens: loaded.max_prompt_tokens(),
             token_counter: loaded.token_counter(),
+            weights_path: Some(loaded.unet_weights().to_path_buf()),
         };
         self.model = Some(loaded);
         Ok(info)

@@ -53,7 +53,11 @@ fn foreign_png(path: &Path, chunks: &[(&str, &str)]) {
 fn our_metadata_round_trips_through_the_png() {
     let dir = tempfile::tempdir().unwrap();
     let (mut library, _) = Library::open(dir.path()).unwrap();
-    let metadata = generated("a fox, \"quoted\": yes\nsecond line", 7, SchedulerKind::DpmPp2m);
+    let metadata = generated(
+        "a fox, \"quoted\": yes\nsecond line",
+        7,
+        SchedulerKind::DpmPp2m,
+    );
     let entry = library.save(&pixels(1), &metadata).unwrap();
     let chunks = read_png_text(&library.image_path(&entry)).unwrap();
     // Our JSON gives everything back, timings and hash included.
@@ -68,7 +72,10 @@ fn our_metadata_round_trips_through_the_png() {
     assert_eq!(a1111.get("Model hash"), Some("6ce0161689"));
     let back = ImageMetadata::from_a1111(&a1111);
     assert_eq!(back.scheduler, "dpmpp-2m-karras");
-    assert_eq!((back.seed, back.steps, back.guidance), (Some(7), Some(20), Some(6.5)));
+    assert_eq!(
+        (back.seed, back.steps, back.guidance),
+        (Some(7), Some(20), Some(6.5))
+    );
     assert_eq!((back.width, back.height), (16, 12));
 }
 
@@ -138,7 +145,10 @@ fn imports_read_each_tools_format() {
     assert_eq!(m.source, MetadataSource::A1111);
     assert_eq!(m.prompt, "a castle on a hill, (golden hour:1.2)");
     assert_eq!(m.scheduler, "dpmpp-2m-karras");
-    assert_eq!((m.seed, m.steps, m.guidance), (Some(1_234_567_890), Some(20), Some(7.0)));
+    assert_eq!(
+        (m.seed, m.steps, m.guidance),
+        (Some(1_234_567_890), Some(20), Some(7.0))
+    );
     assert_eq!(m.model_hash.as_deref(), Some("6ce0161689"));
 
     let m = library.import(&comfy).unwrap().metadata;
@@ -147,7 +157,10 @@ fn imports_read_each_tools_format() {
     assert_eq!(m.negative_prompt, "text, watermark");
     assert_eq!(m.model, "v1-5-pruned-emaonly.safetensors");
     assert_eq!(m.scheduler, "dpmpp-2m-karras");
-    assert_eq!((m.seed, m.steps, m.guidance), (Some(156_680_208_700_286), Some(20), Some(8.0)));
+    assert_eq!(
+        (m.seed, m.steps, m.guidance),
+        (Some(156_680_208_700_286), Some(20), Some(8.0))
+    );
     assert_eq!((m.width, m.height), (512, 768));
 
     let m = library.import(&invoke).unwrap().metadata;
@@ -155,7 +168,10 @@ fn imports_read_each_tools_format() {
     assert_eq!(m.prompt, "a cozy cabin in the woods");
     assert_eq!(m.model, "Juggernaut XL");
     assert_eq!(m.scheduler, "dpmpp-2m-karras");
-    assert_eq!((m.seed, m.steps, m.width, m.height), (Some(42), Some(28), 768, 512));
+    assert_eq!(
+        (m.seed, m.steps, m.width, m.height),
+        (Some(42), Some(28), 768, 512)
+    );
 
     // All three are copies inside the library, found by search.
     assert_eq!(library.count().unwrap(), 3);
@@ -187,7 +203,10 @@ fn bad_imports_say_why_and_change_nothing() {
 
     // A real PNG cut short: the header reads, the pixels do not.
     let truncated = outside.path().join("truncated.png");
-    foreign_png(&truncated, &[("parameters", "a\nSteps: 1, Seed: 2, Size: 16x12")]);
+    foreign_png(
+        &truncated,
+        &[("parameters", "a\nSteps: 1, Seed: 2, Size: 16x12")],
+    );
     let bytes = std::fs::read(&truncated).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() - 40]).unwrap();
     assert!(library.import(&truncated).is_err());
@@ -200,7 +219,10 @@ fn bad_imports_say_why_and_change_nothing() {
 
     let text = outside.path().join("notes.txt");
     std::fs::write(&text, "hello").unwrap();
-    assert!(matches!(library.import(&text).unwrap_err(), GalleryError::NotPng(_)));
+    assert!(matches!(
+        library.import(&text).unwrap_err(),
+        GalleryError::NotPng(_)
+    ));
 
     assert_eq!(library.count().unwrap(), 1);
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), files_before);
@@ -213,7 +235,10 @@ fn the_index_is_rebuilt_from_the_pngs_after_it_is_deleted() {
         let (mut library, _) = Library::open(dir.path()).unwrap();
         for seed in 0..3 {
             let entry = library
-                .save(&pixels(seed as u8), &generated("a red fox", seed, SchedulerKind::UniPc))
+                .save(
+                    &pixels(seed as u8),
+                    &generated("a red fox", seed, SchedulerKind::UniPc),
+                )
                 .unwrap();
             if seed == 1 {
                 library.set_favourite(entry.id, true).unwrap();
@@ -223,7 +248,10 @@ fn the_index_is_rebuilt_from_the_pngs_after_it_is_deleted() {
     // Another tool drops a PNG into the folder meanwhile.
     foreign_png(
         &dir.path().join("dropped.png"),
-        &[("parameters", "a blue bird\nSteps: 4, Sampler: Euler a, Seed: 5, Size: 16x12")],
+        &[(
+            "parameters",
+            "a blue bird\nSteps: 4, Sampler: Euler a, Seed: 5, Size: 16x12",
+        )],
     );
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(dir.path().join(format!(".atelier/index.sqlite3{suffix}")));
@@ -240,7 +268,10 @@ fn the_index_is_rebuilt_from_the_pngs_after_it_is_deleted() {
         })
         .unwrap();
     assert_eq!(favourites.len(), 1);
-    assert_eq!(favourites[0].metadata, generated("a red fox", 1, SchedulerKind::UniPc));
+    assert_eq!(
+        favourites[0].metadata,
+        generated("a red fox", 1, SchedulerKind::UniPc)
+    );
     let bird = library
         .search(&GalleryQuery {
             text: "bird".into(),
@@ -256,14 +287,21 @@ fn a_corrupt_index_is_set_aside_and_rebuilt() {
     {
         let (mut library, _) = Library::open(dir.path()).unwrap();
         library
-            .save(&pixels(3), &generated("lighthouse at dusk", 3, SchedulerKind::Deis))
+            .save(
+                &pixels(3),
+                &generated("lighthouse at dusk", 3, SchedulerKind::Deis),
+            )
             .unwrap();
     }
     let index = dir.path().join(".atelier/index.sqlite3");
     for suffix in ["-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", index.display()));
     }
-    std::fs::write(&index, b"SQLite format 3\0 but then garbage garbage garbage").unwrap();
+    std::fs::write(
+        &index,
+        b"SQLite format 3\0 but then garbage garbage garbage",
+    )
+    .unwrap();
     let (library, report) = Library::open(dir.path()).unwrap();
     assert!(report.rebuilt_corrupt_index);
     let found = library
@@ -288,7 +326,10 @@ fn delete_and_undo_filters_and_corrupt_files_in_the_folder() {
         .save(&pixels(1), &generated("a castle", 1, SchedulerKind::Euler))
         .unwrap();
     library
-        .save(&pixels(2), &generated("a castle at night", 2, SchedulerKind::Lms))
+        .save(
+            &pixels(2),
+            &generated("a castle at night", 2, SchedulerKind::Lms),
+        )
         .unwrap();
     let deleted = library.delete(a.id).unwrap();
     assert!(!library.image_path(&a).exists());
@@ -311,7 +352,10 @@ fn delete_and_undo_filters_and_corrupt_files_in_the_folder() {
         })
         .unwrap();
     assert_eq!(recent.len(), 1);
-    assert_eq!(library.models().unwrap(), vec!["stabilityai/sd-turbo".to_string()]);
+    assert_eq!(
+        library.models().unwrap(),
+        vec!["stabilityai/sd-turbo".to_string()]
+    );
 
     // A broken PNG in the folder is skipped, not fatal.
     std::fs::write(dir.path().join("broken.png"), b"nope").unwrap();
@@ -347,5 +391,8 @@ fn search_over_ten_thousand_images() {
     assert_eq!(dragons.len(), expected);
     let all = library.search(&GalleryQuery::default()).unwrap();
     assert_eq!(all.len(), 10_000);
-    println!("indexed 10,000 PNGs in {index_secs:.2} s; full-text search in {search_ms:.1} ms ({} hits)", dragons.len());
+    println!(
+        "indexed 10,000 PNGs in {index_secs:.2} s; full-text search in {search_ms:.1} ms ({} hits)",
+        dragons.len()
+    );
 }

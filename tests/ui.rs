@@ -59,6 +59,7 @@ impl Engine for FakeEngine {
             device: "Cpu".into(),
             max_prompt_tokens: 75,
             token_counter: Arc::new(|prompt: &str| prompt.split_whitespace().count()),
+            weights_path: None,
         })
     }
 
@@ -113,6 +114,8 @@ struct Fixture {
     harness: Harness<'static, AtelierApp>,
     seen: Arc<Mutex<Seen>>,
     steps: SyncSender<()>,
+    /// The gallery's folder for this test (never the artist's own library).
+    library: tempfile::TempDir,
 }
 
 fn settings() -> Settings {
@@ -129,6 +132,18 @@ fn settings() -> Settings {
 }
 
 fn start(settings: Settings, gated: bool, fail_load: bool, fail_generate: Option<&str>) -> Fixture {
+    let library = tempfile::tempdir().unwrap();
+    start_with_library(settings, gated, fail_load, fail_generate, library)
+}
+
+fn start_with_library(
+    mut settings: Settings,
+    gated: bool,
+    fail_load: bool,
+    fail_generate: Option<&str>,
+    library: tempfile::TempDir,
+) -> Fixture {
+    settings.library_dir = library.path().display().to_string();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (steps, tokens) = sync_channel(64);
     let engine = FakeEngine {
@@ -146,6 +161,7 @@ fn start(settings: Settings, gated: bool, fail_load: bool, fail_generate: Option
         harness,
         seen,
         steps,
+        library,
     };
     fixture.wait_for("the model to load", |app| {
         !matches!(app.model, ModelState::Loading { .. })
@@ -205,6 +221,12 @@ impl Fixture {
 
     fn jobs(&self) -> Vec<GenerationRequest> {
         self.seen.lock().unwrap().jobs.clone()
+    }
+
+    /// Waits for `count` jobs and checks the last one.
+    fn wait_jobs_then_check(&mut self, count: usize, check: impl Fn(&GenerationRequest)) {
+        self.wait_for_jobs(count);
+        check(self.jobs().last().unwrap());
     }
 }
 
@@ -468,7 +490,9 @@ fn studio_snapshot() {
 fn real_engine_generates_into_the_window() {
     let model_dir =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1/model");
+    let library = tempfile::tempdir().unwrap();
     let settings = Settings {
+        library_dir: library.path().display().to_string(),
         model: model_dir.display().to_string(),
         device: "cpu".into(),
         prompt: "a red fox".into(),
@@ -494,6 +518,7 @@ fn real_engine_generates_into_the_window() {
         harness,
         seen: Arc::new(Mutex::new(Seen::default())),
         steps: sync_channel(1).0,
+        library,
     };
     f.wait_for("the fixture model to load", |app| {
         matches!(app.model, ModelState::Ready(_))
@@ -504,7 +529,7 @@ fn real_engine_generates_into_the_window() {
     );
     f.click("Generate");
     f.wait_for("the image", |app| app.shown.is_some());
-    let shown = &f.app().shown.as_ref().unwrap().image;
+    let shown = &f.app().shown.as_ref().unwrap().image.clone();
     assert_eq!(shown.dimensions(), (64, 48));
 
     let model = atelier::engine::pipeline::StableDiffusion::load(
@@ -525,5 +550,167 @@ fn real_engine_generates_into_the_window() {
     assert_eq!(
         shown, &direct.images[0],
         "the window shows the engine's image"
+    );
+    // And it was saved into the gallery, with the hash of the fixture's UNet weights.
+    f.click("Gallery");
+    f.wait_for("the image in the gallery", |app| {
+        app.gallery.entries.len() == 1
+    });
+    let entry = f.app().gallery.entries[0].clone();
+    let saved = image::open(f.library.path().join(&entry.file))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(&saved, shown);
+    let hash = entry.metadata.model_hash.clone().unwrap();
+    assert_eq!(hash.len(), 10);
+    assert_eq!(entry.metadata.scheduler, request.scheduler.id());
+    assert!(entry.metadata.timings.is_some());
+}
+
+fn save_sample(library: &std::path::Path, prompt: &str, seed: u64, scheduler: &str) {
+    let (mut lib, _) = atelier::gallery::library::Library::open(library).unwrap();
+    let metadata = atelier::gallery::record::ImageMetadata {
+        prompt: prompt.into(),
+        negative_prompt: "blurry".into(),
+        model: "sd-turbo".into(),
+        scheduler: scheduler.into(),
+        seed: Some(seed),
+        steps: Some(17),
+        guidance: Some(4.5),
+        created_unix: atelier::gallery::library::now_unix() - seed as i64,
+        ..Default::default()
+    };
+    lib.save(
+        &RgbImage::from_pixel(40, 24, Rgb([seed as u8 * 40, 30, 90])),
+        &metadata,
+    )
+    .unwrap();
+}
+
+/// Generated images land in the gallery; "Use these settings" brings them back to the panel.
+#[test]
+fn generated_images_are_kept_and_use_these_settings_fills_the_panel() {
+    let mut f = start(settings(), false, false, None);
+    f.type_prompt("a castle on a hill");
+    f.click("Generate");
+    f.wait_for("the result", |app| app.shown.is_some());
+    f.click("Gallery");
+    f.wait_for("the image in the gallery", |app| {
+        app.gallery.entries.len() == 1
+    });
+    let entry = f.app().gallery.entries[0].clone();
+    assert_eq!(entry.metadata.prompt, "a castle on a hill");
+    assert_eq!(entry.metadata.seed, Some(1234));
+    let chunks =
+        atelier::gallery::metadata::read_png_text(&f.library.path().join(&entry.file)).unwrap();
+    assert!(chunks["parameters"].contains("Seed: 1234"));
+
+    // Change the panel, then take the image's settings back.
+    f.click("Studio");
+    f.type_prompt(" with dragons");
+    f.harness.state_mut().settings.steps = 40;
+    f.harness.state_mut().settings.seed = 99;
+    f.click("Gallery");
+    f.wait_for("the thumbnail", |app| !app.gallery.thumbnails.is_empty());
+    f.click("a castle on a hill");
+    f.wait_for("the detail panel", |app| app.gallery.selected.is_some());
+    f.click("Use these settings");
+    let s = &f.app().settings;
+    assert_eq!(s.prompt, "a castle on a hill");
+    assert_eq!((s.seed, s.steps, s.seed_locked), (1234, 4, true));
+    assert_eq!(f.app().tab, atelier::ui::Tab::Studio);
+    f.click("Generate");
+    f.wait_jobs_then_check(2, |job| {
+        assert_eq!(job.prompt, "a castle on a hill");
+        assert_eq!(job.seed, 1234);
+    });
+}
+
+#[test]
+fn gallery_search_filters_favourites_and_delete_with_undo() {
+    let library = tempfile::tempdir().unwrap();
+    save_sample(library.path(), "a castle at dawn", 1, "euler");
+    save_sample(
+        library.path(),
+        "a red fox in the snow",
+        2,
+        "dpmpp-2m-karras",
+    );
+    save_sample(library.path(), "a castle in the clouds", 3, "unipc");
+    let mut f = start_with_library(settings(), false, false, None, library);
+    f.click("Gallery");
+    f.wait_for("three images", |app| app.gallery.entries.len() == 3);
+    // Newest first.
+    assert_eq!(
+        f.app().gallery.entries[0].metadata.prompt,
+        "a castle at dawn"
+    );
+
+    let search = f.harness.get_by_label("Search");
+    search.focus();
+    search.type_text("castle");
+    f.wait_for("the search", |app| app.gallery.entries.len() == 2);
+    f.harness.state_mut().gallery.scheduler_filter = Some("unipc".into());
+    f.wait_for("the sampler filter", |app| app.gallery.entries.len() == 1);
+    f.harness.state_mut().gallery.scheduler_filter = None;
+    f.wait_for("no sampler filter", |app| app.gallery.entries.len() == 2);
+
+    f.click("a castle in the clouds");
+    f.wait_for("the full image", |app| app.gallery.full_image.is_some());
+    assert!(f.harness.query_by_label("Use these settings").is_some());
+    assert!(
+        f.harness.query_by_label_contains("17").is_some(),
+        "the steps show"
+    );
+    f.click("Favourite");
+    f.wait_for("the favourite", |app| {
+        app.gallery.entries.iter().any(|e| e.favourite)
+    });
+    f.click("Favourites");
+    f.wait_for("favourites only", |app| app.gallery.entries.len() == 1);
+    f.click("Favourites");
+    f.wait_for("all castles", |app| app.gallery.entries.len() == 2);
+
+    f.click("Delete");
+    f.wait_for("the deletion", |app| {
+        app.gallery.entries.len() == 1 && app.gallery.last_deleted.is_some()
+    });
+    f.click("Undo");
+    f.wait_for("the undo", |app| app.gallery.entries.len() == 2);
+    assert!(
+        f.app().gallery.entries.iter().any(|e| e.favourite),
+        "undo keeps the favourite"
+    );
+}
+
+#[test]
+fn importing_a_png_without_parameters_explains_and_changes_nothing() {
+    let mut f = start(settings(), false, false, None);
+    f.click("Gallery");
+    f.wait_for("the empty gallery", |app| app.gallery.root.is_some());
+    let outside = tempfile::tempdir().unwrap();
+    let plain = outside.path().join("holiday.png");
+    RgbImage::from_pixel(8, 8, Rgb([1, 2, 3]))
+        .save(&plain)
+        .unwrap();
+    let a1111 = outside.path().join("a1111.png");
+    atelier::gallery::metadata::write_png(
+        &a1111,
+        &RgbImage::from_pixel(8, 8, Rgb([4, 5, 6])),
+        &[(
+            "parameters",
+            "a lighthouse\nSteps: 20, Sampler: Euler a, Seed: 9, Size: 8x8",
+        )],
+    )
+    .unwrap();
+    f.harness
+        .state_mut()
+        .apply_for_test(atelier::ui::UiCommand::ImportFiles(vec![plain, a1111]));
+    f.wait_for("the import", |app| app.gallery.entries.len() == 1);
+    let error = f.app().error.clone().unwrap();
+    assert!(error.message.contains("holiday.png"), "{error:?}");
+    assert!(
+        error.message.contains("no generation parameters"),
+        "{error:?}"
     );
 }

@@ -58,12 +58,11 @@ pub enum GalleryAction {
 fn open(library: &Option<PathBuf>) -> anyhow::Result<Library> {
     let root = match library {
         Some(root) => root.clone(),
-        None => Library::default_root().context(
-            "no data directory on this system; give the library folder with --library",
-        )?,
+        None => Library::default_root()
+            .context("no data directory on this system; give the library folder with --library")?,
     };
-    let (library, report) =
-        Library::open(&root).with_context(|| format!("cannot open the library {}", root.display()))?;
+    let (library, report) = Library::open(&root)
+        .with_context(|| format!("cannot open the library {}", root.display()))?;
     if report.rebuilt_corrupt_index {
         eprintln!("the index was corrupt: set aside and rebuilt from the PNGs");
     }
@@ -143,7 +142,10 @@ fn bench(count: usize) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         let started = Instant::now();
         crate::gallery::library::write_sample_library(&dir, count)?;
-        eprintln!("wrote {count} PNGs in {:.2} s", started.elapsed().as_secs_f64());
+        eprintln!(
+            "wrote {count} PNGs in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
         let started = Instant::now();
         let (library, report) = Library::open(&dir)?;
         println!(
@@ -151,7 +153,12 @@ fn bench(count: usize) -> anyhow::Result<()> {
             report.added,
             started.elapsed().as_secs_f64()
         );
-        let queries = ["dragon", "castle artist4", "portrait city light", "zzz-nothing"];
+        let queries = [
+            "dragon",
+            "castle artist4",
+            "portrait city light",
+            "zzz-nothing",
+        ];
         for text in queries {
             let mut times = Vec::new();
             let mut hits = 0;

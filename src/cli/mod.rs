@@ -42,6 +42,9 @@ pub struct WindowArgs {
     /// cpu, cuda, metal or auto.
     #[arg(long)]
     pub device: Option<String>,
+    /// The gallery's library folder.
+    #[arg(long)]
+    pub library: Option<std::path::PathBuf>,
 }
 
 fn parse_size(text: &str) -> Result<(usize, usize), String> {
@@ -74,6 +77,9 @@ impl WindowArgs {
         }
         if let Some(device) = &self.device {
             settings.device = device.clone();
+        }
+        if let Some(library) = &self.library {
+            settings.library_dir = library.display().to_string();
         }
     }
 }

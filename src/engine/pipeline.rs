@@ -264,6 +264,7 @@ pub struct StableDiffusion {
     vae_dtype: DType,
     scheduler_config: SchedulerConfig,
     force_zeros_for_empty_prompt: bool,
+    unet_weights: std::path::PathBuf,
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
@@ -388,7 +389,13 @@ impl StableDiffusion {
             vae_dtype,
             scheduler_config,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
+            unet_weights,
         })
+    }
+
+    /// The UNet's weights file (hashed for the images' metadata).
+    pub fn unet_weights(&self) -> &Path {
+        &self.unet_weights
     }
 
     /// The model's name (repo id or folder name).

@@ -96,9 +96,14 @@ fn prompt_text(graph: &Value, link: &Value, depth: usize) -> Option<String> {
     if depth == 0 {
         return None;
     }
-    ["conditioning", "conditioning_1", "positive", "conditioning_to"]
-        .iter()
-        .find_map(|key| prompt_text(graph, inputs.get(*key)?, depth - 1))
+    [
+        "conditioning",
+        "conditioning_1",
+        "positive",
+        "conditioning_to",
+    ]
+    .iter()
+    .find_map(|key| prompt_text(graph, inputs.get(*key)?, depth - 1))
 }
 
 /// The checkpoint a model link leads to (through LoRA loaders and the like).
@@ -208,7 +213,10 @@ pub fn from_invokeai(json: &str) -> Option<ImageMetadata> {
         _ => String::new(),
     };
     let model_hash = match object.get("model") {
-        Some(Value::Object(model)) => model.get("hash").and_then(Value::as_str).map(str::to_string),
+        Some(Value::Object(model)) => model
+            .get("hash")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         _ => None,
     };
     Some(ImageMetadata {

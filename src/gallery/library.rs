@@ -319,7 +319,13 @@ impl Library {
             if metadata.created_unix == 0 {
                 metadata.created_unix = stamp.1;
             }
-            Self::upsert(&transaction, &name, &metadata, stamp, favourites.contains(&name))?;
+            Self::upsert(
+                &transaction,
+                &name,
+                &metadata,
+                stamp,
+                favourites.contains(&name),
+            )?;
             report.added += 1;
         }
         for gone in known.keys() {
@@ -426,9 +432,9 @@ impl Library {
         if metadata.created_unix == 0 {
             metadata.created_unix = file_stamp(source)?.1;
         }
-        let already_here = source.parent().is_some_and(|p| {
-            p.canonicalize().ok() == self.root.canonicalize().ok()
-        });
+        let already_here = source
+            .parent()
+            .is_some_and(|p| p.canonicalize().ok() == self.root.canonicalize().ok());
         let file = if already_here {
             source
                 .file_name()
@@ -533,8 +539,9 @@ impl Library {
     pub fn count(&self) -> Result<usize> {
         Ok(self
             .db
-            .query_row("SELECT COUNT(*) FROM images", [], |row| row.get::<_, i64>(0))?
-            as usize)
+            .query_row("SELECT COUNT(*) FROM images", [], |row| {
+                row.get::<_, i64>(0)
+            })? as usize)
     }
 
     /// The distinct values of a column (for the filters).

@@ -214,7 +214,11 @@ impl ImageMetadata {
 
     /// Reads parameters from A1111's text.
     pub fn from_a1111(parameters: &A1111Parameters) -> Self {
-        let number = |key: &str| parameters.get(key).and_then(|v| v.trim().parse::<f64>().ok());
+        let number = |key: &str| {
+            parameters
+                .get(key)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
         let (width, height) = parameters
             .get("Size")
             .and_then(|size| {
@@ -299,7 +303,10 @@ impl ImageMetadata {
                 request.sigmas = sampler.sigmas;
             }
             None if !self.scheduler.is_empty() => {
-                skipped.push(format!("sampler {:?} (not one Atelier has)", self.scheduler));
+                skipped.push(format!(
+                    "sampler {:?} (not one Atelier has)",
+                    self.scheduler
+                ));
             }
             None => {}
         }

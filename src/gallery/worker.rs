@@ -2,10 +2,11 @@
 //! makes thumbnails. The window talks to them through channels and never waits.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::Instant;
 
 use image::RgbImage;
@@ -104,9 +105,11 @@ pub struct ThumbnailReady {
 
 /// The window's side of the gallery threads.
 pub struct GalleryHandle {
-    commands: Sender<GalleryCommand>,
+    commands: SyncSender<GalleryCommand>,
+    /// Commands that found the channel full, sent first next time.
+    pending: VecDeque<GalleryCommand>,
     events: Receiver<GalleryEvent>,
-    thumbnail_requests: Sender<(PathBuf, String)>,
+    thumbnail_requests: SyncSender<(PathBuf, String)>,
     thumbnails: Receiver<ThumbnailReady>,
 }
 
@@ -116,10 +119,10 @@ pub const THUMBNAIL_SIDE: u32 = 256;
 impl GalleryHandle {
     /// Starts the gallery threads (`atelier-gallery`, `atelier-thumbnails`).
     pub fn spawn(wake: Wake) -> std::io::Result<Self> {
-        let (commands, command_rx) = channel();
-        let (event_tx, events) = channel();
-        let (thumbnail_requests, request_rx) = channel::<(PathBuf, String)>();
-        let (thumb_tx, thumbnails) = channel();
+        let (commands, command_rx) = sync_channel(64);
+        let (event_tx, events) = sync_channel(64);
+        let (thumbnail_requests, request_rx) = sync_channel::<(PathBuf, String)>(256);
+        let (thumb_tx, thumbnails) = sync_channel(64);
         let gallery_wake = wake.clone();
         std::thread::Builder::new()
             .name("atelier-gallery".into())
@@ -137,27 +140,47 @@ impl GalleryHandle {
             })?;
         Ok(Self {
             commands,
+            pending: VecDeque::new(),
             events,
             thumbnail_requests,
             thumbnails,
         })
     }
 
-    /// Sends a command; false if the gallery thread is gone.
-    pub fn send(&self, command: GalleryCommand) -> bool {
-        self.commands.send(command).is_ok()
+    /// Sends a command without waiting (a full channel keeps it for later, in order); false if
+    /// the gallery thread is gone.
+    pub fn send(&mut self, command: GalleryCommand) -> bool {
+        self.pending.push_back(command);
+        self.flush()
     }
 
-    /// The next event, if any.
-    pub fn try_recv(&self) -> Option<GalleryEvent> {
+    /// Sends what waits; false if the gallery thread is gone.
+    fn flush(&mut self) -> bool {
+        while let Some(command) = self.pending.pop_front() {
+            match self.commands.try_send(command) {
+                Ok(()) => {}
+                Err(TrySendError::Full(command)) => {
+                    self.pending.push_front(command);
+                    return true;
+                }
+                Err(TrySendError::Disconnected(_)) => return false,
+            }
+        }
+        true
+    }
+
+    /// The next event, if any (and sends what waits).
+    pub fn try_recv(&mut self) -> Option<GalleryEvent> {
+        self.flush();
         self.events.try_recv().ok()
     }
 
-    /// Asks for the thumbnail of `file` in the library at `root`.
-    pub fn request_thumbnail(&self, root: &Path, file: &str) {
-        let _ = self
-            .thumbnail_requests
-            .send((root.to_path_buf(), file.to_string()));
+    /// Asks for the thumbnail of `file` in the library at `root`; false if the thumbnail
+    /// thread is busy (ask again next frame).
+    pub fn request_thumbnail(&self, root: &Path, file: &str) -> bool {
+        self.thumbnail_requests
+            .try_send((root.to_path_buf(), file.to_string()))
+            .is_ok()
     }
 
     /// The next finished thumbnail, if any.
@@ -183,14 +206,14 @@ pub fn file_hash(path: &Path) -> std::io::Result<String> {
 
 struct GalleryThread {
     library: Option<Library>,
-    events: Sender<GalleryEvent>,
+    events: SyncSender<GalleryEvent>,
     wake: Wake,
     hashes: HashMap<PathBuf, String>,
     last_deleted: Option<DeletedImage>,
 }
 
 impl GalleryThread {
-    fn new(events: Sender<GalleryEvent>, wake: Wake) -> Self {
+    fn new(events: SyncSender<GalleryEvent>, wake: Wake) -> Self {
         Self {
             library: None,
             events,

@@ -337,4 +337,17 @@ fn settings_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>)
         ui.add(egui::DragValue::new(&mut settings.vae_preview_every).range(0..=50));
         ui.label("steps (0: fast preview only)");
     });
+    ui.horizontal(|ui| {
+        let library_label = ui.label("Library");
+        ui.add(
+            egui::TextEdit::singleline(&mut settings.library_dir)
+                .hint_text("default data folder")
+                .desired_width(170.0),
+        )
+        .labelled_by(library_label.id)
+        .on_hover_text("The gallery's folder: every image is saved there as a PNG");
+        if ui.button("Use").clicked() {
+            commands.push(UiCommand::OpenLibrary);
+        }
+    });
 }

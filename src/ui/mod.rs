@@ -2,6 +2,7 @@
 
 mod canvas;
 mod controls;
+pub mod gallery;
 pub mod queue;
 pub mod settings;
 
@@ -15,12 +16,26 @@ use image::RgbImage;
 
 use crate::engine::pipeline::{DeviceChoice, GenerationRequest, PreviewOptions, Timings};
 use crate::engine::source::LoadProgress;
+use crate::gallery::library::{Library, now_unix};
+use crate::gallery::record::ImageMetadata;
+use crate::gallery::worker::{GalleryCommand, GalleryEvent, GalleryHandle};
 use crate::schedulers::{SchedulerKind, SigmaSchedule};
 use crate::worker::{
     Command, Engine, Event, Job, JobId, ModelInfo, SendError, UserError, WorkerHandle,
 };
+use gallery::GalleryView;
 use queue::JobQueue;
 use settings::Settings;
+
+/// The window's tabs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tab {
+    /// Prompt, preview, result.
+    #[default]
+    Studio,
+    /// Every past image.
+    Gallery,
+}
 
 /// What the panels ask for; applied once at the end of the frame.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +62,34 @@ pub enum UiCommand {
     RandomSeed,
     /// Hide the error banner.
     DismissError,
+    /// Show another tab.
+    SwitchTab(Tab),
+    /// Open (or close) an image's details in the gallery.
+    SelectImage(Option<i64>),
+    /// Ask for a gallery thumbnail.
+    RequestThumbnail(String),
+    /// Fill the prompt panel with a gallery image's parameters.
+    UseSettings(i64),
+    /// Take a gallery image's seed (locked).
+    UseSeed(i64),
+    /// Mark or unmark a favourite.
+    SetFavourite(i64, bool),
+    /// Move a gallery image to the trash.
+    DeleteImage(i64),
+    /// Bring the last deleted image back.
+    UndoDelete,
+    /// Show the library folder in the file manager.
+    OpenGalleryFolder,
+    /// Save a copy of a gallery image elsewhere.
+    ExportImage(i64),
+    /// Ask for PNGs to import.
+    ImportDialog,
+    /// Import these PNGs.
+    ImportFiles(Vec<std::path::PathBuf>),
+    /// Re-read every PNG of the library.
+    RebuildGallery,
+    /// Open the library folder the settings name.
+    OpenLibrary,
 }
 
 /// Where the model stands.
@@ -117,6 +160,7 @@ enum DialogResult {
     Folder(std::path::PathBuf),
     Saved(std::path::PathBuf),
     SaveFailed(String),
+    Import(Vec<std::path::PathBuf>),
 }
 
 /// The application.
@@ -142,6 +186,12 @@ pub struct AtelierApp {
     pub frame_stats: FrameStats,
     /// The model path or repo id being typed.
     pub model_input: String,
+    /// The tab shown.
+    pub tab: Tab,
+    /// The Gallery tab's state.
+    pub gallery: GalleryView,
+    gallery_handle: Option<GalleryHandle>,
+    last_gallery_query: Option<crate::gallery::library::GalleryQuery>,
     next_job_id: JobId,
     generate_pressed_at: Option<(JobId, Instant)>,
     dialog_sender: SyncSender<DialogResult>,
@@ -158,6 +208,8 @@ impl AtelierApp {
     ) -> std::io::Result<Self> {
         let repaint = ctx.clone();
         let worker = WorkerHandle::spawn(engine, Arc::new(move || repaint.request_repaint()))?;
+        let repaint = ctx.clone();
+        let gallery_handle = GalleryHandle::spawn(Arc::new(move || repaint.request_repaint()))?;
         let (dialog_sender, dialog_receiver) = sync_channel(4);
         let mut app = Self {
             settings,
@@ -171,6 +223,10 @@ impl AtelierApp {
             warnings: Vec::new(),
             frame_stats: FrameStats::default(),
             model_input: String::new(),
+            tab: Tab::Studio,
+            gallery: GalleryView::default(),
+            gallery_handle: Some(gallery_handle),
+            last_gallery_query: None,
             next_job_id: 1,
             generate_pressed_at: None,
             dialog_sender,
@@ -180,7 +236,158 @@ impl AtelierApp {
             let model = app.settings.model.clone();
             app.load_model(model);
         }
+        app.open_library();
         Ok(app)
+    }
+
+    /// Opens the library the settings name (or the platform's default one).
+    pub fn open_library(&mut self) {
+        let root = if self.settings.library_dir.trim().is_empty() {
+            Library::default_root()
+        } else {
+            Some(std::path::PathBuf::from(self.settings.library_dir.trim()))
+        };
+        let Some(root) = root else {
+            self.gallery.status =
+                "No data folder on this system: choose a library folder in Settings.".into();
+            return;
+        };
+        self.gallery.root = None;
+        self.last_gallery_query = None;
+        if let Some(handle) = &mut self.gallery_handle {
+            handle.send(GalleryCommand::Open(root));
+        }
+    }
+
+    fn gallery_send(&mut self, command: GalleryCommand) {
+        let sent = self
+            .gallery_handle
+            .as_mut()
+            .is_some_and(|handle| handle.send(command));
+        if !sent {
+            self.show_error(
+                "The gallery has stopped.",
+                "Restart Atelier; your images are safe in the library folder.",
+            );
+        }
+    }
+
+    fn gallery_entry(&self, id: i64) -> Option<crate::gallery::library::GalleryEntry> {
+        self.gallery.entries.iter().find(|e| e.id == id).cloned()
+    }
+
+    fn handle_gallery_event(&mut self, ctx: &egui::Context, event: GalleryEvent) {
+        match event {
+            GalleryEvent::Opened { root, report } => {
+                self.gallery.status = if report.rebuilt_corrupt_index {
+                    "The index was damaged and has been rebuilt from the images.".into()
+                } else if report.added > 0 {
+                    format!("{} new image(s) found in the folder", report.added)
+                } else {
+                    String::new()
+                };
+                self.gallery.root = Some(root);
+                self.gallery.stale = true;
+            }
+            GalleryEvent::Saved(_) | GalleryEvent::Changed => self.gallery.stale = true,
+            GalleryEvent::Results {
+                query,
+                entries,
+                models,
+                schedulers,
+                search_ms,
+            } => {
+                if self.last_gallery_query.as_ref() == Some(&query) {
+                    self.gallery.entries = entries;
+                    self.gallery.models = models;
+                    self.gallery.schedulers = schedulers;
+                    self.gallery.search_ms = search_ms;
+                    self.gallery.shown_query = Some(query);
+                }
+            }
+            GalleryEvent::Deleted(entry) => {
+                if self.gallery.selected == Some(entry.id) {
+                    self.gallery.selected = None;
+                }
+                self.gallery.last_deleted = Some(entry);
+                self.gallery.stale = true;
+            }
+            GalleryEvent::Restored(entry) => {
+                self.gallery.last_deleted = None;
+                self.gallery.selected = Some(entry.id);
+                self.gallery_send(GalleryCommand::LoadImage(entry.id));
+                self.gallery.stale = true;
+            }
+            GalleryEvent::Imported { added, failed } => {
+                self.gallery.status = format!("Imported {} image(s)", added.len());
+                if !failed.is_empty() {
+                    self.show_error(
+                        format!(
+                            "{} file(s) could not be imported: {}",
+                            failed.len(),
+                            failed.join("; ")
+                        ),
+                        "Only PNGs with generation parameters (AUTOMATIC1111, ComfyUI, InvokeAI, Atelier) can be imported; nothing else was changed.",
+                    );
+                }
+                self.gallery.stale = true;
+            }
+            GalleryEvent::Image { id, image } => {
+                let texture =
+                    ctx.load_texture("gallery-full", color_image(&image), TextureOptions::LINEAR);
+                self.gallery.full_image = Some((id, texture));
+            }
+            GalleryEvent::Failed(message) => self.show_error(
+                message,
+                "Check that the library folder (Settings) exists and is writable.",
+            ),
+        }
+    }
+
+    fn use_settings(&mut self, id: i64) {
+        let Some(entry) = self.gallery_entry(id) else {
+            return;
+        };
+        let mut request = self.current_request(self.settings.seed);
+        let skipped = entry.metadata.apply_to(&mut request);
+        let s = &mut self.settings;
+        s.prompt = request.prompt;
+        s.negative_prompt = request.negative_prompt;
+        s.seed = request.seed;
+        s.seed_locked = entry.metadata.seed.is_some() || s.seed_locked;
+        s.steps = request.steps;
+        s.guidance = request.guidance_scale;
+        s.width = request.width;
+        s.height = request.height;
+        s.scheduler = request.scheduler.id().to_string();
+        s.sigma_schedule = request.sigmas;
+        s.eta = request.eta;
+        self.warnings = skipped
+            .into_iter()
+            .map(|s| format!("Not used from the gallery image: {s}"))
+            .collect();
+        self.tab = Tab::Studio;
+    }
+
+    fn spawn_dialog(
+        &mut self,
+        ctx: &egui::Context,
+        name: &str,
+        dialog: impl FnOnce() -> Option<DialogResult> + Send + 'static,
+    ) {
+        let sender = self.dialog_sender.clone();
+        let repaint = ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("atelier-{name}"))
+            .spawn(move || {
+                if let Some(result) = dialog() {
+                    let _ = sender.send(result);
+                    repaint.request_repaint();
+                }
+            });
+        if let Err(e) = spawned {
+            self.show_error(format!("cannot open the {name} dialog: {e}"), "Try again.");
+        }
     }
 
     /// Whether the engine is running a job.
@@ -369,6 +576,9 @@ impl AtelierApp {
                 let running = self.running.take().filter(|r| r.job.id == id);
                 self.preview = None;
                 self.warnings = output.warnings;
+                if let Some(running) = &running {
+                    self.save_to_gallery(running, &output.images, output.timings);
+                }
                 if let (Some(running), Some(image)) = (running, output.images.into_iter().next()) {
                     let texture =
                         ctx.load_texture("result", color_image(&image), TextureOptions::LINEAR);
@@ -397,6 +607,25 @@ impl AtelierApp {
                 }
                 self.error = Some(error);
             }
+        }
+    }
+
+    /// Every finished image goes into the gallery (image k of a batch has seed + k).
+    fn save_to_gallery(&mut self, running: &RunningJob, images: &[RgbImage], timings: Timings) {
+        let (model, weights) = match &self.model {
+            ModelState::Ready(info) => (info.name.clone(), info.weights_path.clone()),
+            _ => (String::new(), None),
+        };
+        for (k, image) in images.iter().enumerate() {
+            let mut request = running.job.request.clone();
+            request.seed = request.seed.wrapping_add(k as u64);
+            let metadata =
+                ImageMetadata::for_generation(&request, &model, None, timings, now_unix());
+            self.gallery_send(GalleryCommand::Save {
+                image: image.clone(),
+                metadata: Box::new(metadata),
+                weights: weights.clone(),
+            });
         }
     }
 
@@ -443,6 +672,79 @@ impl AtelierApp {
             }
             UiCommand::RandomSeed => self.settings.seed = random_seed(),
             UiCommand::DismissError => self.error = None,
+            UiCommand::SwitchTab(tab) => self.tab = tab,
+            UiCommand::SelectImage(id) => {
+                self.gallery.selected = id;
+                if let Some(id) = id
+                    && self.gallery.full_image.as_ref().map(|(shown, _)| *shown) != Some(id)
+                {
+                    self.gallery_send(GalleryCommand::LoadImage(id));
+                }
+            }
+            UiCommand::RequestThumbnail(file) => {
+                if let (Some(handle), Some(root)) = (&self.gallery_handle, &self.gallery.root)
+                    && handle.request_thumbnail(root, &file)
+                {
+                    self.gallery.thumbnails_requested.insert(file);
+                }
+            }
+            UiCommand::UseSettings(id) => self.use_settings(id),
+            UiCommand::UseSeed(id) => {
+                if let Some(seed) = self.gallery_entry(id).and_then(|e| e.metadata.seed) {
+                    self.settings.seed = seed;
+                    self.settings.seed_locked = true;
+                    self.tab = Tab::Studio;
+                }
+            }
+            UiCommand::SetFavourite(id, favourite) => {
+                self.gallery_send(GalleryCommand::SetFavourite(id, favourite))
+            }
+            UiCommand::DeleteImage(id) => self.gallery_send(GalleryCommand::Delete(id)),
+            UiCommand::UndoDelete => self.gallery_send(GalleryCommand::UndoDelete),
+            UiCommand::OpenGalleryFolder => {
+                if let Some(root) = self.gallery.root.clone() {
+                    // Spawns the file manager; never waits for it.
+                    if let Err(e) = open::that_detached(&root) {
+                        self.show_error(
+                            format!("cannot open {}: {e}", root.display()),
+                            "Open the folder from your file manager.",
+                        );
+                    }
+                }
+            }
+            UiCommand::ExportImage(id) => {
+                if let (Some(entry), Some(root)) =
+                    (self.gallery_entry(id), self.gallery.root.clone())
+                {
+                    let source = root.join(&entry.file);
+                    let file_name = entry.file.clone();
+                    self.spawn_dialog(ctx, "export", move || {
+                        let target = rfd::FileDialog::new()
+                            .set_file_name(file_name)
+                            .add_filter("PNG image", &["png"])
+                            .save_file()?;
+                        Some(match std::fs::copy(&source, &target) {
+                            Ok(_) => DialogResult::Saved(target),
+                            Err(e) => {
+                                DialogResult::SaveFailed(format!("{}: {e}", target.display()))
+                            }
+                        })
+                    });
+                }
+            }
+            UiCommand::ImportDialog => self.spawn_dialog(ctx, "import", || {
+                rfd::FileDialog::new()
+                    .set_title("Import PNGs from other tools")
+                    .add_filter("PNG image", &["png"])
+                    .pick_files()
+                    .map(DialogResult::Import)
+            }),
+            UiCommand::ImportFiles(paths) => self.gallery_send(GalleryCommand::Import(paths)),
+            UiCommand::OpenLibrary => self.open_library(),
+            UiCommand::RebuildGallery => {
+                self.gallery.status = "Rebuilding the index…".into();
+                self.gallery_send(GalleryCommand::Rebuild);
+            }
         }
     }
 
@@ -485,6 +787,12 @@ impl AtelierApp {
         }
     }
 
+    /// Applies a command as a click would (for tests that cannot drag and drop files).
+    pub fn apply_for_test(&mut self, command: UiCommand) {
+        let ctx = egui::Context::default();
+        self.apply(&ctx, command);
+    }
+
     /// Drains the worker's events and dialog results and starts queued work; never blocks.
     pub fn process_events(&mut self, ctx: &egui::Context) {
         while let Some(event) = self.worker.try_recv() {
@@ -499,9 +807,59 @@ impl AtelierApp {
                 DialogResult::SaveFailed(message) => {
                     self.show_error(message, "Choose another folder.")
                 }
+                DialogResult::Import(paths) => self.gallery_send(GalleryCommand::Import(paths)),
+            }
+        }
+        let mut gallery_events = Vec::new();
+        let mut thumbnails = Vec::new();
+        if let Some(handle) = &mut self.gallery_handle {
+            while let Some(event) = handle.try_recv() {
+                gallery_events.push(event);
+            }
+            while let Some(ready) = handle.try_thumbnail() {
+                thumbnails.push(ready);
+            }
+        }
+        for event in gallery_events {
+            self.handle_gallery_event(ctx, event);
+        }
+        for ready in thumbnails {
+            self.gallery.thumbnails_requested.remove(&ready.file);
+            if let Ok(image) = ready.image {
+                let texture = ctx.load_texture(
+                    format!("thumb-{}", ready.file),
+                    color_image(&image),
+                    TextureOptions::LINEAR,
+                );
+                self.gallery.thumbnails.insert(ready.file, texture);
+            }
+        }
+        if self.gallery.root.is_some() {
+            // The date filter moves with the clock by the hour, not every frame.
+            let now = now_unix();
+            let query = self.gallery.query(now - now % 3600);
+            if self.gallery.stale || self.last_gallery_query.as_ref() != Some(&query) {
+                self.gallery.stale = false;
+                self.last_gallery_query = Some(query.clone());
+                self.gallery_send(GalleryCommand::Search(query));
             }
         }
         self.start_next_job();
+    }
+    /// The Studio tab: controls, canvas, queue.
+    fn studio_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<UiCommand>) {
+        egui::Panel::left("controls")
+            .resizable(true)
+            .default_size(340.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical()
+                    .show(ui, |ui| controls::controls_ui(ui, self, commands));
+            });
+        egui::Panel::right("queue")
+            .resizable(true)
+            .default_size(220.0)
+            .show(ui, |ui| queue::queue_ui(ui, &self.queue, commands));
+        egui::CentralPanel::default_margins().show(ui, |ui| canvas::canvas_ui(ui, self, commands));
     }
 }
 
@@ -533,6 +891,19 @@ impl eframe::App for AtelierApp {
         if cancel {
             self.apply(ctx, UiCommand::Cancel);
         }
+        let dropped: Vec<std::path::PathBuf> = ctx.input(|input| {
+            input
+                .raw
+                .dropped_files
+                .iter()
+                .map(|file| file.path().to_path_buf())
+                .filter(|path| !path.as_os_str().is_empty())
+                .collect()
+        });
+        if !dropped.is_empty() {
+            self.tab = Tab::Gallery;
+            self.apply(ctx, UiCommand::ImportFiles(dropped));
+        }
         self.process_events(ctx);
     }
 
@@ -542,20 +913,22 @@ impl eframe::App for AtelierApp {
         // (the first frame, test harnesses) count this ui() alone.
         let previous_frame_ms = frame.info().cpu_usage.map(|secs| secs as f64 * 1e3);
         let mut commands = Vec::new();
-        egui::Panel::bottom("status").show(ui, |ui| canvas::status_bar_ui(ui, self));
-        egui::Panel::left("controls")
-            .resizable(true)
-            .default_size(340.0)
-            .show(ui, |ui| {
-                egui::ScrollArea::vertical()
-                    .show(ui, |ui| controls::controls_ui(ui, self, &mut commands));
+        egui::Panel::top("tabs").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                for (tab, label) in [(Tab::Studio, "Studio"), (Tab::Gallery, "Gallery")] {
+                    if ui.selectable_label(self.tab == tab, label).clicked() {
+                        commands.push(UiCommand::SwitchTab(tab));
+                    }
+                }
             });
-        egui::Panel::right("queue")
-            .resizable(true)
-            .default_size(220.0)
-            .show(ui, |ui| queue::queue_ui(ui, &self.queue, &mut commands));
-        egui::CentralPanel::default_margins()
-            .show(ui, |ui| canvas::canvas_ui(ui, self, &mut commands));
+        });
+        egui::Panel::bottom("status").show(ui, |ui| canvas::status_bar_ui(ui, self));
+        if self.tab == Tab::Gallery {
+            egui::CentralPanel::default_margins()
+                .show(ui, |ui| gallery::gallery_ui(ui, self, &mut commands));
+        } else {
+            self.studio_ui(ui, &mut commands);
+        }
         let ctx = ui.ctx().clone();
         for command in commands {
             self.apply(&ctx, command);
@@ -576,7 +949,6 @@ impl eframe::App for AtelierApp {
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
         eframe::set_value(storage, Settings::STORAGE_KEY, &self.settings);
     }
-
     fn on_exit(&mut self) {
         // Stop the running job within one step so the engine thread can be joined quickly.
         if let Some(running) = &self.running {

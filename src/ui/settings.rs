@@ -41,6 +41,8 @@ pub struct Settings {
     pub vae_preview_every: usize,
     /// Show the image scaled to fit (else 1:1).
     pub zoom_to_fit: bool,
+    /// The gallery's folder (empty: the platform's data directory).
+    pub library_dir: String,
 }
 
 impl Default for Settings {
@@ -63,6 +65,7 @@ impl Default for Settings {
             batch_count: 1,
             vae_preview_every: 0,
             zoom_to_fit: true,
+            library_dir: String::new(),
         }
     }
 }
