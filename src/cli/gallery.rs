@@ -52,6 +52,9 @@ pub enum GalleryAction {
         /// Images in the library.
         #[arg(long, default_value_t = 10_000)]
         count: usize,
+        /// Write the sample library here and keep it (to open it in the window).
+        #[arg(long)]
+        keep: Option<PathBuf>,
     },
 }
 
@@ -131,13 +134,15 @@ pub fn run(args: GalleryArgs) -> anyhow::Result<()> {
                 report.added
             );
         }
-        GalleryAction::Bench { count } => bench(count)?,
+        GalleryAction::Bench { count, keep } => bench(count, keep)?,
     }
     Ok(())
 }
 
-fn bench(count: usize) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("atelier-gallery-bench-{}", std::process::id()));
+fn bench(count: usize, keep: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = keep.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("atelier-gallery-bench-{}", std::process::id()))
+    });
     std::fs::create_dir_all(&dir)?;
     let result = (|| -> anyhow::Result<()> {
         let started = Instant::now();
@@ -193,6 +198,8 @@ fn bench(count: usize) -> anyhow::Result<()> {
         }
         Ok(())
     })();
-    let _ = std::fs::remove_dir_all(Path::new(&dir));
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(Path::new(&dir));
+    }
     result
 }

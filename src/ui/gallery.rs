@@ -354,8 +354,9 @@ fn detail_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
     egui::ScrollArea::vertical().show(ui, |ui| {
         match &view.full_image {
             Some((id, texture)) if *id == entry.id => {
+                // Fit the panel's width (small images are enlarged, pixels kept sharp).
                 let size = texture.size_vec2();
-                let scale = (ui.available_width() / size.x).min(1.0);
+                let scale = (ui.available_width() / size.x).min(2048.0 / size.y.max(1.0));
                 ui.image((texture.id(), size * scale));
             }
             _ => {

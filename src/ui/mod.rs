@@ -154,6 +154,12 @@ pub struct FrameStats {
     pub total_while_busy_ms: f64,
     /// Seconds from the last Generate to its first preview.
     pub first_preview_secs: Option<f64>,
+    /// Frames drawn on the Gallery tab.
+    pub gallery_frames: u64,
+    /// Their total time.
+    pub gallery_total_ms: f64,
+    /// The slowest of them.
+    pub gallery_max_ms: f64,
 }
 
 enum DialogResult {
@@ -333,8 +339,12 @@ impl AtelierApp {
                 self.gallery.stale = true;
             }
             GalleryEvent::Image { id, image } => {
-                let texture =
-                    ctx.load_texture("gallery-full", color_image(&image), TextureOptions::LINEAR);
+                let options = if image.width() < 256 {
+                    TextureOptions::NEAREST
+                } else {
+                    TextureOptions::LINEAR
+                };
+                let texture = ctx.load_texture("gallery-full", color_image(&image), options);
                 self.gallery.full_image = Some((id, texture));
             }
             GalleryEvent::Failed(message) => self.show_error(
@@ -943,6 +953,24 @@ impl eframe::App for AtelierApp {
             self.frame_stats.frames_while_busy += 1;
             self.frame_stats.total_while_busy_ms += frame_ms;
             self.frame_stats.max_while_busy_ms = self.frame_stats.max_while_busy_ms.max(frame_ms);
+        }
+        if self.tab == Tab::Gallery {
+            let stats = &mut self.frame_stats;
+            stats.gallery_frames += 1;
+            stats.gallery_total_ms += frame_ms;
+            stats.gallery_max_ms = stats.gallery_max_ms.max(frame_ms);
+            if stats.gallery_frames.is_multiple_of(50)
+                && std::env::var_os("ATELIER_STATS").is_some()
+            {
+                // For measuring the gallery (scripts/screenshots.sh).
+                eprintln!(
+                    "gallery: {} images, {} UI frames, mean {:.2} ms, max {:.2} ms",
+                    self.gallery.entries.len(),
+                    stats.gallery_frames,
+                    stats.gallery_total_ms / stats.gallery_frames as f64,
+                    stats.gallery_max_ms
+                );
+            }
         }
     }
 
