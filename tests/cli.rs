@@ -360,3 +360,36 @@ fn karras_sigmas_are_recorded_in_the_metadata() {
     assert_eq!(parameters.get("Schedule type"), Some("Karras"));
     assert_eq!(parameters.get("Seed"), Some("1"));
 }
+
+#[test]
+fn gallery_list_search_and_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    atelier::gallery::library::write_sample_library(dir.path(), 40).unwrap();
+    let run = |args: &[&str]| {
+        let output = atelier()
+            .arg("gallery")
+            .args(args)
+            .arg("--library")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (listed, summary) = run(&["list", "--limit", "5"]);
+    assert_eq!(listed.lines().filter(|l| l.contains(".png")).count(), 5);
+    assert!(summary.contains("5 of 40 images"), "{summary}");
+    let (found, summary) = run(&["search", "dragon", "--limit", "0"]);
+    assert!(summary.contains("5 matches"), "{summary}");
+    assert!(found.contains("a dragon in the style of"));
+    std::fs::remove_file(dir.path().join(".atelier/index.sqlite3")).unwrap();
+    let (_, summary) = run(&["rebuild"]);
+    assert!(summary.contains("40 images indexed"), "{summary}");
+}

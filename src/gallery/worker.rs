@@ -43,6 +43,8 @@ pub enum GalleryCommand {
     Import(Vec<PathBuf>),
     /// Read every PNG again.
     Rebuild,
+    /// Pick up PNGs added to (or removed from) the folder since it was opened.
+    Sync,
     /// Load an image at full size.
     LoadImage(i64),
 }
@@ -320,6 +322,12 @@ impl GalleryThread {
                     }
                 }
                 self.emit(GalleryEvent::Imported { added, failed });
+            }
+            GalleryCommand::Sync => {
+                let report = self.library()?.sync().map_err(|e| e.to_string())?;
+                if report.added > 0 || report.removed > 0 {
+                    self.emit(GalleryEvent::Changed);
+                }
             }
             GalleryCommand::Rebuild => {
                 self.library()?.rebuild().map_err(|e| e.to_string())?;

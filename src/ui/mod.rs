@@ -682,7 +682,13 @@ impl AtelierApp {
             }
             UiCommand::RandomSeed => self.settings.seed = random_seed(),
             UiCommand::DismissError => self.error = None,
-            UiCommand::SwitchTab(tab) => self.tab = tab,
+            UiCommand::SwitchTab(tab) => {
+                if tab == Tab::Gallery && self.tab != Tab::Gallery && self.gallery.root.is_some() {
+                    // Other tools may have dropped PNGs into the folder meanwhile.
+                    self.gallery_send(GalleryCommand::Sync);
+                }
+                self.tab = tab;
+            }
             UiCommand::SelectImage(id) => {
                 self.gallery.selected = id;
                 if let Some(id) = id
