@@ -1,6 +1,7 @@
 //! Atelier: a desktop studio for Stable Diffusion, on candle.
 
 pub mod cli;
+pub mod compare;
 pub mod engine;
 pub mod gallery;
 pub mod schedulers;

@@ -1,6 +1,7 @@
 //! The command line: `atelier generate`, `atelier bench`, ... (the same binary as the window).
 
 mod bench;
+pub mod compare;
 pub mod gallery;
 mod generate;
 pub mod schedulers;
@@ -96,6 +97,9 @@ pub enum Command {
     Schedulers(schedulers::SchedulersArgs),
     /// The gallery on the command line: list, search, rebuild, bench.
     Gallery(gallery::GalleryArgs),
+    /// A grid of the same prompt under several samplers (and steps, guidance, seeds or prompt
+    /// variants down the rows), saved as one labelled PNG.
+    Compare(compare::CompareArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -107,6 +111,7 @@ pub fn main() -> ExitCode {
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Schedulers(args)) => schedulers::run(args),
         Some(Command::Gallery(args)) => gallery::run(args),
+        Some(Command::Compare(args)) => compare::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

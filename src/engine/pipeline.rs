@@ -150,7 +150,8 @@ pub struct PreviewOptions {
 }
 
 /// Everything that determines an image.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct GenerationRequest {
     /// What to draw.
     pub prompt: String,

@@ -356,7 +356,7 @@ impl Library {
                 metadata.model,
                 metadata.scheduler,
                 metadata.source.id(),
-                metadata.comparison,
+                metadata.comparison.as_ref().map(|c| c.id.clone()),
                 favourite,
                 serde_json::to_string(metadata).unwrap_or_default(),
                 stamp.0,

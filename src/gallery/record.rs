@@ -114,7 +114,20 @@ pub struct ImageMetadata {
     /// Which program wrote the metadata.
     pub source: MetadataSource,
     /// The comparison this image is a cell of, if any.
-    pub comparison: Option<String>,
+    pub comparison: Option<ComparisonRef>,
+}
+
+/// Where an image sits in a comparison grid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ComparisonRef {
+    /// The comparison's id (shared by its cells).
+    pub id: String,
+    /// The cell's row.
+    pub row: usize,
+    /// The cell's column.
+    pub column: usize,
+    /// The whole plan, as JSON, so that any cell can reopen the comparison.
+    pub plan_json: String,
 }
 
 impl ImageMetadata {

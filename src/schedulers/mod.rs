@@ -57,7 +57,8 @@ pub trait Scheduler: Send {
 
 /// The samplers Atelier knows, by the ids the CLI and metadata use
 /// (`../shared/docs/schedulers.md` maps each to its diffusers class).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SchedulerKind {
     /// DDIM (DDIMScheduler), deterministic unless eta > 0.
     Ddim,
@@ -335,7 +336,7 @@ impl SigmaSchedule {
 }
 
 /// A sampler with its sigma schedule, as artists pick it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Sampler {
     /// The scheduler family.
     pub kind: SchedulerKind,

@@ -455,7 +455,15 @@ fn detail_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
                     format!("{} ({})", m.app_version, m.source.display_name()),
                 );
                 if let Some(comparison) = &m.comparison {
-                    row("Comparison", comparison.clone());
+                    row(
+                        "Comparison",
+                        format!(
+                            "{} (row {}, column {})",
+                            comparison.id,
+                            comparison.row + 1,
+                            comparison.column + 1
+                        ),
+                    );
                 }
                 row("File", entry.file.clone());
             });
