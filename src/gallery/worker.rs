@@ -47,6 +47,8 @@ pub enum GalleryCommand {
     Sync,
     /// Load an image at full size.
     LoadImage(i64),
+    /// Load every cell of a comparison (entries and pixels).
+    LoadComparison(String),
 }
 
 /// What the library tells the window.
@@ -92,6 +94,13 @@ pub enum GalleryEvent {
         id: i64,
         /// The pixels.
         image: RgbImage,
+    },
+    /// The cells of a comparison, with their pixels.
+    Comparison {
+        /// The cells' entries.
+        entries: Vec<GalleryEntry>,
+        /// Their images, by file.
+        images: Vec<(String, RgbImage)>,
     },
     /// Something failed; the message says what.
     Failed(String),
@@ -332,6 +341,29 @@ impl GalleryThread {
             GalleryCommand::Rebuild => {
                 self.library()?.rebuild().map_err(|e| e.to_string())?;
                 self.emit(GalleryEvent::Changed);
+            }
+            GalleryCommand::LoadComparison(id) => {
+                let library = self.library()?;
+                let entries = library
+                    .search(&GalleryQuery {
+                        comparison: Some(id.clone()),
+                        ..Default::default()
+                    })
+                    .map_err(|e| e.to_string())?;
+                if entries.is_empty() {
+                    return Err(format!(
+                        "no cells of comparison {id} are left in the gallery"
+                    ));
+                }
+                let mut images = Vec::new();
+                for entry in &entries {
+                    let path = library.image_path(entry);
+                    // A missing or broken cell stays empty in the grid.
+                    if let Ok(image) = image::open(&path) {
+                        images.push((entry.file.clone(), image.to_rgb8()));
+                    }
+                }
+                self.emit(GalleryEvent::Comparison { entries, images });
             }
             GalleryCommand::LoadImage(id) => {
                 let library = self.library()?;

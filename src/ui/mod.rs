@@ -1,6 +1,7 @@
 //! The studio window: egui panels that draw state and send commands; no model code here.
 
 mod canvas;
+pub mod compare;
 mod controls;
 pub mod gallery;
 pub mod queue;
@@ -23,6 +24,7 @@ use crate::schedulers::{SchedulerKind, SigmaSchedule};
 use crate::worker::{
     Command, Engine, Event, Job, JobId, ModelInfo, SendError, UserError, WorkerHandle,
 };
+use compare::{CellState, CompareView};
 use gallery::GalleryView;
 use queue::JobQueue;
 use settings::Settings;
@@ -35,6 +37,8 @@ pub enum Tab {
     Studio,
     /// Every past image.
     Gallery,
+    /// Samplers side by side.
+    Compare,
 }
 
 /// What the panels ask for; applied once at the end of the frame.
@@ -90,6 +94,18 @@ pub enum UiCommand {
     RebuildGallery,
     /// Open the library folder the settings name.
     OpenLibrary,
+    /// Queue the comparison the Compare tab describes.
+    RunComparison,
+    /// Stop the comparison's remaining cells.
+    CancelComparison,
+    /// Save the comparison grid as one PNG.
+    SaveGrid,
+    /// Show a comparison cell large (or go back to the grid).
+    EnlargeCell(Option<usize>),
+    /// Reopen a saved comparison from the gallery.
+    OpenComparison(String),
+    /// Take a gallery image's settings to the Compare tab.
+    CompareFromImage(i64),
 }
 
 /// Where the model stands.
@@ -196,6 +212,8 @@ pub struct AtelierApp {
     pub tab: Tab,
     /// The Gallery tab's state.
     pub gallery: GalleryView,
+    /// The Compare tab's state.
+    pub compare: CompareView,
     gallery_handle: Option<GalleryHandle>,
     last_gallery_query: Option<crate::gallery::library::GalleryQuery>,
     next_job_id: JobId,
@@ -231,6 +249,7 @@ impl AtelierApp {
             model_input: String::new(),
             tab: Tab::Studio,
             gallery: GalleryView::default(),
+            compare: CompareView::default(),
             gallery_handle: Some(gallery_handle),
             last_gallery_query: None,
             next_job_id: 1,
@@ -346,6 +365,9 @@ impl AtelierApp {
                 };
                 let texture = ctx.load_texture("gallery-full", color_image(&image), options);
                 self.gallery.full_image = Some((id, texture));
+            }
+            GalleryEvent::Comparison { entries, images } => {
+                self.reopen_comparison(ctx, &entries, images)
             }
             GalleryEvent::Failed(message) => self.show_error(
                 message,
@@ -556,6 +578,18 @@ impl AtelierApp {
                     running.total_steps = update.total_steps;
                     running.elapsed_secs = update.elapsed_secs;
                 }
+                if let Some(&index) = self.compare.job_cells.get(&id)
+                    && let Some(cell) = self.compare.cells.get_mut(index)
+                {
+                    cell.state = CellState::Running(update.steps_done, update.total_steps);
+                    if let Some(preview) = &update.preview {
+                        cell.preview = Some(ctx.load_texture(
+                            format!("compare-preview-{index}"),
+                            color_image(preview),
+                            TextureOptions::LINEAR,
+                        ));
+                    }
+                }
                 if let Some(preview) = update.preview {
                     let texture =
                         ctx.load_texture("preview", color_image(&preview), TextureOptions::LINEAR);
@@ -585,9 +619,10 @@ impl AtelierApp {
                 }
                 let running = self.running.take().filter(|r| r.job.id == id);
                 self.preview = None;
+                let comparison = self.compare_cell_finished(ctx, id, &output);
                 self.warnings = output.warnings;
                 if let Some(running) = &running {
-                    self.save_to_gallery(running, &output.images, output.timings);
+                    self.save_to_gallery(running, &output.images, output.timings, comparison);
                 }
                 if let (Some(running), Some(image)) = (running, output.images.into_iter().next()) {
                     let texture =
@@ -605,12 +640,14 @@ impl AtelierApp {
                 }
             }
             Event::JobCancelled(id) => {
+                self.compare_cell_failed(id, "cancelled");
                 if self.running.as_ref().is_some_and(|r| r.job.id == id) {
                     self.running = None;
                     self.preview = None;
                 }
             }
             Event::JobFailed { id, error } => {
+                self.compare_cell_failed(id, "failed");
                 if self.running.as_ref().is_some_and(|r| r.job.id == id) {
                     self.running = None;
                     self.preview = None;
@@ -621,7 +658,13 @@ impl AtelierApp {
     }
 
     /// Every finished image goes into the gallery (image k of a batch has seed + k).
-    fn save_to_gallery(&mut self, running: &RunningJob, images: &[RgbImage], timings: Timings) {
+    fn save_to_gallery(
+        &mut self,
+        running: &RunningJob,
+        images: &[RgbImage],
+        timings: Timings,
+        comparison: Option<crate::gallery::record::ComparisonRef>,
+    ) {
         let (model, weights) = match &self.model {
             ModelState::Ready(info) => (info.name.clone(), info.weights_path.clone()),
             _ => (String::new(), None),
@@ -629,8 +672,9 @@ impl AtelierApp {
         for (k, image) in images.iter().enumerate() {
             let mut request = running.job.request.clone();
             request.seed = request.seed.wrapping_add(k as u64);
-            let metadata =
+            let mut metadata =
                 ImageMetadata::for_generation(&request, &model, None, timings, now_unix());
+            metadata.comparison = comparison.clone();
             self.gallery_send(GalleryCommand::Save {
                 image: image.clone(),
                 metadata: Box::new(metadata),
@@ -639,12 +683,172 @@ impl AtelierApp {
         }
     }
 
+    /// Fills a comparison cell with its finished image; returns where it sits, for the gallery.
+    fn compare_cell_finished(
+        &mut self,
+        ctx: &egui::Context,
+        id: JobId,
+        output: &crate::worker::JobOutput,
+    ) -> Option<crate::gallery::record::ComparisonRef> {
+        let index = self.compare.job_cells.remove(&id)?;
+        let plan = self.compare.plan.as_ref()?;
+        let cell_request = &plan.cells()[index].request;
+        let result = crate::compare::CellResult {
+            total_secs: output.timings.total_secs,
+            model_evaluations: cell_request.scheduler.model_evaluations(cell_request.steps),
+        };
+        let reference = crate::gallery::record::ComparisonRef {
+            id: plan.id.clone(),
+            row: index / plan.columns(),
+            column: index % plan.columns(),
+            plan_json: serde_json::to_string(plan).unwrap_or_default(),
+        };
+        let cell = self.compare.cells.get_mut(index)?;
+        if let Some(image) = output.images.first() {
+            let texture = ctx.load_texture(
+                format!("compare-cell-{index}"),
+                color_image(image),
+                TextureOptions::LINEAR,
+            );
+            cell.image = Some((image.clone(), texture));
+        }
+        cell.result = Some(result);
+        cell.state = CellState::Done;
+        Some(reference)
+    }
+
+    fn compare_cell_failed(&mut self, id: JobId, why: &str) {
+        if let Some(index) = self.compare.job_cells.remove(&id)
+            && let Some(cell) = self.compare.cells.get_mut(index)
+        {
+            cell.state = CellState::Failed(why.into());
+        }
+    }
+
+    fn run_comparison(&mut self) {
+        if !matches!(self.model, ModelState::Ready(_)) {
+            self.compare.error = Some("Load a model first (Studio tab).".into());
+            return;
+        }
+        let axis = match self.compare.axis() {
+            Ok(axis) => axis,
+            Err(e) => {
+                self.compare.error = Some(e);
+                return;
+            }
+        };
+        let base = self.current_request(self.settings.seed);
+        let plan = match crate::compare::ComparisonPlan::new(
+            format!("cmp-{}-{}", now_unix(), self.next_job_id),
+            base,
+            self.compare.samplers.clone(),
+            axis,
+        ) {
+            Ok(plan) => plan,
+            Err(e) => {
+                self.compare.error = Some(e);
+                return;
+            }
+        };
+        self.compare.error = None;
+        let cells = plan.cells();
+        self.compare.start(plan);
+        for (index, cell) in cells.into_iter().enumerate() {
+            let id = self.next_job_id;
+            self.next_job_id += 1;
+            self.queue.push(Job {
+                id,
+                request: cell.request,
+                preview: PreviewOptions {
+                    vae_decode_every: self.settings.vae_preview_every,
+                },
+                cancel: Arc::new(AtomicBool::new(false)),
+            });
+            self.compare.job_cells.insert(id, index);
+        }
+    }
+
+    fn cancel_comparison(&mut self) {
+        let ids: Vec<JobId> = self.compare.job_cells.keys().copied().collect();
+        for id in ids {
+            if self.queue.remove(id) {
+                self.compare_cell_failed(id, "cancelled");
+            } else if let Some(running) = self.running.as_mut().filter(|r| r.job.id == id) {
+                running.job.cancel.store(true, Ordering::Relaxed);
+                running.cancelling = true;
+            }
+        }
+    }
+
+    fn save_grid(&mut self, ctx: &egui::Context) {
+        let Some(plan) = self.compare.plan.clone() else {
+            return;
+        };
+        let (images, results) = self.compare.finished();
+        let model_name = match &self.model {
+            ModelState::Ready(info) => info.name.clone(),
+            _ => String::new(),
+        };
+        let file_name = format!("{}.png", plan.id);
+        self.spawn_dialog(ctx, "save-grid", move || {
+            let path = rfd::FileDialog::new()
+                .set_file_name(file_name)
+                .add_filter("PNG image", &["png"])
+                .save_file()?;
+            let grid = crate::compare::render_grid(&plan, &images, &results);
+            let record = crate::compare::GridRecord { plan, results };
+            Some(
+                match crate::compare::save_grid(&path, &grid, &record, &model_name) {
+                    Ok(()) => DialogResult::Saved(path),
+                    Err(e) => DialogResult::SaveFailed(e.to_string()),
+                },
+            )
+        });
+    }
+
+    /// Shows a comparison rebuilt from its cells in the gallery.
+    fn reopen_comparison(
+        &mut self,
+        ctx: &egui::Context,
+        entries: &[crate::gallery::library::GalleryEntry],
+        images: Vec<(String, RgbImage)>,
+    ) {
+        let Some((plan, files, results)) = crate::compare::from_cells(entries) else {
+            self.show_error(
+                "This comparison cannot be reopened: its cells carry no readable plan.",
+                "The images themselves are still in the gallery.",
+            );
+            return;
+        };
+        let mut by_file: std::collections::HashMap<String, RgbImage> = images.into_iter().collect();
+        self.compare.samplers = plan.samplers.clone();
+        self.compare.start(plan);
+        for (index, (file, result)) in files.into_iter().zip(results).enumerate() {
+            let cell = &mut self.compare.cells[index];
+            match file.and_then(|f| by_file.remove(&f)) {
+                Some(image) => {
+                    let texture = ctx.load_texture(
+                        format!("compare-cell-{index}"),
+                        color_image(&image),
+                        TextureOptions::LINEAR,
+                    );
+                    cell.image = Some((image, texture));
+                    cell.result = result;
+                    cell.state = CellState::Done;
+                }
+                None => cell.state = CellState::Failed("not in the gallery".into()),
+            }
+        }
+        self.tab = Tab::Compare;
+    }
+
     fn apply(&mut self, ctx: &egui::Context, command: UiCommand) {
         match command {
             UiCommand::Generate => self.generate(),
             UiCommand::Cancel => self.cancel(),
             UiCommand::RemoveQueued(id) => {
                 self.queue.remove(id);
+                self.compare_cell_failed(id, "removed from the queue");
             }
             UiCommand::MoveQueued(id, offset) => self.queue.shift(id, offset),
             UiCommand::LoadModel(model) => self.load_model(model),
@@ -757,6 +961,18 @@ impl AtelierApp {
             }),
             UiCommand::ImportFiles(paths) => self.gallery_send(GalleryCommand::Import(paths)),
             UiCommand::OpenLibrary => self.open_library(),
+            UiCommand::RunComparison => self.run_comparison(),
+            UiCommand::CancelComparison => self.cancel_comparison(),
+            UiCommand::SaveGrid => self.save_grid(ctx),
+            UiCommand::EnlargeCell(index) => {
+                self.compare.enlarged = index;
+                self.compare.flipping = false;
+            }
+            UiCommand::OpenComparison(id) => self.gallery_send(GalleryCommand::LoadComparison(id)),
+            UiCommand::CompareFromImage(id) => {
+                self.use_settings(id);
+                self.tab = Tab::Compare;
+            }
             UiCommand::RebuildGallery => {
                 self.gallery.status = "Rebuilding the index…".into();
                 self.gallery_send(GalleryCommand::Rebuild);
@@ -931,7 +1147,11 @@ impl eframe::App for AtelierApp {
         let mut commands = Vec::new();
         egui::Panel::top("tabs").show(ui, |ui| {
             ui.horizontal(|ui| {
-                for (tab, label) in [(Tab::Studio, "Studio"), (Tab::Gallery, "Gallery")] {
+                for (tab, label) in [
+                    (Tab::Studio, "Studio"),
+                    (Tab::Gallery, "Gallery"),
+                    (Tab::Compare, "Compare"),
+                ] {
                     if ui.selectable_label(self.tab == tab, label).clicked() {
                         commands.push(UiCommand::SwitchTab(tab));
                     }
@@ -939,11 +1159,16 @@ impl eframe::App for AtelierApp {
             });
         });
         egui::Panel::bottom("status").show(ui, |ui| canvas::status_bar_ui(ui, self));
-        if self.tab == Tab::Gallery {
-            egui::CentralPanel::default_margins()
-                .show(ui, |ui| gallery::gallery_ui(ui, self, &mut commands));
-        } else {
-            self.studio_ui(ui, &mut commands);
+        match self.tab {
+            Tab::Gallery => {
+                egui::CentralPanel::default_margins()
+                    .show(ui, |ui| gallery::gallery_ui(ui, self, &mut commands));
+            }
+            Tab::Compare => {
+                egui::CentralPanel::default_margins()
+                    .show(ui, |ui| compare::compare_ui(ui, self, &mut commands));
+            }
+            Tab::Studio => self.studio_ui(ui, &mut commands),
         }
         let ctx = ui.ctx().clone();
         for command in commands {
