@@ -393,3 +393,105 @@ fn gallery_list_search_and_rebuild() {
     let (_, summary) = run(&["rebuild"]);
     assert!(summary.contains("40 images indexed"), "{summary}");
 }
+
+/// End to end on a fixture model: the grid's cells are exactly the images the engine makes for
+/// each cell's parameters, and the cells land in the gallery as one comparison.
+#[test]
+fn compare_makes_a_grid_of_the_engines_images_and_keeps_the_cells() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grid.png");
+    let library = dir.path().join("library");
+    let output = atelier()
+        .args(["compare", "--model"])
+        .arg(model_dir("sd1"))
+        .args([
+            "--prompt",
+            "a red fox",
+            "--scheduler",
+            "euler,dpmpp-2m-karras",
+        ])
+        .args(["--steps", "2,3", "--seed", "11", "--device", "cpu"])
+        .arg("--library")
+        .arg(&library)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let chunks = read_png_text(&out).unwrap();
+    let record: atelier::compare::GridRecord =
+        serde_json::from_str(&chunks[atelier::compare::COMPARISON_KEYWORD]).unwrap();
+    let plan = &record.plan;
+    assert_eq!((plan.rows(), plan.columns()), (2, 2));
+    let grid = image::open(&out).unwrap().to_rgb8();
+
+    let model = atelier::engine::pipeline::StableDiffusion::load(
+        atelier::engine::source::ModelSource::Folder(model_dir("sd1")),
+        atelier::engine::pipeline::LoadOptions::new(candle_core::Device::Cpu),
+    )
+    .unwrap();
+    let (w, h) = (plan.base.width as u32, plan.base.height as u32);
+    let layout = atelier::compare::GridLayout::for_plan(plan, w.max(170), h.max(64));
+    assert_eq!(grid.dimensions(), layout.size(2, 2));
+    let mut images = Vec::new();
+    for cell in plan.cells() {
+        let direct = model
+            .generate(
+                &cell.request,
+                None,
+                Default::default(),
+                &std::sync::atomic::AtomicBool::new(false),
+                &mut |_| {},
+            )
+            .unwrap()
+            .images
+            .remove(0);
+        let (x, y) = layout.cell_origin(cell.row, cell.column);
+        let dx = (layout.cell_width - w) / 2;
+        let dy = (layout.cell_height - h) / 2;
+        let crop = image::imageops::crop_imm(&grid, x + dx, y + dy, w, h).to_image();
+        assert_eq!(crop, direct, "cell {},{}", cell.row, cell.column);
+        images.push(direct);
+    }
+    assert_ne!(images[0], images[1], "the samplers differ");
+    assert_ne!(images[0], images[2], "the steps differ");
+
+    let (library, _) = atelier::gallery::library::Library::open(&library).unwrap();
+    let cells = library
+        .search(&atelier::gallery::library::GalleryQuery {
+            comparison: Some(plan.id.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(cells.len(), 4);
+    let (reopened, files, _) = atelier::compare::from_cells(&cells).unwrap();
+    assert_eq!(&reopened, plan);
+    assert!(files.iter().all(Option::is_some));
+
+    // Two axes at once are refused with a clear message.
+    let refused = atelier()
+        .args(["compare", "--model"])
+        .arg(model_dir("sd1"))
+        .args([
+            "--prompt",
+            "a fox",
+            "--scheduler",
+            "euler",
+            "--steps",
+            "2,3",
+        ])
+        .args(["--seed", "1,2", "--device", "cpu", "--out"])
+        .arg(dir.path().join("x.png"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("only one option can list several values"),
+        "{stderr}"
+    );
+}

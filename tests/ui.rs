@@ -714,3 +714,74 @@ fn importing_a_png_without_parameters_explains_and_changes_nothing() {
         "{error:?}"
     );
 }
+
+/// The Compare tab queues exactly one job per cell with that cell's parameters, fills the
+/// cells, keeps them in the gallery as one comparison, and reopens it from there.
+#[test]
+fn a_comparison_runs_one_job_per_cell_and_reopens_from_the_gallery() {
+    let mut f = start(settings(), false, false, None);
+    f.type_prompt("a fox in the snow");
+    f.click("Compare");
+    f.click("Euler");
+    f.click("DPM++ 2M Karras");
+    f.click("UniPC");
+    {
+        let view = &mut f.harness.state_mut().compare;
+        view.row_kind = atelier::ui::compare::RowKind::Steps;
+        view.row_values = "3, 5".into();
+    }
+    f.harness.step();
+    f.click("Run comparison (6 cells)");
+    f.wait_for_jobs(6);
+    f.wait_for("every cell", |app| {
+        app.compare.cells.iter().all(|c| c.image.is_some())
+    });
+    let plan = f.app().compare.plan.clone().unwrap();
+    let mut expected: Vec<GenerationRequest> =
+        plan.cells().into_iter().map(|c| c.request).collect();
+    let mut jobs = f.jobs();
+    let key = |r: &GenerationRequest| format!("{:?}{:?}{}", r.scheduler, r.sigmas, r.steps);
+    expected.sort_by_key(key);
+    jobs.sort_by_key(key);
+    assert_eq!(
+        jobs, expected,
+        "one job per cell, with that cell's parameters"
+    );
+    assert!(
+        jobs.iter()
+            .all(|j| j.prompt == "a fox in the snow" && j.seed == 1234)
+    );
+    assert_eq!(f.harness.query_all_by_label_contains("4 evals").count(), 0);
+    assert_eq!(
+        f.harness.query_all_by_label_contains("3 evals").count(),
+        3,
+        "each cell's caption shows its model evaluations"
+    );
+
+    // Enlarge a cell and flip it with another.
+    f.click("UniPC · 5 steps");
+    assert_eq!(f.app().compare.enlarged, Some(5));
+    f.harness.state_mut().compare.flip_with = Some(0);
+    f.click("Flip");
+    assert!(f.app().compare.flipping);
+    f.click("Back to the grid");
+
+    // The cells are in the gallery as one comparison; reopen it from there.
+    f.click("Gallery");
+    f.wait_for("the cells in the gallery", |app| {
+        app.gallery.entries.len() == 6
+    });
+    let cell = f.app().gallery.entries[0].clone();
+    assert_eq!(cell.metadata.comparison.as_ref().unwrap().id, plan.id);
+    f.harness.state_mut().compare = Default::default();
+    f.harness
+        .state_mut()
+        .apply_for_test(atelier::ui::UiCommand::SelectImage(Some(cell.id)));
+    f.wait_for("the detail panel", |app| app.gallery.full_image.is_some());
+    f.click("Open comparison");
+    f.wait_for("the reopened grid", |app| {
+        app.compare.plan.is_some() && app.compare.cells.iter().all(|c| c.image.is_some())
+    });
+    assert_eq!(f.app().compare.plan.as_ref().unwrap(), &plan);
+    assert_eq!(f.app().tab, atelier::ui::Tab::Compare);
+}

@@ -213,25 +213,55 @@ pub fn compare_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiComman
 }
 
 fn controls_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
-    let view = &mut app.compare;
-    ui.heading("Across: samplers");
-    ui.label(format!("{} picked", view.samplers.len()));
-    egui::ScrollArea::vertical()
-        .id_salt("compare-samplers")
-        .max_height(300.0)
-        .show(ui, |ui| {
-            for sampler in pickable_samplers() {
-                let mut picked = view.samplers.contains(&sampler);
-                if ui.checkbox(&mut picked, sampler_label(sampler)).changed() {
-                    if picked {
-                        view.samplers.push(sampler);
-                    } else {
-                        view.samplers.retain(|s| *s != sampler);
-                    }
-                }
-            }
-        });
+    // Run first: the sampler list below is long.
+    let s = &app.settings;
+    ui.label(RichText::new("From the Studio tab").strong());
+    ui.label(format!(
+        "\"{}\"\nseed {} · {} steps · guidance {} · {}x{}",
+        if s.prompt.chars().count() > 80 {
+            format!("{}…", s.prompt.chars().take(79).collect::<String>())
+        } else {
+            s.prompt.clone()
+        },
+        s.seed,
+        s.steps,
+        s.guidance,
+        s.width,
+        s.height
+    ));
+    let cells = app.compare.samplers.len() * app.compare.axis().map_or(1, |a| a.len());
+    let ready = matches!(app.model, ModelState::Ready(_));
+    ui.add_space(4.0);
+    let run = ui.add_enabled(
+        ready && !app.compare.samplers.is_empty() && !app.compare.running(),
+        egui::Button::new(RichText::new(format!("Run comparison ({cells} cells)")).size(16.0)),
+    );
+    let run = if ready {
+        run
+    } else {
+        run.on_disabled_hover_text("Load a model first (Studio tab)")
+    };
+    if run.clicked() {
+        commands.push(UiCommand::RunComparison);
+    }
+    ui.horizontal(|ui| {
+        if app.compare.running() && ui.button("Cancel comparison").clicked() {
+            commands.push(UiCommand::CancelComparison);
+        }
+        let any_done = app.compare.cells.iter().any(|c| c.image.is_some());
+        if ui
+            .add_enabled(any_done, egui::Button::new("Save grid…"))
+            .on_hover_text("One labelled PNG with the comparison's parameters in its metadata")
+            .clicked()
+        {
+            commands.push(UiCommand::SaveGrid);
+        }
+    });
+    if let Some(error) = &app.compare.error {
+        ui.colored_label(ui.visuals().error_fg_color, error);
+    }
     ui.separator();
+    let view = &mut app.compare;
     ui.heading("Down: rows");
     let rows_label = ui.label("Vary");
     egui::ComboBox::from_id_salt("compare-rows")
@@ -253,49 +283,17 @@ fn controls_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>)
         .labelled_by(values_label.id);
     }
     ui.separator();
-    let s = &app.settings;
-    ui.label(RichText::new("From the Studio tab").strong());
-    ui.label(format!(
-        "\"{}\"\nseed {} · {} steps · guidance {} · {}x{}",
-        if s.prompt.len() > 80 {
-            format!("{}…", s.prompt.chars().take(79).collect::<String>())
-        } else {
-            s.prompt.clone()
-        },
-        s.seed,
-        s.steps,
-        s.guidance,
-        s.width,
-        s.height
-    ));
-    let cells = app.compare.samplers.len() * app.compare.axis().map_or(1, |a| a.len());
-    let ready = matches!(app.model, ModelState::Ready(_));
-    ui.add_space(6.0);
-    let run = ui.add_enabled(
-        ready && !app.compare.samplers.is_empty() && !app.compare.running(),
-        egui::Button::new(RichText::new(format!("Run comparison ({cells} cells)")).size(16.0)),
-    );
-    let run = if ready {
-        run
-    } else {
-        run.on_disabled_hover_text("Load a model first (Studio tab)")
-    };
-    if run.clicked() {
-        commands.push(UiCommand::RunComparison);
-    }
-    if app.compare.running() && ui.button("Cancel comparison").clicked() {
-        commands.push(UiCommand::CancelComparison);
-    }
-    let any_done = app.compare.cells.iter().any(|c| c.image.is_some());
-    if ui
-        .add_enabled(any_done, egui::Button::new("Save grid…"))
-        .on_hover_text("One labelled PNG with the comparison's parameters in its metadata")
-        .clicked()
-    {
-        commands.push(UiCommand::SaveGrid);
-    }
-    if let Some(error) = &app.compare.error {
-        ui.colored_label(ui.visuals().error_fg_color, error);
+    ui.heading("Across: samplers");
+    ui.label(format!("{} picked", view.samplers.len()));
+    for sampler in pickable_samplers() {
+        let mut picked = view.samplers.contains(&sampler);
+        if ui.checkbox(&mut picked, sampler_label(sampler)).changed() {
+            if picked {
+                view.samplers.push(sampler);
+            } else {
+                view.samplers.retain(|s| *s != sampler);
+            }
+        }
     }
 }
 

@@ -380,6 +380,21 @@ fn detail_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
             if ui.button("Copy prompt").clicked() {
                 ui.ctx().copy_text(entry.metadata.prompt.clone());
             }
+            if ui
+                .button("Compare samplers…")
+                .on_hover_text("Take this image's settings to the Compare tab")
+                .clicked()
+            {
+                commands.push(UiCommand::CompareFromImage(entry.id));
+            }
+            if let Some(comparison) = &entry.metadata.comparison
+                && ui
+                    .button("Open comparison")
+                    .on_hover_text("Reopen the grid this image is a cell of")
+                    .clicked()
+            {
+                commands.push(UiCommand::OpenComparison(comparison.id.clone()));
+            }
             let star = if entry.favourite {
                 "Unfavourite"
             } else {
