@@ -445,11 +445,20 @@ pub fn save_grid(
     )
 }
 
+/// A comparison rebuilt from the gallery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReopenedComparison {
+    /// The plan.
+    pub plan: ComparisonPlan,
+    /// Each cell's file in the library (row-major), where it is still there.
+    pub files: Vec<Option<String>>,
+    /// Each cell's time and model evaluations.
+    pub results: Vec<Option<CellResult>>,
+}
+
 /// Rebuilds a comparison from its cells' gallery metadata (each carries the comparison id, its
-/// row and column, and the plan). Returns the plan and the files of its cells (row-major).
-pub fn from_cells(
-    cells: &[crate::gallery::library::GalleryEntry],
-) -> Option<(ComparisonPlan, Vec<Option<String>>, Vec<Option<CellResult>>)> {
+/// row and column, and the plan).
+pub fn from_cells(cells: &[crate::gallery::library::GalleryEntry]) -> Option<ReopenedComparison> {
     let reference = cells.iter().find_map(|c| c.metadata.comparison.clone())?;
     let plan: ComparisonPlan = serde_json::from_str(&reference.plan_json).ok()?;
     let count = plan.rows() * plan.columns();
@@ -476,5 +485,9 @@ pub fn from_cells(
             });
         }
     }
-    Some((plan, files, results))
+    Some(ReopenedComparison {
+        plan,
+        files,
+        results,
+    })
 }

@@ -468,9 +468,9 @@ fn compare_makes_a_grid_of_the_engines_images_and_keeps_the_cells() {
         })
         .unwrap();
     assert_eq!(cells.len(), 4);
-    let (reopened, files, _) = atelier::compare::from_cells(&cells).unwrap();
-    assert_eq!(&reopened, plan);
-    assert!(files.iter().all(Option::is_some));
+    let reopened = atelier::compare::from_cells(&cells).unwrap();
+    assert_eq!(&reopened.plan, plan);
+    assert!(reopened.files.iter().all(Option::is_some));
 
     // Two axes at once are refused with a clear message.
     let refused = atelier()

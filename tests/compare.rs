@@ -246,7 +246,12 @@ fn a_comparison_reopens_from_its_cells_in_the_gallery() {
         })
         .unwrap();
     assert_eq!(cells.len(), 4);
-    let (reopened, files, results) = from_cells(&cells).unwrap();
+    let reopened_comparison = from_cells(&cells).unwrap();
+    let (reopened, files, results) = (
+        reopened_comparison.plan,
+        reopened_comparison.files,
+        reopened_comparison.results,
+    );
     assert_eq!(reopened, plan);
     assert!(files.iter().all(Option::is_some));
     let heun = results[1].as_ref().unwrap();

@@ -813,7 +813,12 @@ impl AtelierApp {
         entries: &[crate::gallery::library::GalleryEntry],
         images: Vec<(String, RgbImage)>,
     ) {
-        let Some((plan, files, results)) = crate::compare::from_cells(entries) else {
+        let Some(crate::compare::ReopenedComparison {
+            plan,
+            files,
+            results,
+        }) = crate::compare::from_cells(entries)
+        else {
             self.show_error(
                 "This comparison cannot be reopened: its cells carry no readable plan.",
                 "The images themselves are still in the gallery.",
