@@ -63,4 +63,20 @@ for _ in $(seq 20); do xdotool click 4; sleep 0.05; done   # and back up a littl
 sleep 1
 import -window root screenshots/gallery-10000.png
 kill $app; app=""
-echo "saved screenshots/studio-generating.png screenshots/studio-result.png screenshots/gallery.png screenshots/gallery-10000.png"
+sleep 1
+
+# A comparison made on the command line, reopened in the window from the gallery.
+./target/release/atelier compare --model tests/fixtures/sd1/model --device cpu \
+  --prompt "a lighthouse on a cliff at dusk, oil painting" --scheduler euler,euler-a,dpmpp-2m-karras,unipc,dpm2 \
+  --steps 8,16 --seed 7 --width 64 --height 48 --library "$home/cmp" --out screenshots/compare-grid.png 2>/dev/null
+start_app --model tests/fixtures/sd1/model --device cpu --library "$home/cmp"
+sleep 3
+xdotool mousemove 97 12 click 1            # the Gallery tab
+sleep 1
+xdotool mousemove 80 175 click 1           # a cell of the comparison
+sleep 1
+xdotool mousemove 1284 454 click 1         # Open comparison
+sleep 1.5
+import -window root screenshots/compare.png
+kill $app; app=""
+echo "saved screenshots/studio-generating.png studio-result.png gallery.png gallery-10000.png compare.png compare-grid.png"

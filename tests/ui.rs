@@ -784,4 +784,8 @@ fn a_comparison_runs_one_job_per_cell_and_reopens_from_the_gallery() {
     });
     assert_eq!(f.app().compare.plan.as_ref().unwrap(), &plan);
     assert_eq!(f.app().tab, atelier::ui::Tab::Compare);
+    // The pickers show the reopened comparison, so Run repeats it.
+    assert_eq!(f.app().compare.row_values, "3, 5");
+    assert_eq!(f.app().compare.samplers, plan.samplers);
+    assert_eq!(f.app().settings.prompt, "a fox in the snow");
 }

@@ -134,6 +134,10 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         None => None,
     };
     let plan_json = serde_json::to_string(&plan)?;
+    let model_hash = match &library {
+        Some(_) => crate::gallery::worker::file_hash(model.unet_weights()).ok(),
+        None => None,
+    };
     let total_evals: usize = cells
         .iter()
         .map(|c| c.request.scheduler.model_evaluations(c.request.steps))
@@ -180,7 +184,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
             let mut metadata = ImageMetadata::for_generation(
                 &cell.request,
                 model.name(),
-                None,
+                model_hash.clone(),
                 output.timings,
                 now_unix(),
             );

@@ -175,6 +175,27 @@ impl CompareView {
     }
 }
 
+/// The row picker's setting for an axis.
+pub fn row_picker(axis: &YAxis) -> (RowKind, String) {
+    let join = |values: Vec<String>| values.join(", ");
+    match axis {
+        YAxis::None => (RowKind::None, String::new()),
+        YAxis::Steps(v) => (
+            RowKind::Steps,
+            join(v.iter().map(|x| x.to_string()).collect()),
+        ),
+        YAxis::Guidance(v) => (
+            RowKind::Guidance,
+            join(v.iter().map(|x| x.to_string()).collect()),
+        ),
+        YAxis::Seeds(v) => (
+            RowKind::Seeds,
+            join(v.iter().map(|x| x.to_string()).collect()),
+        ),
+        YAxis::PromptReplace(v) => (RowKind::PromptReplace, join(v.clone())),
+    }
+}
+
 /// Every sampler with default and Karras sigmas, as the picker lists them.
 fn pickable_samplers() -> Vec<Sampler> {
     let mut samplers = Vec::new();

@@ -827,6 +827,21 @@ impl AtelierApp {
         };
         let mut by_file: std::collections::HashMap<String, RgbImage> = images.into_iter().collect();
         self.compare.samplers = plan.samplers.clone();
+        let (row_kind, row_values) = compare::row_picker(&plan.y);
+        self.compare.row_kind = row_kind;
+        self.compare.row_values = row_values;
+        // The Studio panel takes the comparison's base, so that Run repeats it.
+        let base = &plan.base;
+        let s = &mut self.settings;
+        s.prompt = base.prompt.clone();
+        s.negative_prompt = base.negative_prompt.clone();
+        s.seed = base.seed;
+        s.seed_locked = true;
+        s.steps = base.steps;
+        s.guidance = base.guidance_scale;
+        s.width = base.width;
+        s.height = base.height;
+        s.eta = base.eta;
         self.compare.start(plan);
         for (index, (file, result)) in files.into_iter().zip(results).enumerate() {
             let cell = &mut self.compare.cells[index];
