@@ -36,6 +36,13 @@ impl NoiseGenerator {
         }
     }
 
+    /// Draws standard-normal noise shaped like `like`, on its device and in its dtype.
+    pub fn randn_like(&mut self, like: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .randn(like.dims(), like.device())?
+            .to_dtype(like.dtype())?)
+    }
+
     /// Draws a standard-normal f32 tensor of `shape` on `device`.
     pub fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
         match &mut self.source {

@@ -68,14 +68,6 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -112,9 +104,7 @@ impl Scheduler for DdimScheduler {
         let direction = (&pred_eps * (1.0 - alpha_prev - std_dev * std_dev).sqrt())?;
         let mut prev_sample = ((&pred_x0 * alpha_prev.sqrt())? + direction)?;
         if self.eta > 0.0 {
-            let z = noise
-                .randn(model_output.dims(), model_output.device())?
-                .to_dtype(prev_sample.dtype())?;
+            let z = noise.randn_like(&prev_sample)?;
             prev_sample = (prev_sample + (z * std_dev)?)?;
         }
         Ok(StepOutput {

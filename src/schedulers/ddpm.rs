@@ -58,14 +58,6 @@ impl Scheduler for DdpmScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -86,15 +78,12 @@ impl Scheduler for DdpmScheduler {
         let beta_prev = 1.0 - alpha_prev;
         let current_alpha = alpha_t / alpha_prev;
         let current_beta = 1.0 - current_alpha;
-        let mut pred_x0 = match self.prediction {
-            Prediction::Epsilon => {
-                ((sample - (model_output * beta_t.sqrt() as f64)?)? / alpha_t.sqrt() as f64)?
-            }
-            Prediction::VPrediction => {
-                ((sample * alpha_t.sqrt() as f64)? - (model_output * beta_t.sqrt() as f64)?)?
-            }
-            Prediction::Sample => model_output.clone(),
-        };
+        let mut pred_x0 = self.prediction.x0_at_alpha_sigma(
+            model_output,
+            sample,
+            alpha_t.sqrt() as f64,
+            beta_t.sqrt() as f64,
+        )?;
         if let Some(range) = self.clip_sample {
             pred_x0 = pred_x0.clamp(-range, range)?;
         }
@@ -103,9 +92,7 @@ impl Scheduler for DdpmScheduler {
         let mut prev_sample = ((&pred_x0 * x0_coeff as f64)? + (sample * sample_coeff as f64)?)?;
         if t > 0 {
             let variance = (beta_prev / beta_t * current_beta).max(1e-20);
-            let fresh = noise
-                .randn(model_output.dims(), model_output.device())?
-                .to_dtype(prev_sample.dtype())?;
+            let fresh = noise.randn_like(&prev_sample)?;
             prev_sample = (prev_sample + (fresh * variance.sqrt() as f64)?)?;
         }
         Ok(StepOutput {

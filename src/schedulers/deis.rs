@@ -102,14 +102,6 @@ impl Scheduler for DeisScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -121,11 +113,9 @@ impl Scheduler for DeisScheduler {
         let lower_final = index + 1 == count && self.lower_order_final && count < 15;
         let lower_second = index + 2 == count && self.lower_order_final && count < 15;
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[index]);
-        let pred_x0 = match self.prediction {
-            Prediction::Epsilon => ((sample - (model_output * sigma_s0)?)? / alpha_s0)?,
-            Prediction::VPrediction => ((sample * alpha_s0)? - (model_output * sigma_s0)?)?,
-            Prediction::Sample => model_output.clone(),
-        };
+        let pred_x0 =
+            self.prediction
+                .x0_at_alpha_sigma(model_output, sample, alpha_s0, sigma_s0)?;
         // DEIS works on the noise prediction.
         let eps = ((sample - (&pred_x0 * alpha_s0)?)? / sigma_s0)?;
         self.model_outputs.push(eps);

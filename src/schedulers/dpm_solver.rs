@@ -69,14 +69,6 @@ impl Scheduler for DpmSolverMultistep {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -85,11 +77,9 @@ impl Scheduler for DpmSolverMultistep {
         noise: &mut NoiseGenerator,
     ) -> Result<StepOutput> {
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[index]);
-        let pred_x0 = match self.prediction {
-            Prediction::Epsilon => ((sample - (model_output * sigma_s0)?)? / alpha_s0)?,
-            Prediction::VPrediction => ((sample * alpha_s0)? - (model_output * sigma_s0)?)?,
-            Prediction::Sample => model_output.clone(),
-        };
+        let pred_x0 =
+            self.prediction
+                .x0_at_alpha_sigma(model_output, sample, alpha_s0, sigma_s0)?;
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[index + 1]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s0, sigma_s0);
         // The SDE variant draws its noise every step, before the update (as diffusers does).

@@ -136,9 +136,7 @@ impl Scheduler for DpmPp2sAncestral {
             let x_coeff = (-t_next).exp() / (-t).exp();
             let x0_coeff = -(-h).exp_m1();
             let stepped = ((start * x_coeff as f64)? + (&denoised * x0_coeff as f64)?)?;
-            let fresh = noise
-                .randn(model_output.dims(), model_output.device())?
-                .to_dtype(stepped.dtype())?;
+            let fresh = noise.randn_like(&stepped)?;
             (stepped + (fresh * s.up as f64)?)?
         };
         Ok(StepOutput {

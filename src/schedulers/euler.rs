@@ -96,9 +96,7 @@ impl Scheduler for EulerScheduler {
             let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
             let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
             let stepped = (sample + (derivative * (sigma_down as f64 - sigma))?)?;
-            let fresh = noise
-                .randn(model_output.dims(), model_output.device())?
-                .to_dtype(stepped.dtype())?;
+            let fresh = noise.randn_like(&stepped)?;
             (stepped + (fresh * sigma_up as f64)?)?
         } else {
             (sample + (derivative * (sigma_next - sigma))?)?

@@ -154,9 +154,7 @@ impl Scheduler for Kdpm2Scheduler {
             if self.ancestral {
                 let dt = self.sigmas_down[k] as f64 - sigma;
                 let stepped = (start + (derivative * dt)?)?;
-                let fresh = noise
-                    .randn(model_output.dims(), model_output.device())?
-                    .to_dtype(stepped.dtype())?;
+                let fresh = noise.randn_like(&stepped)?;
                 (stepped + (fresh * self.sigmas_up[k] as f64)?)?
             } else {
                 let dt = self.sigmas[k + 1] as f64 - sigma;

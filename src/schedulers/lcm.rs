@@ -82,14 +82,6 @@ impl Scheduler for LcmScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -111,23 +103,18 @@ impl Scheduler for LcmScheduler {
         let sigma_data = 0.5f64;
         let c_skip = sigma_data * sigma_data / (scaled * scaled + sigma_data * sigma_data);
         let c_out = scaled / (scaled * scaled + sigma_data * sigma_data).sqrt();
-        let mut pred_x0 = match self.prediction {
-            Prediction::Epsilon => {
-                ((sample - (model_output * beta_t.sqrt() as f64)?)? / alpha_t.sqrt() as f64)?
-            }
-            Prediction::VPrediction => {
-                ((sample * alpha_t.sqrt() as f64)? - (model_output * beta_t.sqrt() as f64)?)?
-            }
-            Prediction::Sample => model_output.clone(),
-        };
+        let mut pred_x0 = self.prediction.x0_at_alpha_sigma(
+            model_output,
+            sample,
+            alpha_t.sqrt() as f64,
+            beta_t.sqrt() as f64,
+        )?;
         if let Some(range) = self.clip_sample {
             pred_x0 = pred_x0.clamp(-range, range)?;
         }
         let denoised = ((&pred_x0 * c_out)? + (sample * c_skip)?)?;
         let prev_sample = if index + 1 < self.discrete.len() {
-            let fresh = noise
-                .randn(model_output.dims(), model_output.device())?
-                .to_dtype(denoised.dtype())?;
+            let fresh = noise.randn_like(&denoised)?;
             ((&denoised * alpha_prev.sqrt() as f64)? + (fresh * beta_prev.sqrt() as f64)?)?
         } else {
             denoised.clone()

@@ -41,10 +41,16 @@ pub struct StepOutput {
 pub trait Scheduler: Send {
     /// The timestep of each model evaluation, in order.
     fn timesteps(&self) -> &[f64];
-    /// Standard deviation of the initial noise (the noise is multiplied by this).
-    fn init_noise_sigma(&self) -> f64;
-    /// Scales the latents before the model sees them at evaluation `index`.
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor>;
+    /// Standard deviation of the initial noise (the noise is multiplied by this); 1 for the
+    /// variance-preserving samplers.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scales the latents before the model sees them at evaluation `index` (unchanged for the
+    /// variance-preserving samplers).
+    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// Advances the latents after evaluation `index`; stochastic samplers draw from `noise`.
     fn step(
         &mut self,
@@ -408,6 +414,22 @@ impl Prediction {
                 let scale = sigma * sigma + 1.0;
                 ((model_output * (-sigma / scale.sqrt()))? + (sample / scale)?)?
             }
+            Prediction::Sample => model_output.clone(),
+        })
+    }
+
+    /// The clean sample predicted by `model_output` for latents `sample = alpha x0 + sigma eps`
+    /// (the variance-preserving parametrisation of DDPM, DDIM, LCM and the multistep solvers).
+    pub fn x0_at_alpha_sigma(
+        self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        alpha: f64,
+        sigma: f64,
+    ) -> Result<Tensor> {
+        Ok(match self {
+            Prediction::Epsilon => ((sample - (model_output * sigma)?)? / alpha)?,
+            Prediction::VPrediction => ((sample * alpha)? - (model_output * sigma)?)?,
             Prediction::Sample => model_output.clone(),
         })
     }

@@ -226,14 +226,6 @@ impl Scheduler for UniPcScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -242,11 +234,9 @@ impl Scheduler for UniPcScheduler {
         _noise: &mut NoiseGenerator,
     ) -> Result<StepOutput> {
         let (alpha, sigma) = alpha_sigma(self.sigmas[index]);
-        let pred_x0 = match self.prediction {
-            Prediction::Epsilon => ((sample - (model_output * sigma)?)? / alpha)?,
-            Prediction::VPrediction => ((sample * alpha)? - (model_output * sigma)?)?,
-            Prediction::Sample => model_output.clone(),
-        };
+        let pred_x0 = self
+            .prediction
+            .x0_at_alpha_sigma(model_output, sample, alpha, sigma)?;
         let mut sample = sample.clone();
         if let Some(last) = &self.last_sample
             && index > 0
