@@ -141,7 +141,7 @@ impl Scheduler for DpmSdeScheduler {
         let prev_sample = match self.first_half.take() {
             None => {
                 let (x_coeff, x0_coeff, up) = ancestral_coefficients(sigma, midpoint);
-                let n1 = noise.randn_like(&sample)?;
+                let n1 = noise.randn_like(sample)?;
                 let prev = ((sample * x_coeff)? + (&pred_x0 * x0_coeff)?)?;
                 let prev = (prev + (&n1 * up)?)?;
                 self.first_half = Some(FirstHalf {
@@ -152,7 +152,7 @@ impl Scheduler for DpmSdeScheduler {
             }
             Some(first) => {
                 let (x_coeff, x0_coeff, up) = ancestral_coefficients(sigma, sigma_next);
-                let z = noise.randn_like(&sample)?;
+                let z = noise.randn_like(sample)?;
                 let a = (sigma - midpoint) as f64;
                 let b = (midpoint - sigma_next) as f64;
                 let whole = (((&first.noise * a.sqrt())? + (z * b.sqrt())?)? / (a + b).sqrt())?;
