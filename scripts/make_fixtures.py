@@ -347,9 +347,62 @@ def main():
         save_file({k: v.contiguous() for k, v in expected.items()}, OUT / name / "expected.safetensors")
         (OUT / name / "expected.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
         print(name, "ok", {k: tuple(v.shape) for k, v in expected.items() if k.startswith("run_ddim_noneg")})
+    lcm_fixture(tmp / "lcm")
     shutil.rmtree(tmp, ignore_errors=True)
     scheduler_tables()
     scheduler_trajectories()
+
+
+def lcm_fixture(tmp):
+    """An LCM-distilled SD 1.x-like pipeline (time_cond_proj_dim: the guidance scale goes in as an
+    embedding, no classifier-free guidance), with LCMScheduler: one UNet forward with the guidance
+    embedding, and a 1-step run (the only deterministic LCM run) from given noise."""
+    from diffusers import LatentConsistencyModelPipeline
+    torch.manual_seed(21)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8, time_cond_proj_dim=8,
+    )
+    unet = perturb(unet, 22)
+    torch.manual_seed(23)
+    te = perturb(CLIPTextModel(text_config(16, 2, 4, "quick_gelu")), 24)
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             num_train_timesteps=1000, set_alpha_to_one=True, steps_offset=1)
+    pipe = LatentConsistencyModelPipeline(
+        vae=tiny_vae((16, 32), 0.18215, 25), text_encoder=te, tokenizer=make_tokenizer(tmp, "<|endoftext|>"),
+        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    folder = OUT / "lcm" / "model"
+    if folder.exists():
+        shutil.rmtree(folder)
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    pipe = LatentConsistencyModelPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+                                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    run = dict(width=64, height=48, steps=1, guidance=8.0)
+    expected = {}
+    gen = torch.Generator().manual_seed(26)
+    w = torch.tensor([run["guidance"] - 1.0])
+    w_embedding = pipe.get_guidance_scale_embedding(w, embedding_dim=8)
+    sample = torch.randn(1, 4, 6, 8, generator=gen)
+    ctx = torch.randn(1, 77, 16, generator=gen)
+    expected["guidance_embedding"] = w_embedding
+    expected["unet_sample"] = sample
+    expected["unet_context"] = ctx
+    expected["unet_out"] = t(pipe.unet(sample, 499, encoder_hidden_states=ctx, timestep_cond=w_embedding).sample)
+    noise = torch.randn(1, 4, run["height"] // 2, run["width"] // 2, generator=gen)
+    expected["noise"] = noise
+    args = dict(prompt=RUN_PROMPT, num_inference_steps=run["steps"], guidance_scale=run["guidance"],
+                width=run["width"], height=run["height"], latents=noise.clone())
+    expected["run_latents"] = t(pipe(**args, output_type="latent").images)
+    image = pipe(**args, output_type="np").images
+    expected["run_image"] = torch.from_numpy(np.ascontiguousarray(image)).float()
+    meta = {"diffusers": diffusers.__version__, "run": run, "prompt": RUN_PROMPT, "unet_timestep": 499,
+            "timesteps": [float(x) for x in pipe.scheduler.timesteps]}
+    save_file({k: v.contiguous() for k, v in expected.items()}, OUT / "lcm" / "expected.safetensors")
+    (OUT / "lcm" / "expected.json").write_text(json.dumps(meta, indent=1))
+    print("lcm ok", pipe.scheduler.timesteps)
 
 
 def scheduler_tables():

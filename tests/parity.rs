@@ -233,3 +233,71 @@ fn full_runs_match_diffusers() {
         }
     }
 }
+
+/// An LCM-distilled UNet (`time_cond_proj_dim`): the guidance-scale embedding, one forward with
+/// it, and a one-step LCM run without classifier-free guidance, as LatentConsistencyModelPipeline.
+#[test]
+fn lcm_distilled_unet_matches_diffusers() {
+    let expected = Expected::load("lcm");
+    let model = load_model("lcm");
+    let unet = model.unet();
+    assert_eq!(unet.guidance_embedding_dim(), Some(8));
+    let embedding =
+        atelier::engine::unet::guidance_scale_embedding(7.0, 8, 1, &candle_core::Device::Cpu)
+            .unwrap();
+    assert_close(
+        "guidance embedding",
+        &embedding,
+        expected.tensor("guidance_embedding"),
+        1e-5,
+    );
+    let out = unet
+        .forward_with_guidance(
+            expected.tensor("unet_sample"),
+            expected.meta["unet_timestep"].as_f64().unwrap(),
+            expected.tensor("unet_context"),
+            None,
+            Some(&embedding),
+        )
+        .unwrap();
+    assert_close("LCM UNet forward", &out, expected.tensor("unet_out"), 1e-4);
+
+    let run = &expected.meta["run"];
+    let request = GenerationRequest {
+        prompt: expected.meta["prompt"].as_str().unwrap().into(),
+        steps: run["steps"].as_u64().unwrap() as usize,
+        guidance_scale: run["guidance"].as_f64().unwrap(),
+        width: run["width"].as_u64().unwrap() as usize,
+        height: run["height"].as_u64().unwrap() as usize,
+        scheduler: atelier::schedulers::SchedulerKind::Lcm,
+        ..Default::default()
+    };
+    let output = model
+        .generate(
+            &request,
+            Some(expected.tensor("noise")),
+            PreviewOptions::default(),
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_close(
+        "LCM run latents",
+        &output.latents,
+        expected.tensor("run_latents"),
+        LATENT_TOLERANCE,
+    );
+    let reference: Vec<f32> = (expected.tensor("run_image") * 255.0)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = output.images[0]
+        .as_raw()
+        .iter()
+        .zip(&reference)
+        .map(|(&ours, &theirs)| (ours as f32 - theirs).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 2.0, "LCM pixels differ by {worst}/255");
+}

@@ -201,6 +201,8 @@ pub struct TimestepMlp {
     linear_1: Linear,
     linear_2: Linear,
     activation: Activation,
+    /// LCM-distilled UNets: projects the guidance-scale embedding into the input.
+    cond_proj: Option<Linear>,
 }
 
 impl TimestepMlp {
@@ -215,12 +217,40 @@ impl TimestepMlp {
             linear_1: linear(in_dim, out_dim, true, vb.pp("linear_1"))?,
             linear_2: linear(out_dim, out_dim, true, vb.pp("linear_2"))?,
             activation,
+            cond_proj: None,
         })
+    }
+
+    /// The MLP with a `cond_proj` (no bias) that adds a condition of width `condition_dim` to
+    /// its input, as diffusers' `TimestepEmbedding(cond_proj_dim=...)`.
+    pub fn with_condition(
+        in_dim: usize,
+        out_dim: usize,
+        activation: Activation,
+        condition_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let mut mlp = Self::new(in_dim, out_dim, activation, vb.clone())?;
+        mlp.cond_proj = Some(linear(condition_dim, in_dim, false, vb.pp("cond_proj"))?);
+        Ok(mlp)
     }
 
     /// Applies the MLP.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.activation.apply(&self.linear_1.forward(xs)?)?;
+        self.forward_with_condition(xs, None)
+    }
+
+    /// Applies the MLP, first adding the projected `condition` (if the MLP has a projection).
+    pub fn forward_with_condition(
+        &self,
+        xs: &Tensor,
+        condition: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let xs = match (&self.cond_proj, condition) {
+            (Some(projection), Some(condition)) => (xs + projection.forward(condition)?)?,
+            _ => xs.clone(),
+        };
+        let xs = self.activation.apply(&self.linear_1.forward(&xs)?)?;
         Ok(self.linear_2.forward(&xs)?)
     }
 }

@@ -626,7 +626,18 @@ impl StableDiffusion {
                 positive.dropped_tokens
             ));
         }
-        let guided = request.guidance_scale > 1.0;
+        // LCM-distilled UNets take the guidance scale as an embedding and run without
+        // classifier-free guidance (as LatentConsistencyModelPipeline does).
+        let guidance_embedding = match self.unet.guidance_embedding_dim() {
+            Some(dim) => Some(super::unet::guidance_scale_embedding(
+                request.guidance_scale - 1.0,
+                dim,
+                batch,
+                &self.device,
+            )?),
+            None => None,
+        };
+        let guided = request.guidance_scale > 1.0 && guidance_embedding.is_none();
         let negative = if guided {
             let negative = self.encode_negative_prompt(&request.negative_prompt, &positive)?;
             if negative.dropped_tokens > 0 {
@@ -692,7 +703,13 @@ impl StableDiffusion {
             .to_dtype(self.dtype)?;
             let prediction = self
                 .unet
-                .forward(&model_input, timestep, &context, added.as_ref())?
+                .forward_with_guidance(
+                    &model_input,
+                    timestep,
+                    &context,
+                    added.as_ref(),
+                    guidance_embedding.as_ref(),
+                )?
                 .to_dtype(DType::F32)?;
             let guided_prediction = if guided {
                 let uncond = prediction.narrow(0, 0, batch)?;

@@ -244,11 +244,6 @@ impl UNet {
                 "UNet config: block_out_channels, down_block_types and up_block_types differ in length".into(),
             ));
         }
-        if config.time_cond_proj_dim.is_some() {
-            return Err(EngineError::Unsupported(
-                "LCM-distilled UNets (time_cond_proj_dim) are not supported yet".into(),
-            ));
-        }
         let activation = Activation::parse(&config.act_fn)?;
         let groups = config.norm_num_groups;
         let eps = config.norm_eps;
@@ -263,8 +258,17 @@ impl UNet {
             1,
             vb.pp("conv_in"),
         )?;
-        let time_embedding =
-            TimestepMlp::new(channels[0], time_dim, activation, vb.pp("time_embedding"))?;
+        // LCM-distilled UNets take the guidance scale as an embedding (time_cond_proj_dim).
+        let time_embedding = match config.time_cond_proj_dim {
+            Some(condition_dim) => TimestepMlp::with_condition(
+                channels[0],
+                time_dim,
+                activation,
+                condition_dim,
+                vb.pp("time_embedding"),
+            )?,
+            None => TimestepMlp::new(channels[0], time_dim, activation, vb.pp("time_embedding"))?,
+        };
         let add_embedding = match config.addition_embed_type.as_deref() {
             None => None,
             Some("text_time") => {
@@ -469,6 +473,25 @@ impl UNet {
         context: &Tensor,
         added: Option<&AddedConditions>,
     ) -> Result<Tensor> {
+        self.forward_with_guidance(sample, timestep, context, added, None)
+    }
+
+    /// Whether this is an LCM-distilled UNet, which takes the guidance scale as an embedding of
+    /// this width instead of classifier-free guidance.
+    pub fn guidance_embedding_dim(&self) -> Option<usize> {
+        self.config.time_cond_proj_dim
+    }
+
+    /// [`UNet::forward`] with an LCM-distilled UNet's guidance embedding `(batch, dim)`
+    /// (see [`guidance_scale_embedding`]).
+    pub fn forward_with_guidance(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<&AddedConditions>,
+        guidance: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let dtype = sample.dtype();
         let device = sample.device();
@@ -480,7 +503,13 @@ impl UNet {
             self.config.freq_shift,
         )?
         .to_dtype(dtype)?;
-        let mut emb = self.time_embedding.forward(&t_emb)?;
+        let guidance = match guidance {
+            Some(g) => Some(g.to_dtype(dtype)?),
+            None => None,
+        };
+        let mut emb = self
+            .time_embedding
+            .forward_with_condition(&t_emb, guidance.as_ref())?;
         if let Some(add_embedding) = &self.add_embedding {
             let added = added.ok_or_else(|| {
                 EngineError::InvalidParameter(
@@ -558,4 +587,26 @@ impl UNet {
             .apply(&self.conv_norm_out.forward(&hidden)?)?;
         Ok(self.conv_out.forward(&hidden)?)
     }
+}
+
+/// The guidance-scale embedding of LCM-distilled UNets (diffusers'
+/// `get_guidance_scale_embedding`): `w * 1000` in sines then cosines of `dim / 2` frequencies,
+/// one row per batch item, in float32.
+pub fn guidance_scale_embedding(
+    w: f64,
+    dim: usize,
+    batch: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let scale = (10000f32).ln() / (half as f32 - 1.0).max(1.0);
+    let w = w as f32 * 1000.0;
+    let mut row: Vec<f32> = Vec::with_capacity(dim);
+    let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -scale).exp()).collect();
+    row.extend(args.iter().map(|a| a.sin()));
+    row.extend(args.iter().map(|a| a.cos()));
+    if dim % 2 == 1 {
+        row.push(0.0);
+    }
+    Ok(Tensor::from_vec(row, (1, dim), device)?.repeat((batch, 1))?)
 }
