@@ -350,6 +350,7 @@ fn grid_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
     let cell_width =
         ((ui.available_width() - label_width) / columns as f32 - 8.0).clamp(64.0, 512.0);
     let cell_size = egui::vec2(cell_width, cell_width * aspect);
+    let requests: Vec<_> = plan.cells().into_iter().map(|c| c.request).collect();
     egui::ScrollArea::both().show(ui, |ui| {
         egui::Grid::new("compare-grid")
             .spacing([8.0, 6.0])
@@ -385,7 +386,7 @@ fn grid_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
                                 );
                             }
                             let label = view.cell_label(index);
-                            let request = &plan.cells()[index].request;
+                            let request = &requests[index];
                             let response = response.on_hover_text(format!(
                                 "{label}\n{} steps · guidance {} · seed {}\n{}",
                                 request.steps, request.guidance_scale, request.seed, request.prompt
