@@ -613,7 +613,7 @@ fn generated_images_are_kept_and_use_these_settings_fills_the_panel() {
     f.click("Gallery");
     f.wait_for("the thumbnail", |app| !app.gallery.thumbnails.is_empty());
     f.click("a castle on a hill");
-    f.wait_for("the detail panel", |app| app.gallery.selected.is_some());
+    f.wait_for("the detail panel", |app| app.gallery.full_image.is_some());
     f.click("Use these settings");
     let s = &f.app().settings;
     assert_eq!(s.prompt, "a castle on a hill");

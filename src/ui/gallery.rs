@@ -352,17 +352,6 @@ fn detail_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
         });
     });
     egui::ScrollArea::vertical().show(ui, |ui| {
-        match &view.full_image {
-            Some((id, texture)) if *id == entry.id => {
-                // Fit the panel's width (small images are enlarged, pixels kept sharp).
-                let size = texture.size_vec2();
-                let scale = (ui.available_width() / size.x).min(2048.0 / size.y.max(1.0));
-                ui.image((texture.id(), size * scale));
-            }
-            _ => {
-                ui.label("Loading the image…");
-            }
-        }
         ui.horizontal_wrapped(|ui| {
             if ui
                 .button("Use these settings")
@@ -419,6 +408,17 @@ fn detail_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
                 commands.push(UiCommand::DeleteImage(entry.id));
             }
         });
+        match &view.full_image {
+            Some((id, texture)) if *id == entry.id => {
+                // Fit the panel's width (small images are enlarged, pixels kept sharp).
+                let size = texture.size_vec2();
+                let scale = (ui.available_width() / size.x).min(2048.0 / size.y.max(1.0));
+                ui.image((texture.id(), size * scale));
+            }
+            _ => {
+                ui.label("Loading the image…");
+            }
+        }
         ui.separator();
         let m = &entry.metadata;
         egui::Grid::new("gallery-parameters")
