@@ -621,12 +621,6 @@ impl Library {
         }
         Ok(())
     }
-
-    /// The thumbnail of an entry (at most `side` pixels a side), from the disk cache or made
-    /// and cached now.
-    pub fn thumbnail(&self, entry: &GalleryEntry, side: u32) -> Result<RgbImage> {
-        thumbnail(&self.root, &entry.file, side)
-    }
 }
 
 /// The thumbnail of `file` in the library at `root`: cached under `.atelier/thumbs`, remade when

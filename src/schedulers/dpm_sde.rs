@@ -63,20 +63,14 @@ impl DpmSdeScheduler {
             ));
         }
         let base = SigmaSteps::new(config, steps, schedule.resolve(config))?;
-        let log_sigmas = super::schedule::Schedule::from_config(
-            config,
-            super::schedule::ClassDefaults {
-                spacing: super::schedule::Spacing::Linspace,
-            },
-        )?
-        .log_train_sigmas();
+        let log_sigmas = &base.log_train_sigmas;
         let mut timesteps = vec![base.timesteps[0]];
         for k in 0..steps - 1 {
             // diffusers computes the midpoint timesteps in float64 from the float64 sigmas.
             let (s, s_next) = (base.sigmas[k] as f64, base.sigmas[k + 1] as f64);
             let (t, t_next) = (-s.ln(), -s_next.ln());
             let midpoint = (-(t + (t_next - t) * 0.5)).exp();
-            timesteps.push(sigma_to_t(midpoint, &log_sigmas));
+            timesteps.push(sigma_to_t(midpoint, log_sigmas));
             timesteps.push(base.timesteps[k + 1]);
         }
         Ok(Self {

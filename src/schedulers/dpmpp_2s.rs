@@ -53,19 +53,13 @@ impl DpmPp2sAncestral {
     /// Prepares DPM++ 2S a for `steps` steps.
     pub fn new(config: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
         let base = SigmaSteps::new(config, steps, schedule.resolve(config))?;
-        let log_sigmas = super::schedule::Schedule::from_config(
-            config,
-            super::schedule::ClassDefaults {
-                spacing: super::schedule::Spacing::Linspace,
-            },
-        )?
-        .log_train_sigmas();
+        let log_sigmas = &base.log_train_sigmas;
         let mut timesteps = Vec::new();
         for k in 0..steps {
             timesteps.push(base.timesteps[k]);
             let s = step_sigmas(base.sigmas[k], base.sigmas[k + 1]);
             if s.down > 0.0 {
-                timesteps.push(sigma_to_t(s.midpoint as f64, &log_sigmas) as f32 as f64);
+                timesteps.push(sigma_to_t(s.midpoint as f64, log_sigmas) as f32 as f64);
             }
         }
         Ok(Self {

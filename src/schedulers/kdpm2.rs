@@ -51,13 +51,7 @@ impl Kdpm2Scheduler {
         }
         let sigmas = base.sigmas.clone();
         let n = steps;
-        let log_sigmas = super::schedule::Schedule::from_config(
-            config,
-            super::schedule::ClassDefaults {
-                spacing: super::schedule::Spacing::Linspace,
-            },
-        )?
-        .log_train_sigmas();
+        let log_sigmas = &base.log_train_sigmas;
         let mut sigmas_up = vec![0.0f32; n];
         let mut sigmas_down = vec![0.0f32; n];
         let mut midpoints = vec![0.0f32; n];
@@ -80,7 +74,7 @@ impl Kdpm2Scheduler {
                 midpoints[k] = log_midpoint_f32(sigmas[k], sigmas_down[k]);
             }
             for k in 0..n - 1 {
-                timesteps.push(sigma_to_t_f32(midpoints[k], &log_sigmas));
+                timesteps.push(sigma_to_t_f32(midpoints[k], log_sigmas));
                 timesteps.push(base_timesteps[k + 1]);
             }
         } else {
@@ -89,7 +83,7 @@ impl Kdpm2Scheduler {
                 midpoints[k] = log_midpoint_f32(sigmas[k + 1], sigmas[k]);
             }
             for k in 0..n - 1 {
-                timesteps.push(sigma_to_t_f32(midpoints[k], &log_sigmas));
+                timesteps.push(sigma_to_t_f32(midpoints[k], log_sigmas));
                 timesteps.push(base_timesteps[k + 1]);
             }
         }

@@ -176,20 +176,6 @@ impl SchedulerKind {
         Ok(sampler.kind)
     }
 
-    /// Whether the sampler draws fresh noise (from the job's seeded generator) as it goes.
-    pub fn is_stochastic(self) -> bool {
-        matches!(
-            self,
-            SchedulerKind::Ddpm
-                | SchedulerKind::EulerA
-                | SchedulerKind::Dpm2A
-                | SchedulerKind::DpmPp2mSde
-                | SchedulerKind::DpmPpSde
-                | SchedulerKind::DpmPp2sA
-                | SchedulerKind::Lcm
-        )
-    }
-
     /// Model evaluations for `steps` steps: the second-order singlestep samplers evaluate twice
     /// per step but once for the last; PLMS once more than steps (from 2 steps on).
     pub fn model_evaluations(self, steps: usize) -> usize {

@@ -281,6 +281,8 @@ pub struct SigmaSteps {
     pub sigmas: Vec<f32>,
     /// Standard deviation of the initial noise.
     pub init_noise_sigma: f64,
+    /// `np.log` of the float32 training sigmas (for mapping other sigmas to timesteps).
+    pub log_train_sigmas: Vec<f64>,
 }
 
 impl SigmaSteps {
@@ -298,6 +300,7 @@ impl SigmaSteps {
             },
         )?;
         let train_sigmas = spacing.train_sigmas();
+        let log_train_sigmas = spacing.log_train_sigmas();
         let mut timesteps = spacing.continuous_timesteps(steps);
         let interpolated: Vec<f64> = match config.interpolation_type.as_deref().unwrap_or("linear")
         {
@@ -322,9 +325,10 @@ impl SigmaSteps {
         let mut sigmas: Vec<f32> = match spaced {
             None => interpolated.iter().map(|&s| s as f32).collect(),
             Some(spaced) => {
-                // log of the float32 training sigmas, as numpy computes it.
-                let log_sigmas = spacing.log_train_sigmas();
-                timesteps = spaced.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
+                timesteps = spaced
+                    .iter()
+                    .map(|&s| sigma_to_t(s, &log_train_sigmas))
+                    .collect();
                 spaced.iter().map(|&s| s as f32).collect()
             }
         };
@@ -338,6 +342,7 @@ impl SigmaSteps {
             timesteps: timesteps.iter().map(|&t| t as f32 as f64).collect(),
             sigmas,
             init_noise_sigma,
+            log_train_sigmas,
         })
     }
 }

@@ -80,8 +80,6 @@ pub struct GalleryView {
     pub schedulers: Vec<String>,
     /// The last search's time.
     pub search_ms: f64,
-    /// The query of the results shown (a new one is sent when the filters change).
-    pub shown_query: Option<GalleryQuery>,
     /// The image whose details are open.
     pub selected: Option<i64>,
     /// The selected image at full size.

@@ -327,7 +327,6 @@ impl AtelierApp {
                     self.gallery.models = models;
                     self.gallery.schedulers = schedulers;
                     self.gallery.search_ms = search_ms;
-                    self.gallery.shown_query = Some(query);
                 }
             }
             GalleryEvent::Deleted(entry) => {
