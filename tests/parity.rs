@@ -1,4 +1,5 @@
-//! Atelier against diffusers on the tiny fixture pipelines (f32, CPU).
+//! Atelier against diffusers on the tiny fixture pipelines (f32; on the CPU, or on the GPU with
+//! `ATELIER_TEST_DEVICE=cuda` in a `cuda` build).
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod common;
@@ -243,7 +244,7 @@ fn lcm_distilled_unet_matches_diffusers() {
     let unet = model.unet();
     assert_eq!(unet.guidance_embedding_dim(), Some(8));
     let embedding =
-        atelier::engine::unet::guidance_scale_embedding(7.0, 8, 1, &candle_core::Device::Cpu)
+        atelier::engine::unet::guidance_scale_embedding(7.0, 8, 1, &test_device())
             .unwrap();
     assert_close(
         "guidance embedding",

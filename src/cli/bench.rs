@@ -40,6 +40,12 @@ pub struct BenchArgs {
     /// Print the figures as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also print where one UNet step's time goes, by kind of operation.
+    #[arg(long)]
+    pub profile: bool,
+    /// Precision of the random-weight VAE (f16 or f32; default: f32 where the config upcasts).
+    #[arg(long, requires = "random_weights")]
+    pub vae_dtype: Option<String>,
 }
 
 /// Runs `atelier bench`.
@@ -55,7 +61,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             (loaded.bench_target(), loaded.name().to_string(), native)
         }
         (None, Some(arch)) => {
-            random = RandomModel::new(arch, &device, dtype)?;
+            let vae_dtype = match args.vae_dtype.as_deref() {
+                None => None,
+                Some("f16") => Some(candle_core::DType::F16),
+                Some("f32") => Some(candle_core::DType::F32),
+                Some(other) => bail!("--vae-dtype {other:?}: choose f16 or f32"),
+            };
+            random = RandomModel::with_vae_dtype(arch, &device, dtype, vae_dtype)?;
             let native = if arch == "sdxl" { 1024 } else { 512 };
             let target = BenchTarget {
                 text_encoders: random.text_encoders.iter().collect(),
@@ -76,6 +88,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         batch_size: args.batch_size.max(1),
         guidance: !args.no_guidance,
+        profile: args.profile,
     };
     let factor = target.vae.config().scale_factor();
     if !options.width.is_multiple_of(factor) || !options.height.is_multiple_of(factor) {
@@ -90,6 +103,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "width": options.width,
             "height": options.height,
             "unet_batch": options.batch_size * if options.guidance { 2 } else { 1 },
+            "vae_dtype": format!("{:?}", target.vae_dtype),
             "report": report,
         });
         println!("{value}");
@@ -107,11 +121,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "UNet step       {:>10.1} ms  ({:.2} it/s)",
             report.unet_step_ms, report.unet_steps_per_sec
         );
-        println!("VAE decode      {:>10.1} ms", report.vae_decode_ms);
+        println!(
+            "  enqueue       {:>10.1} ms  (CPU time to submit one step)",
+            report.unet_submit_ms
+        );
+        println!(
+            "VAE decode      {:>10.1} ms  ({:?})",
+            report.vae_decode_ms, target.vae_dtype
+        );
         println!(
             "30-step job     {:>10.1} ms  (text + 30 steps + decode)",
             report.end_to_end_30_steps_ms
         );
+        if let Some(bytes) = report.peak_gpu_memory_bytes {
+            println!(
+                "peak GPU memory {:>10.2} GiB",
+                bytes as f64 / (1u64 << 30) as f64
+            );
+        }
+        for (name, ms, calls) in &report.profile {
+            println!("  {name:<14}{ms:>10.2} ms in {calls} calls (synchronised)");
+        }
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::clip::ClipTextEncoder;
 use super::error::Result;
+use super::profile;
 use super::unet::{AddedConditions, UNet};
 use super::vae::VaeDecoder;
 
@@ -24,6 +25,8 @@ pub struct BenchOptions {
     pub batch_size: usize,
     /// Classifier-free guidance doubles the UNet batch.
     pub guidance: bool,
+    /// Also time each kind of operation in one more UNet step (synchronising after each).
+    pub profile: bool,
 }
 
 /// The parts of a model that the benchmark runs.
@@ -43,7 +46,7 @@ pub struct BenchTarget<'a> {
 }
 
 /// Measured times (milliseconds unless named otherwise).
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
     /// One prompt through every text encoder.
     pub text_encoding_ms: f64,
@@ -55,6 +58,12 @@ pub struct BenchReport {
     pub vae_decode_ms: f64,
     /// Text encoding + 30 steps + decode, from the figures above.
     pub end_to_end_30_steps_ms: f64,
+    /// CPU time to enqueue one UNet evaluation (the rest of a step is the GPU catching up).
+    pub unet_submit_ms: f64,
+    /// Peak GPU memory over the benchmark (weights included), where the device reports it.
+    pub peak_gpu_memory_bytes: Option<u64>,
+    /// With `profile`: (operation, milliseconds in one step, calls).
+    pub profile: Vec<(&'static str, f64, usize)>,
 }
 
 fn timed<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
@@ -68,6 +77,7 @@ fn timed<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> 
 /// Runs the benchmark.
 pub fn run(target: &BenchTarget<'_>, options: BenchOptions) -> Result<BenchReport> {
     let device = target.device;
+    profile::reset_peak_memory(device);
     let factor = target.vae.config().scale_factor();
     let (lh, lw) = (options.height / factor, options.width / factor);
     let model_batch = options.batch_size * if options.guidance { 2 } else { 1 };
@@ -125,6 +135,25 @@ pub fn run(target: &BenchTarget<'_>, options: BenchOptions) -> Result<BenchRepor
         Ok(())
     })?;
     let unet_step_ms = unet_total_ms / steps as f64;
+    device.synchronize()?;
+    let submit_started = Instant::now();
+    let submitted = target
+        .unet
+        .forward(&sample, 500.0, &context, added.as_ref())?;
+    let unet_submit_ms = submit_started.elapsed().as_secs_f64() * 1e3;
+    device.synchronize()?;
+    drop(submitted);
+    let profile = if options.profile {
+        profile::start();
+        let step = target
+            .unet
+            .forward(&sample, 500.0, &context, added.as_ref());
+        let totals = profile::finish();
+        step?;
+        totals
+    } else {
+        Vec::new()
+    };
 
     let latents = Tensor::randn(0f32, 1.0, (options.batch_size, channels, lh, lw), device)?
         .to_dtype(target.vae_dtype)?;
@@ -136,5 +165,8 @@ pub fn run(target: &BenchTarget<'_>, options: BenchOptions) -> Result<BenchRepor
         unet_steps_per_sec: 1e3 / unet_step_ms,
         vae_decode_ms,
         end_to_end_30_steps_ms: text_encoding_ms + 30.0 * unet_step_ms + vae_decode_ms,
+        unet_submit_ms,
+        peak_gpu_memory_bytes: profile::peak_memory_bytes(device),
+        profile,
     })
 }

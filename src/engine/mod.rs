@@ -5,11 +5,15 @@
 pub mod bench;
 pub mod clip;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
+pub mod fused;
 pub mod nn;
 pub mod noise;
 pub mod pipeline;
 pub mod preview;
+pub mod profile;
 pub mod random;
 pub mod source;
 pub mod tokenizer;

@@ -1,9 +1,12 @@
 //! Building blocks shared by the UNet, the VAE and the text encoder.
 
 use candle_core::{D, DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::error::{EngineError, Result};
+use super::profile;
+
+pub use super::fused::{Conv2d, GroupNorm};
 
 /// A 2-D convolution with bias, `padding = kernel / 2`.
 pub fn conv2d(
@@ -13,28 +16,12 @@ pub fn conv2d(
     stride: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let config = Conv2dConfig {
-        padding: kernel / 2,
-        stride,
-        ..Default::default()
-    };
-    Ok(candle_nn::conv2d(
-        in_channels,
-        out_channels,
-        kernel,
-        config,
-        vb,
-    )?)
+    Conv2d::new(in_channels, out_channels, kernel, stride, vb)
 }
 
 /// A GroupNorm with affine weights.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    if groups == 0 || !channels.is_multiple_of(groups) {
-        return Err(EngineError::Unsupported(format!(
-            "GroupNorm with {groups} groups cannot split {channels} channels"
-        )));
-    }
-    Ok(candle_nn::group_norm(groups, channels, eps, vb)?)
+    GroupNorm::new(groups, channels, eps, vb)
 }
 
 /// A linear layer that makes its input contiguous first: candle 0.11's `Linear` returns wrong
@@ -44,11 +31,14 @@ pub struct Linear(candle_nn::Linear);
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if xs.is_contiguous() {
-            self.0.forward(xs)
-        } else {
-            self.0.forward(&xs.contiguous()?)
-        }
+        let run = || -> Result<Tensor> {
+            Ok(if xs.is_contiguous() {
+                self.0.forward(xs)?
+            } else {
+                self.0.forward(&xs.contiguous()?)?
+            })
+        };
+        profile::scope("linear", xs.device(), run).map_err(candle_core::Error::wrap)
     }
 }
 
@@ -105,10 +95,28 @@ pub fn attention(
     upcast: bool,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    profile::scope("attention", query.device(), || {
+        attention_unprofiled(query, key, value, heads, upcast, mask)
+    })
+}
+
+fn attention_unprofiled(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    heads: usize,
+    upcast: bool,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let (batch, query_len, width) = query.dims3()?;
     let key_len = key.dim(1)?;
     let head_dim = width / heads;
     let scale = 1.0 / (head_dim as f64).sqrt();
+    if mask.is_none()
+        && let Some(out) = super::fused::flash_attention(query, key, value, heads, scale)?
+    {
+        return Ok(out);
+    }
     let split = |xs: &Tensor, len: usize| -> Result<Tensor> {
         Ok(xs
             .reshape((batch, len, heads, head_dim))?
@@ -312,7 +320,7 @@ impl ResnetBlock {
     /// Applies the block; `temb` is the (already computed) time embedding, if any.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let act = self.activation;
-        let mut hidden = self.conv1.forward(&act.apply(&self.norm1.forward(xs)?)?)?;
+        let mut hidden = self.conv1.forward(&self.norm1.forward_then(xs, act)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let temb = proj
                 .forward(&act.apply(temb)?)?
@@ -320,14 +328,12 @@ impl ResnetBlock {
                 .unsqueeze(3)?;
             hidden = hidden.broadcast_add(&temb)?;
         }
-        let hidden = self
-            .conv2
-            .forward(&act.apply(&self.norm2.forward(&hidden)?)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        Ok((shortcut + hidden)?)
+        self.conv2
+            .forward_add(&self.norm2.forward_then(&hidden, act)?, &shortcut)
     }
 }
 

@@ -65,6 +65,17 @@ fn parse<T: DeserializeOwned>(name: &str, text: &str) -> Result<T> {
 impl RandomModel {
     /// Builds `sd15` or `sdxl` with random weights in `dtype` on `device`.
     pub fn new(architecture: &str, device: &Device, dtype: DType) -> Result<Self> {
+        Self::with_vae_dtype(architecture, device, dtype, None)
+    }
+
+    /// [`RandomModel::new`] with the VAE in `vae_dtype` (default: f32 where the config asks
+    /// to upcast from f16).
+    pub fn with_vae_dtype(
+        architecture: &str,
+        device: &Device,
+        dtype: DType,
+        vae_dtype: Option<DType>,
+    ) -> Result<Self> {
         let (family, unet, vae, encoders): (ModelFamily, &str, &str, Vec<&str>) = match architecture
         {
             "sd15" => (
@@ -90,7 +101,9 @@ impl RandomModel {
         };
         let vb = |dtype| VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
         let vae_config: VaeConfig = parse("vae", vae)?;
-        let vae_dtype = if dtype == DType::F16 && vae_config.force_upcast {
+        let vae_dtype = if let Some(vae_dtype) = vae_dtype {
+            vae_dtype
+        } else if dtype == DType::F16 && vae_config.force_upcast {
             DType::F32
         } else {
             dtype

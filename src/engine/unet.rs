@@ -3,13 +3,13 @@
 //! Mirrors diffusers' module tree and weight names, so the Hub's safetensors load as they are.
 
 use candle_core::{D, DType, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::UNetConfig;
 use super::error::{EngineError, Result};
 use super::nn::{
-    Activation, Downsample, Linear, ResnetBlock, TimestepMlp, Upsample, attention, conv2d,
-    group_norm, linear, timestep_embedding,
+    Activation, Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, TimestepMlp, Upsample, attention,
+    conv2d, group_norm, linear, timestep_embedding,
 };
 
 /// Diffusers' `Attention` as used in transformer blocks (no bias on q, k, v).
@@ -93,10 +93,7 @@ impl TransformerBlock {
             .forward(&self.norm2.forward(&xs)?, Some(context))?
             + &xs)?;
         let projected = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
-        let half = projected.dim(D::Minus1)? / 2;
-        let hidden = projected.narrow(D::Minus1, 0, half)?;
-        let gate = projected.narrow(D::Minus1, half, half)?;
-        let ff = self.ff_out.forward(&(hidden * gate.gelu_erf()?)?)?;
+        let ff = self.ff_out.forward(&super::fused::geglu(&projected)?)?;
         Ok((ff + xs)?)
     }
 }
@@ -170,11 +167,10 @@ impl SpatialTransformer {
         for block in &self.blocks {
             hidden = block.forward(&hidden, context)?;
         }
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_image(hidden)?)?,
-            Projection::Linear(lin) => to_image(lin.forward(&hidden)?)?,
-        };
-        Ok((out + xs)?)
+        match &self.proj_out {
+            Projection::Conv(conv) => conv.forward_add(&to_image(hidden)?, xs),
+            Projection::Linear(lin) => Ok((to_image(lin.forward(&hidden)?)? + xs)?),
+        }
     }
 }
 
@@ -582,10 +578,8 @@ impl UNet {
             }
         }
 
-        let hidden = self
-            .activation
-            .apply(&self.conv_norm_out.forward(&hidden)?)?;
-        Ok(self.conv_out.forward(&hidden)?)
+        let hidden = self.conv_norm_out.forward_then(&hidden, self.activation)?;
+        self.conv_out.forward(&hidden)
     }
 }
 

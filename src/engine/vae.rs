@@ -1,11 +1,14 @@
 //! The decoder half of `AutoencoderKL`, built from `vae/config.json`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::VaeConfig;
 use super::error::{EngineError, Result};
-use super::nn::{Activation, Linear, ResnetBlock, Upsample, attention, conv2d, group_norm, linear};
+use super::nn::{
+    Activation, Conv2d, GroupNorm, Linear, ResnetBlock, Upsample, attention, conv2d, group_norm,
+    linear,
+};
 
 /// The VAE's single-head self-attention over all pixels of the middle block.
 #[derive(Debug, Clone)]
@@ -181,7 +184,7 @@ impl VaeDecoder {
                 xs = up.forward(&xs, None)?;
             }
         }
-        let xs = Activation::Silu.apply(&self.conv_norm_out.forward(&xs)?)?;
-        Ok(self.conv_out.forward(&xs)?)
+        let xs = self.conv_norm_out.forward_then(&xs, Activation::Silu)?;
+        self.conv_out.forward(&xs)
     }
 }

@@ -21,12 +21,20 @@ pub fn model_dir(family: &str) -> PathBuf {
     fixture_dir(family).join("model")
 }
 
+/// The CPU, or the GPU with `ATELIER_TEST_DEVICE=cuda` (a build with the `cuda` feature): the
+/// parity tests then check our CUDA kernels against the same diffusers values, in f32.
+pub fn test_device() -> Device {
+    match std::env::var("ATELIER_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("ATELIER_TEST_DEVICE=cuda needs a CUDA build"),
+        _ => Device::Cpu,
+    }
+}
+
 pub fn load_model(family: &str) -> StableDiffusion {
-    StableDiffusion::load(
-        ModelSource::Folder(model_dir(family)),
-        LoadOptions::new(Device::Cpu),
-    )
-    .expect("fixture model loads")
+    let mut options = LoadOptions::new(test_device());
+    options.dtype = Some(DType::F32);
+    StableDiffusion::load(ModelSource::Folder(model_dir(family)), options)
+        .expect("fixture model loads")
 }
 
 pub struct Expected {
@@ -38,7 +46,7 @@ impl Expected {
     pub fn load(family: &str) -> Self {
         let dir = fixture_dir(family);
         let tensors =
-            candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+            candle_core::safetensors::load(dir.join("expected.safetensors"), &test_device())
                 .expect("expected.safetensors");
         let meta = serde_json::from_str(
             &std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"),
@@ -57,8 +65,8 @@ impl Expected {
 /// max |ours - reference| / max |reference|.
 pub fn relative_error(ours: &Tensor, reference: &Tensor) -> f64 {
     assert_eq!(ours.dims(), reference.dims(), "shapes differ");
-    let ours = ours.to_dtype(DType::F64).unwrap();
-    let reference = reference.to_dtype(DType::F64).unwrap();
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let (ours, reference) = (cpu(ours), cpu(reference));
     let diff: f64 = (&ours - &reference)
         .unwrap()
         .abs()

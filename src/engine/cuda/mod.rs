@@ -1,0 +1,580 @@
+//! Atelier's own CUDA kernels (`kernels.cu`, compiled to PTX by build.rs) as candle custom ops:
+//! fused GroupNorm (+SiLU), GEGLU, convolutions as one GEMM per batch item straight into NCHW with
+//! the bias and residual folded in, and a flash-style tensor-core attention.
+//!
+//! Inputs must be contiguous f16 or f32 (attention: f16); [`super::fused`] checks and falls back
+//! to candle's own operations otherwise.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig, sys};
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
+use candle_core::backend::BackendStorage;
+use candle_core::{CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use half::f16;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/atelier_kernels.ptx"));
+const THREADS: u32 = 256;
+
+type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
+
+fn modules() -> &'static Mutex<HashMap<DeviceId, Arc<CudaModule>>> {
+    static MODULES: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaModule>>>> = OnceLock::new();
+    MODULES.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn functions() -> &'static Mutex<FunctionCache> {
+    static FUNCTIONS: OnceLock<Mutex<FunctionCache>> = OnceLock::new();
+    FUNCTIONS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The kernel `name`, loaded once per device; `shared_bytes` above 48 KiB is opted into.
+fn function(device: &CudaDevice, name: &str, shared_bytes: u32) -> Result<CudaFunction> {
+    let key = (device.id(), name.to_string());
+    let mut cache = functions()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("CUDA kernel cache poisoned".into()))?;
+    if let Some(function) = cache.get(&key) {
+        return Ok(function.clone());
+    }
+    let module = {
+        let mut modules = modules()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("CUDA module cache poisoned".into()))?;
+        match modules.get(&device.id()) {
+            Some(module) => module.clone(),
+            None => {
+                let module = device
+                    .cuda_stream()
+                    .context()
+                    .load_module(Ptx::from_src(PTX))
+                    .w()?;
+                modules.insert(device.id(), module.clone());
+                module
+            }
+        }
+    };
+    let function = module.load_function(name).w()?;
+    if shared_bytes > 48 * 1024 {
+        function
+            .set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_bytes as i32,
+            )
+            .w()?;
+    }
+    cache.insert(key, function.clone());
+    Ok(function)
+}
+
+fn grid_for(elements: usize) -> LaunchConfig {
+    let blocks = elements.div_ceil(THREADS as usize).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F16 => Ok("f16"),
+        DType::F32 => Ok("f32"),
+        other => candle_core::bail!("no Atelier CUDA kernel for {other:?}"),
+    }
+}
+
+fn cuda_only(op: &str) -> Result<(candle_core::CpuStorage, Shape)> {
+    candle_core::bail!("{op} runs on CUDA only")
+}
+
+fn contiguous_slice<'a, T: CudaDType>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    if !layout.is_contiguous() {
+        candle_core::bail!("{what} must be contiguous");
+    }
+    Ok(storage.as_cuda_slice::<T>()?.slice(layout.start_offset()..))
+}
+
+/// GroupNorm over `(batch, channels, ...)` with affine weights, optionally followed by SiLU.
+pub struct GroupNormOp {
+    /// Number of groups.
+    pub groups: usize,
+    /// Added to the variance.
+    pub eps: f32,
+    /// Apply SiLU to the result.
+    pub silu: bool,
+}
+
+impl GroupNormOp {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        x: (&CudaStorage, &Layout),
+        weight: (&CudaStorage, &Layout),
+        bias: (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let device = x.0.device().clone();
+        let shape = x.1.shape().clone();
+        let dims = shape.dims();
+        let (batch, channels) = (dims[0], dims[1]);
+        let pixels: usize = dims[2..].iter().product();
+        let total = shape.elem_count();
+        let group_elements = channels / self.groups * pixels;
+        let groups_total = batch * self.groups;
+        let splits = 1024usize
+            .div_ceil(groups_total)
+            .clamp(1, (group_elements / 2048).max(1));
+        let xs = contiguous_slice::<T>(x.0, x.1, "GroupNorm input")?;
+        let ws = contiguous_slice::<T>(weight.0, weight.1, "GroupNorm weight")?;
+        let bs = contiguous_slice::<T>(bias.0, bias.1, "GroupNorm bias")?;
+        let mut partials = device.alloc_zeros::<f32>(groups_total * splits * 3)?;
+        // SAFETY: every element is written by group_norm_apply below.
+        let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(total)? };
+        let name = suffix(x.0.dtype())?;
+        let config = LaunchConfig {
+            grid_dim: (groups_total as u32, splits as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = group_elements as i64;
+        let splits_i = splits as i32;
+        let stats = function(&device, &format!("group_norm_stats_{name}"), 0)?;
+        let stream = device.cuda_stream();
+        let mut builder = stream.launch_builder(&stats);
+        builder.arg(&xs).arg(&mut partials).arg(&n).arg(&splits_i);
+        // SAFETY: arguments match the kernel's signature; sizes are checked above.
+        unsafe { builder.launch(config) }.w()?;
+        let apply = function(&device, &format!("group_norm_apply_{name}"), 0)?;
+        let pixels_i = pixels as i64;
+        let per_group = (channels / self.groups) as i32;
+        let groups_i = self.groups as i32;
+        let silu = i32::from(self.silu);
+        let mut builder = stream.launch_builder(&apply);
+        builder
+            .arg(&xs)
+            .arg(&ws)
+            .arg(&bs)
+            .arg(&mut out)
+            .arg(&partials)
+            .arg(&n)
+            .arg(&splits_i)
+            .arg(&pixels_i)
+            .arg(&per_group)
+            .arg(&groups_i)
+            .arg(&self.eps)
+            .arg(&silu);
+        // SAFETY: as above.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, device), shape))
+    }
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "atelier-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        cuda_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F16 => self.run::<f16>((x, xl), (w, wl), (b, bl)),
+            DType::F32 => self.run::<f32>((x, xl), (w, wl), (b, bl)),
+            other => candle_core::bail!("GroupNorm kernel: unsupported {other:?}"),
+        }
+    }
+}
+
+/// `hidden * gelu(gate)` over rows of `[hidden | gate]`.
+pub struct GegluOp;
+
+impl GegluOp {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        x: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let device = x.device().clone();
+        let dims = layout.shape().dims();
+        let width = dims[dims.len() - 1];
+        let half = width / 2;
+        let rows = layout.shape().elem_count() / width;
+        let mut out_dims = dims.to_vec();
+        out_dims[dims.len() - 1] = half;
+        let xs = contiguous_slice::<T>(x, layout, "GEGLU input")?;
+        // SAFETY: every element is written by the kernel.
+        let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(rows * half)? };
+        let func = function(&device, &format!("geglu_{}", suffix(x.dtype())?), 0)?;
+        let (rows_i, half_i) = (rows as i64, half as i64);
+        let stream = device.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&xs).arg(&mut out).arg(&rows_i).arg(&half_i);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { builder.launch(grid_for(rows * half)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from(out_dims),
+        ))
+    }
+}
+
+impl CustomOp1 for GegluOp {
+    fn name(&self) -> &'static str {
+        "atelier-geglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        cuda_only(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F16 => self.run::<f16>(x, layout),
+            DType::F32 => self.run::<f32>(x, layout),
+            other => candle_core::bail!("GEGLU kernel: unsupported {other:?}"),
+        }
+    }
+}
+
+/// A 2-D convolution with bias (and optionally a residual added to its output): im2col (skipped
+/// for 1x1 convolutions) and one GEMM per batch item that accumulates onto bias + residual.
+pub struct Conv2dOp {
+    /// Stride in both directions.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+    /// Added to the output, same shape as it.
+    pub residual: Option<Tensor>,
+}
+
+trait GemmScalar: CudaDType + DeviceRepr + Copy {
+    const ONE: Self;
+}
+impl GemmScalar for f16 {
+    const ONE: Self = f16::ONE;
+}
+impl GemmScalar for f32 {
+    const ONE: Self = 1.0;
+}
+
+impl Conv2dOp {
+    fn run<T: GemmScalar>(
+        &self,
+        x: (&CudaStorage, &Layout),
+        weight: (&CudaStorage, &Layout),
+        bias: (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
+    {
+        let device = x.0.device().clone();
+        let (batch, channels, height, width) = x.1.shape().dims4()?;
+        let (out_channels, in_channels, kh, kw) = weight.1.shape().dims4()?;
+        if in_channels != channels {
+            candle_core::bail!("conv2d: input has {channels} channels, weight {in_channels}");
+        }
+        let (stride, pad) = (self.stride, self.padding);
+        if height + 2 * pad < kh || width + 2 * pad < kw {
+            candle_core::bail!("conv2d: input smaller than the kernel");
+        }
+        let out_h = (height + 2 * pad - kh) / stride + 1;
+        let out_w = (width + 2 * pad - kw) / stride + 1;
+        let pixels = out_h * out_w;
+        let k = channels * kh * kw;
+        let total = batch * out_channels * pixels;
+        let name = suffix(x.0.dtype())?;
+        let stream = device.cuda_stream();
+
+        let xs = contiguous_slice::<T>(x.0, x.1, "conv2d input")?;
+        let ws = contiguous_slice::<T>(weight.0, weight.1, "conv2d weight")?;
+        let bs = contiguous_slice::<T>(bias.0, bias.1, "conv2d bias")?;
+
+        // SAFETY: conv_init writes every element.
+        let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(total)? };
+        let init = function(&device, &format!("conv_init_{name}"), 0)?;
+        let (total_i, channels_i, pixels_i) = (total as i64, out_channels as i64, pixels as i64);
+        match &self.residual {
+            Some(residual) => {
+                let (storage, layout) = residual.storage_and_layout();
+                let Storage::Cuda(storage) = &*storage else {
+                    candle_core::bail!("conv2d residual is not on the GPU");
+                };
+                if layout.shape().elem_count() != total || residual.dtype() != x.0.dtype() {
+                    candle_core::bail!("conv2d residual does not match the output");
+                }
+                let rs = contiguous_slice::<T>(storage, layout, "conv2d residual")?;
+                let mut builder = stream.launch_builder(&init);
+                builder
+                    .arg(&mut out)
+                    .arg(&bs)
+                    .arg(&rs)
+                    .arg(&total_i)
+                    .arg(&channels_i)
+                    .arg(&pixels_i);
+                // SAFETY: arguments match the kernel's signature.
+                unsafe { builder.launch(grid_for(total)) }.w()?;
+            }
+            None => {
+                let null: u64 = 0;
+                let mut builder = stream.launch_builder(&init);
+                builder
+                    .arg(&mut out)
+                    .arg(&bs)
+                    .arg(&null)
+                    .arg(&total_i)
+                    .arg(&channels_i)
+                    .arg(&pixels_i);
+                // SAFETY: a null residual is checked by the kernel.
+                unsafe { builder.launch(grid_for(total)) }.w()?;
+            }
+        }
+
+        let gemm = |columns: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+                    out: &mut CudaSlice<T>|
+         -> Result<()> {
+            let config = StridedBatchedConfig {
+                gemm: GemmConfig {
+                    transa: sys::cublasOperation_t::CUBLAS_OP_N,
+                    transb: sys::cublasOperation_t::CUBLAS_OP_N,
+                    m: pixels as i32,
+                    n: out_channels as i32,
+                    k: k as i32,
+                    alpha: T::ONE,
+                    lda: pixels as i32,
+                    ldb: k as i32,
+                    beta: T::ONE,
+                    ldc: pixels as i32,
+                },
+                batch_size: batch as i32,
+                stride_a: (k * pixels) as i64,
+                stride_b: 0,
+                stride_c: (out_channels * pixels) as i64,
+            };
+            let blas = device.cublas_handle();
+            // SAFETY: the buffers hold batch * k * pixels, out_channels * k and
+            // batch * out_channels * pixels elements.
+            unsafe { blas.gemm_strided_batched(config, columns, &ws, out) }.w()?;
+            Ok(())
+        };
+        if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
+            gemm(&xs, &mut out)?;
+        } else {
+            // SAFETY: im2col writes every element.
+            let mut columns: CudaSlice<T> = unsafe { device.alloc::<T>(batch * k * pixels)? };
+            let func = function(&device, &format!("im2col_{name}"), 0)?;
+            let ints = [
+                batch as i32,
+                channels as i32,
+                height as i32,
+                width as i32,
+                kh as i32,
+                kw as i32,
+                stride as i32,
+                pad as i32,
+                out_h as i32,
+                out_w as i32,
+            ];
+            let mut builder = stream.launch_builder(&func);
+            builder.arg(&xs).arg(&mut columns);
+            for value in &ints {
+                builder.arg(value);
+            }
+            // SAFETY: arguments match the kernel's signature.
+            unsafe { builder.launch(grid_for(batch * k * pixels)) }.w()?;
+            gemm(&columns.slice(..), &mut out)?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from((batch, out_channels, out_h, out_w)),
+        ))
+    }
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "atelier-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        cuda_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F16 => self.run::<f16>((x, xl), (w, wl), (b, bl)),
+            DType::F32 => self.run::<f32>((x, xl), (w, wl), (b, bl)),
+            other => candle_core::bail!("conv2d kernel: unsupported {other:?}"),
+        }
+    }
+}
+
+/// Head widths the attention kernel is built for (a head is zero-padded up to one of them).
+pub const ATTENTION_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
+
+/// Scaled dot-product attention without a mask over f16 `(batch, tokens, heads * head_dim)`
+/// tensors whose rows may be strided (q, k and v can be column ranges of one projection).
+pub struct FlashAttentionOp {
+    /// Number of heads.
+    pub heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Multiplies the scores before the softmax.
+    pub scale: f32,
+}
+
+impl FlashAttentionOp {
+    /// The padded head width the kernel uses, if any.
+    pub fn padded_head_dim(head_dim: usize) -> Option<usize> {
+        ATTENTION_HEAD_DIMS.iter().copied().find(|&p| p >= head_dim)
+    }
+
+    fn shared_bytes(padded: usize) -> usize {
+        let (bm, bn) = (64, 64);
+        let ldh = padded + 8;
+        bm * ldh * 2 + 2 * bn * ldh * 2 + bm * (bn + 4) * 4 + bm * (bn + 8) * 2
+            + bm * (padded + 4) * 4
+            + 2 * bm * 4
+    }
+}
+
+fn rows_layout(layout: &Layout, what: &str) -> Result<(usize, usize, usize)> {
+    let (batch, tokens, _) = layout.shape().dims3()?;
+    let stride = layout.stride();
+    if stride[2] != 1 {
+        candle_core::bail!("attention {what}: columns must be contiguous");
+    }
+    let batch_stride = if batch == 1 { 0 } else { stride[0] };
+    let _ = tokens;
+    Ok((layout.start_offset(), stride[1], batch_stride))
+}
+
+impl CustomOp3 for FlashAttentionOp {
+    fn name(&self) -> &'static str {
+        "atelier-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        cuda_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let device = q.device().clone();
+        let (batch, nq, _) = ql.shape().dims3()?;
+        let nk = kl.shape().dims3()?.1;
+        let (q_offset, q_stride, q_batch) = rows_layout(ql, "query")?;
+        let (k_offset, kv_stride, kv_batch) = rows_layout(kl, "key")?;
+        let (v_offset, v_stride, v_batch) = rows_layout(vl, "value")?;
+        if v_stride != kv_stride || v_batch != kv_batch {
+            candle_core::bail!("attention: keys and values must share their layout");
+        }
+        let Some(padded) = Self::padded_head_dim(self.head_dim) else {
+            candle_core::bail!("attention kernel: head width {} too large", self.head_dim);
+        };
+        let width = self.heads * self.head_dim;
+        let qs = q.as_cuda_slice::<f16>()?.slice(q_offset..);
+        let ks = k.as_cuda_slice::<f16>()?.slice(k_offset..);
+        let vs = v.as_cuda_slice::<f16>()?.slice(v_offset..);
+        // SAFETY: the kernel writes every element of every query row and head.
+        let mut out: CudaSlice<f16> = unsafe { device.alloc::<f16>(batch * nq * width)? };
+        let shared = Self::shared_bytes(padded) as u32;
+        let func = function(&device, &format!("flash_attention_d{padded}"), shared)?;
+        let config = LaunchConfig {
+            grid_dim: (nq.div_ceil(64) as u32, self.heads as u32, batch as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: shared,
+        };
+        let (nq_i, nk_i, d_i) = (nq as i32, nk as i32, self.head_dim as i32);
+        let strides = [
+            q_stride as i64,
+            kv_stride as i64,
+            width as i64,
+            q_batch as i64,
+            kv_batch as i64,
+            (nq * width) as i64,
+        ];
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let stream = device.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        builder
+            .arg(&qs)
+            .arg(&ks)
+            .arg(&vs)
+            .arg(&mut out)
+            .arg(&nq_i)
+            .arg(&nk_i)
+            .arg(&d_i);
+        for stride in &strides {
+            builder.arg(stride);
+        }
+        builder.arg(&scale_log2);
+        // SAFETY: arguments match the kernel's signature; alignment is checked by the caller.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from((batch, nq, width)),
+        ))
+    }
+}

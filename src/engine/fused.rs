@@ -1,0 +1,226 @@
+//! Operations with a fused CUDA kernel of our own (`engine/cuda`) and candle's operations as the
+//! fallback: on the CPU, on Metal, for other precisions, or when `ATELIER_CUDA_KERNELS=off`
+//! (to compare). The fallbacks are exactly what the engine computed before the kernels existed.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use super::error::{EngineError, Result};
+use super::nn::Activation;
+use super::profile;
+
+/// Whether our CUDA kernels may run for a tensor of this dtype on this device.
+pub fn kernels_for(device: &Device, dtype: DType) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use std::sync::OnceLock;
+        static ENABLED: OnceLock<bool> = OnceLock::new();
+        let enabled = *ENABLED.get_or_init(|| {
+            !matches!(
+                std::env::var("ATELIER_CUDA_KERNELS").as_deref(),
+                Ok("off" | "0" | "false")
+            )
+        });
+        enabled && device.is_cuda() && matches!(dtype, DType::F16 | DType::F32)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (device, dtype);
+        false
+    }
+}
+
+/// A 2-D convolution with bias and `padding = kernel / 2` (diffusers' `nn.Conv2d`).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// Loads `weight` `(out, in, kernel, kernel)` and `bias` under `vb`.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_channels, in_channels, kernel, kernel), "weight")?,
+            bias: vb.get(out_channels, "bias")?,
+            stride,
+            padding: kernel / 2,
+        })
+    }
+
+    /// Convolves `xs` `(batch, in, h, w)`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, None)
+    }
+
+    /// Convolves `xs` and adds `residual` (the output's shape) in the same pass where it can.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.run(xs, Some(residual))
+    }
+
+    fn run(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        profile::scope("conv2d", xs.device(), || {
+            #[cfg(feature = "cuda")]
+            if kernels_for(xs.device(), xs.dtype()) {
+                let op = super::cuda::Conv2dOp {
+                    stride: self.stride,
+                    padding: self.padding,
+                    residual: residual.map(Tensor::contiguous).transpose()?,
+                };
+                return Ok(xs.contiguous()?.apply_op3_no_bwd(
+                    &self.weight,
+                    &self.bias,
+                    &op,
+                )?);
+            }
+            let out = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+            let bias = self.bias.reshape((1, (), 1, 1))?;
+            let out = out.broadcast_add(&bias)?;
+            Ok(match residual {
+                Some(residual) => (residual + out)?,
+                None => out,
+            })
+        })
+    }
+}
+
+/// GroupNorm with affine weights, optionally fused with the activation that follows it.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Loads `weight` and `bias` under `vb`.
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            return Err(EngineError::Unsupported(format!(
+                "GroupNorm with {groups} groups cannot split {channels} channels"
+            )));
+        }
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
+        let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        Ok(Self {
+            inner,
+            weight,
+            bias,
+            groups,
+            eps,
+        })
+    }
+
+    /// Normalises `xs` `(batch, channels, ...)`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, None)
+    }
+
+    /// Normalises `xs`, then applies `activation`.
+    pub fn forward_then(&self, xs: &Tensor, activation: Activation) -> Result<Tensor> {
+        self.run(xs, Some(activation))
+    }
+
+    fn run(&self, xs: &Tensor, activation: Option<Activation>) -> Result<Tensor> {
+        profile::scope("group_norm", xs.device(), || {
+            #[cfg(feature = "cuda")]
+            if kernels_for(xs.device(), xs.dtype()) && activation != Some(Activation::Gelu) {
+                let op = super::cuda::GroupNormOp {
+                    groups: self.groups,
+                    eps: self.eps as f32,
+                    silu: activation == Some(Activation::Silu),
+                };
+                let out =
+                    xs.contiguous()?
+                        .apply_op3_no_bwd(&self.weight, &self.bias, &op)?;
+                return match activation {
+                    Some(Activation::QuickGelu) => Activation::QuickGelu.apply(&out),
+                    _ => Ok(out),
+                };
+            }
+            let out = self.inner.forward(xs)?;
+            match activation {
+                Some(activation) => activation.apply(&out),
+                None => Ok(out),
+            }
+        })
+    }
+}
+
+/// GEGLU: splits the last dimension into `[hidden | gate]` and returns `hidden * gelu(gate)`.
+pub fn geglu(projected: &Tensor) -> Result<Tensor> {
+    profile::scope("geglu", projected.device(), || {
+        #[cfg(feature = "cuda")]
+        if kernels_for(projected.device(), projected.dtype()) {
+            return Ok(projected
+                .contiguous()?
+                .apply_op1_no_bwd(&super::cuda::GegluOp)?);
+        }
+        let half = projected.dim(candle_core::D::Minus1)? / 2;
+        let hidden = projected.narrow(candle_core::D::Minus1, 0, half)?;
+        let gate = projected.narrow(candle_core::D::Minus1, half, half)?;
+        Ok((hidden * gate.gelu_erf()?)?)
+    })
+}
+
+/// Attention through the tensor-core kernel when it applies: CUDA, f16, no mask, a supported
+/// head width, 16-byte aligned rows. `None` means: use the general path.
+pub fn flash_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        if !kernels_for(query.device(), query.dtype()) || query.dtype() != DType::F16 {
+            return Ok(None);
+        }
+        let width = query.dim(2)?;
+        let head_dim = width / heads;
+        if super::cuda::FlashAttentionOp::padded_head_dim(head_dim).is_none()
+            || head_dim % 8 != 0
+            || key.dim(2)? != width
+            || value.dim(2)? != width
+        {
+            return Ok(None);
+        }
+        let aligned = |t: &Tensor| {
+            let layout = t.layout();
+            let stride = layout.stride();
+            stride[2] == 1 && stride[1] % 8 == 0 && stride[0] % 8 == 0 && layout.start_offset() % 8 == 0
+        };
+        let query = if aligned(query) { query.clone() } else { query.contiguous()? };
+        let key = if aligned(key) { key.clone() } else { key.contiguous()? };
+        let value = if aligned(value) && value.stride() == key.stride() {
+            value.clone()
+        } else {
+            value.contiguous()?
+        };
+        let key = if key.stride() == value.stride() { key } else { key.contiguous()? };
+        let op = super::cuda::FlashAttentionOp {
+            heads,
+            head_dim,
+            scale: scale as f32,
+        };
+        Ok(Some(query.apply_op3_no_bwd(&key, &value, &op)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (query, key, value, heads, scale);
+        Ok(None)
+    }
+}

@@ -1,0 +1,103 @@
+//! Where a UNet step's time goes, for `atelier bench --profile`.
+//!
+//! When switched on (for the current thread), [`scope`] synchronises the device before and after
+//! each named operation and adds the wall time to that name, so the totals are GPU time plus one
+//! launch each; off, it only runs the operation.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::Device;
+
+use super::error::Result;
+
+thread_local! {
+    static TOTALS: RefCell<Option<BTreeMap<&'static str, (f64, usize)>>> = const { RefCell::new(None) };
+}
+
+/// Starts (or restarts) collecting on this thread.
+pub fn start() {
+    TOTALS.with(|totals| *totals.borrow_mut() = Some(BTreeMap::new()));
+}
+
+/// Stops collecting and returns `(name, total milliseconds, calls)` per name.
+pub fn finish() -> Vec<(&'static str, f64, usize)> {
+    TOTALS.with(|totals| {
+        totals
+            .borrow_mut()
+            .take()
+            .map(|map| map.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect())
+            .unwrap_or_default()
+    })
+}
+
+fn active() -> bool {
+    TOTALS.with(|totals| totals.borrow().is_some())
+}
+
+/// Runs `f`, timing it under `name` when profiling is on.
+pub fn scope<T>(name: &'static str, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if !active() {
+        return f();
+    }
+    device.synchronize()?;
+    let started = Instant::now();
+    let value = f()?;
+    device.synchronize()?;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    TOTALS.with(|totals| {
+        if let Some(map) = totals.borrow_mut().as_mut() {
+            let entry = map.entry(name).or_insert((0.0, 0));
+            entry.0 += elapsed_ms;
+            entry.1 += 1;
+        }
+    });
+    Ok(value)
+}
+
+/// Peak bytes allocated from the GPU's default memory pool (which candle allocates from) since
+/// the last [`reset_peak_memory`]: weights and activations, like PyTorch's
+/// `max_memory_allocated`. `None` off CUDA.
+pub fn peak_memory_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        return memory_pool_high_water(cuda, false);
+    }
+    let _ = device;
+    None
+}
+
+/// Starts a new peak-memory measurement at the current usage.
+pub fn reset_peak_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        memory_pool_high_water(cuda, true);
+    }
+    let _ = device;
+}
+
+#[cfg(feature = "cuda")]
+fn memory_pool_high_water(device: &candle_core::CudaDevice, reset: bool) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = device.cuda_stream();
+    let context = stream.context();
+    context.bind_to_thread().ok()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    let mut value: u64 = 0;
+    // SAFETY: plain driver queries on the device's default pool with valid out-pointers.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            != sys::CUresult::CUDA_SUCCESS
+        {
+            return None;
+        }
+        let status = if reset {
+            sys::cuMemPoolSetAttribute(pool, attribute, (&mut value as *mut u64).cast())
+        } else {
+            sys::cuMemPoolGetAttribute(pool, attribute, (&mut value as *mut u64).cast())
+        };
+        (status == sys::CUresult::CUDA_SUCCESS).then_some(value)
+    }
+}

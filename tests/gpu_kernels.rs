@@ -1,0 +1,246 @@
+//! Atelier's CUDA kernels (flash attention, GroupNorm+SiLU, convolution with bias and residual,
+//! GEGLU) against the same operations computed by candle on the CPU in f32, at the shapes of
+//! SD 1.5 and SDXL. GPU-only, so ignored by default: run them with `ATELIER_TEST_DEVICE=cuda` in a
+//! `cuda` build and `--include-ignored` (scripts/gpu-checks.sh does).
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod common;
+
+use std::collections::HashMap;
+
+use atelier::engine::fused::{Conv2d, GroupNorm, geglu};
+use atelier::engine::nn::{Activation, attention};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use common::*;
+
+/// f16 inputs and outputs against an f32 reference: a few f16 roundings.
+const F16_TOLERANCE: f64 = 4e-3;
+/// f32 kernels against candle's f32: summation order only (TF32 is off).
+const F32_TOLERANCE: f64 = 1e-5;
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    // A cheap deterministic generator: the values only need to be varied, not Gaussian.
+    let count: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let values: Vec<f32> = (0..count)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+/// The test device in `dtype`, and the CPU f32 reference of the same (rounded) values.
+fn on_both(t: &Tensor, dtype: DType) -> (Tensor, Tensor) {
+    let device = test_device();
+    let ours = t.to_dtype(dtype).unwrap().to_device(&device).unwrap();
+    let reference = ours
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    (ours, reference)
+}
+
+fn dtypes() -> Vec<(DType, f64)> {
+    assert!(
+        test_device().is_cuda(),
+        "these tests compare the CUDA kernels: set ATELIER_TEST_DEVICE=cuda"
+    );
+    vec![(DType::F32, F32_TOLERANCE), (DType::F16, F16_TOLERANCE)]
+}
+
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn flash_attention_matches_reference() {
+    // (batch, query tokens, key tokens, heads, head width): SD 1.5's levels (head widths 40, 80,
+    // 160, self- and cross-attention), SDXL's 64, and lengths that are not multiples of 64.
+    let cases = [
+        (2, 4096, 4096, 8, 40),
+        (2, 4096, 77, 8, 40),
+        (2, 1024, 1024, 8, 80),
+        (2, 256, 77, 8, 160),
+        (2, 1024, 1024, 10, 64),
+        (1, 1000, 333, 2, 64),
+        (3, 70, 5, 1, 8),
+    ];
+    for (seed, &(batch, nq, nk, heads, head_dim)) in cases.iter().enumerate() {
+        let width = heads * head_dim;
+        let q = random(&[batch, nq, width], seed as u64 * 3);
+        let k = random(&[batch, nk, width], seed as u64 * 3 + 1);
+        let v = random(&[batch, nk, width], seed as u64 * 3 + 2);
+        for (dtype, tolerance) in dtypes() {
+            let (q, q_ref) = on_both(&q, dtype);
+            let (k, k_ref) = on_both(&k, dtype);
+            let (v, v_ref) = on_both(&v, dtype);
+            let ours = attention(&q, &k, &v, heads, false, None).unwrap();
+            let reference = attention(&q_ref, &k_ref, &v_ref, heads, true, None).unwrap();
+            assert_close(
+                &format!("attention {batch}x{nq}x{nk} heads {heads}x{head_dim} {dtype:?}"),
+                &ours,
+                &reference,
+                tolerance,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn flash_attention_reads_strided_projections() {
+    // q, k and v as column ranges of one (batch, tokens, 3 * width) projection.
+    let (batch, tokens, heads, head_dim) = (2, 300, 4, 64);
+    let width = heads * head_dim;
+    let qkv = random(&[batch, tokens, 3 * width], 99);
+    for (dtype, tolerance) in dtypes() {
+        let (qkv, qkv_ref) = on_both(&qkv, dtype);
+        let split = |t: &Tensor, i: usize| t.narrow(2, i * width, width).unwrap();
+        let ours = attention(&split(&qkv, 0), &split(&qkv, 1), &split(&qkv, 2), heads, false, None)
+            .unwrap();
+        let reference = attention(
+            &split(&qkv_ref, 0).contiguous().unwrap(),
+            &split(&qkv_ref, 1).contiguous().unwrap(),
+            &split(&qkv_ref, 2).contiguous().unwrap(),
+            heads,
+            true,
+            None,
+        )
+        .unwrap();
+        assert_close(&format!("strided attention {dtype:?}"), &ours, &reference, tolerance);
+    }
+}
+
+fn var_builder(tensors: Vec<(&str, Tensor)>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    let map: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| (name.to_string(), t))
+        .collect();
+    VarBuilder::from_tensors(map, dtype, device)
+}
+
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn group_norm_and_silu_match_reference() {
+    // (batch, channels, height, width, groups): SD 1.5's first level, its 8x8 level, a VAE level.
+    let cases = [(2, 320, 64, 64, 32), (2, 1280, 8, 8, 32), (1, 128, 96, 80, 32), (2, 6, 5, 3, 3)];
+    for (seed, &(batch, channels, height, width, groups)) in cases.iter().enumerate() {
+        let x = random(&[batch, channels, height, width], seed as u64)
+            .affine(3.0, 0.5)
+            .unwrap();
+        let weight = random(&[channels], 100 + seed as u64);
+        let bias = random(&[channels], 200 + seed as u64);
+        for (dtype, tolerance) in dtypes() {
+            let (x, x_ref) = on_both(&x, dtype);
+            let (w, w_ref) = on_both(&weight, dtype);
+            let (b, b_ref) = on_both(&bias, dtype);
+            let ours = GroupNorm::new(
+                groups,
+                channels,
+                1e-5,
+                var_builder(vec![("weight", w), ("bias", b)], dtype, &test_device()),
+            )
+            .unwrap();
+            let reference = GroupNorm::new(
+                groups,
+                channels,
+                1e-5,
+                var_builder(vec![("weight", w_ref), ("bias", b_ref)], DType::F32, &Device::Cpu),
+            )
+            .unwrap();
+            for activation in [None, Some(Activation::Silu)] {
+                let (out, want) = match activation {
+                    None => (ours.forward(&x).unwrap(), reference.forward(&x_ref).unwrap()),
+                    Some(act) => (
+                        ours.forward_then(&x, act).unwrap(),
+                        reference.forward_then(&x_ref, act).unwrap(),
+                    ),
+                };
+                assert_close(
+                    &format!("group norm {batch}x{channels}x{height}x{width} {activation:?} {dtype:?}"),
+                    &out,
+                    &want,
+                    tolerance,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn convolutions_match_reference() {
+    // (batch, in, out, size, kernel, stride, residual): 3x3 and 1x1 at SD 1.5's levels, a strided
+    // downsampler, an odd size, and the residual folded into the output.
+    let cases = [
+        (2, 320, 320, 64, 3, 1, true),
+        (2, 4, 320, 64, 3, 1, false),
+        (2, 640, 1280, 16, 1, 1, true),
+        (2, 320, 320, 64, 3, 2, false),
+        (1, 3, 5, 7, 3, 1, true),
+        (1, 8, 4, 9, 3, 2, false),
+    ];
+    for (seed, &(batch, cin, cout, size, kernel, stride, with_residual)) in cases.iter().enumerate() {
+        let seed = seed as u64 * 10;
+        let x = random(&[batch, cin, size, size], seed);
+        let scale = 1.0 / ((cin * kernel * kernel) as f64).sqrt();
+        let weight = (random(&[cout, cin, kernel, kernel], seed + 1) * scale).unwrap();
+        let bias = random(&[cout], seed + 2);
+        let out_size = (size + 2 * (kernel / 2) - kernel) / stride + 1;
+        let residual = random(&[batch, cout, out_size, out_size], seed + 3);
+        for (dtype, tolerance) in dtypes() {
+            let (x, x_ref) = on_both(&x, dtype);
+            let (w, w_ref) = on_both(&weight, dtype);
+            let (b, b_ref) = on_both(&bias, dtype);
+            let (r, r_ref) = on_both(&residual, dtype);
+            let ours = Conv2d::new(
+                cin,
+                cout,
+                kernel,
+                stride,
+                var_builder(vec![("weight", w), ("bias", b)], dtype, &test_device()),
+            )
+            .unwrap();
+            let reference = Conv2d::new(
+                cin,
+                cout,
+                kernel,
+                stride,
+                var_builder(vec![("weight", w_ref), ("bias", b_ref)], DType::F32, &Device::Cpu),
+            )
+            .unwrap();
+            let (out, want) = if with_residual {
+                (
+                    ours.forward_add(&x, &r).unwrap(),
+                    reference.forward_add(&x_ref, &r_ref).unwrap(),
+                )
+            } else {
+                (ours.forward(&x).unwrap(), reference.forward(&x_ref).unwrap())
+            };
+            assert_close(
+                &format!("conv {batch}x{cin}->{cout} {size}px k{kernel} s{stride} {dtype:?}"),
+                &out,
+                &want,
+                tolerance,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn geglu_matches_reference() {
+    let x = (random(&[2, 4096, 2 * 1280], 7) * 3.0).unwrap();
+    for (dtype, tolerance) in dtypes() {
+        let (x, x_ref) = on_both(&x, dtype);
+        assert_close(
+            &format!("geglu {dtype:?}"),
+            &geglu(&x).unwrap(),
+            &geglu(&x_ref).unwrap(),
+            tolerance,
+        );
+    }
+}
