@@ -22,7 +22,9 @@ const F32_TOLERANCE: f64 = 1e-5;
 fn random(shape: &[usize], seed: u64) -> Tensor {
     // A cheap deterministic generator: the values only need to be varied, not Gaussian.
     let count: usize = shape.iter().product();
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let values: Vec<f32> = (0..count)
         .map(|_| {
             state = state
@@ -99,8 +101,15 @@ fn flash_attention_reads_strided_projections() {
     for (dtype, tolerance) in dtypes() {
         let (qkv, qkv_ref) = on_both(&qkv, dtype);
         let split = |t: &Tensor, i: usize| t.narrow(2, i * width, width).unwrap();
-        let ours = attention(&split(&qkv, 0), &split(&qkv, 1), &split(&qkv, 2), heads, false, None)
-            .unwrap();
+        let ours = attention(
+            &split(&qkv, 0),
+            &split(&qkv, 1),
+            &split(&qkv, 2),
+            heads,
+            false,
+            None,
+        )
+        .unwrap();
         let reference = attention(
             &split(&qkv_ref, 0).contiguous().unwrap(),
             &split(&qkv_ref, 1).contiguous().unwrap(),
@@ -110,7 +119,12 @@ fn flash_attention_reads_strided_projections() {
             None,
         )
         .unwrap();
-        assert_close(&format!("strided attention {dtype:?}"), &ours, &reference, tolerance);
+        assert_close(
+            &format!("strided attention {dtype:?}"),
+            &ours,
+            &reference,
+            tolerance,
+        );
     }
 }
 
@@ -126,7 +140,12 @@ fn var_builder(tensors: Vec<(&str, Tensor)>, dtype: DType, device: &Device) -> V
 #[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
 fn group_norm_and_silu_match_reference() {
     // (batch, channels, height, width, groups): SD 1.5's first level, its 8x8 level, a VAE level.
-    let cases = [(2, 320, 64, 64, 32), (2, 1280, 8, 8, 32), (1, 128, 96, 80, 32), (2, 6, 5, 3, 3)];
+    let cases = [
+        (2, 320, 64, 64, 32),
+        (2, 1280, 8, 8, 32),
+        (1, 128, 96, 80, 32),
+        (2, 6, 5, 3, 3),
+    ];
     for (seed, &(batch, channels, height, width, groups)) in cases.iter().enumerate() {
         let x = random(&[batch, channels, height, width], seed as u64)
             .affine(3.0, 0.5)
@@ -148,19 +167,28 @@ fn group_norm_and_silu_match_reference() {
                 groups,
                 channels,
                 1e-5,
-                var_builder(vec![("weight", w_ref), ("bias", b_ref)], DType::F32, &Device::Cpu),
+                var_builder(
+                    vec![("weight", w_ref), ("bias", b_ref)],
+                    DType::F32,
+                    &Device::Cpu,
+                ),
             )
             .unwrap();
             for activation in [None, Some(Activation::Silu)] {
                 let (out, want) = match activation {
-                    None => (ours.forward(&x).unwrap(), reference.forward(&x_ref).unwrap()),
+                    None => (
+                        ours.forward(&x).unwrap(),
+                        reference.forward(&x_ref).unwrap(),
+                    ),
                     Some(act) => (
                         ours.forward_then(&x, act).unwrap(),
                         reference.forward_then(&x_ref, act).unwrap(),
                     ),
                 };
                 assert_close(
-                    &format!("group norm {batch}x{channels}x{height}x{width} {activation:?} {dtype:?}"),
+                    &format!(
+                        "group norm {batch}x{channels}x{height}x{width} {activation:?} {dtype:?}"
+                    ),
                     &out,
                     &want,
                     tolerance,
@@ -182,8 +210,11 @@ fn convolutions_match_reference() {
         (2, 320, 320, 64, 3, 2, false),
         (1, 3, 5, 7, 3, 1, true),
         (1, 8, 4, 9, 3, 2, false),
+        // Larger than one im2col buffer: done in bands of output pixels, batch item by item.
+        (2, 64, 8, 512, 3, 1, true),
     ];
-    for (seed, &(batch, cin, cout, size, kernel, stride, with_residual)) in cases.iter().enumerate() {
+    for (seed, &(batch, cin, cout, size, kernel, stride, with_residual)) in cases.iter().enumerate()
+    {
         let seed = seed as u64 * 10;
         let x = random(&[batch, cin, size, size], seed);
         let scale = 1.0 / ((cin * kernel * kernel) as f64).sqrt();
@@ -209,7 +240,11 @@ fn convolutions_match_reference() {
                 cout,
                 kernel,
                 stride,
-                var_builder(vec![("weight", w_ref), ("bias", b_ref)], DType::F32, &Device::Cpu),
+                var_builder(
+                    vec![("weight", w_ref), ("bias", b_ref)],
+                    DType::F32,
+                    &Device::Cpu,
+                ),
             )
             .unwrap();
             let (out, want) = if with_residual {
@@ -218,7 +253,10 @@ fn convolutions_match_reference() {
                     reference.forward_add(&x_ref, &r_ref).unwrap(),
                 )
             } else {
-                (ours.forward(&x).unwrap(), reference.forward(&x_ref).unwrap())
+                (
+                    ours.forward(&x).unwrap(),
+                    reference.forward(&x_ref).unwrap(),
+                )
             };
             assert_close(
                 &format!("conv {batch}x{cin}->{cout} {size}px k{kernel} s{stride} {dtype:?}"),

@@ -244,8 +244,7 @@ fn lcm_distilled_unet_matches_diffusers() {
     let unet = model.unet();
     assert_eq!(unet.guidance_embedding_dim(), Some(8));
     let embedding =
-        atelier::engine::unet::guidance_scale_embedding(7.0, 8, 1, &test_device())
-            .unwrap();
+        atelier::engine::unet::guidance_scale_embedding(7.0, 8, 1, &test_device()).unwrap();
     assert_close(
         "guidance embedding",
         &embedding,

@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Precision of the random-weight VAE (f16 or f32; default: f32 where the config upcasts).
     #[arg(long, requires = "random_weights")]
     pub vae_dtype: Option<String>,
+    /// Leave out the random-weight text encoders (random embeddings instead), as diffusers'
+    /// SDXL benchmark does: their weights then do not count in the peak memory.
+    #[arg(long, requires = "random_weights")]
+    pub skip_text_encoders: bool,
 }
 
 /// Runs `atelier bench`.
@@ -67,7 +71,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Some("f32") => Some(candle_core::DType::F32),
                 Some(other) => bail!("--vae-dtype {other:?}: choose f16 or f32"),
             };
-            random = RandomModel::with_vae_dtype(arch, &device, dtype, vae_dtype)?;
+            random = RandomModel::with_options(
+                arch,
+                &device,
+                dtype,
+                vae_dtype,
+                !args.skip_text_encoders,
+            )?;
             let native = if arch == "sdxl" { 1024 } else { 512 };
             let target = BenchTarget {
                 text_encoders: random.text_encoders.iter().collect(),

@@ -190,12 +190,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let cancel = AtomicBool::new(false);
+    let job_started = std::time::Instant::now();
+    // The window shows a preview after every step; time the first one the same way.
+    let mut first_preview_secs = None;
     let output = model.generate(
         &request,
         init_noise.as_ref(),
         PreviewOptions::default(),
         &cancel,
         &mut |step| {
+            if first_preview_secs.is_none() && model.preview(step.predicted_latents).is_ok() {
+                first_preview_secs = Some(job_started.elapsed().as_secs_f64());
+            }
             bar.set_position(step.step_index as u64 + 1);
             let per_sec = (step.step_index + 1) as f64 / step.elapsed_secs.max(1e-9);
             bar.set_message(format!("{per_sec:.2} it/s"));
@@ -242,5 +248,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         timings.text_encoding_secs,
         timings.decode_secs
     );
+    if let Some(secs) = first_preview_secs {
+        eprintln!("first preview after {secs:.3} s");
+    }
     Ok(())
 }

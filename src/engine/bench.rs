@@ -99,8 +99,24 @@ pub fn run(target: &BenchTarget<'_>, options: BenchOptions) -> Result<BenchRepor
         }
         Ok((Tensor::cat(&contexts, 2)?, pooled))
     };
-    encode()?;
-    let ((context, pooled), text_encoding_ms) = timed(device, encode)?;
+    let ((context, pooled), text_encoding_ms) = if target.text_encoders.is_empty() {
+        // No text encoders: random embeddings of the widths the UNet takes.
+        let config = target.unet.config();
+        let width = config.cross_attention_dim.at(0).unwrap_or(768);
+        let context = Tensor::randn(0f32, 1.0, (1, 77, width), device)?;
+        let pooled = match config.projection_class_embeddings_input_dim {
+            Some(total) => {
+                let time_ids = 6 * config.addition_time_embed_dim.unwrap_or(256);
+                let width = total.saturating_sub(time_ids).max(1);
+                Some(Tensor::randn(0f32, 1.0, (1, width), device)?)
+            }
+            None => None,
+        };
+        ((context, pooled), 0.0)
+    } else {
+        encode()?;
+        timed(device, encode)?
+    };
     let context = context
         .repeat((model_batch, 1, 1))?
         .to_dtype(target.dtype)?;

@@ -75,11 +75,9 @@ impl Conv2d {
                     padding: self.padding,
                     residual: residual.map(Tensor::contiguous).transpose()?,
                 };
-                return Ok(xs.contiguous()?.apply_op3_no_bwd(
-                    &self.weight,
-                    &self.bias,
-                    &op,
-                )?);
+                return Ok(xs
+                    .contiguous()?
+                    .apply_op3_no_bwd(&self.weight, &self.bias, &op)?);
             }
             let out = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
             let bias = self.bias.reshape((1, (), 1, 1))?;
@@ -142,9 +140,9 @@ impl GroupNorm {
                     eps: self.eps as f32,
                     silu: activation == Some(Activation::Silu),
                 };
-                let out =
-                    xs.contiguous()?
-                        .apply_op3_no_bwd(&self.weight, &self.bias, &op)?;
+                let out = xs
+                    .contiguous()?
+                    .apply_op3_no_bwd(&self.weight, &self.bias, &op)?;
                 return match activation {
                     Some(Activation::QuickGelu) => Activation::QuickGelu.apply(&out),
                     _ => Ok(out),
@@ -201,16 +199,31 @@ pub fn flash_attention(
         let aligned = |t: &Tensor| {
             let layout = t.layout();
             let stride = layout.stride();
-            stride[2] == 1 && stride[1] % 8 == 0 && stride[0] % 8 == 0 && layout.start_offset() % 8 == 0
+            stride[2] == 1
+                && stride[1] % 8 == 0
+                && stride[0] % 8 == 0
+                && layout.start_offset() % 8 == 0
         };
-        let query = if aligned(query) { query.clone() } else { query.contiguous()? };
-        let key = if aligned(key) { key.clone() } else { key.contiguous()? };
+        let query = if aligned(query) {
+            query.clone()
+        } else {
+            query.contiguous()?
+        };
+        let key = if aligned(key) {
+            key.clone()
+        } else {
+            key.contiguous()?
+        };
         let value = if aligned(value) && value.stride() == key.stride() {
             value.clone()
         } else {
             value.contiguous()?
         };
-        let key = if key.stride() == value.stride() { key } else { key.contiguous()? };
+        let key = if key.stride() == value.stride() {
+            key
+        } else {
+            key.contiguous()?
+        };
         let op = super::cuda::FlashAttentionOp {
             heads,
             head_dim,

@@ -24,14 +24,39 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
     GroupNorm::new(groups, channels, eps, vb)
 }
 
-/// A linear layer that makes its input contiguous first: candle 0.11's `Linear` returns wrong
-/// rows for a batched input with transposed strides (checked in `tests/candle_quirks.rs`).
+/// A linear layer. On CUDA it runs as one GEMM plus a bias pass ([`super::cuda::LinearOp`]);
+/// elsewhere through candle, making its input contiguous first: candle 0.11's `Linear` returns
+/// wrong rows for a batched input with transposed strides (checked in `tests/candle_quirks.rs`).
 #[derive(Debug, Clone)]
 pub struct Linear(candle_nn::Linear);
+
+impl Linear {
+    /// One layer computing the outputs of `layers` side by side (their weights stacked), so that
+    /// one GEMM replaces several. All or none of them must have a bias.
+    pub fn concat(layers: &[&Linear]) -> Result<Linear> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| l.0.weight()).collect();
+        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.0.bias()).collect();
+        let bias = match biases {
+            Some(biases) => Some(Tensor::cat(&biases, 0)?),
+            None => None,
+        };
+        Ok(Linear(candle_nn::Linear::new(
+            Tensor::cat(&weights, 0)?,
+            bias,
+        )))
+    }
+}
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let run = || -> Result<Tensor> {
+            #[cfg(feature = "cuda")]
+            if super::fused::kernels_for(xs.device(), xs.dtype()) {
+                let op = super::cuda::LinearOp {
+                    bias: self.0.bias().cloned(),
+                };
+                return Ok(xs.contiguous()?.apply_op2_no_bwd(self.0.weight(), &op)?);
+            }
             Ok(if xs.is_contiguous() {
                 self.0.forward(xs)?
             } else {

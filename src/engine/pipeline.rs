@@ -349,19 +349,6 @@ impl StableDiffusion {
         let unet_weights = files.weights("unet", "diffusion_pytorch_model", prefer_fp16)?;
         let unet = UNet::new(unet_config, var_builder(&unet_weights, dtype, &device)?)?;
 
-        files.report(LoadProgress::Loading {
-            component: "vae".into(),
-        });
-        let vae_config: VaeConfig = read_json(&files.required("vae/config.json", "VAE config")?)?;
-        // SDXL's VAE overflows in f16; its config says so with force_upcast.
-        let vae_dtype = if dtype == DType::F16 && vae_config.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
-        let vae_weights = files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?;
-        let vae = VaeDecoder::new(vae_config, var_builder(&vae_weights, vae_dtype, &device)?)?;
-
         let family = if unet.needs_added_conditions() || text_encoders.len() > 1 {
             ModelFamily::Sdxl
         } else if text_encoders[0].encoder.config().hidden_act == "gelu" {
@@ -369,6 +356,22 @@ impl StableDiffusion {
         } else {
             ModelFamily::Sd1
         };
+
+        files.report(LoadProgress::Loading {
+            component: "vae".into(),
+        });
+        let vae_config: VaeConfig = read_json(&files.required("vae/config.json", "VAE config")?)?;
+        // SDXL's VAE overflows in f16; its config says so with force_upcast. Like diffusers, only
+        // the SDXL pipeline heeds it: SD 1.x/2.x configs default it to true yet decode in f16.
+        let vae_dtype =
+            if dtype == DType::F16 && vae_config.force_upcast && family == ModelFamily::Sdxl {
+                DType::F32
+            } else {
+                dtype
+            };
+        let vae_weights = files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?;
+        let vae = VaeDecoder::new(vae_config, var_builder(&vae_weights, vae_dtype, &device)?)?;
+
         let context_width: usize = text_encoders
             .iter()
             .map(|part| part.encoder.config().hidden_size)

@@ -65,16 +65,17 @@ fn parse<T: DeserializeOwned>(name: &str, text: &str) -> Result<T> {
 impl RandomModel {
     /// Builds `sd15` or `sdxl` with random weights in `dtype` on `device`.
     pub fn new(architecture: &str, device: &Device, dtype: DType) -> Result<Self> {
-        Self::with_vae_dtype(architecture, device, dtype, None)
+        Self::with_options(architecture, device, dtype, None, true)
     }
 
     /// [`RandomModel::new`] with the VAE in `vae_dtype` (default: f32 where the config asks
-    /// to upcast from f16).
-    pub fn with_vae_dtype(
+    /// to upcast from f16), and without text encoders unless `text_encoders`.
+    pub fn with_options(
         architecture: &str,
         device: &Device,
         dtype: DType,
         vae_dtype: Option<DType>,
+        text_encoders: bool,
     ) -> Result<Self> {
         let (family, unet, vae, encoders): (ModelFamily, &str, &str, Vec<&str>) = match architecture
         {
@@ -103,13 +104,14 @@ impl RandomModel {
         let vae_config: VaeConfig = parse("vae", vae)?;
         let vae_dtype = if let Some(vae_dtype) = vae_dtype {
             vae_dtype
-        } else if dtype == DType::F16 && vae_config.force_upcast {
+        } else if dtype == DType::F16 && vae_config.force_upcast && family == ModelFamily::Sdxl {
             DType::F32
         } else {
             dtype
         };
         let text_encoders = encoders
             .iter()
+            .filter(|_| text_encoders)
             .map(|text| {
                 let config: ClipTextConfig = parse("text_encoder", text)?;
                 ClipTextEncoder::new(config, vb(dtype))

@@ -8,18 +8,35 @@ use candle_nn::{LayerNorm, VarBuilder};
 use super::config::UNetConfig;
 use super::error::{EngineError, Result};
 use super::nn::{
-    Activation, Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, TimestepMlp, Upsample, attention,
-    conv2d, group_norm, linear, timestep_embedding,
+    Activation, Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, TimestepMlp, Upsample,
+    attention, conv2d, group_norm, linear, timestep_embedding,
 };
+
+/// The q, k and v projections: separate, or stacked into one GEMM where our CUDA kernels run
+/// (the attention kernel reads q, k and v as column ranges of the stacked output).
+#[derive(Debug, Clone)]
+enum Projections {
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    /// Self-attention: `[q | k | v]` from the same input.
+    StackedQkv(Linear),
+    /// Cross-attention: q from the image tokens, `[k | v]` from the context.
+    StackedKv {
+        q: Linear,
+        kv: Linear,
+    },
+}
 
 /// Diffusers' `Attention` as used in transformer blocks (no bias on q, k, v).
 #[derive(Debug, Clone)]
 struct CrossAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    projections: Projections,
     to_out: Linear,
     heads: usize,
+    inner: usize,
     upcast: bool,
 }
 
@@ -30,24 +47,56 @@ impl CrossAttention {
         heads: usize,
         head_dim: usize,
         upcast: bool,
+        is_self_attention: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
         let inner = heads * head_dim;
+        let q = linear(query_dim, inner, false, vb.pp("to_q"))?;
+        let k = linear(context_dim, inner, false, vb.pp("to_k"))?;
+        let v = linear(context_dim, inner, false, vb.pp("to_v"))?;
+        let projections = if !super::fused::kernels_for(vb.device(), vb.dtype()) {
+            Projections::Separate { q, k, v }
+        } else if is_self_attention {
+            Projections::StackedQkv(Linear::concat(&[&q, &k, &v])?)
+        } else {
+            Projections::StackedKv {
+                kv: Linear::concat(&[&k, &v])?,
+                q,
+            }
+        };
         Ok(Self {
-            to_q: linear(query_dim, inner, false, vb.pp("to_q"))?,
-            to_k: linear(context_dim, inner, false, vb.pp("to_k"))?,
-            to_v: linear(context_dim, inner, false, vb.pp("to_v"))?,
+            projections,
             to_out: linear(inner, query_dim, true, vb.pp("to_out").pp("0"))?,
             heads,
+            inner,
             upcast,
         })
     }
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
-        let q = self.to_q.forward(xs)?;
-        let k = self.to_k.forward(context)?;
-        let v = self.to_v.forward(context)?;
+        let width = self.inner;
+        let (q, k, v) = match &self.projections {
+            Projections::Separate { q, k, v } => {
+                (q.forward(xs)?, k.forward(context)?, v.forward(context)?)
+            }
+            Projections::StackedQkv(qkv) => {
+                let qkv = qkv.forward(xs)?;
+                (
+                    qkv.narrow(D::Minus1, 0, width)?,
+                    qkv.narrow(D::Minus1, width, width)?,
+                    qkv.narrow(D::Minus1, 2 * width, width)?,
+                )
+            }
+            Projections::StackedKv { q, kv } => {
+                let kv = kv.forward(context)?;
+                (
+                    q.forward(xs)?,
+                    kv.narrow(D::Minus1, 0, width)?,
+                    kv.narrow(D::Minus1, width, width)?,
+                )
+            }
+        };
         let out = attention(&q, &k, &v, self.heads, self.upcast, None)?;
         Ok(self.to_out.forward(&out)?)
     }
@@ -77,9 +126,17 @@ impl TransformerBlock {
         let inner_ff = dim * 4;
         Ok(Self {
             norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: CrossAttention::new(dim, dim, heads, head_dim, upcast, vb.pp("attn1"))?,
+            attn1: CrossAttention::new(dim, dim, heads, head_dim, upcast, true, vb.pp("attn1"))?,
             norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: CrossAttention::new(dim, context_dim, heads, head_dim, upcast, vb.pp("attn2"))?,
+            attn2: CrossAttention::new(
+                dim,
+                context_dim,
+                heads,
+                head_dim,
+                upcast,
+                false,
+                vb.pp("attn2"),
+            )?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff_in: linear(dim, inner_ff * 2, true, vb.pp("ff.net.0.proj"))?,
             ff_out: linear(inner_ff, dim, true, vb.pp("ff.net.2"))?,

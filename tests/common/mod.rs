@@ -65,7 +65,12 @@ impl Expected {
 /// max |ours - reference| / max |reference|.
 pub fn relative_error(ours: &Tensor, reference: &Tensor) -> f64 {
     assert_eq!(ours.dims(), reference.dims(), "shapes differ");
-    let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
     let (ours, reference) = (cpu(ours), cpu(reference));
     let diff: f64 = (&ours - &reference)
         .unwrap()

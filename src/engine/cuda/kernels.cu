@@ -2,10 +2,7 @@
 // GEMMs, and a flash-style attention on the tensor cores (f16 in, f32 accumulation, no
 // materialised score matrix). Compiled to PTX by build.rs with nvcc; launched from cuda.rs.
 #include <cuda_fp16.h>
-#include <mma.h>
 #include <stdint.h>
-
-using namespace nvcuda;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -84,14 +81,16 @@ __device__ void group_norm_apply(const T* x, const T* weight, const T* bias, T* 
     }
     __syncthreads();
     float mean = stats[0], rstd = stats[1];
-    long chunk = (n + splits - 1) / splits;
-    long start = split * chunk;
-    long end = min(n, start + chunk);
+    // Within a group every index fits in 32 bits (the host checks), so no 64-bit division.
+    int chunk = (int)((n + splits - 1) / splits);
+    int start = split * chunk;
+    int end = min((int)n, start + chunk);
+    int pixels32 = (int)pixels;
     int first_channel = (int)(group % groups) * channels_per_group;
     const T* in = x + group * n;
     T* o = out + group * n;
-    for (long i = start + threadIdx.x; i < end; i += blockDim.x) {
-        int c = first_channel + (int)(i / pixels);
+    for (int i = start + threadIdx.x; i < end; i += blockDim.x) {
+        int c = first_channel + i / pixels32;
         float y = (to_float(in[i]) - mean) * rstd * to_float(weight[c]) + to_float(bias[c]);
         if (silu) y = y / (1.0f + __expf(-y));
         o[i] = from_float<T>(y);
@@ -118,15 +117,18 @@ extern "C" __global__ void group_norm_apply_f16(const __half* x, const __half* w
 // ---------------------------------------------------------------------------------------------
 // GEGLU: rows of [hidden | gate] -> hidden * gelu_erf(gate).
 // ---------------------------------------------------------------------------------------------
+// One block row per grid row (blockIdx.y, looping), columns across threads: no division.
 template <typename T>
 __device__ void geglu(const T* x, T* out, long rows, long half) {
-    long total = rows * half;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
-        long r = i / half, j = i % half;
-        float h = to_float(x[r * 2 * half + j]);
-        float g = to_float(x[r * 2 * half + half + j]);
-        float gelu = 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
-        out[i] = from_float<T>(h * gelu);
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* row = x + r * 2 * half;
+        T* o = out + r * half;
+        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < half; j += gridDim.x * blockDim.x) {
+            float h = to_float(row[j]);
+            float g = to_float(row[half + j]);
+            float gelu = 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+            o[j] = from_float<T>(h * gelu);
+        }
     }
 }
 extern "C" __global__ void geglu_f32(const float* x, float* out, long rows, long half) { geglu<float>(x, out, rows, half); }
@@ -137,96 +139,155 @@ extern "C" __global__ void geglu_f16(const __half* x, __half* out, long rows, lo
 // GEMM per batch item, weight (out, k) x columns (k, pixels), lands directly in NCHW.
 // conv_init fills the output with the bias (and a residual) so that the GEMM adds onto it.
 // ---------------------------------------------------------------------------------------------
+// Columns for output pixels [p_start, p_start + p_count) of `batch` items starting at x:
+// col is (batch * channels, kh * kw, p_count). One thread per output pixel of one channel plane
+// (grid rows walk the planes); it writes the kh * kw entries of that pixel. 32-bit index math
+// within a plane: the host keeps planes and bands below 2^31 elements.
 template <typename T>
 __device__ void im2col(const T* x, T* col, int batch, int channels, int height, int width, int kh, int kw,
-                       int stride, int pad, int out_h, int out_w) {
-    long total = (long)batch * channels * kh * kw * out_h * out_w;
-    for (long idx = blockIdx.x * (long)blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x) {
-        long t = idx;
-        int ox = t % out_w; t /= out_w;
-        int oy = t % out_h; t /= out_h;
-        int j = t % kw; t /= kw;
-        int i = t % kh; t /= kh;
-        int c = t % channels;
-        long b = t / channels;
-        int y = oy * stride - pad + i;
-        int xx = ox * stride - pad + j;
-        T value = from_float<T>(0.0f);
-        if (y >= 0 && y < height && xx >= 0 && xx < width) value = x[((b * channels + c) * height + y) * width + xx];
-        col[idx] = value;
+                       int stride, int pad, int out_w, int p_start, int p_count) {
+    for (int plane = blockIdx.y; plane < batch * channels; plane += gridDim.y) {
+        const T* in = x + (long)plane * height * width;
+        T* out = col + (long)plane * kh * kw * p_count;
+        for (int q = blockIdx.x * blockDim.x + threadIdx.x; q < p_count; q += gridDim.x * blockDim.x) {
+            int p = p_start + q;
+            int oy = p / out_w, ox = p - oy * out_w;
+            int y0 = oy * stride - pad, x0 = ox * stride - pad;
+            for (int i = 0; i < kh; ++i) {
+                int y = y0 + i;
+                bool row_ok = y >= 0 && y < height;
+                for (int j = 0; j < kw; ++j) {
+                    int xx = x0 + j;
+                    T value = from_float<T>(0.0f);
+                    if (row_ok && xx >= 0 && xx < width) value = in[y * width + xx];
+                    out[(i * kw + j) * p_count + q] = value;
+                }
+            }
+        }
     }
 }
 extern "C" __global__ void im2col_f32(const float* x, float* col, int b, int c, int h, int w, int kh, int kw,
-                                      int stride, int pad, int oh, int ow) {
-    im2col<float>(x, col, b, c, h, w, kh, kw, stride, pad, oh, ow);
+                                      int stride, int pad, int ow, int p_start, int p_count) {
+    im2col<float>(x, col, b, c, h, w, kh, kw, stride, pad, ow, p_start, p_count);
 }
 extern "C" __global__ void im2col_f16(const __half* x, __half* col, int b, int c, int h, int w, int kh, int kw,
-                                      int stride, int pad, int oh, int ow) {
-    im2col<__half>(x, col, b, c, h, w, kh, kw, stride, pad, oh, ow);
+                                      int stride, int pad, int ow, int p_start, int p_count) {
+    im2col<__half>(x, col, b, c, h, w, kh, kw, stride, pad, ow, p_start, p_count);
 }
 
 template <typename T>
-__device__ void conv_init(T* out, const T* bias, const T* residual, long total, long channels, long pixels) {
-    for (long idx = blockIdx.x * (long)blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x) {
-        float value = to_float(bias[(idx / pixels) % channels]);
-        if (residual) value += to_float(residual[idx]);
-        out[idx] = from_float<T>(value);
+__device__ void conv_init(T* out, const T* bias, const T* residual, long planes, long channels, long pixels) {
+    for (long plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+        float b = to_float(bias[plane % channels]);
+        long base = plane * pixels;
+        for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < pixels; p += gridDim.x * blockDim.x) {
+            float value = b;
+            if (residual) value += to_float(residual[base + p]);
+            out[base + p] = from_float<T>(value);
+        }
     }
 }
-extern "C" __global__ void conv_init_f32(float* out, const float* bias, const float* residual, long total, long channels, long pixels) {
-    conv_init<float>(out, bias, residual, total, channels, pixels);
+extern "C" __global__ void conv_init_f32(float* out, const float* bias, const float* residual, long planes, long channels, long pixels) {
+    conv_init<float>(out, bias, residual, planes, channels, pixels);
 }
-extern "C" __global__ void conv_init_f16(__half* out, const __half* bias, const __half* residual, long total, long channels, long pixels) {
-    conv_init<__half>(out, bias, residual, total, channels, pixels);
+extern "C" __global__ void conv_init_f16(__half* out, const __half* bias, const __half* residual, long planes, long channels, long pixels) {
+    conv_init<__half>(out, bias, residual, planes, channels, pixels);
+}
+
+// Adds bias[column] to every row of a contiguous (rows, columns) matrix, in place.
+template <typename T>
+__device__ void add_bias_rows(T* out, const T* bias, long rows, int columns) {
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        T* row = out + r * columns;
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < columns; c += gridDim.x * blockDim.x) {
+            row[c] = from_float<T>(to_float(row[c]) + to_float(bias[c]));
+        }
+    }
+}
+extern "C" __global__ void add_bias_rows_f32(float* out, const float* bias, long rows, int columns) {
+    add_bias_rows<float>(out, bias, rows, columns);
+}
+extern "C" __global__ void add_bias_rows_f16(__half* out, const __half* bias, long rows, int columns) {
+    add_bias_rows<__half>(out, bias, rows, columns);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Flash-style attention, f16 in and out, f32 scores, softmax statistics and output accumulator.
-// q: (batch, nq, *) with head h at columns [h * d, h * d + d) and row stride q_stride elements;
-// k, v: the same with kv_stride; out: (batch, nq, heads * d) with row stride o_stride.
-// One block of 4 warps takes 64 queries of one head; each warp owns 16 of them. Keys and values
-// come in tiles of 64. DP is d rounded up to 16 (zero padded). d must be a multiple of 8 and the
-// rows 16-byte aligned (the host checks).
+// Flash-style attention (FlashAttention-2's scheme) on mma.sync tensor-core instructions:
+// f16 q, k, v and output; f32 scores, softmax statistics and output accumulator, all in
+// registers. q: (batch, nq, *) with head h at columns [h * d, h * d + d) and row stride q_stride;
+// k, v: the same with kv_stride; out: row stride o_stride. A block of 8 warps takes 128 queries
+// of one head, each warp 16 of them; keys and values pass through shared memory in tiles of 64.
+// DP is d rounded up to 16 (zero padded); d must be a multiple of 8 and rows 16-byte aligned.
 // ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const __half* smem_row) {
+    uint32_t address = (uint32_t)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+
+constexpr int FLASH_WARPS = 8;
+constexpr int FLASH_BM = 16 * FLASH_WARPS;
+constexpr int FLASH_BN = 64;
+
 template <int DP>
 __device__ void flash_attention(const __half* q, const __half* k, const __half* v, __half* out, int nq, int nk,
                                 int d, long q_stride, long kv_stride, long o_stride, long q_batch, long kv_batch,
                                 long o_batch, float scale_log2) {
-    constexpr int BM = 64, BN = 64, LDH = DP + 8, LDS = BN + 4, LDP = BN + 8, LDO = DP + 4;
+    constexpr int LDH = DP + 8;  // shared row stride in halves: 16-byte rows, no bank conflicts
+    constexpr int KSTEPS = DP / 16;
+    constexpr int DBLOCKS = DP / 8;
+    constexpr int NBLOCKS = FLASH_BN / 8;
     constexpr int CHUNKS = DP / 8;
     extern __shared__ __align__(128) unsigned char smem[];
-    __half* qs = reinterpret_cast<__half*>(smem);
-    __half* ks = qs + BM * LDH;
-    __half* vs = ks + BN * LDH;
-    float* ss = reinterpret_cast<float*>(vs + BN * LDH);
-    __half* ps = reinterpret_cast<__half*>(ss + BM * LDS);
-    float* os = reinterpret_cast<float*>(ps + BM * LDP);
-    float* row_max = os + BM * LDO;
-    float* row_sum = row_max + BM;
+    __half* ks = reinterpret_cast<__half*>(smem);
+    __half* vs = ks + FLASH_BN * LDH;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int q0 = blockIdx.x * BM, head = blockIdx.y, b = blockIdx.z;
+    const int g = lane / 4, t = lane % 4;
+    const int head = blockIdx.y, b = blockIdx.z;
+    const int row0 = blockIdx.x * FLASH_BM + warp * 16;
     const __half* qb = q + b * q_batch + (long)head * d;
     const __half* kb = k + b * kv_batch + (long)head * d;
     const __half* vb = v + b * kv_batch + (long)head * d;
+
+    // This warp's 16 query rows as A fragments, zero beyond nq and d.
+    uint32_t qa[KSTEPS][4];
+#pragma unroll
+    for (int s = 0; s < KSTEPS; ++s) {
+#pragma unroll
+        for (int part = 0; part < 4; ++part) {
+            int r = row0 + g + (part % 2) * 8;
+            int c = s * 16 + 2 * t + (part / 2) * 8;
+            uint32_t value = 0;
+            if (r < nq && c < d) value = *reinterpret_cast<const uint32_t*>(qb + (long)r * q_stride + c);
+            qa[s][part] = value;
+        }
+    }
+
+    float o[DBLOCKS][4];
+#pragma unroll
+    for (int i = 0; i < DBLOCKS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float max_lo = -INFINITY, max_hi = -INFINITY;  // rows g and g + 8
+    float sum_lo = 0.0f, sum_hi = 0.0f;            // this thread's share of the row sums
     const uint4 zero = make_uint4(0, 0, 0, 0);
 
-    for (int idx = tid; idx < BM * CHUNKS; idx += blockDim.x) {
-        int r = idx / CHUNKS, c = (idx % CHUNKS) * 8;
-        uint4 value = zero;
-        if (q0 + r < nq && c < d) value = *reinterpret_cast<const uint4*>(qb + (long)(q0 + r) * q_stride + c);
-        *reinterpret_cast<uint4*>(qs + r * LDH + c) = value;
-    }
-    for (int idx = tid; idx < BM * DP; idx += blockDim.x) os[(idx / DP) * LDO + idx % DP] = 0.0f;
-    if (tid < BM) {
-        row_max[tid] = -INFINITY;
-        row_sum[tid] = 0.0f;
-    }
-
-    const int r0 = warp * 16;
-    for (int key0 = 0; key0 < nk; key0 += BN) {
+    for (int key0 = 0; key0 < nk; key0 += FLASH_BN) {
         __syncthreads();
-        for (int idx = tid; idx < BN * CHUNKS; idx += blockDim.x) {
+        for (int idx = tid; idx < FLASH_BN * CHUNKS; idx += blockDim.x) {
             int r = idx / CHUNKS, c = (idx % CHUNKS) * 8;
             uint4 kv = zero, vv = zero;
             if (key0 + r < nk && c < d) {
@@ -238,75 +299,102 @@ __device__ void flash_attention(const __half* q, const __half* k, const __half* 
         }
         __syncthreads();
 
-        // Scores of this warp's 16 queries against the 64 keys.
-        for (int j = 0; j < BN / 16; ++j) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int kk = 0; kk < DP / 16; ++kk) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> bt;
-                wmma::load_matrix_sync(a, qs + r0 * LDH + kk * 16, LDH);
-                wmma::load_matrix_sync(bt, ks + j * 16 * LDH + kk * 16, LDH);
-                wmma::mma_sync(acc, a, bt, acc);
+        float s[NBLOCKS][4];
+#pragma unroll
+        for (int nb = 0; nb < NBLOCKS; ++nb) {
+            s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+            const __half* krow = ks + (nb * 8 + g) * LDH + 2 * t;
+#pragma unroll
+            for (int step = 0; step < KSTEPS; ++step) {
+                uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + step * 16);
+                uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + step * 16 + 8);
+                mma_16816(s[nb], qa[step], b0, b1);
             }
-            wmma::store_matrix_sync(ss + r0 * LDS + j * 16, acc, LDS, wmma::mem_row_major);
         }
-        __syncwarp();
 
-        // Online softmax: two lanes per row, 32 keys each.
-        const int r = r0 + lane / 2, part = lane % 2;
-        float tile_max = -INFINITY;
-        for (int c = part * 32; c < part * 32 + 32; ++c) {
-            if (key0 + c < nk) tile_max = fmaxf(tile_max, ss[r * LDS + c] * scale_log2);
-        }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
-        const float old_max = row_max[r];
-        const float new_max = fmaxf(old_max, tile_max);
-        float sum = 0.0f;
-        for (int c = part * 32; c < part * 32 + 32; ++c) {
-            float p = key0 + c < nk ? exp2f(ss[r * LDS + c] * scale_log2 - new_max) : 0.0f;
-            ps[r * LDP + c] = __float2half(p);
-            sum += p;
-        }
-        sum += __shfl_xor_sync(0xffffffff, sum, 1);
-        const float alpha = exp2f(old_max - new_max);
-        for (int c = part * (DP / 2); c < part * (DP / 2) + DP / 2; ++c) os[r * LDO + c] *= alpha;
-        __syncwarp();
-        if (part == 0) {
-            row_max[r] = new_max;
-            row_sum[r] = row_sum[r] * alpha + sum;
-        }
-        __syncwarp();
-
-        // Output accumulator += P V.
-        for (int c = 0; c < DP / 16; ++c) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::load_matrix_sync(acc, os + r0 * LDO + c * 16, LDO, wmma::mem_row_major);
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> bv;
-                wmma::load_matrix_sync(a, ps + r0 * LDP + kk * 16, LDP);
-                wmma::load_matrix_sync(bv, vs + kk * 16 * LDH + c * 16, LDH);
-                wmma::mma_sync(acc, a, bv, acc);
+        float tile_lo = -INFINITY, tile_hi = -INFINITY;
+#pragma unroll
+        for (int nb = 0; nb < NBLOCKS; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                bool valid = key0 + nb * 8 + 2 * t + e < nk;
+                s[nb][e] = valid ? s[nb][e] * scale_log2 : -INFINITY;
+                s[nb][2 + e] = valid ? s[nb][2 + e] * scale_log2 : -INFINITY;
+                tile_lo = fmaxf(tile_lo, s[nb][e]);
+                tile_hi = fmaxf(tile_hi, s[nb][2 + e]);
             }
-            wmma::store_matrix_sync(os + r0 * LDO + c * 16, acc, LDO, wmma::mem_row_major);
+        }
+        tile_lo = fmaxf(tile_lo, __shfl_xor_sync(0xffffffff, tile_lo, 1));
+        tile_lo = fmaxf(tile_lo, __shfl_xor_sync(0xffffffff, tile_lo, 2));
+        tile_hi = fmaxf(tile_hi, __shfl_xor_sync(0xffffffff, tile_hi, 1));
+        tile_hi = fmaxf(tile_hi, __shfl_xor_sync(0xffffffff, tile_hi, 2));
+        const float new_lo = fmaxf(max_lo, tile_lo), new_hi = fmaxf(max_hi, tile_hi);
+        const float alpha_lo = exp2f(max_lo - new_lo), alpha_hi = exp2f(max_hi - new_hi);
+        max_lo = new_lo;
+        max_hi = new_hi;
+        float add_lo = 0.0f, add_hi = 0.0f;
+#pragma unroll
+        for (int nb = 0; nb < NBLOCKS; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                s[nb][e] = exp2f(s[nb][e] - new_lo);
+                s[nb][2 + e] = exp2f(s[nb][2 + e] - new_hi);
+                add_lo += s[nb][e];
+                add_hi += s[nb][2 + e];
+            }
+        }
+        sum_lo = sum_lo * alpha_lo + add_lo;
+        sum_hi = sum_hi * alpha_hi + add_hi;
+#pragma unroll
+        for (int i = 0; i < DBLOCKS; ++i) {
+            o[i][0] *= alpha_lo;
+            o[i][1] *= alpha_lo;
+            o[i][2] *= alpha_hi;
+            o[i][3] *= alpha_hi;
+        }
+
+        // O += P V, with P's accumulator layout reused as the A operand.
+#pragma unroll
+        for (int kk = 0; kk < FLASH_BN / 16; ++kk) {
+            uint32_t pa[4];
+            pa[0] = pack_half2(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = pack_half2(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            const int matrix = lane / 8, r = lane % 8;
+            const __half* vrow = vs + (kk * 16 + (matrix % 2) * 8 + r) * LDH + (matrix / 2) * 8;
+#pragma unroll
+            for (int db = 0; db < DBLOCKS; db += 2) {
+                uint32_t vb4[4];
+                ldmatrix_x4_trans(vb4, vrow + db * 8);
+                mma_16816(o[db], pa, vb4[0], vb4[1]);
+                mma_16816(o[db + 1], pa, vb4[2], vb4[3]);
+            }
         }
     }
-    __syncthreads();
 
+    sum_lo += __shfl_xor_sync(0xffffffff, sum_lo, 1);
+    sum_lo += __shfl_xor_sync(0xffffffff, sum_lo, 2);
+    sum_hi += __shfl_xor_sync(0xffffffff, sum_hi, 1);
+    sum_hi += __shfl_xor_sync(0xffffffff, sum_hi, 2);
+    const float inv_lo = 1.0f / sum_lo, inv_hi = 1.0f / sum_hi;
     __half* ob = out + b * o_batch + (long)head * d;
-    for (int idx = tid; idx < BM * CHUNKS; idx += blockDim.x) {
-        int r = idx / CHUNKS, c = (idx % CHUNKS) * 8;
-        if (q0 + r >= nq || c >= d) continue;
-        float inv = 1.0f / row_sum[r];
-        __align__(16) __half packed[8];
-        for (int e = 0; e < 8; ++e) packed[e] = __float2half(os[r * LDO + c + e] * inv);
-        *reinterpret_cast<uint4*>(ob + (long)(q0 + r) * o_stride + c) = *reinterpret_cast<uint4*>(packed);
+    const int r_lo = row0 + g, r_hi = row0 + g + 8;
+#pragma unroll
+    for (int db = 0; db < DBLOCKS; ++db) {
+        int c = db * 8 + 2 * t;
+        if (c >= d) continue;
+        if (r_lo < nq)
+            *reinterpret_cast<__half2*>(ob + (long)r_lo * o_stride + c) =
+                __floats2half2_rn(o[db][0] * inv_lo, o[db][1] * inv_lo);
+        if (r_hi < nq)
+            *reinterpret_cast<__half2*>(ob + (long)r_hi * o_stride + c) =
+                __floats2half2_rn(o[db][2] * inv_hi, o[db][3] * inv_hi);
     }
 }
 
 #define FLASH_ATTENTION(DP)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(128) flash_attention_d##DP(                                    \
+    extern "C" __global__ void __launch_bounds__(32 * FLASH_WARPS) flash_attention_d##DP(                       \
         const __half* q, const __half* k, const __half* v, __half* out, int nq, int nk, int d, long q_stride,   \
         long kv_stride, long o_stride, long q_batch, long kv_batch, long o_batch, float scale_log2) {           \
         flash_attention<DP>(q, k, v, out, nq, nk, d, q_stride, kv_stride, o_stride, q_batch, kv_batch, o_batch, \

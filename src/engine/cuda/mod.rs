@@ -8,19 +8,21 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig, sys};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
-use candle_core::backend::BackendStorage;
 use candle_core::{CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use half::f16;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/atelier_kernels.ptx"));
 const THREADS: u32 = 256;
+/// Largest im2col buffer (elements): 128 MiB in f16. Bigger convolutions go in bands.
+const MAX_COLUMN_ELEMENTS: usize = 1 << 26;
 
 type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
 
@@ -73,10 +75,14 @@ fn function(device: &CudaDevice, name: &str, shared_bytes: u32) -> Result<CudaFu
     Ok(function)
 }
 
-fn grid_for(elements: usize) -> LaunchConfig {
-    let blocks = elements.div_ceil(THREADS as usize).clamp(1, 65_535 * 8) as u32;
+/// Blocks over (columns, rows): threads walk the columns of a row, grid rows walk the rows.
+fn grid_2d(columns: usize, rows: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (blocks, 1, 1),
+        grid_dim: (
+            columns.div_ceil(THREADS as usize).clamp(1, 1024) as u32,
+            rows.clamp(1, 65_535) as u32,
+            1,
+        ),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -129,6 +135,11 @@ impl GroupNormOp {
         let pixels: usize = dims[2..].iter().product();
         let total = shape.elem_count();
         let group_elements = channels / self.groups * pixels;
+        if group_elements >= i32::MAX as usize {
+            candle_core::bail!(
+                "GroupNorm kernel: a group of {group_elements} elements is too large"
+            );
+        }
         let groups_total = batch * self.groups;
         let splits = 1024usize
             .div_ceil(groups_total)
@@ -237,7 +248,7 @@ impl GegluOp {
         let mut builder = stream.launch_builder(&func);
         builder.arg(&xs).arg(&mut out).arg(&rows_i).arg(&half_i);
         // SAFETY: arguments match the kernel's signature.
-        unsafe { builder.launch(grid_for(rows * half)) }.w()?;
+        unsafe { builder.launch(grid_2d(half, rows)) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, device),
             Shape::from(out_dims),
@@ -280,12 +291,15 @@ pub struct Conv2dOp {
 
 trait GemmScalar: CudaDType + DeviceRepr + Copy {
     const ONE: Self;
+    const ZERO: Self;
 }
 impl GemmScalar for f16 {
     const ONE: Self = f16::ONE;
+    const ZERO: Self = f16::ZERO;
 }
 impl GemmScalar for f32 {
     const ONE: Self = 1.0;
+    const ZERO: Self = 0.0;
 }
 
 impl Conv2dOp {
@@ -312,6 +326,11 @@ impl Conv2dOp {
         let out_w = (width + 2 * pad - kw) / stride + 1;
         let pixels = out_h * out_w;
         let k = channels * kh * kw;
+        if height * width >= i32::MAX as usize || k * pixels >= i32::MAX as usize {
+            candle_core::bail!(
+                "conv2d kernel: {height}x{width} with {channels} channels is too large"
+            );
+        }
         let total = batch * out_channels * pixels;
         let name = suffix(x.0.dtype())?;
         let stream = device.cuda_stream();
@@ -323,7 +342,8 @@ impl Conv2dOp {
         // SAFETY: conv_init writes every element.
         let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(total)? };
         let init = function(&device, &format!("conv_init_{name}"), 0)?;
-        let (total_i, channels_i, pixels_i) = (total as i64, out_channels as i64, pixels as i64);
+        let planes = batch * out_channels;
+        let (planes_i, channels_i, pixels_i) = (planes as i64, out_channels as i64, pixels as i64);
         match &self.residual {
             Some(residual) => {
                 let (storage, layout) = residual.storage_and_layout();
@@ -339,11 +359,11 @@ impl Conv2dOp {
                     .arg(&mut out)
                     .arg(&bs)
                     .arg(&rs)
-                    .arg(&total_i)
+                    .arg(&planes_i)
                     .arg(&channels_i)
                     .arg(&pixels_i);
                 // SAFETY: arguments match the kernel's signature.
-                unsafe { builder.launch(grid_for(total)) }.w()?;
+                unsafe { builder.launch(grid_2d(pixels, planes)) }.w()?;
             }
             None => {
                 let null: u64 = 0;
@@ -352,67 +372,89 @@ impl Conv2dOp {
                     .arg(&mut out)
                     .arg(&bs)
                     .arg(&null)
-                    .arg(&total_i)
+                    .arg(&planes_i)
                     .arg(&channels_i)
                     .arg(&pixels_i);
                 // SAFETY: a null residual is checked by the kernel.
-                unsafe { builder.launch(grid_for(total)) }.w()?;
+                unsafe { builder.launch(grid_2d(pixels, planes)) }.w()?;
             }
         }
 
-        let gemm = |columns: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
-                    out: &mut CudaSlice<T>|
+        let blas = device.cublas_handle();
+        // out[b][:, p0..p0 + len] += W (out_channels x k) * columns (k x len), for `items`
+        // batch items from `first` whose columns are `k * len` apart.
+        let gemm = |columns: &CudaView<'_, T>,
+                    out: &mut CudaSlice<T>,
+                    first: usize,
+                    items: usize,
+                    p0: usize,
+                    len: usize|
          -> Result<()> {
             let config = StridedBatchedConfig {
                 gemm: GemmConfig {
                     transa: sys::cublasOperation_t::CUBLAS_OP_N,
                     transb: sys::cublasOperation_t::CUBLAS_OP_N,
-                    m: pixels as i32,
+                    m: len as i32,
                     n: out_channels as i32,
                     k: k as i32,
                     alpha: T::ONE,
-                    lda: pixels as i32,
+                    lda: len as i32,
                     ldb: k as i32,
                     beta: T::ONE,
                     ldc: pixels as i32,
                 },
-                batch_size: batch as i32,
-                stride_a: (k * pixels) as i64,
+                batch_size: items as i32,
+                stride_a: (k * len) as i64,
                 stride_b: 0,
                 stride_c: (out_channels * pixels) as i64,
             };
-            let blas = device.cublas_handle();
-            // SAFETY: the buffers hold batch * k * pixels, out_channels * k and
-            // batch * out_channels * pixels elements.
-            unsafe { blas.gemm_strided_batched(config, columns, &ws, out) }.w()?;
+            let mut target = out.slice_mut(first * out_channels * pixels + p0..);
+            // SAFETY: columns hold items * k * len elements, the weight out_channels * k, and
+            // the output rows p0..p0 + len of `items` planes of out_channels * pixels.
+            unsafe { blas.gemm_strided_batched(config, columns, &ws, &mut target) }.w()?;
             Ok(())
         };
         if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
-            gemm(&xs, &mut out)?;
+            gemm(&xs, &mut out, 0, batch, 0, pixels)?;
         } else {
-            // SAFETY: im2col writes every element.
-            let mut columns: CudaSlice<T> = unsafe { device.alloc::<T>(batch * k * pixels)? };
+            // Columns for all of the batch at once when they are small; else one batch item
+            // and a band of output pixels at a time, so that memory stays bounded.
+            let (items_per_call, band) = if batch * k * pixels <= MAX_COLUMN_ELEMENTS {
+                (batch, pixels)
+            } else {
+                (1, (MAX_COLUMN_ELEMENTS / k).clamp(1, pixels))
+            };
+            // SAFETY: im2col writes every element it is asked for before the GEMM reads them.
+            let mut columns: CudaSlice<T> =
+                unsafe { device.alloc::<T>(items_per_call * k * band)? };
             let func = function(&device, &format!("im2col_{name}"), 0)?;
-            let ints = [
-                batch as i32,
-                channels as i32,
-                height as i32,
-                width as i32,
-                kh as i32,
-                kw as i32,
-                stride as i32,
-                pad as i32,
-                out_h as i32,
-                out_w as i32,
-            ];
-            let mut builder = stream.launch_builder(&func);
-            builder.arg(&xs).arg(&mut columns);
-            for value in &ints {
-                builder.arg(value);
+            for first in (0..batch).step_by(items_per_call) {
+                let input = xs.slice(first * channels * height * width..);
+                for p0 in (0..pixels).step_by(band) {
+                    let len = band.min(pixels - p0);
+                    let ints = [
+                        items_per_call as i32,
+                        channels as i32,
+                        height as i32,
+                        width as i32,
+                        kh as i32,
+                        kw as i32,
+                        stride as i32,
+                        pad as i32,
+                        out_w as i32,
+                        p0 as i32,
+                        len as i32,
+                    ];
+                    let mut builder = stream.launch_builder(&func);
+                    builder.arg(&input).arg(&mut columns);
+                    for value in &ints {
+                        builder.arg(value);
+                    }
+                    // SAFETY: arguments match the kernel's signature.
+                    unsafe { builder.launch(grid_2d(len, items_per_call * channels)) }.w()?;
+                    gemm(&columns.slice(..), &mut out, first, items_per_call, p0, len)?;
+                }
             }
-            // SAFETY: arguments match the kernel's signature.
-            unsafe { builder.launch(grid_for(batch * k * pixels)) }.w()?;
-            gemm(&columns.slice(..), &mut out)?;
         }
         Ok((
             CudaStorage::wrap_cuda_slice(out, device),
@@ -455,6 +497,110 @@ impl CustomOp3 for Conv2dOp {
     }
 }
 
+/// `x W^T + bias` for a contiguous `(..., in)` input and `(out, in)` weight: one cuBLAS GEMM
+/// and one bias pass.
+pub struct LinearOp {
+    /// `(out,)`, added to every row.
+    pub bias: Option<Tensor>,
+}
+
+impl LinearOp {
+    fn run<T: GemmScalar>(
+        &self,
+        x: (&CudaStorage, &Layout),
+        weight: (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
+    {
+        let device = x.0.device().clone();
+        let dims = x.1.shape().dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.1.shape().elem_count() / in_dim.max(1);
+        let (out_dim, weight_in) = weight.1.shape().dims2()?;
+        if weight_in != in_dim {
+            candle_core::bail!("linear: input width {in_dim}, weight {weight_in}");
+        }
+        let xs = contiguous_slice::<T>(x.0, x.1, "linear input")?;
+        let ws = contiguous_slice::<T>(weight.0, weight.1, "linear weight")?;
+        // SAFETY: the GEMM (beta = 0) writes every element.
+        let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(rows * out_dim)? };
+        let config = GemmConfig {
+            transa: sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: sys::cublasOperation_t::CUBLAS_OP_N,
+            m: out_dim as i32,
+            n: rows as i32,
+            k: in_dim as i32,
+            alpha: T::ONE,
+            lda: in_dim as i32,
+            ldb: in_dim as i32,
+            beta: T::ZERO,
+            ldc: out_dim as i32,
+        };
+        let blas = device.cublas_handle();
+        // SAFETY: buffers of rows * in, out * in and rows * out elements.
+        unsafe { blas.gemm(config, &ws, &xs, &mut out) }.w()?;
+        if let Some(bias) = &self.bias {
+            let (storage, layout) = bias.storage_and_layout();
+            let Storage::Cuda(storage) = &*storage else {
+                candle_core::bail!("linear bias is not on the GPU");
+            };
+            if layout.shape().elem_count() != out_dim {
+                candle_core::bail!("linear bias does not match the output width");
+            }
+            let bs = contiguous_slice::<T>(storage, layout, "linear bias")?;
+            let func = function(
+                &device,
+                &format!("add_bias_rows_{}", suffix(x.0.dtype())?),
+                0,
+            )?;
+            let (rows_i, columns_i) = (rows as i64, out_dim as i32);
+            let stream = device.cuda_stream();
+            let mut builder = stream.launch_builder(&func);
+            builder.arg(&mut out).arg(&bs).arg(&rows_i).arg(&columns_i);
+            // SAFETY: arguments match the kernel's signature.
+            unsafe { builder.launch(grid_2d(out_dim, rows)) }.w()?;
+        }
+        let mut out_dims = dims.to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = out_dim;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from(out_dims),
+        ))
+    }
+}
+
+impl candle_core::CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "atelier-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        cuda_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F16 => self.run::<f16>((x, xl), (w, wl)),
+            DType::F32 => self.run::<f32>((x, xl), (w, wl)),
+            other => candle_core::bail!("linear kernel: unsupported {other:?}"),
+        }
+    }
+}
+
 /// Head widths the attention kernel is built for (a head is zero-padded up to one of them).
 pub const ATTENTION_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
 
@@ -475,12 +621,13 @@ impl FlashAttentionOp {
         ATTENTION_HEAD_DIMS.iter().copied().find(|&p| p >= head_dim)
     }
 
+    /// Queries per block (8 warps of 16) and keys per tile, as in kernels.cu.
+    const BLOCK_QUERIES: usize = 128;
+    const BLOCK_KEYS: usize = 64;
+
     fn shared_bytes(padded: usize) -> usize {
-        let (bm, bn) = (64, 64);
-        let ldh = padded + 8;
-        bm * ldh * 2 + 2 * bn * ldh * 2 + bm * (bn + 4) * 4 + bm * (bn + 8) * 2
-            + bm * (padded + 4) * 4
-            + 2 * bm * 4
+        // One key tile and one value tile, rows padded by 8 halves.
+        2 * Self::BLOCK_KEYS * (padded + 8) * 2
     }
 }
 
@@ -542,8 +689,12 @@ impl CustomOp3 for FlashAttentionOp {
         let shared = Self::shared_bytes(padded) as u32;
         let func = function(&device, &format!("flash_attention_d{padded}"), shared)?;
         let config = LaunchConfig {
-            grid_dim: (nq.div_ceil(64) as u32, self.heads as u32, batch as u32),
-            block_dim: (128, 1, 1),
+            grid_dim: (
+                nq.div_ceil(Self::BLOCK_QUERIES) as u32,
+                self.heads as u32,
+                batch as u32,
+            ),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: shared,
         };
         let (nq_i, nk_i, d_i) = (nq as i32, nk as i32, self.head_dim as i32);
