@@ -282,3 +282,57 @@ fn geglu_matches_reference() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn linear_layers_match_reference() {
+    use candle_core::Module;
+    // (leading dims, in, out, bias): SDXL's feed-forward in, a projection without bias, odd sizes.
+    let cases: [(&[usize], usize, usize, bool); 4] = [
+        (&[2, 1024], 1280, 10240, true),
+        (&[2, 4096], 640, 1920, false),
+        (&[154], 2048, 2560, false),
+        (&[3, 7], 13, 5, true),
+    ];
+    for (seed, &(leading, in_dim, out_dim, bias)) in cases.iter().enumerate() {
+        let seed = seed as u64 * 10;
+        let mut shape = leading.to_vec();
+        shape.push(in_dim);
+        let x = random(&shape, seed);
+        let weight =
+            (random(&[out_dim, in_dim], seed + 1) * (1.0 / (in_dim as f64).sqrt())).unwrap();
+        let bias_values = random(&[out_dim], seed + 2);
+        for (dtype, tolerance) in dtypes() {
+            let (x, x_ref) = on_both(&x, dtype);
+            let (w, w_ref) = on_both(&weight, dtype);
+            let (b, b_ref) = on_both(&bias_values, dtype);
+            let tensors = |w: Tensor, b: Tensor| {
+                if bias {
+                    vec![("weight", w), ("bias", b)]
+                } else {
+                    vec![("weight", w)]
+                }
+            };
+            let ours = atelier::engine::nn::linear(
+                in_dim,
+                out_dim,
+                bias,
+                var_builder(tensors(w, b), dtype, &test_device()),
+            )
+            .unwrap();
+            let reference = atelier::engine::nn::linear(
+                in_dim,
+                out_dim,
+                bias,
+                var_builder(tensors(w_ref, b_ref), DType::F32, &Device::Cpu),
+            )
+            .unwrap();
+            assert_close(
+                &format!("linear {leading:?}x{in_dim}->{out_dim} bias {bias} {dtype:?}"),
+                &ours.forward(&x).unwrap(),
+                &reference.forward(&x_ref).unwrap(),
+                tolerance,
+            );
+        }
+    }
+}

@@ -149,8 +149,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 bytes as f64 / (1u64 << 30) as f64
             );
         }
-        for (name, ms, calls) in &report.profile {
-            println!("  {name:<14}{ms:>10.2} ms in {calls} calls (synchronised)");
+        for (part, profile) in [
+            ("UNet step", &report.profile),
+            ("VAE decode", &report.vae_profile),
+        ] {
+            if !profile.is_empty() {
+                println!("{part}, by operation (each synchronised):");
+            }
+            for (name, ms, calls) in profile {
+                println!("  {name:<14}{ms:>10.2} ms in {calls} calls");
+            }
         }
     }
     Ok(())

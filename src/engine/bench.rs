@@ -64,6 +64,8 @@ pub struct BenchReport {
     pub peak_gpu_memory_bytes: Option<u64>,
     /// With `profile`: (operation, milliseconds in one step, calls).
     pub profile: Vec<(&'static str, f64, usize)>,
+    /// With `profile`: the same for one VAE decode.
+    pub vae_profile: Vec<(&'static str, f64, usize)>,
 }
 
 fn timed<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
@@ -175,6 +177,15 @@ pub fn run(target: &BenchTarget<'_>, options: BenchOptions) -> Result<BenchRepor
         .to_dtype(target.vae_dtype)?;
     target.vae.decode(&latents)?;
     let (_, vae_decode_ms) = timed(device, || target.vae.decode(&latents))?;
+    let vae_profile = if options.profile {
+        profile::start();
+        let decoded = target.vae.decode(&latents);
+        let totals = profile::finish();
+        decoded?;
+        totals
+    } else {
+        Vec::new()
+    };
     Ok(BenchReport {
         text_encoding_ms,
         unet_step_ms,
@@ -184,5 +195,6 @@ pub fn run(target: &BenchTarget<'_>, options: BenchOptions) -> Result<BenchRepor
         unet_submit_ms,
         peak_gpu_memory_bytes: profile::peak_memory_bytes(device),
         profile,
+        vae_profile,
     })
 }

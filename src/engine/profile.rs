@@ -38,13 +38,22 @@ fn active() -> bool {
 
 /// Runs `f`, timing it under `name` when profiling is on.
 pub fn scope<T>(name: &'static str, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    scope_with(name, || device.synchronize(), f)
+}
+
+/// [`scope`] with its own way of waiting for the device (inside candle's custom operations).
+pub fn scope_with<T, E: From<candle_core::Error>>(
+    name: &'static str,
+    synchronize: impl Fn() -> candle_core::Result<()>,
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
     if !active() {
         return f();
     }
-    device.synchronize()?;
+    synchronize()?;
     let started = Instant::now();
     let value = f()?;
-    device.synchronize()?;
+    synchronize()?;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     TOTALS.with(|totals| {
         if let Some(map) = totals.borrow_mut().as_mut() {

@@ -11,8 +11,12 @@ use candle_core::{DType, Device, Tensor};
 /// The fixture families made by scripts/make_fixtures.py.
 pub const FAMILIES: [&str; 3] = ["sd1", "sd2", "sdxl"];
 
+/// The fixtures under the repository the tests were built in, or under `ATELIER_REPO_DIR` (a
+/// test binary carried to the GPU machine runs from another folder).
 pub fn fixture_dir(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("ATELIER_REPO_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .join("tests/fixtures")
         .join(family)
 }

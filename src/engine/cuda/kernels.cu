@@ -97,6 +97,104 @@ __device__ void group_norm_apply(const T* x, const T* weight, const T* bias, T* 
     }
 }
 
+// The same two passes for f16 with 16-byte loads and stores: needs pixels % 8 == 0 (so 8
+// consecutive elements share a channel) and 16-byte aligned data; chunks are multiples of 8.
+__device__ __forceinline__ long group_chunk_x8(long n, int splits) { return ((n + splits - 1) / splits + 7) / 8 * 8; }
+
+extern "C" __global__ void group_norm_stats_f16x8(const __half* x, float* partials, long n, int splits) {
+    __shared__ float scratch[32];
+    long group = blockIdx.x;
+    int split = blockIdx.y;
+    long chunk = group_chunk_x8(n, splits);
+    long start = min(n, split * chunk);
+    long end = min(n, start + chunk);
+    const uint4* base = reinterpret_cast<const uint4*>(x + group * n + start);
+    int vectors = (int)((end - start) / 8);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
+        uint4 v = base[i];
+        const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            float2 f = __half22float2(h[j]);
+            sum += f.x + f.y;
+        }
+    }
+    sum = block_sum(sum, scratch);
+    float count = (float)(end - start);
+    float mean = count > 0.0f ? sum / count : 0.0f;
+    float m2 = 0.0f;
+    for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
+        uint4 v = base[i];
+        const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            float2 f = __half22float2(h[j]);
+            m2 += (f.x - mean) * (f.x - mean) + (f.y - mean) * (f.y - mean);
+        }
+    }
+    m2 = block_sum(m2, scratch);
+    if (threadIdx.x == 0) {
+        float* p = partials + (group * splits + split) * 3;
+        p[0] = count;
+        p[1] = mean;
+        p[2] = m2;
+    }
+}
+
+extern "C" __global__ void group_norm_apply_f16x8(const __half* x, const __half* weight, const __half* bias,
+                                                  __half* out, const float* partials, long n, int splits,
+                                                  long pixels, int channels_per_group, int groups, float eps,
+                                                  int silu) {
+    __shared__ float stats[2];
+    long group = blockIdx.x;
+    int split = blockIdx.y;
+    if (threadIdx.x == 0) {
+        float count = 0.0f, mean = 0.0f, m2 = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float* p = partials + (group * splits + s) * 3;
+            float nb = p[0];
+            if (nb <= 0.0f) continue;
+            float total = count + nb;
+            float delta = p[1] - mean;
+            mean += delta * nb / total;
+            m2 += p[2] + delta * delta * count * nb / total;
+            count = total;
+        }
+        stats[0] = mean;
+        stats[1] = rsqrtf(m2 / count + eps);
+    }
+    __syncthreads();
+    const float mean = stats[0], rstd = stats[1];
+    long chunk = group_chunk_x8(n, splits);
+    long start = min(n, split * chunk);
+    long end = min(n, start + chunk);
+    int vectors = (int)((end - start) / 8);
+    int pixels32 = (int)pixels;
+    int first_channel = (int)(group % groups) * channels_per_group;
+    const uint4* in = reinterpret_cast<const uint4*>(x + group * n + start);
+    uint4* o = reinterpret_cast<uint4*>(out + group * n + start);
+    for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
+        int c = first_channel + (int)((start + 8 * (long)i) / pixels32);
+        float scale = rstd * __half2float(weight[c]);
+        float shift = __half2float(bias[c]) - mean * scale;
+        uint4 v = in[i];
+        __half2* h = reinterpret_cast<__half2*>(&v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            float2 f = __half22float2(h[j]);
+            f.x = f.x * scale + shift;
+            f.y = f.y * scale + shift;
+            if (silu) {
+                f.x = f.x / (1.0f + __expf(-f.x));
+                f.y = f.y / (1.0f + __expf(-f.y));
+            }
+            h[j] = __floats2half2_rn(f.x, f.y);
+        }
+        o[i] = v;
+    }
+}
+
 extern "C" __global__ void group_norm_stats_f32(const float* x, float* partials, long n, int splits) {
     group_norm_stats<float>(x, partials, n, splits);
 }

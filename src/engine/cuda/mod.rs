@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig, sys};
+use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -29,6 +30,30 @@ type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
 fn modules() -> &'static Mutex<HashMap<DeviceId, Arc<CudaModule>>> {
     static MODULES: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaModule>>>> = OnceLock::new();
     MODULES.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// One cuBLASLt handle (with its workspace) per device.
+fn blas_lt(device: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
+    static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaBlasLT>>>> = OnceLock::new();
+    let mut handles = HANDLES
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("cuBLASLt cache poisoned".into()))?;
+    if let Some(handle) = handles.get(&device.id()) {
+        return Ok(handle.clone());
+    }
+    let handle = Arc::new(CudaBlasLT::new(device.cuda_stream()).map_err(lt_error)?);
+    handles.insert(device.id(), handle.clone());
+    Ok(handle)
+}
+
+fn lt_error(error: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuBLASLt: {error:?}"))
+}
+
+/// Times `f` under `name` when profiling (see [`super::profile`]), synchronising the stream.
+fn timed<R>(name: &'static str, device: &CudaDevice, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    super::profile::scope_with(name, || device.cuda_stream().synchronize().w(), f)
 }
 
 fn functions() -> &'static Mutex<FunctionCache> {
@@ -150,7 +175,15 @@ impl GroupNormOp {
         let mut partials = device.alloc_zeros::<f32>(groups_total * splits * 3)?;
         // SAFETY: every element is written by group_norm_apply below.
         let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(total)? };
-        let name = suffix(x.0.dtype())?;
+        // 16-byte vectors where 8 consecutive values share a channel and the data is aligned.
+        let vectorised = x.0.dtype() == DType::F16
+            && pixels.is_multiple_of(8)
+            && x.1.start_offset().is_multiple_of(8);
+        let name = if vectorised {
+            "f16x8"
+        } else {
+            suffix(x.0.dtype())?
+        };
         let config = LaunchConfig {
             grid_dim: (groups_total as u32, splits as u32, 1),
             block_dim: (THREADS, 1, 1),
@@ -326,10 +359,8 @@ impl Conv2dOp {
         let out_w = (width + 2 * pad - kw) / stride + 1;
         let pixels = out_h * out_w;
         let k = channels * kh * kw;
-        if height * width >= i32::MAX as usize || k * pixels >= i32::MAX as usize {
-            candle_core::bail!(
-                "conv2d kernel: {height}x{width} with {channels} channels is too large"
-            );
+        if height * width >= i32::MAX as usize || pixels >= i32::MAX as usize {
+            candle_core::bail!("conv2d kernel: {height}x{width} is too large");
         }
         let total = batch * out_channels * pixels;
         let name = suffix(x.0.dtype())?;
@@ -409,10 +440,11 @@ impl Conv2dOp {
                 stride_c: (out_channels * pixels) as i64,
             };
             let mut target = out.slice_mut(first * out_channels * pixels + p0..);
-            // SAFETY: columns hold items * k * len elements, the weight out_channels * k, and
-            // the output rows p0..p0 + len of `items` planes of out_channels * pixels.
-            unsafe { blas.gemm_strided_batched(config, columns, &ws, &mut target) }.w()?;
-            Ok(())
+            timed("conv2d.gemm", &device, || {
+                // SAFETY: columns hold items * k * len elements, the weight out_channels * k,
+                // and the output rows p0..p0 + len of `items` planes of out_channels * pixels.
+                unsafe { blas.gemm_strided_batched(config, columns, &ws, &mut target) }.w()
+            })
         };
         if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
             gemm(&xs, &mut out, 0, batch, 0, pixels)?;
@@ -422,7 +454,9 @@ impl Conv2dOp {
             let (items_per_call, band) = if batch * k * pixels <= MAX_COLUMN_ELEMENTS {
                 (batch, pixels)
             } else {
-                (1, (MAX_COLUMN_ELEMENTS / k).clamp(1, pixels))
+                // Bands of whole multiples of 128 pixels keep every GEMM operand aligned.
+                let band = (MAX_COLUMN_ELEMENTS / k) / 128 * 128;
+                (1, band.clamp(128.min(pixels), pixels))
             };
             // SAFETY: im2col writes every element it is asked for before the GEMM reads them.
             let mut columns: CudaSlice<T> =
@@ -450,8 +484,10 @@ impl Conv2dOp {
                     for value in &ints {
                         builder.arg(value);
                     }
-                    // SAFETY: arguments match the kernel's signature.
-                    unsafe { builder.launch(grid_2d(len, items_per_call * channels)) }.w()?;
+                    timed("conv2d.im2col", &device, || {
+                        // SAFETY: arguments match the kernel's signature.
+                        unsafe { builder.launch(grid_2d(len, items_per_call * channels)) }.w()
+                    })?;
                     gemm(&columns.slice(..), &mut out, first, items_per_call, p0, len)?;
                 }
             }
@@ -512,6 +548,7 @@ impl LinearOp {
     ) -> Result<(CudaStorage, Shape)>
     where
         candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
+        CudaBlasLT: Matmul<T>,
     {
         let device = x.0.device().clone();
         let dims = x.1.shape().dims();
@@ -525,6 +562,48 @@ impl LinearOp {
         let ws = contiguous_slice::<T>(weight.0, weight.1, "linear weight")?;
         // SAFETY: the GEMM (beta = 0) writes every element.
         let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(rows * out_dim)? };
+        let mut out_dims = dims.to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = out_dim;
+        // f16 with a bias: cuBLASLt adds the bias in the GEMM's epilogue.
+        if let (DType::F16, Some(bias)) = (x.0.dtype(), &self.bias) {
+            let (storage, layout) = bias.storage_and_layout();
+            let Storage::Cuda(storage) = &*storage else {
+                candle_core::bail!("linear bias is not on the GPU");
+            };
+            if layout.shape().elem_count() != out_dim {
+                candle_core::bail!("linear bias does not match the output width");
+            }
+            let bs = contiguous_slice::<T>(storage, layout, "linear bias")?;
+            let config = MatmulConfig {
+                transa: true,
+                transb: false,
+                transc: false,
+                m: out_dim as u64,
+                n: rows as u64,
+                k: in_dim as u64,
+                alpha: 1.0,
+                lda: in_dim as i64,
+                ldb: in_dim as i64,
+                beta: 0.0,
+                ldc: out_dim as i64,
+                stride_a: None,
+                stride_b: None,
+                stride_c: None,
+                stride_bias: None,
+                batch_size: None,
+            };
+            let handle = blas_lt(&device)?;
+            timed("linear.gemm+bias", &device, || {
+                // SAFETY: f16 buffers of out * in, rows * in, rows * out and out elements.
+                unsafe { handle.matmul(config, &ws, &xs, &mut out, Some(&bs), None) }
+                    .map_err(lt_error)
+            })?;
+            return Ok((
+                CudaStorage::wrap_cuda_slice(out, device),
+                Shape::from(out_dims),
+            ));
+        }
         let config = GemmConfig {
             transa: sys::cublasOperation_t::CUBLAS_OP_T,
             transb: sys::cublasOperation_t::CUBLAS_OP_N,
@@ -538,8 +617,10 @@ impl LinearOp {
             ldc: out_dim as i32,
         };
         let blas = device.cublas_handle();
-        // SAFETY: buffers of rows * in, out * in and rows * out elements.
-        unsafe { blas.gemm(config, &ws, &xs, &mut out) }.w()?;
+        timed("linear.gemm", &device, || {
+            // SAFETY: buffers of rows * in, out * in and rows * out elements.
+            unsafe { blas.gemm(config, &ws, &xs, &mut out) }.w()
+        })?;
         if let Some(bias) = &self.bias {
             let (storage, layout) = bias.storage_and_layout();
             let Storage::Cuda(storage) = &*storage else {
@@ -558,12 +639,11 @@ impl LinearOp {
             let stream = device.cuda_stream();
             let mut builder = stream.launch_builder(&func);
             builder.arg(&mut out).arg(&bs).arg(&rows_i).arg(&columns_i);
-            // SAFETY: arguments match the kernel's signature.
-            unsafe { builder.launch(grid_2d(out_dim, rows)) }.w()?;
+            timed("linear.bias", &device, || {
+                // SAFETY: arguments match the kernel's signature.
+                unsafe { builder.launch(grid_2d(out_dim, rows)) }.w()
+            })?;
         }
-        let mut out_dims = dims.to_vec();
-        let last = out_dims.len() - 1;
-        out_dims[last] = out_dim;
         Ok((
             CudaStorage::wrap_cuda_slice(out, device),
             Shape::from(out_dims),

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool, carry [".gpu"], after scripts/pack-gpu.sh here): unpacks the
+# binaries and checks the CUDA build's numbers:
+#   1. tests/gpu_kernels.rs: our kernels against candle's CPU f32 at SD 1.5/SDXL shapes, f32 and f16;
+#   2. tests/parity.rs in f32 on the GPU against the values diffusers computed (the CPU's bar);
+#   3. scripts/gpu-parity-f16.py: `atelier generate` in f16 against diffusers in f16 on the
+#      fixtures and on a full-size SD 1.5 architecture with random weights.
+set -uo pipefail
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+out=${OUT:-/tmp/atelier-gpu}
+mkdir -p "$out" /tmp/atelier-bin
+for binary in atelier parity gpu_kernels; do
+  xz -dc ".gpu/$binary.xz" > "/tmp/atelier-bin/$binary" && chmod +x "/tmp/atelier-bin/$binary"
+done
+# The test binaries find the fixtures here rather than where they were built.
+export ATELIER_REPO_DIR=$PWD
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+ATELIER_TEST_DEVICE=cuda /tmp/atelier-bin/gpu_kernels --include-ignored --test-threads 1 || status=1
+ATELIER_TEST_DEVICE=cuda /tmp/atelier-bin/parity --test-threads 1 || status=1
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl
+export PYTHONPATH=/tmp/site
+models=(tests/fixtures/sd1/model tests/fixtures/sd2/model tests/fixtures/sdxl/model)
+if python3 .gpu/bench_diffusers.py /tmp/sd15 1 sd15 > /dev/null; then
+  cp -r tests/fixtures/sd1/model/tokenizer tests/fixtures/sd1/model/scheduler /tmp/sd15/
+  cat > /tmp/sd15/model_index.json <<'JSON'
+{"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "PNDMScheduler"]}
+JSON
+  models+=(/tmp/sd15)
+fi
+python3 scripts/gpu-parity-f16.py /tmp/atelier-bin/atelier "$out" "${models[@]}" || status=1
+exit $status
