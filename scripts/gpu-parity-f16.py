@@ -2,7 +2,7 @@
 
 Runs on the GPU machine (see scripts/gpu-checks.sh): for each model folder, diffusers makes the
 final latents of a DDIM run with classifier-free guidance in float16 and in float32 from the
-same initial noise; `atelier generate --device cuda` (f16) makes its own from that noise. It
+same initial noise (1 step, and 8 steps); `atelier generate --device cuda` (f16) makes its own. It
 prints max|a - b| / max|b| for ours-vs-diffusers-f16 and, as the yardstick of f16 rounding,
 diffusers-f16-vs-diffusers-f32, and fails when ours is further from diffusers' f16 than
 TOLERANCE_FACTOR times that yardstick (or 1e-2, whichever is larger).
@@ -19,7 +19,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 TOLERANCE_FACTOR = 2.0
-STEPS = 8
+# One step (close to a single UNet forward: no accumulation) and a whole short run.
+STEP_COUNTS = (1, 8)
 GUIDANCE = 7.5
 PROMPT = "a watercolor fox in a snowy forest"
 
@@ -30,7 +31,7 @@ def relative_error(ours, reference):
     return float(np.abs(ours - reference).max() / max(np.abs(reference).max(), 1e-12))
 
 
-def diffusers_latents(model, dtype, noise, width, height):
+def diffusers_latents(model, dtype, noise, width, height, steps):
     index = json.load(open(os.path.join(model, "model_index.json")))
     xl = index["_class_name"].startswith("StableDiffusionXL")
     cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
@@ -45,8 +46,10 @@ def diffusers_latents(model, dtype, noise, width, height):
     with torch.inference_mode():
         out = pipe(
             PROMPT,
-            negative_prompt="",
-            num_inference_steps=STEPS,
+            # None, not "": with force_zeros_for_empty_prompt (SDXL) diffusers then uses zeros,
+            # as Atelier does for an empty negative prompt; "" would be encoded instead.
+            negative_prompt=None,
+            num_inference_steps=steps,
             guidance_scale=GUIDANCE,
             width=width,
             height=height,
@@ -73,28 +76,30 @@ def main():
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).numpy().astype(np.float32)
         noise_path = os.path.join(out_dir, f"{name}-noise.npy")
         np.save(noise_path, noise)
-        reference16 = diffusers_latents(model, torch.float16, noise, side, side)
-        reference32 = diffusers_latents(model, torch.float32, noise, side, side)
-        ours_path = os.path.join(out_dir, f"{name}-ours-f16.npy")
-        subprocess.run(
-            [binary, "generate", "--model", model, "--device", "cuda", "--prompt", PROMPT,
-             "--steps", str(STEPS), "--guidance", str(GUIDANCE), "--scheduler", "ddim",
-             "--width", str(side), "--height", str(side), "--init-noise", noise_path,
-             "--save-latents", ours_path, "--out", os.path.join(out_dir, f"{name}-ours.png")],
-            check=True,
-        )
-        ours = np.load(ours_path)
-        ours_vs_16 = relative_error(ours, reference16)
-        f16_vs_f32 = relative_error(reference16, reference32)
-        ours_vs_32 = relative_error(ours, reference32)
-        bound = max(TOLERANCE_FACTOR * f16_vs_f32, 1e-2)
-        ok = ours_vs_16 <= bound
-        failures += not ok
-        print(
-            f"{name}: ours(f16) vs diffusers(f16) {ours_vs_16:.2e} | diffusers f16 vs f32 {f16_vs_f32:.2e} | "
-            f"ours(f16) vs diffusers(f32) {ours_vs_32:.2e} | bound {bound:.2e} {'ok' if ok else 'FAILED'}",
-            flush=True,
-        )
+        for steps in STEP_COUNTS:
+            reference16 = diffusers_latents(model, torch.float16, noise, side, side, steps)
+            reference32 = diffusers_latents(model, torch.float32, noise, side, side, steps)
+            ours_path = os.path.join(out_dir, f"{name}-{steps}-ours-f16.npy")
+            subprocess.run(
+                [binary, "generate", "--model", model, "--device", "cuda", "--prompt", PROMPT,
+                 "--steps", str(steps), "--guidance", str(GUIDANCE), "--scheduler", "ddim",
+                 "--width", str(side), "--height", str(side), "--init-noise", noise_path,
+                 "--save-latents", ours_path, "--out", os.path.join(out_dir, f"{name}-ours.png")],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            ours = np.load(ours_path)
+            ours_vs_16 = relative_error(ours, reference16)
+            f16_vs_f32 = relative_error(reference16, reference32)
+            ours_vs_32 = relative_error(ours, reference32)
+            bound = max(TOLERANCE_FACTOR * f16_vs_f32, 1e-2)
+            ok = ours_vs_16 <= bound
+            failures += not ok
+            print(
+                f"{name}, {steps} DDIM step(s): ours(f16) vs diffusers(f16) {ours_vs_16:.2e} | "
+                f"diffusers f16 vs f32 {f16_vs_f32:.2e} | ours(f16) vs diffusers(f32) {ours_vs_32:.2e} | "
+                f"bound {bound:.2e} {'ok' if ok else 'FAILED'}",
+                flush=True,
+            )
     sys.exit(1 if failures else 0)
 
 

@@ -190,7 +190,7 @@ pub fn flash_attention(
         let width = query.dim(2)?;
         let head_dim = width / heads;
         if super::cuda::FlashAttentionOp::padded_head_dim(head_dim).is_none()
-            || head_dim % 8 != 0
+            || !head_dim.is_multiple_of(8)
             || key.dim(2)? != width
             || value.dim(2)? != width
         {
@@ -200,9 +200,9 @@ pub fn flash_attention(
             let layout = t.layout();
             let stride = layout.stride();
             stride[2] == 1
-                && stride[1] % 8 == 0
-                && stride[0] % 8 == 0
-                && layout.start_offset() % 8 == 0
+                && stride[1].is_multiple_of(8)
+                && stride[0].is_multiple_of(8)
+                && layout.start_offset().is_multiple_of(8)
         };
         let query = if aligned(query) {
             query.clone()

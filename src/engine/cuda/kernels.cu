@@ -314,7 +314,8 @@ extern "C" __global__ void add_bias_rows_f16(__half* out, const __half* bias, lo
 // f16 q, k, v and output; f32 scores, softmax statistics and output accumulator, all in
 // registers. q: (batch, nq, *) with head h at columns [h * d, h * d + d) and row stride q_stride;
 // k, v: the same with kv_stride; out: row stride o_stride. A block of 8 warps takes 128 queries
-// of one head, each warp 16 of them; keys and values pass through shared memory in tiles of 64.
+// of one head, each warp 16 of them; keys and values pass through shared memory in tiles of 64,
+// double-buffered: the next tile is copied (cp.async) while this one is computed.
 // DP is d rounded up to 16 (zero padded); d must be a multiple of 8 and rows 16-byte aligned.
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
@@ -330,6 +331,18 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const __half* sme
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(address));
+}
+
+// 16-byte asynchronous copy from global to shared memory; zero-fills when `valid` is false.
+__device__ __forceinline__ void cp_async_16(__half* smem, const __half* gmem, bool valid) {
+    uint32_t dst = (uint32_t)__cvta_generic_to_shared(smem);
+    int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 }
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
@@ -351,8 +364,7 @@ __device__ void flash_attention(const __half* q, const __half* k, const __half* 
     constexpr int NBLOCKS = FLASH_BN / 8;
     constexpr int CHUNKS = DP / 8;
     extern __shared__ __align__(128) unsigned char smem[];
-    __half* ks = reinterpret_cast<__half*>(smem);
-    __half* vs = ks + FLASH_BN * LDH;
+    __half* const tiles = reinterpret_cast<__half*>(smem);  // [stage][k, v][FLASH_BN][LDH]
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
@@ -381,21 +393,32 @@ __device__ void flash_attention(const __half* q, const __half* k, const __half* 
     for (int i = 0; i < DBLOCKS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float max_lo = -INFINITY, max_hi = -INFINITY;  // rows g and g + 8
     float sum_lo = 0.0f, sum_hi = 0.0f;            // this thread's share of the row sums
-    const uint4 zero = make_uint4(0, 0, 0, 0);
 
-    for (int key0 = 0; key0 < nk; key0 += FLASH_BN) {
-        __syncthreads();
+    auto load_tile = [&](int key0, int stage) {
+        __half* kt = tiles + stage * 2 * FLASH_BN * LDH;
+        __half* vt = kt + FLASH_BN * LDH;
         for (int idx = tid; idx < FLASH_BN * CHUNKS; idx += blockDim.x) {
             int r = idx / CHUNKS, c = (idx % CHUNKS) * 8;
-            uint4 kv = zero, vv = zero;
-            if (key0 + r < nk && c < d) {
-                kv = *reinterpret_cast<const uint4*>(kb + (long)(key0 + r) * kv_stride + c);
-                vv = *reinterpret_cast<const uint4*>(vb + (long)(key0 + r) * kv_stride + c);
-            }
-            *reinterpret_cast<uint4*>(ks + r * LDH + c) = kv;
-            *reinterpret_cast<uint4*>(vs + r * LDH + c) = vv;
+            bool valid = key0 + r < nk && c < d;
+            long offset = valid ? (long)(key0 + r) * kv_stride + c : 0;
+            cp_async_16(kt + r * LDH + c, kb + offset, valid);
+            cp_async_16(vt + r * LDH + c, vb + offset, valid);
+        }
+        cp_async_commit();
+    };
+    const int tile_count = (nk + FLASH_BN - 1) / FLASH_BN;
+    load_tile(0, 0);
+    for (int tile = 0; tile < tile_count; ++tile) {
+        const int key0 = tile * FLASH_BN;
+        if (tile + 1 < tile_count) {
+            load_tile(key0 + FLASH_BN, (tile + 1) % 2);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
+        const __half* ks = tiles + (tile % 2) * 2 * FLASH_BN * LDH;
+        const __half* vs = ks + FLASH_BN * LDH;
 
         float s[NBLOCKS][4];
 #pragma unroll
@@ -469,6 +492,8 @@ __device__ void flash_attention(const __half* q, const __half* k, const __half* 
                 mma_16816(o[db + 1], pa, vb4[2], vb4[3]);
             }
         }
+        // Every warp is done with this stage before the next iteration refills it.
+        __syncthreads();
     }
 
     sum_lo += __shfl_xor_sync(0xffffffff, sum_lo, 1);

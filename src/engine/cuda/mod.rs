@@ -706,8 +706,8 @@ impl FlashAttentionOp {
     const BLOCK_KEYS: usize = 64;
 
     fn shared_bytes(padded: usize) -> usize {
-        // One key tile and one value tile, rows padded by 8 halves.
-        2 * Self::BLOCK_KEYS * (padded + 8) * 2
+        // Two stages of one key tile and one value tile, rows padded by 8 halves.
+        2 * 2 * Self::BLOCK_KEYS * (padded + 8) * 2
     }
 }
 
