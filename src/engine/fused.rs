@@ -21,13 +21,35 @@ pub fn kernels_for(device: &Device, dtype: DType) -> bool {
                 Ok("off" | "0" | "false")
             )
         });
-        enabled && device.is_cuda() && matches!(dtype, DType::F16 | DType::F32)
+        enabled
+            && matches!(dtype, DType::F16 | DType::F32)
+            && match device {
+                Device::Cuda(cuda) => supports_kernels(cuda),
+                _ => false,
+            }
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (device, dtype);
         false
     }
+}
+
+/// Our kernels use Ampere's instructions (`mma.sync` m16n8k16, `cp.async`): compute capability
+/// 8.0 or newer. Older GPUs keep candle's operations.
+#[cfg(feature = "cuda")]
+fn supports_kernels(device: &candle_core::CudaDevice) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    use std::sync::OnceLock;
+    static AMPERE_OR_NEWER: OnceLock<bool> = OnceLock::new();
+    *AMPERE_OR_NEWER.get_or_init(|| {
+        device
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map(|major| major >= 8)
+            .unwrap_or(false)
+    })
 }
 
 /// A 2-D convolution with bias and `padding = kernel / 2` (diffusers' `nn.Conv2d`).
