@@ -27,6 +27,19 @@ for arch in "${archs[@]}"; do
   $bin bench --random-weights "$arch" --device cuda --steps $steps --warmup 3 --width $side --height $side \
     --vae-dtype f16 "${extra[@]}" --json | tee "$out/atelier-$arch.json"
   if [[ $arch == sdxl ]]; then
+    # The SDXL pipelines decode in f32 (force_upcast): diffusers' decode in f32 (cuDNN, TF32 by
+    # PyTorch's default) against ours (TF32 convolutions likewise).
+    python3 - <<'PY'
+import time, torch
+from diffusers import AutoencoderKL
+vae = AutoencoderKL.from_pretrained("/tmp/sdxl/vae", variant="fp16", torch_dtype=torch.float32).to("cuda")
+latents = torch.randn(1, 4, 128, 128, device="cuda")
+with torch.inference_mode():
+    vae.decode(latents); torch.cuda.synchronize()
+    started = time.perf_counter(); vae.decode(latents); torch.cuda.synchronize()
+print(f"diffusers, SDXL pipeline VAE precision (f32, cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}): "
+      f"VAE decode {1e3 * (time.perf_counter() - started):.1f} ms")
+PY
     $bin bench --random-weights sdxl --device cuda --steps 3 --warmup 1 --vae-dtype f32 "${extra[@]}" \
       | grep -E "VAE|peak" | sed 's/^/atelier, SDXL pipeline VAE precision: /'
   fi

@@ -270,6 +270,52 @@ fn convolutions_match_reference() {
 
 #[test]
 #[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn tf32_convolutions_stay_close() {
+    // The upcast SDXL VAE's f32 convolutions on TF32 tensor cores: 10-bit mantissa products,
+    // f32 sums, so about 1e-3 relative (PyTorch's cuDNN default does the same).
+    assert!(test_device().is_cuda(), "set ATELIER_TEST_DEVICE=cuda");
+    let (cin, cout, size) = (256, 128, 96);
+    let x = random(&[1, cin, size, size], 1);
+    let weight = (random(&[cout, cin, 3, 3], 2) * (1.0 / ((cin * 9) as f64).sqrt())).unwrap();
+    let bias = random(&[cout], 3);
+    let (x, x_ref) = on_both(&x, DType::F32);
+    let (w, w_ref) = on_both(&weight, DType::F32);
+    let (b, b_ref) = on_both(&bias, DType::F32);
+    let ours = Conv2d::new(
+        cin,
+        cout,
+        3,
+        1,
+        var_builder(vec![("weight", w), ("bias", b)], DType::F32, &test_device()),
+    )
+    .unwrap();
+    let reference = Conv2d::new(
+        cin,
+        cout,
+        3,
+        1,
+        var_builder(
+            vec![("weight", w_ref), ("bias", b_ref)],
+            DType::F32,
+            &Device::Cpu,
+        ),
+    )
+    .unwrap();
+    let out = atelier::engine::fused::with_tf32_convolutions(|| ours.forward(&x)).unwrap();
+    let want = reference.forward(&x_ref).unwrap();
+    let error = relative_error(&out, &want);
+    assert!(
+        error <= 3e-3,
+        "TF32 convolution: relative error {error:.3e}"
+    );
+    assert!(
+        error > 0.0,
+        "TF32 convolution equals f32 exactly: TF32 was not used"
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
 fn geglu_matches_reference() {
     let x = (random(&[2, 4096, 2 * 1280], 7) * 3.0).unwrap();
     for (dtype, tolerance) in dtypes() {

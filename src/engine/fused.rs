@@ -35,6 +35,20 @@ pub fn kernels_for(device: &Device, dtype: DType) -> bool {
     }
 }
 
+thread_local! {
+    static TF32_CONVOLUTIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with f32 convolutions on the GPU's TF32 tensor cores (10-bit mantissas in the
+/// products, f32 sums), as PyTorch runs cuDNN convolutions by default
+/// (`torch.backends.cudnn.allow_tf32`). Used for the VAE that SDXL upcasts from f16 to f32.
+pub fn with_tf32_convolutions<T>(f: impl FnOnce() -> T) -> T {
+    let before = TF32_CONVOLUTIONS.with(|flag| flag.replace(true));
+    let value = f();
+    TF32_CONVOLUTIONS.with(|flag| flag.set(before));
+    value
+}
+
 /// Our kernels use Ampere's instructions (`mma.sync` m16n8k16, `cp.async`): compute capability
 /// 8.0 or newer. Older GPUs keep candle's operations.
 #[cfg(feature = "cuda")]
@@ -95,6 +109,7 @@ impl Conv2d {
                 let op = super::cuda::Conv2dOp {
                     stride: self.stride,
                     padding: self.padding,
+                    tf32: TF32_CONVOLUTIONS.with(std::cell::Cell::get),
                     residual: residual.map(Tensor::contiguous).transpose()?,
                 };
                 return Ok(xs

@@ -370,7 +370,9 @@ impl StableDiffusion {
                 dtype
             };
         let vae_weights = files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?;
-        let vae = VaeDecoder::new(vae_config, var_builder(&vae_weights, vae_dtype, &device)?)?;
+        let mut vae = VaeDecoder::new(vae_config, var_builder(&vae_weights, vae_dtype, &device)?)?;
+        // Upcast from f16: TF32 convolutions, as diffusers' f32 decode gets from cuDNN.
+        vae.allow_tf32_convolutions(vae_dtype != dtype);
 
         let context_width: usize = text_encoders
             .iter()

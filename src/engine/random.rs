@@ -117,11 +117,14 @@ impl RandomModel {
                 ClipTextEncoder::new(config, vb(dtype))
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut vae = VaeDecoder::new(vae_config, vb(vae_dtype))?;
+        // A VAE upcast from f16, as the pipeline does it (see StableDiffusion::load).
+        vae.allow_tf32_convolutions(vae_dtype != dtype);
         Ok(Self {
             family,
             text_encoders,
             unet: UNet::new(parse::<UNetConfig>("unet", unet)?, vb(dtype))?,
-            vae: VaeDecoder::new(vae_config, vb(vae_dtype))?,
+            vae,
             vae_dtype,
         })
     }

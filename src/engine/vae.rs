@@ -81,9 +81,16 @@ pub struct VaeDecoder {
     up_blocks: Vec<DecoderUpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    tf32_convolutions: bool,
 }
 
 impl VaeDecoder {
+    /// Lets an f32 decoder's convolutions use TF32 tensor cores on the GPU, as PyTorch does by
+    /// default for cuDNN convolutions: for a VAE upcast from f16 only (SDXL's `force_upcast`).
+    pub fn allow_tf32_convolutions(&mut self, allow: bool) {
+        self.tf32_convolutions = allow;
+    }
+
     /// Builds the decoder described by `config` from the weights in `vb` (the whole VAE file).
     pub fn new(config: VaeConfig, vb: VarBuilder) -> Result<Self> {
         let channels = &config.block_out_channels;
@@ -156,6 +163,7 @@ impl VaeDecoder {
             conv_norm_out: group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(channels[0], config.out_channels, 3, 1, vb.pp("conv_out"))?,
             config,
+            tf32_convolutions: false,
         })
     }
 
@@ -166,6 +174,14 @@ impl VaeDecoder {
 
     /// Decodes latents already divided by `scaling_factor` into images in [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        if self.tf32_convolutions {
+            super::fused::with_tf32_convolutions(|| self.decode_layers(latents))
+        } else {
+            self.decode_layers(latents)
+        }
+    }
+
+    fn decode_layers(&self, latents: &Tensor) -> Result<Tensor> {
         let mut xs = match &self.post_quant_conv {
             Some(conv) => conv.forward(latents)?,
             None => latents.clone(),

@@ -320,6 +320,8 @@ pub struct Conv2dOp {
     pub padding: usize,
     /// Added to the output, same shape as it.
     pub residual: Option<Tensor>,
+    /// f32 GEMMs on TF32 tensor cores (see [`super::fused::with_tf32_convolutions`]).
+    pub tf32: bool,
 }
 
 trait GemmScalar: CudaDType + DeviceRepr + Copy {
@@ -412,6 +414,7 @@ impl Conv2dOp {
         }
 
         let blas = device.cublas_handle();
+        let tf32 = self.tf32 && x.0.dtype() == DType::F32;
         // out[b][:, p0..p0 + len] += W (out_channels x k) * columns (k x len), for `items`
         // batch items from `first` whose columns are `k * len` apart.
         let gemm = |columns: &CudaView<'_, T>,
@@ -440,6 +443,11 @@ impl Conv2dOp {
                 stride_c: (out_channels * pixels) as i64,
             };
             let mut target = out.slice_mut(first * out_channels * pixels + p0..);
+            if tf32 {
+                return timed("conv2d.gemm", &device, || {
+                    tf32_gemm(&blas, &stream, &config, columns, &ws, &mut target)
+                });
+            }
             timed("conv2d.gemm", &device, || {
                 // SAFETY: columns hold items * k * len elements, the weight out_channels * k,
                 // and the output rows p0..p0 + len of `items` planes of out_channels * pixels.
@@ -497,6 +505,56 @@ impl Conv2dOp {
             Shape::from((batch, out_channels, out_h, out_w)),
         ))
     }
+}
+
+/// The strided batched GEMM of `config` on f32 data with TF32 tensor-core products.
+fn tf32_gemm<T>(
+    blas: &candle_core::cuda_backend::cudarc::cublas::CudaBlas,
+    stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    config: &StridedBatchedConfig<T>,
+    a: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    c: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, T>,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use std::ffi::c_void;
+    let (a_ptr, _a_use) = a.device_ptr(stream);
+    let (b_ptr, _b_use) = b.device_ptr(stream);
+    let (c_ptr, _c_use) = c.device_ptr_mut(stream);
+    let (alpha, beta) = (1.0f32, 1.0f32);
+    let g = &config.gemm;
+    let f32_type = sys::cudaDataType_t::CUDA_R_32F;
+    // SAFETY: the caller's f32 buffers match `config` (as for the plain GEMM); alpha and beta
+    // are f32 scalars as the 32F compute types expect.
+    unsafe {
+        gemm_strided_batched_ex(
+            *blas.handle(),
+            g.transa,
+            g.transb,
+            g.m,
+            g.n,
+            g.k,
+            (&alpha as *const f32).cast::<c_void>(),
+            a_ptr as *const c_void,
+            f32_type,
+            g.lda,
+            config.stride_a,
+            b_ptr as *const c_void,
+            f32_type,
+            g.ldb,
+            config.stride_b,
+            (&beta as *const f32).cast::<c_void>(),
+            c_ptr as *mut c_void,
+            f32_type,
+            g.ldc,
+            config.stride_c,
+            config.batch_size,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))
 }
 
 impl CustomOp3 for Conv2dOp {
