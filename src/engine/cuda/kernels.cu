@@ -29,6 +29,23 @@ __device__ __forceinline__ float block_sum(float value, float* scratch) {
 // split over `splits` blocks. Pass 1 writes (count, mean, M2) per block; pass 2 merges them
 // (Chan et al.) and normalises, applies the affine weights and, if asked, SiLU.
 // ---------------------------------------------------------------------------------------------
+// Merges the (count, mean, M2) partials of one group (Chan et al.) into (mean, 1 / std).
+__device__ void merge_group_stats(const float* partials, long group, int splits, float eps, float* stats) {
+    float count = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const float* p = partials + (group * splits + s) * 3;
+        float nb = p[0];
+        if (nb <= 0.0f) continue;
+        float total = count + nb;
+        float delta = p[1] - mean;
+        mean += delta * nb / total;
+        m2 += p[2] + delta * delta * count * nb / total;
+        count = total;
+    }
+    stats[0] = mean;
+    stats[1] = rsqrtf(m2 / count + eps);
+}
+
 template <typename T>
 __device__ void group_norm_stats(const T* x, float* partials, long n, int splits) {
     __shared__ float scratch[32];
@@ -64,21 +81,7 @@ __device__ void group_norm_apply(const T* x, const T* weight, const T* bias, T* 
     __shared__ float stats[2];
     long group = blockIdx.x;
     int split = blockIdx.y;
-    if (threadIdx.x == 0) {
-        float count = 0.0f, mean = 0.0f, m2 = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-            const float* p = partials + (group * splits + s) * 3;
-            float nb = p[0];
-            if (nb <= 0.0f) continue;
-            float total = count + nb;
-            float delta = p[1] - mean;
-            mean += delta * nb / total;
-            m2 += p[2] + delta * delta * count * nb / total;
-            count = total;
-        }
-        stats[0] = mean;
-        stats[1] = rsqrtf(m2 / count + eps);
-    }
+    if (threadIdx.x == 0) merge_group_stats(partials, group, splits, eps, stats);
     __syncthreads();
     float mean = stats[0], rstd = stats[1];
     // Within a group every index fits in 32 bits (the host checks), so no 64-bit division.
@@ -149,21 +152,7 @@ extern "C" __global__ void group_norm_apply_f16x8(const __half* x, const __half*
     __shared__ float stats[2];
     long group = blockIdx.x;
     int split = blockIdx.y;
-    if (threadIdx.x == 0) {
-        float count = 0.0f, mean = 0.0f, m2 = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-            const float* p = partials + (group * splits + s) * 3;
-            float nb = p[0];
-            if (nb <= 0.0f) continue;
-            float total = count + nb;
-            float delta = p[1] - mean;
-            mean += delta * nb / total;
-            m2 += p[2] + delta * delta * count * nb / total;
-            count = total;
-        }
-        stats[0] = mean;
-        stats[1] = rsqrtf(m2 / count + eps);
-    }
+    if (threadIdx.x == 0) merge_group_stats(partials, group, splits, eps, stats);
     __syncthreads();
     const float mean = stats[0], rstd = stats[1];
     long chunk = group_chunk_x8(n, splits);

@@ -136,6 +136,46 @@ fn contiguous_slice<'a, T: CudaDType>(
     Ok(storage.as_cuda_slice::<T>()?.slice(layout.start_offset()..))
 }
 
+/// `CustomOp3` for an op with a generic `run((x, layout), (a, layout), (b, layout))` over f16
+/// and f32: CUDA only.
+macro_rules! three_input_op {
+    ($op:ty, $label:literal) => {
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $label
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &Layout,
+                _: &candle_core::CpuStorage,
+                _: &Layout,
+                _: &candle_core::CpuStorage,
+                _: &Layout,
+            ) -> Result<(candle_core::CpuStorage, Shape)> {
+                cuda_only(self.name())
+            }
+
+            fn cuda_fwd(
+                &self,
+                x: &CudaStorage,
+                xl: &Layout,
+                a: &CudaStorage,
+                al: &Layout,
+                b: &CudaStorage,
+                bl: &Layout,
+            ) -> Result<(CudaStorage, Shape)> {
+                match x.dtype() {
+                    DType::F16 => self.run::<f16>((x, xl), (a, al), (b, bl)),
+                    DType::F32 => self.run::<f32>((x, xl), (a, al), (b, bl)),
+                    other => candle_core::bail!("{}: unsupported {other:?}", $label),
+                }
+            }
+        }
+    };
+}
+
 /// GroupNorm over `(batch, channels, ...)` with affine weights, optionally followed by SiLU.
 pub struct GroupNormOp {
     /// Number of groups.
@@ -222,39 +262,7 @@ impl GroupNormOp {
     }
 }
 
-impl CustomOp3 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "atelier-group-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        cuda_only(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F16 => self.run::<f16>((x, xl), (w, wl), (b, bl)),
-            DType::F32 => self.run::<f32>((x, xl), (w, wl), (b, bl)),
-            other => candle_core::bail!("GroupNorm kernel: unsupported {other:?}"),
-        }
-    }
-}
+three_input_op!(GroupNormOp, "atelier-group-norm");
 
 /// `hidden * gelu(gate)` over rows of `[hidden | gate]`.
 pub struct GegluOp;
@@ -557,39 +565,7 @@ fn tf32_gemm<T>(
     .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))
 }
 
-impl CustomOp3 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "atelier-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        cuda_only(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F16 => self.run::<f16>((x, xl), (w, wl), (b, bl)),
-            DType::F32 => self.run::<f32>((x, xl), (w, wl), (b, bl)),
-            other => candle_core::bail!("conv2d kernel: unsupported {other:?}"),
-        }
-    }
-}
+three_input_op!(Conv2dOp, "atelier-conv2d");
 
 /// `x W^T + bias` for a contiguous `(..., in)` input and `(out, in)` weight: one cuBLAS GEMM
 /// and one bias pass.
