@@ -746,13 +746,12 @@ impl FlashAttentionOp {
 }
 
 fn rows_layout(layout: &Layout, what: &str) -> Result<(usize, usize, usize)> {
-    let (batch, tokens, _) = layout.shape().dims3()?;
+    let (batch, _, _) = layout.shape().dims3()?;
     let stride = layout.stride();
     if stride[2] != 1 {
         candle_core::bail!("attention {what}: columns must be contiguous");
     }
     let batch_stride = if batch == 1 { 0 } else { stride[0] };
-    let _ = tokens;
     Ok((layout.start_offset(), stride[1], batch_stride))
 }
 
