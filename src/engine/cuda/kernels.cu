@@ -218,6 +218,29 @@ __device__ void geglu(const T* x, T* out, long rows, long half) {
         }
     }
 }
+// f16 with 16-byte loads and stores: needs half % 8 == 0 and 16-byte aligned rows.
+extern "C" __global__ void geglu_f16x8(const __half* x, __half* out, long rows, long half) {
+    int vectors = (int)(half / 8);
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        const uint4* hidden = reinterpret_cast<const uint4*>(x + r * 2 * half);
+        const uint4* gate = reinterpret_cast<const uint4*>(x + r * 2 * half + half);
+        uint4* o = reinterpret_cast<uint4*>(out + r * half);
+        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < vectors; j += gridDim.x * blockDim.x) {
+            uint4 hv = hidden[j], gv = gate[j], ov;
+            const __half2* h = reinterpret_cast<const __half2*>(&hv);
+            const __half2* g = reinterpret_cast<const __half2*>(&gv);
+            __half2* res = reinterpret_cast<__half2*>(&ov);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float2 hf = __half22float2(h[e]), gf = __half22float2(g[e]);
+                float a = hf.x * 0.5f * gf.x * (1.0f + erff(gf.x * 0.70710678118654752f));
+                float b = hf.y * 0.5f * gf.y * (1.0f + erff(gf.y * 0.70710678118654752f));
+                res[e] = __floats2half2_rn(a, b);
+            }
+            o[j] = ov;
+        }
+    }
+}
 extern "C" __global__ void geglu_f32(const float* x, float* out, long rows, long half) { geglu<float>(x, out, rows, half); }
 extern "C" __global__ void geglu_f16(const __half* x, __half* out, long rows, long half) { geglu<__half>(x, out, rows, half); }
 
