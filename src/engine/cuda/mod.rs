@@ -176,6 +176,24 @@ macro_rules! three_input_op {
     };
 }
 
+/// Runs `f` on the GPU data of `tensor` (an extra input an op holds, such as a bias), checking
+/// that it is on the GPU, of type `T`, contiguous and `elements` long.
+fn with_tensor_view<T: CudaDType, R>(
+    tensor: &Tensor,
+    elements: usize,
+    what: &str,
+    f: impl FnOnce(CudaView<'_, T>) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = tensor.storage_and_layout();
+    let Storage::Cuda(storage) = &*storage else {
+        candle_core::bail!("{what} is not on the GPU");
+    };
+    if layout.shape().elem_count() != elements {
+        candle_core::bail!("{what} does not match the output");
+    }
+    f(contiguous_slice::<T>(storage, layout, what)?)
+}
+
 /// GroupNorm over `(batch, channels, ...)` with affine weights, optionally followed by SiLU.
 pub struct GroupNormOp {
     /// Number of groups.
@@ -397,24 +415,18 @@ impl Conv2dOp {
         let (planes_i, channels_i, pixels_i) = (planes as i64, out_channels as i64, pixels as i64);
         match &self.residual {
             Some(residual) => {
-                let (storage, layout) = residual.storage_and_layout();
-                let Storage::Cuda(storage) = &*storage else {
-                    candle_core::bail!("conv2d residual is not on the GPU");
-                };
-                if layout.shape().elem_count() != total || residual.dtype() != x.0.dtype() {
-                    candle_core::bail!("conv2d residual does not match the output");
-                }
-                let rs = contiguous_slice::<T>(storage, layout, "conv2d residual")?;
-                let mut builder = stream.launch_builder(&init);
-                builder
-                    .arg(&mut out)
-                    .arg(&bs)
-                    .arg(&rs)
-                    .arg(&planes_i)
-                    .arg(&channels_i)
-                    .arg(&pixels_i);
-                // SAFETY: arguments match the kernel's signature.
-                unsafe { builder.launch(grid_2d(pixels, planes)) }.w()?;
+                with_tensor_view::<T, _>(residual, total, "conv2d residual", |rs| {
+                    let mut builder = stream.launch_builder(&init);
+                    builder
+                        .arg(&mut out)
+                        .arg(&bs)
+                        .arg(&rs)
+                        .arg(&planes_i)
+                        .arg(&channels_i)
+                        .arg(&pixels_i);
+                    // SAFETY: arguments match the kernel's signature.
+                    unsafe { builder.launch(grid_2d(pixels, planes)) }.w()
+                })?;
             }
             None => {
                 let null: u64 = 0;
@@ -611,14 +623,6 @@ impl LinearOp {
         out_dims[last] = out_dim;
         // f16 with a bias: cuBLASLt adds the bias in the GEMM's epilogue.
         if let (DType::F16, Some(bias)) = (x.0.dtype(), &self.bias) {
-            let (storage, layout) = bias.storage_and_layout();
-            let Storage::Cuda(storage) = &*storage else {
-                candle_core::bail!("linear bias is not on the GPU");
-            };
-            if layout.shape().elem_count() != out_dim {
-                candle_core::bail!("linear bias does not match the output width");
-            }
-            let bs = contiguous_slice::<T>(storage, layout, "linear bias")?;
             let config = MatmulConfig {
                 transa: true,
                 transb: false,
@@ -638,10 +642,12 @@ impl LinearOp {
                 batch_size: None,
             };
             let handle = blas_lt(&device)?;
-            timed("linear.gemm+bias", &device, || {
-                // SAFETY: f16 buffers of out * in, rows * in, rows * out and out elements.
-                unsafe { handle.matmul(config, &ws, &xs, &mut out, Some(&bs), None) }
-                    .map_err(lt_error)
+            with_tensor_view::<T, _>(bias, out_dim, "linear bias", |bs| {
+                timed("linear.gemm+bias", &device, || {
+                    // SAFETY: f16 buffers of out * in, rows * in, rows * out and out elements.
+                    unsafe { handle.matmul(config, &ws, &xs, &mut out, Some(&bs), None) }
+                        .map_err(lt_error)
+                })
             })?;
             return Ok((
                 CudaStorage::wrap_cuda_slice(out, device),
@@ -666,26 +672,20 @@ impl LinearOp {
             unsafe { blas.gemm(config, &ws, &xs, &mut out) }.w()
         })?;
         if let Some(bias) = &self.bias {
-            let (storage, layout) = bias.storage_and_layout();
-            let Storage::Cuda(storage) = &*storage else {
-                candle_core::bail!("linear bias is not on the GPU");
-            };
-            if layout.shape().elem_count() != out_dim {
-                candle_core::bail!("linear bias does not match the output width");
-            }
-            let bs = contiguous_slice::<T>(storage, layout, "linear bias")?;
-            let func = function(
-                &device,
-                &format!("add_bias_rows_{}", suffix(x.0.dtype())?),
-                0,
-            )?;
-            let (rows_i, columns_i) = (rows as i64, out_dim as i32);
-            let stream = device.cuda_stream();
-            let mut builder = stream.launch_builder(&func);
-            builder.arg(&mut out).arg(&bs).arg(&rows_i).arg(&columns_i);
-            timed("linear.bias", &device, || {
-                // SAFETY: arguments match the kernel's signature.
-                unsafe { builder.launch(grid_2d(out_dim, rows)) }.w()
+            with_tensor_view::<T, _>(bias, out_dim, "linear bias", |bs| {
+                let func = function(
+                    &device,
+                    &format!("add_bias_rows_{}", suffix(x.0.dtype())?),
+                    0,
+                )?;
+                let (rows_i, columns_i) = (rows as i64, out_dim as i32);
+                let stream = device.cuda_stream();
+                let mut builder = stream.launch_builder(&func);
+                builder.arg(&mut out).arg(&bs).arg(&rows_i).arg(&columns_i);
+                timed("linear.bias", &device, || {
+                    // SAFETY: arguments match the kernel's signature.
+                    unsafe { builder.launch(grid_2d(out_dim, rows)) }.w()
+                })
             })?;
         }
         Ok((
