@@ -171,8 +171,18 @@ pub struct CellResult {
     pub model_evaluations: usize,
 }
 
+/// A new comparison id, unique across processes and machines sharing a library: the time and
+/// 64 random bits (`cmp-1764350000-9f3a...`).
+pub fn new_comparison_id() -> String {
+    format!(
+        "cmp-{}-{:016x}",
+        crate::gallery::library::now_unix(),
+        rand::random::<u64>()
+    )
+}
+
 impl ComparisonPlan {
-    /// Checks and builds a plan; `id` should be unique (a timestamp does).
+    /// Checks and builds a plan; `id` must be unique ([`new_comparison_id`]).
     pub fn new(
         id: String,
         base: GenerationRequest,

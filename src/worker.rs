@@ -99,6 +99,9 @@ impl UserError {
                 "The computation failed; with a large size, try a smaller one or the CPU."
             }
             EngineError::Tokenizer(_) => "Check the model's tokenizer files.",
+            EngineError::NotFinite(_) => {
+                "Lower the guidance scale, or try another sampler or more steps."
+            }
             EngineError::Cancelled => "",
         };
         Self {

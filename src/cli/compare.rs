@@ -110,29 +110,37 @@ fn plan_from_args(args: &CompareArgs, native: usize) -> anyhow::Result<Compariso
     if let Some(replacements) = &args.prompt_sr {
         set_y(YAxis::parse("prompt", replacements).map_err(anyhow::Error::msg)?)?;
     }
-    ComparisonPlan::new(format!("cmp-{}", now_unix()), base, samplers, y)
+    ComparisonPlan::new(crate::compare::new_comparison_id(), base, samplers, y)
         .map_err(anyhow::Error::msg)
 }
 
 /// Runs `atelier compare`.
 pub fn run(args: CompareArgs) -> anyhow::Result<()> {
-    if args.out.extension().and_then(|e| e.to_str()) != Some("png") {
-        bail!("--out must name a .png file, got {}", args.out.display());
-    }
+    // Outputs are checked before the model loads: the grid must not fail after its cells.
+    super::check_output_file(&args.out, "--out", "png")?;
+    let mut library = match &args.library {
+        Some(root) => {
+            let (library, report) = Library::open(root)
+                .with_context(|| format!("cannot open the library {}", root.display()))?;
+            for line in report.messages(5) {
+                eprintln!("library: {line}");
+            }
+            if library.is_read_only() {
+                bail!(
+                    "the library {} is read-only: the cells could not be saved there",
+                    root.display()
+                );
+            }
+            Some(library)
+        }
+        None => None,
+    };
     let model = super::generate::load_model(&args.model, &args.device)?;
     let plan = plan_from_args(&args, model.native_size().unwrap_or(512))?;
     let cells = plan.cells();
     for cell in &cells {
         model.validate(&cell.request)?;
     }
-    let mut library = match &args.library {
-        Some(root) => Some(
-            Library::open(root)
-                .with_context(|| format!("cannot open the library {}", root.display()))?
-                .0,
-        ),
-        None => None,
-    };
     let plan_json = serde_json::to_string(&plan)?;
     let model_hash = match &library {
         Some(_) => crate::gallery::worker::file_hash(model.unet_weights()).ok(),

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use crate::gallery::library::{GalleryEntry, GalleryQuery, Library};
+use crate::gallery::library::{GalleryEntry, GalleryQuery, Library, SyncReport};
 
 /// Arguments of `atelier gallery`.
 #[derive(Debug, Args)]
@@ -64,12 +64,17 @@ fn open(library: &Option<PathBuf>) -> anyhow::Result<Library> {
         None => Library::default_root()
             .context("no data directory on this system; give the library folder with --library")?,
     };
-    let (library, report) = Library::open(&root)
+    let (library, report) = Library::open_existing(&root)
         .with_context(|| format!("cannot open the library {}", root.display()))?;
-    if report.rebuilt_corrupt_index {
-        eprintln!("the index was corrupt: set aside and rebuilt from the PNGs");
-    }
+    print_report(&report);
     Ok(library)
+}
+
+/// Everything a sync had to say, on stderr: every skipped file is named.
+fn print_report(report: &SyncReport) {
+    for line in report.messages(usize::MAX) {
+        eprintln!("{line}");
+    }
 }
 
 fn print_entries(library: &Library, entries: &[GalleryEntry]) {
@@ -128,10 +133,12 @@ pub fn run(args: GalleryArgs) -> anyhow::Result<()> {
         GalleryAction::Rebuild => {
             let mut library = open(&args.library)?;
             let report = library.rebuild()?;
+            print_report(&report);
             eprintln!(
-                "rebuilt {}: {} images indexed",
+                "rebuilt {}: {} images indexed, {} skipped",
                 library.root().display(),
-                report.added
+                report.added,
+                report.skipped.len()
             );
         }
         GalleryAction::Bench { count, keep } => bench(count, keep)?,

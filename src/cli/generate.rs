@@ -5,14 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
-use candle_core::{DType, Tensor};
+use anyhow::Context;
+use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::engine::npy::read_f32_npy;
 use crate::engine::pipeline::{GenerationRequest, LoadOptions, PreviewOptions, StableDiffusion};
 use crate::engine::source::{LoadProgress, ModelSource};
-use crate::gallery::metadata::{A1111Parameters, PARAMETERS_KEYWORD, write_png};
+use crate::gallery::metadata::{A1111Parameters, PARAMETERS_KEYWORD};
 use crate::schedulers::Sampler;
 
 /// Arguments of `atelier generate`.
@@ -119,33 +120,16 @@ fn output_path(out: &Path, index: usize, batch: usize) -> PathBuf {
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let sampler = Sampler::parse(&args.scheduler)?;
     let scheduler = sampler.kind;
-    if args
-        .out
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        != Some("png".into())
-    {
-        bail!("--out must name a .png file, got {}", args.out.display());
-    }
-    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty())
-        && !parent.is_dir()
-    {
-        bail!("the folder {} does not exist", parent.display());
+    // Every output is checked before the model loads: a job must not fail after its work.
+    super::check_output_file(&args.out, "--out", "png")?;
+    if let Some(path) = &args.save_latents {
+        super::check_output_file(path, "--save-latents", "npy")?;
     }
     let init_noise = match &args.init_noise {
-        Some(path) => {
-            let noise = Tensor::read_npy(path)
-                .with_context(|| format!("cannot read {} as .npy", path.display()))?;
-            if noise.dtype() != DType::F32 {
-                bail!(
-                    "{} holds {:?} values; --init-noise needs float32",
-                    path.display(),
-                    noise.dtype()
-                );
-            }
-            Some(noise)
-        }
+        Some(path) => Some(
+            read_f32_npy(path, &Device::Cpu)
+                .with_context(|| format!("--init-noise {}", path.display()))?,
+        ),
         None => None,
     };
     let model = load_model(&args.model, &args.device)?;
@@ -229,8 +213,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             parameters.pairs.retain(|(key, _)| key != "Seed");
             parameters.pairs.push(("Initial noise".into(), name));
         }
-        write_png(&path, image, &[(PARAMETERS_KEYWORD, &parameters.to_text())])?;
-        println!("{}", path.display());
+        let written = super::write_png_or_rescue(
+            &path,
+            image,
+            &[(PARAMETERS_KEYWORD, &parameters.to_text())],
+        )?;
+        println!("{}", written.display());
     }
     if let Some(path) = &args.save_latents {
         output

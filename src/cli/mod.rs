@@ -159,3 +159,85 @@ fn open_device(name: &str) -> anyhow::Result<candle_core::Device> {
     let choice = crate::engine::pipeline::DeviceChoice::parse(name)?;
     Ok(choice.open()?)
 }
+
+/// Checks, before any work, that a file can be written at `path`: the name ends in
+/// `.extension` (any case), its folder exists and a file can be created in it (a real probe,
+/// which also catches read-only mounts), and it is not a folder. `flag` names the option in
+/// messages.
+fn check_output_file(path: &std::path::Path, flag: &str, extension: &str) -> anyhow::Result<()> {
+    let has_extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case(extension));
+    if !has_extension {
+        anyhow::bail!(
+            "{flag} must name a .{extension} file, got {}",
+            path.display()
+        );
+    }
+    if path.is_dir() {
+        anyhow::bail!("{flag} {} is a folder", path.display());
+    }
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !folder.is_dir() {
+        anyhow::bail!(
+            "{flag}: the folder {} does not exist (nothing was generated)",
+            folder.display()
+        );
+    }
+    let probe = folder.join(format!(
+        ".atelier-write-check-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(error) => anyhow::bail!(
+            "{flag}: cannot write in {} ({error}; nothing was generated)",
+            folder.display()
+        ),
+    }
+}
+
+/// Writes a finished PNG to `path`; if that fails after all (disk full, folder removed
+/// meanwhile), writes it to the temporary folder instead so that the work is not lost, and
+/// says where. Returns the path written.
+fn write_png_or_rescue(
+    path: &std::path::Path,
+    image: &image::RgbImage,
+    text_chunks: &[(&str, &str)],
+) -> anyhow::Result<std::path::PathBuf> {
+    use crate::gallery::metadata::write_png;
+    match write_png(path, image, text_chunks) {
+        Ok(()) => Ok(path.to_path_buf()),
+        Err(error) => {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image.png".into());
+            let rescue =
+                std::env::temp_dir().join(format!("atelier-rescued-{}-{name}", std::process::id()));
+            write_png(&rescue, image, text_chunks).map_err(|rescue_error| {
+                anyhow::anyhow!(
+                    "{error}; writing it to {} failed too: {rescue_error}",
+                    rescue.display()
+                )
+            })?;
+            eprintln!(
+                "warning: {error}; the image was saved to {} instead",
+                rescue.display()
+            );
+            Ok(rescue)
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::engine::config::{CheckedConfig, SchedulerConfig};
 use ab_glyph::{FontRef, PxScale};
 use anyhow::Context;
 use clap::Args;
@@ -39,8 +40,12 @@ pub fn run(args: SchedulersArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a scheduler config", path.display()))?
+            let config: SchedulerConfig = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a scheduler config", path.display()))?;
+            config
+                .check()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            config
         }
         None => crate::schedulers::quality::reference_config(),
     };

@@ -441,3 +441,264 @@ impl ModelIndex {
         }
     }
 }
+
+/// A config checked as it is read, so that an unusable value is an error that names its field
+/// rather than a panic or a black image deep inside a model.
+pub trait CheckedConfig {
+    /// `Err` with the first field that holds an unusable value, and why.
+    fn check(&self) -> Result<(), String>;
+}
+
+/// The largest channel count, head count, layer count or vocabulary a config may ask for: far
+/// beyond any real model, small enough that no size computed from it overflows.
+const MAX_SIZE: usize = 1 << 20;
+
+fn check_size(field: &str, value: usize) -> Result<(), String> {
+    if value == 0 || value > MAX_SIZE {
+        return Err(format!(
+            "{field} must be between 1 and {MAX_SIZE}, got {value}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_per_block(field: &str, value: &PerBlock<usize>, blocks: usize) -> Result<(), String> {
+    match value {
+        PerBlock::Same(v) => check_size(field, *v),
+        PerBlock::Each(values) if values.is_empty() => Err(format!("{field} is an empty list")),
+        PerBlock::Each(values) => {
+            for v in values.iter().take(blocks.max(1)) {
+                check_size(field, *v)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_channels(field: &str, channels: &[usize], groups: usize) -> Result<(), String> {
+    if channels.is_empty() {
+        return Err(format!("{field} is empty"));
+    }
+    if channels.len() > 8 {
+        return Err(format!("{field} has {} levels; at most 8", channels.len()));
+    }
+    for &c in channels {
+        check_size(field, c)?;
+        if !c.is_multiple_of(groups) {
+            return Err(format!(
+                "{field}: {c} channels cannot be split into norm_num_groups = {groups} groups"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_finite(field: &str, value: f64) -> Result<(), String> {
+    if !value.is_finite() {
+        return Err(format!("{field} must be a finite number, got {value}"));
+    }
+    Ok(())
+}
+
+impl CheckedConfig for UNetConfig {
+    fn check(&self) -> Result<(), String> {
+        check_size("norm_num_groups", self.norm_num_groups)?;
+        check_channels(
+            "block_out_channels",
+            &self.block_out_channels,
+            self.norm_num_groups,
+        )?;
+        let levels = self.block_out_channels.len();
+        for (field, types) in [
+            ("down_block_types", &self.down_block_types),
+            ("up_block_types", &self.up_block_types),
+        ] {
+            if types.len() != levels {
+                return Err(format!(
+                    "{field} has {} entries but block_out_channels has {levels}",
+                    types.len()
+                ));
+            }
+        }
+        check_size("in_channels", self.in_channels)?;
+        check_size("out_channels", self.out_channels)?;
+        check_size("layers_per_block", self.layers_per_block)?;
+        check_finite("norm_eps", self.norm_eps)?;
+        check_finite("freq_shift", self.freq_shift)?;
+        check_per_block("cross_attention_dim", &self.cross_attention_dim, levels)?;
+        check_per_block(
+            "transformer_layers_per_block",
+            &self.transformer_layers_per_block,
+            levels,
+        )?;
+        let heads_field = if self.num_attention_heads.is_some() {
+            "num_attention_heads"
+        } else {
+            "attention_head_dim"
+        };
+        check_per_block(
+            heads_field,
+            self.num_attention_heads
+                .as_ref()
+                .unwrap_or(&self.attention_head_dim),
+            levels,
+        )?;
+        for (index, &channels) in self.block_out_channels.iter().enumerate() {
+            let heads = self.heads(index);
+            if !channels.is_multiple_of(heads) {
+                return Err(format!(
+                    "{heads_field}: {heads} heads do not divide the {channels} channels of block {index}"
+                ));
+            }
+        }
+        for (field, kernel) in [
+            ("conv_in_kernel", self.conv_in_kernel),
+            ("conv_out_kernel", self.conv_out_kernel),
+        ] {
+            if kernel % 2 == 0 || kernel > 15 {
+                return Err(format!(
+                    "{field} must be an odd number up to 15, got {kernel}"
+                ));
+            }
+        }
+        for (field, value) in [
+            ("addition_time_embed_dim", self.addition_time_embed_dim),
+            (
+                "projection_class_embeddings_input_dim",
+                self.projection_class_embeddings_input_dim,
+            ),
+            ("time_cond_proj_dim", self.time_cond_proj_dim),
+            ("sample_size", self.sample_size),
+        ] {
+            if let Some(value) = value {
+                check_size(field, value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CheckedConfig for VaeConfig {
+    fn check(&self) -> Result<(), String> {
+        check_size("norm_num_groups", self.norm_num_groups)?;
+        check_channels(
+            "block_out_channels",
+            &self.block_out_channels,
+            self.norm_num_groups,
+        )?;
+        check_size("in_channels", self.in_channels)?;
+        check_size("out_channels", self.out_channels)?;
+        check_size("latent_channels", self.latent_channels)?;
+        check_size("layers_per_block", self.layers_per_block)?;
+        check_finite("scaling_factor", self.scaling_factor)?;
+        if self.scaling_factor == 0.0 {
+            return Err("scaling_factor must not be 0".into());
+        }
+        if let Some(shift) = self.shift_factor {
+            check_finite("shift_factor", shift)?;
+        }
+        Ok(())
+    }
+}
+
+impl CheckedConfig for ClipTextConfig {
+    fn check(&self) -> Result<(), String> {
+        check_size("vocab_size", self.vocab_size)?;
+        check_size("hidden_size", self.hidden_size)?;
+        check_size("intermediate_size", self.intermediate_size)?;
+        check_size("num_hidden_layers", self.num_hidden_layers)?;
+        check_size("num_attention_heads", self.num_attention_heads)?;
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(format!(
+                "num_attention_heads: {} heads do not divide hidden_size {}",
+                self.num_attention_heads, self.hidden_size
+            ));
+        }
+        if self.max_position_embeddings < 2 || self.max_position_embeddings > 4096 {
+            return Err(format!(
+                "max_position_embeddings must be between 2 and 4096, got {}",
+                self.max_position_embeddings
+            ));
+        }
+        check_finite("layer_norm_eps", self.layer_norm_eps)?;
+        if let Some(dim) = self.projection_dim {
+            check_size("projection_dim", dim)?;
+        }
+        Ok(())
+    }
+}
+
+/// The most training timesteps a scheduler config may name (real models use 1000).
+const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
+impl CheckedConfig for SchedulerConfig {
+    fn check(&self) -> Result<(), String> {
+        let train = self.train_timesteps();
+        if train == 0 || train > MAX_TRAIN_TIMESTEPS {
+            return Err(format!(
+                "num_train_timesteps must be between 1 and {MAX_TRAIN_TIMESTEPS}, got {train}"
+            ));
+        }
+        if let Some(betas) = &self.trained_betas {
+            if betas.len() != train {
+                return Err(format!(
+                    "trained_betas has {} values but num_train_timesteps is {train}",
+                    betas.len()
+                ));
+            }
+            if let Some(bad) = betas.iter().find(|b| !(**b > 0.0 && **b < 1.0)) {
+                return Err(format!(
+                    "trained_betas: every beta must be between 0 and 1 (exclusive), got {bad}"
+                ));
+            }
+        }
+        // A zero beta leaves sigma = 0 at the first training step, whose log the sigma-based
+        // samplers interpolate; only schedules that read the betas care.
+        let reads_betas = self.trained_betas.is_none()
+            && self.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
+        for (field, value) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+            if let Some(beta) = value
+                && reads_betas
+                && !(beta > 0.0 && beta < 1.0)
+            {
+                return Err(format!(
+                    "{field} must be between 0 and 1 (exclusive), got {beta}"
+                ));
+            }
+        }
+        if let Some(offset) = self.steps_offset
+            && offset >= train
+        {
+            return Err(format!(
+                "steps_offset {offset} must be below num_train_timesteps {train}"
+            ));
+        }
+        if let Some(order) = self.solver_order
+            && !(1..=3).contains(&order)
+        {
+            return Err(format!("solver_order must be 1, 2 or 3, got {order}"));
+        }
+        if let Some(steps) = self.original_inference_steps
+            && (steps == 0 || steps > train)
+        {
+            return Err(format!(
+                "original_inference_steps must be between 1 and {train}, got {steps}"
+            ));
+        }
+        for (field, value) in [
+            ("clip_sample_range", self.clip_sample_range),
+            ("timestep_scaling", self.timestep_scaling),
+        ] {
+            if let Some(value) = value {
+                check_finite(field, value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CheckedConfig for ModelIndex {
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 pub enum EngineError {
     /// A tensor operation failed (shape mismatch, out of memory, device error).
     #[error("tensor error: {0}")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(candle_core::Error),
     /// A model folder or file is not where it should be.
     #[error("{what} not found: {path}")]
     MissingFile {
@@ -46,6 +46,9 @@ pub enum EngineError {
     /// The requested device is not available in this build or on this machine.
     #[error("device unavailable: {0}")]
     Device(String),
+    /// The computation produced NaN or infinite values; nothing was saved.
+    #[error("{0}")]
+    NotFinite(String),
     /// The job was cancelled through its cancel flag.
     #[error("cancelled")]
     Cancelled,
@@ -53,6 +56,14 @@ pub enum EngineError {
 
 /// Shorthand for engine results.
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+// Not `#[from]`: that would also make candle's error the source, and a chain printed with
+// `{:#}` would say it twice.
+impl From<candle_core::Error> for EngineError {
+    fn from(error: candle_core::Error) -> Self {
+        EngineError::Tensor(error)
+    }
+}
 
 impl EngineError {
     /// A [`EngineError::BadFile`] for `path`.

@@ -11,6 +11,7 @@ pub mod error;
 pub mod fused;
 pub mod nn;
 pub mod noise;
+pub mod npy;
 pub mod pipeline;
 pub mod preview;
 pub mod profile;

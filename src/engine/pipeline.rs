@@ -11,7 +11,9 @@ use image::RgbImage;
 use serde::de::DeserializeOwned;
 
 use super::clip::ClipTextEncoder;
-use super::config::{ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig, VaeConfig};
+use super::config::{
+    CheckedConfig, ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig, VaeConfig,
+};
 use super::error::{EngineError, Result};
 use super::noise::NoiseGenerator;
 use super::preview::project_latents;
@@ -268,9 +270,23 @@ pub struct StableDiffusion {
     unet_weights: std::path::PathBuf,
 }
 
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+/// Whether every value of `tensor` is a finite number (one reduction: the sum of squares is
+/// NaN or infinite when any value is, or when values are too large to mean anything).
+fn all_finite(tensor: &Tensor) -> Result<bool> {
+    let sum_of_squares = tensor
+        .to_dtype(DType::F32)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    Ok(sum_of_squares.is_finite())
+}
+
+/// Reads a component's `config.json` and checks every value before a model is built from it.
+fn read_json<T: DeserializeOwned + CheckedConfig>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::bad_file(path, e))?;
-    serde_json::from_str(&text).map_err(|e| EngineError::bad_file(path, e))
+    let config: T = serde_json::from_str(&text).map_err(|e| EngineError::bad_file(path, e))?;
+    config.check().map_err(|e| EngineError::bad_file(path, e))?;
+    Ok(config)
 }
 
 fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
@@ -330,6 +346,13 @@ impl StableDiffusion {
             let weights = files.weights(encoder_dir, "model", prefer_fp16)?;
             let encoder = ClipTextEncoder::new(config, var_builder(&weights, dtype, &device)?)?;
             let tokenizer = ClipTokenizer::load(&files, tokenizer_dir)?;
+            let positions = encoder.config().max_position_embeddings;
+            if positions < tokenizer.max_length() {
+                return Err(EngineError::Unsupported(format!(
+                    "{encoder_dir} has {positions} positions but its tokenizer makes {} tokens",
+                    tokenizer.max_length()
+                )));
+            }
             text_encoders.push(TextEncoderPart {
                 tokenizer: Arc::new(tokenizer),
                 encoder,
@@ -619,7 +642,13 @@ impl StableDiffusion {
                         latent_shape
                     )));
                 }
-                noise.to_device(&self.device)?.to_dtype(DType::F32)?
+                let noise = noise.to_device(&self.device)?.to_dtype(DType::F32)?;
+                if !all_finite(&noise)? {
+                    return Err(EngineError::InvalidParameter(
+                        "the initial noise contains NaN or infinite values".into(),
+                    ));
+                }
+                noise
             }
             None => self.seeded_noise(request)?,
         };
@@ -748,6 +777,12 @@ impl StableDiffusion {
         let denoising_secs = denoise_started.elapsed().as_secs_f64();
         if cancel.load(Ordering::Relaxed) {
             return Err(EngineError::Cancelled);
+        }
+        if !all_finite(&latents)? {
+            return Err(EngineError::NotFinite(format!(
+                "the denoised latents are not finite numbers (NaN or infinity): the image would be flat. Guidance {} may be too large for this model and sampler",
+                request.guidance_scale
+            )));
         }
         let decode_started = Instant::now();
         let images = self.decode(&latents)?;

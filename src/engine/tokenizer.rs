@@ -68,7 +68,11 @@ impl ClipTokenizer {
             bos_id: id(config.bos_token.as_deref().unwrap_or(BOS))?,
             eos_id: id(config.eos_token.as_deref().unwrap_or(EOS))?,
             pad_id: id(&pad_token)?,
-            max_length: config.model_max_length.filter(|&n| n <= 77).unwrap_or(77),
+            // Room for the start and end tokens and one more; CLIP's 77 at most.
+            max_length: config
+                .model_max_length
+                .filter(|&n| (3..=77).contains(&n))
+                .unwrap_or(77),
             tokenizer,
         })
     }

@@ -7,25 +7,41 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use image::RgbImage;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use super::metadata::{PngError, read_png_text_fast, write_png};
+use super::metadata::{
+    PngError, parse_temp_name, publish_temp, temp_path_for, write_png, write_png_new,
+};
+use super::png_read::{decode_rgb_bounded, open_regular_file, read_text_bounded};
 use super::record::{ImageMetadata, MetadataSource};
 
 /// Errors of the library.
 #[derive(Debug, thiserror::Error)]
 pub enum GalleryError {
     /// A file or folder could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file or folder.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The index failed (and could not be rebuilt).
     #[error("the gallery index failed: {0}")]
-    Database(#[from] rusqlite::Error),
+    Database(rusqlite::Error),
+    /// Another process holds the index's lock for longer than Atelier waits; nothing was changed.
+    #[error(
+        "the library index is busy: another Atelier (or another program) is writing to it; try again in a moment"
+    )]
+    Busy,
+    /// The library cannot be written: it was opened read-only.
+    #[error(
+        "the library {0} is read-only (its folder or index cannot be written): images can be browsed but not saved, changed or deleted"
+    )]
+    ReadOnly(String),
+    /// The library folder does not exist.
+    #[error("no library at {0}: the folder does not exist")]
+    NoLibrary(String),
     /// A PNG could not be read or written.
     #[error(transparent)]
     Png(#[from] PngError),
@@ -44,10 +60,39 @@ pub enum GalleryError {
 
 type Result<T> = std::result::Result<T, GalleryError>;
 
+impl From<rusqlite::Error> for GalleryError {
+    fn from(error: rusqlite::Error) -> Self {
+        match error.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => GalleryError::Busy,
+            _ => GalleryError::Database(error),
+        }
+    }
+}
+
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> GalleryError + '_ {
-    move |source| GalleryError::Io {
+    move |error| GalleryError::Io {
         path: path.display().to_string(),
-        source,
+        error,
+    }
+}
+
+/// What went wrong opening the index on disk, which decides what happens next.
+enum IndexOpenFailure {
+    /// The file is damaged (or not a database): set it aside and rebuild.
+    Corrupt,
+    /// The index cannot be written: open the library read-only.
+    ReadOnly,
+    /// Anything else (busy, I/O): report it and touch nothing.
+    Other(GalleryError),
+}
+
+impl From<rusqlite::Error> for IndexOpenFailure {
+    fn from(error: rusqlite::Error) -> Self {
+        match error.sqlite_error_code() {
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => IndexOpenFailure::Corrupt,
+            Some(ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => IndexOpenFailure::ReadOnly,
+            _ => IndexOpenFailure::Other(error.into()),
+        }
     }
 }
 
@@ -84,7 +129,7 @@ pub struct GalleryQuery {
 }
 
 /// What a sync or rebuild did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncReport {
     /// Images added to the index (new or changed files).
     pub added: usize,
@@ -92,6 +137,56 @@ pub struct SyncReport {
     pub removed: usize,
     /// Whether the index was corrupt and has been rebuilt (the old one is kept aside).
     pub rebuilt_corrupt_index: bool,
+    /// Complete images left in temporary files by a process that died before naming them, now
+    /// in the library.
+    pub recovered: usize,
+    /// Incomplete temporary files of dead processes, removed.
+    pub removed_partial: usize,
+    /// Files in the folder that are not in the gallery, each with the reason (corrupt PNG,
+    /// not a regular file, a name that is not UTF-8).
+    pub skipped: Vec<(String, String)>,
+    /// Images in the gallery with part of their metadata left out, each with what and why.
+    pub notes: Vec<(String, String)>,
+    /// Whether the library was opened read-only (its folder or index cannot be written).
+    pub opened_read_only: bool,
+}
+
+impl SyncReport {
+    /// What an artist should hear about this sync, one sentence a line (empty when nothing
+    /// happened beyond new images being found). At most `examples` files are named per kind.
+    pub fn messages(&self, examples: usize) -> Vec<String> {
+        let mut lines = Vec::new();
+        if self.rebuilt_corrupt_index {
+            lines.push("the index was damaged: set aside and rebuilt from the images".into());
+        }
+        if self.opened_read_only {
+            lines.push(
+                "the library cannot be written: opened read-only (browse only; new images are not saved here)"
+                    .into(),
+            );
+        }
+        if self.recovered > 0 {
+            lines.push(format!(
+                "{} image(s) left by an interrupted save were recovered",
+                self.recovered
+            ));
+        }
+        if self.removed_partial > 0 {
+            lines.push(format!(
+                "{} incomplete temporary file(s) of an interrupted save were removed",
+                self.removed_partial
+            ));
+        }
+        for (kind, list) in [("skipped", &self.skipped), ("partly read", &self.notes)] {
+            for (file, why) in list.iter().take(examples) {
+                lines.push(format!("{kind} {file}: {why}"));
+            }
+            if list.len() > examples {
+                lines.push(format!("... and {} more {kind}", list.len() - examples));
+            }
+        }
+        lines
+    }
 }
 
 /// An image moved to the trash, which [`Library::undo_delete`] puts back.
@@ -107,6 +202,7 @@ pub struct DeletedImage {
 pub struct Library {
     root: PathBuf,
     db: Connection,
+    read_only: bool,
 }
 
 const SCHEMA: &str = "
@@ -166,15 +262,107 @@ pub fn now_unix() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// An FTS5 query from what an artist typed: every word must match as a prefix.
-fn fts_query(text: &str) -> Option<String> {
+/// What an artist typed in the search box, as conditions: words (anything with a letter or a
+/// digit) go to FTS5, each as a prefix; symbols that the full-text index does not hold (emoji,
+/// other pictographs) must appear in the prompt or negative prompt as typed. A query of only
+/// punctuation is matched as typed too. Blank: no condition.
+#[derive(Debug, Default, PartialEq)]
+struct TextQuery {
+    fts: Option<String>,
+    substrings: Vec<String>,
+}
+
+fn text_query(text: &str) -> TextQuery {
+    let is_word_char = |c: char| c.is_alphanumeric() || c == '\'' || c == '-' || c == '_';
     let words: Vec<String> = text
-        .split(|c: char| !c.is_alphanumeric() && c != '\'' && c != '-' && c != '_')
-        .filter(|w| !w.is_empty())
+        .split(|c: char| !is_word_char(c))
+        .filter(|w| w.chars().any(char::is_alphanumeric))
         .map(|w| format!("\"{}\"*", w.replace('"', "\"\"")))
         .collect();
-    (!words.is_empty()).then(|| words.join(" "))
+    let mut substrings: Vec<String> = text
+        .split(|c: char| c.is_alphanumeric() || c.is_whitespace() || c.is_ascii_punctuation())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if words.is_empty() && substrings.is_empty() && !text.trim().is_empty() {
+        substrings.push(text.trim().to_string());
+    }
+    TextQuery {
+        fts: (!words.is_empty()).then(|| words.join(" ")),
+        substrings,
+    }
 }
+
+/// Whether a file can be created in `folder` (a real probe: permission bits say nothing for
+/// root, and nothing about read-only mounts).
+fn folder_is_writable(folder: &Path) -> bool {
+    let probe = folder.join(format!(
+        ".atelier-probe-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// A path for an SQLite URI (`file:...`): bytes outside the unreserved set percent-encoded.
+fn uri_escape(path: &Path) -> String {
+    let mut out = String::new();
+    for byte in path.as_os_str().as_encoded_bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(*byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// The `n`th candidate name for an image based on `stem`: `stem.png`, `stem-2.png`, ...
+fn numbered_name(stem: &str, n: usize) -> String {
+    if n <= 1 {
+        format!("{stem}.png")
+    } else {
+        format!("{stem}-{n}.png")
+    }
+}
+
+/// How old a file is, in seconds (0 when unknown).
+fn age_secs(metadata: &std::fs::Metadata) -> u64 {
+    metadata
+        .modified()
+        .ok()
+        .and_then(|m| m.elapsed().ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether process `pid` is known to be gone from this machine (Linux: no `/proc/PID`).
+/// Elsewhere nothing is known and the temporary file's age decides.
+fn process_is_gone(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    proc.join("self").exists() && !proc.join(pid.to_string()).exists()
+}
+
+/// A temporary file is abandoned when its writer is gone and it has not changed for 10 s, or
+/// when it has not changed for 5 minutes whoever wrote it (another machine sharing the folder:
+/// writing one PNG takes well under a second).
+fn temp_is_abandoned(pid: u32, age_secs: u64) -> bool {
+    age_secs >= 300 || (age_secs >= 10 && pid != std::process::id() && process_is_gone(pid))
+}
+
+/// How many new or changed files are indexed per transaction: short write locks, so that
+/// another process sharing the library never waits long.
+const SYNC_BATCH: usize = 256;
 
 impl Library {
     /// The default library folder: the platform's data directory (`~/.local/share/atelier/
@@ -187,48 +375,166 @@ impl Library {
     }
 
     /// Opens (creating it if needed) the library at `root` and brings the index up to date with
-    /// the folder. A corrupt index is set aside and rebuilt from the PNGs.
+    /// the folder. A corrupt index is set aside and rebuilt from the PNGs; a busy one is an
+    /// error that changes nothing; a library that cannot be written opens read-only.
     pub fn open(root: &Path) -> Result<(Self, SyncReport)> {
-        std::fs::create_dir_all(root.join(".atelier").join("thumbs")).map_err(io_error(root))?;
-        let db_path = root.join(".atelier").join("index.sqlite3");
-        let (db, rebuilt) = match Self::open_index(&db_path) {
-            Ok(db) => (db, false),
-            Err(_) => {
-                // Keep the broken file for inspection; the folder has everything we need.
-                let aside = db_path.with_extension(format!("corrupt-{}", now_unix()));
-                let _ = std::fs::rename(&db_path, &aside);
-                for suffix in ["-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", db_path.display()));
+        if !root.is_dir() {
+            std::fs::create_dir_all(root).map_err(io_error(root))?;
+        }
+        Self::open_folder(root)
+    }
+
+    /// Opens the library at `root` like [`Library::open`], but only if the folder exists (a
+    /// mistyped `--library` is an error, not a new empty library).
+    pub fn open_existing(root: &Path) -> Result<(Self, SyncReport)> {
+        if !root.is_dir() {
+            return Err(GalleryError::NoLibrary(root.display().to_string()));
+        }
+        Self::open_folder(root)
+    }
+
+    fn open_folder(root: &Path) -> Result<(Self, SyncReport)> {
+        let meta_dir = root.join(".atelier");
+        let writable = std::fs::create_dir_all(meta_dir.join("thumbs")).is_ok()
+            && folder_is_writable(root)
+            && folder_is_writable(&meta_dir);
+        let db_path = meta_dir.join("index.sqlite3");
+        let mut rebuilt = false;
+        let mut read_only = !writable;
+        let db = if read_only {
+            Self::open_index_read_only(&db_path)?
+        } else {
+            match Self::open_index_waiting(&db_path) {
+                Ok(db) => db,
+                Err(IndexOpenFailure::Corrupt) => {
+                    // Keep the broken file for inspection; the folder has everything we need.
+                    let aside = db_path.with_extension(format!("corrupt-{}", now_unix()));
+                    std::fs::rename(&db_path, &aside).map_err(io_error(&db_path))?;
+                    for suffix in ["-wal", "-shm"] {
+                        let _ = std::fs::remove_file(format!("{}{suffix}", db_path.display()));
+                    }
+                    rebuilt = true;
+                    match Self::open_index(&db_path) {
+                        Ok(db) => db,
+                        Err(IndexOpenFailure::Other(error)) => return Err(error),
+                        Err(_) => {
+                            return Err(GalleryError::Database(rusqlite::Error::InvalidQuery));
+                        }
+                    }
                 }
-                (Self::open_index(&db_path)?, true)
+                Err(IndexOpenFailure::ReadOnly) => {
+                    read_only = true;
+                    Self::open_index_read_only(&db_path)?
+                }
+                Err(IndexOpenFailure::Other(error)) => return Err(error),
             }
         };
         let mut library = Self {
             root: root.to_path_buf(),
             db,
+            read_only,
         };
         let mut report = library.sync()?;
         report.rebuilt_corrupt_index = rebuilt;
+        report.opened_read_only = read_only;
         Ok((library, report))
     }
 
-    fn open_index(path: &Path) -> Result<Connection> {
+    /// [`Library::open_index`], tried again for up to 10 s while another process holds a lock
+    /// that SQLite does not wait for by itself (creating the index, changing its journal mode).
+    fn open_index_waiting(path: &Path) -> std::result::Result<Connection, IndexOpenFailure> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Self::open_index(path) {
+                Err(IndexOpenFailure::Other(GalleryError::Busy))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Opens the index on disk for reading and writing, writing to it only when its schema must
+    /// be created or changed (so that opening never waits for another process's write lock).
+    fn open_index(path: &Path) -> std::result::Result<Connection, IndexOpenFailure> {
         let db = Connection::open(path)?;
-        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        db.busy_timeout(std::time::Duration::from_secs(10))?;
+        if db.is_readonly(rusqlite::MAIN_DB)? {
+            return Err(IndexOpenFailure::ReadOnly);
+        }
         let check: String = db.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
         if check != "ok" {
-            return Err(GalleryError::Database(rusqlite::Error::InvalidQuery));
+            return Err(IndexOpenFailure::Corrupt);
         }
-        db.pragma_update(None, "journal_mode", "WAL")?;
+        let mode: String = db.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            db.pragma_update(None, "journal_mode", "WAL")?;
+        }
         db.pragma_update(None, "synchronous", "NORMAL")?;
         let version: i64 = db.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-        if version != 0 && version != SCHEMA_VERSION {
-            // An index from another version: it is only a cache, start again.
-            db.execute_batch("DROP TABLE IF EXISTS images_fts; DROP TABLE IF EXISTS images;")?;
+        if version != SCHEMA_VERSION {
+            let mut db = db;
+            let transaction = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Another process may have made the schema while we waited for the lock.
+            let version: i64 =
+                transaction.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+            if version != SCHEMA_VERSION {
+                if version != 0 {
+                    // An index from another version: it is only a cache, start again.
+                    transaction.execute_batch(
+                        "DROP TABLE IF EXISTS images_fts; DROP TABLE IF EXISTS images;",
+                    )?;
+                }
+                transaction.execute_batch(SCHEMA)?;
+                transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            }
+            transaction.commit()?;
+            return Ok(db);
         }
-        db.execute_batch(SCHEMA)?;
-        db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(db)
+    }
+
+    /// An index in memory for a library that cannot be written: the rows of the index on disk
+    /// when it can be read (opened immutable, so that SQLite needs to create nothing beside it),
+    /// then brought up to date with the folder by [`Library::sync`] like any other.
+    fn open_index_read_only(path: &Path) -> Result<Connection> {
+        let db = Connection::open_in_memory_with_flags(
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        db.execute_batch(SCHEMA)?;
+        if path.is_file() {
+            let uri = format!("file:{}?immutable=1", uri_escape(path));
+            let copied = db
+                .execute("ATTACH DATABASE ?1 AS disk", params![uri])
+                .and_then(|_| {
+                    let version: i64 =
+                        db.query_row("PRAGMA disk.user_version", [], |row| row.get(0))?;
+                    if version == SCHEMA_VERSION {
+                        db.execute_batch("INSERT INTO images SELECT * FROM disk.images")?;
+                    }
+                    Ok(())
+                });
+            let _ = db.execute_batch("DETACH DATABASE disk");
+            if copied.is_err() {
+                // Unreadable: the folder still has everything, sync reads it.
+                db.execute("DELETE FROM images", [])?;
+            }
+        }
+        Ok(db)
+    }
+
+    /// Whether the library was opened read-only (its folder or index cannot be written).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(GalleryError::ReadOnly(self.root.display().to_string()));
+        }
+        Ok(())
     }
 
     /// The library folder.
@@ -266,14 +572,20 @@ impl Library {
             .query_map([], |row| row.get(0))?
             .collect::<std::result::Result<_, _>>()?;
         let path = self.favourites_path();
-        let temp = path.with_extension("json.tmp");
+        let temp = path.with_extension(format!(
+            "json.{}.{:08x}.tmp",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         let text = serde_json::to_string_pretty(&files).unwrap_or_else(|_| "[]".into());
         std::fs::write(&temp, text).map_err(io_error(&temp))?;
         std::fs::rename(&temp, &path).map_err(io_error(&path))
     }
 
     /// Brings the index up to date with the folder: PNGs that are new or changed are read, rows
-    /// whose file is gone are dropped.
+    /// whose file is gone are dropped, complete images that a dead process left in temporary
+    /// files are named and indexed (incomplete ones removed). Files are read outside the
+    /// index's write lock and indexed in short transactions.
     pub fn sync(&mut self) -> Result<SyncReport> {
         let mut known: HashMap<String, (i64, i64)> = HashMap::new();
         {
@@ -288,52 +600,155 @@ impl Library {
                 known.insert(file, stamp);
             }
         }
-        let favourites = self.saved_favourites();
         let mut report = SyncReport::default();
+        if !self.read_only {
+            self.recover_temp_files(&mut report)?;
+        }
+        let mut changed = Vec::new();
         let listing = std::fs::read_dir(&self.root).map_err(io_error(&self.root))?;
-        let transaction = self.db.transaction()?;
         for item in listing {
             let item = item.map_err(io_error(&self.root))?;
-            let name = item.file_name().to_string_lossy().into_owned();
-            let is_png = Path::new(&name)
+            let os_name = item.file_name();
+            let lossy = os_name.to_string_lossy();
+            let is_png = Path::new(&*lossy)
                 .extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-            if name.starts_with('.') || !is_png {
+            if lossy.starts_with('.') || !is_png {
                 continue;
             }
+            let Some(name) = os_name.to_str().map(str::to_owned) else {
+                report.skipped.push((
+                    lossy.into_owned(),
+                    "the file name is not valid UTF-8 (rename it to see it in the gallery)".into(),
+                ));
+                continue;
+            };
             let path = item.path();
+            // Follows links: a link to a PNG is fine, a FIFO or a folder named x.png is not.
+            match std::fs::metadata(&path) {
+                Ok(metadata) if metadata.is_file() => {}
+                Ok(_) => {
+                    known.remove(&name);
+                    report.skipped.push((name, "not a regular file".into()));
+                    continue;
+                }
+                Err(error) => {
+                    known.remove(&name);
+                    report.skipped.push((name, error.to_string()));
+                    continue;
+                }
+            }
             let Ok(stamp) = file_stamp(&path) else {
                 continue;
             };
             if known.remove(&name) == Some(stamp) {
                 continue;
             }
-            // A corrupt PNG in the folder is skipped (and retried at the next sync).
-            let Ok(chunks) = read_png_text_fast(&path) else {
+            changed.push((name, path, stamp));
+        }
+        let favourites = self.saved_favourites();
+        for batch in changed.chunks(SYNC_BATCH) {
+            let mut rows = Vec::with_capacity(batch.len());
+            for (name, path, stamp) in batch {
+                // A corrupt PNG in the folder is skipped, named in the report, and retried at the
+                // next sync.
+                let text = match read_text_bounded(path) {
+                    Ok(text) => text,
+                    Err(error) => {
+                        report.skipped.push((name.clone(), error.to_string()));
+                        continue;
+                    }
+                };
+                for what in &text.skipped {
+                    report
+                        .notes
+                        .push((name.clone(), format!("{what}: left out of the gallery")));
+                }
+                let mut metadata =
+                    ImageMetadata::from_chunks(&text.chunks).unwrap_or(ImageMetadata {
+                        source: MetadataSource::None,
+                        ..Default::default()
+                    });
+                if metadata.created_unix == 0 {
+                    metadata.created_unix = stamp.1;
+                }
+                rows.push((name, metadata, *stamp));
+            }
+            let transaction = self
+                .db
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (name, metadata, stamp) in &rows {
+                Self::upsert(
+                    &transaction,
+                    name,
+                    metadata,
+                    *stamp,
+                    favourites.contains(*name),
+                )?;
+            }
+            transaction.commit()?;
+            report.added += rows.len();
+        }
+        if !known.is_empty() {
+            let transaction = self
+                .db
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for gone in known.keys() {
+                transaction.execute("DELETE FROM images WHERE file = ?1", params![gone])?;
+                report.removed += 1;
+            }
+            transaction.commit()?;
+        }
+        Ok(report)
+    }
+
+    /// Names the complete images that dead processes left in temporary files (see
+    /// [`temp_is_abandoned`]) and removes the incomplete ones. The sync that follows indexes
+    /// the recovered files.
+    fn recover_temp_files(&self, report: &mut SyncReport) -> Result<()> {
+        let listing = std::fs::read_dir(&self.root).map_err(io_error(&self.root))?;
+        for item in listing.flatten() {
+            let Some(temp_name) = item.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
-            let mut metadata = ImageMetadata::from_chunks(&chunks).unwrap_or(ImageMetadata {
-                source: MetadataSource::None,
-                ..Default::default()
-            });
-            if metadata.created_unix == 0 {
-                metadata.created_unix = stamp.1;
+            let Some((name, pid)) = parse_temp_name(&temp_name) else {
+                continue;
+            };
+            let path = item.path();
+            let Ok(metadata) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if !metadata.is_file() || !temp_is_abandoned(pid, age_secs(&metadata)) {
+                continue;
             }
-            Self::upsert(
-                &transaction,
-                &name,
-                &metadata,
-                stamp,
-                favourites.contains(&name),
-            )?;
-            report.added += 1;
+            if decode_rgb_bounded(&path).is_ok() && read_text_bounded(&path).is_ok() {
+                let stem = name.strip_suffix(".png").unwrap_or(&name).to_string();
+                match publish_temp(&self.root, &path, |n| numbered_name(&stem, n)) {
+                    Ok(_) => report.recovered += 1,
+                    Err(error) => report.skipped.push((temp_name, error.to_string())),
+                }
+            } else if std::fs::remove_file(&path).is_ok() {
+                report.removed_partial += 1;
+            }
         }
-        for gone in known.keys() {
-            transaction.execute("DELETE FROM images WHERE file = ?1", params![gone])?;
-            report.removed += 1;
-        }
+        Ok(())
+    }
+
+    /// [`Library::upsert`] in a transaction of its own that takes the write lock first (waiting
+    /// for it), so that another process's write in between cannot fail it.
+    fn upsert_one(
+        &mut self,
+        file: &str,
+        metadata: &ImageMetadata,
+        stamp: (i64, i64),
+        favourite: bool,
+    ) -> Result<i64> {
+        let transaction = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id = Self::upsert(&transaction, file, metadata, stamp, favourite)?;
         transaction.commit()?;
-        Ok(report)
+        Ok(id)
     }
 
     fn upsert(
@@ -374,35 +789,33 @@ impl Library {
         self.sync()
     }
 
-    /// A file name for a new image made at `created_unix` with `seed`, not yet taken.
-    fn new_file_name(&self, metadata: &ImageMetadata) -> String {
+    /// The name stem of a new image made at `created_unix` with `seed`: `20261128-203000-42`.
+    /// [`write_png_new`] adds `-2`, `-3`, ... when another image has the name already.
+    fn new_file_stem(metadata: &ImageMetadata) -> String {
         let stamp = jiff::Timestamp::from_second(metadata.created_unix)
             .map(|t| t.strftime("%Y%m%d-%H%M%S").to_string())
             .unwrap_or_else(|_| metadata.created_unix.to_string());
         let seed = metadata.seed.map_or(String::new(), |s| format!("-{s}"));
-        let mut name = format!("{stamp}{seed}.png");
-        let mut n = 2;
-        while self.root.join(&name).exists() {
-            name = format!("{stamp}{seed}-{n}.png");
-            n += 1;
-        }
-        name
+        format!("{stamp}{seed}")
     }
 
-    /// Saves a new image (atomically: a crash leaves no half file) and indexes it.
+    /// Saves a new image and indexes it. The file is written under a temporary name, synced,
+    /// then given a name that no other file has, without ever replacing one, even when other
+    /// processes or machines save into the same folder at the same moment.
     pub fn save(&mut self, image: &RgbImage, metadata: &ImageMetadata) -> Result<GalleryEntry> {
+        self.check_writable()?;
         let mut metadata = metadata.clone();
         if metadata.created_unix == 0 {
             metadata.created_unix = now_unix();
         }
         metadata.width = image.width();
         metadata.height = image.height();
-        let file = self.new_file_name(&metadata);
-        let path = self.root.join(&file);
+        let stem = Self::new_file_stem(&metadata);
         let chunks = metadata.text_chunks();
         let borrowed: Vec<(&str, &str)> = chunks.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        write_png(&path, image, &borrowed)?;
-        let id = Self::upsert(&self.db, &file, &metadata, file_stamp(&path)?, false)?;
+        let file = write_png_new(&self.root, |n| numbered_name(&stem, n), image, &borrowed)?;
+        let path = self.root.join(&file);
+        let id = self.upsert_one(&file, &metadata, file_stamp(&path)?, false)?;
         Ok(GalleryEntry {
             id,
             file,
@@ -421,44 +834,47 @@ impl Library {
         if !is_png {
             return Err(GalleryError::NotPng(display));
         }
-        let chunks = read_png_text_fast(source)?;
+        let text = read_text_bounded(source)?;
         // Make sure the pixels decode too, before anything is copied.
-        image::open(source).map_err(|e| PngError::Format {
-            path: display.clone(),
-            message: e.to_string(),
-        })?;
+        decode_rgb_bounded(source)?;
         let mut metadata =
-            ImageMetadata::from_chunks(&chunks).ok_or(GalleryError::NoMetadata(display))?;
+            ImageMetadata::from_chunks(&text.chunks).ok_or(GalleryError::NoMetadata(display))?;
+        self.check_writable()?;
         if metadata.created_unix == 0 {
             metadata.created_unix = file_stamp(source)?.1;
         }
         let already_here = source
             .parent()
             .is_some_and(|p| p.canonicalize().ok() == self.root.canonicalize().ok());
-        let file = if already_here {
-            source
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        } else {
-            let stem = source
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "imported".into());
-            let mut name = format!("{stem}.png");
-            let mut n = 2;
-            while self.root.join(&name).exists() {
-                name = format!("{stem}-{n}.png");
-                n += 1;
+        let file = match source.file_name().and_then(|n| n.to_str()) {
+            Some(name) if already_here => name.to_string(),
+            _ => {
+                let stem = source
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .filter(|s| !s.is_empty() && !s.starts_with('.'))
+                    .unwrap_or_else(|| "imported".into());
+                let temp = temp_path_for(&self.root, &numbered_name(&stem, 1));
+                let copied = open_regular_file(source)
+                    .map_err(GalleryError::from)
+                    .and_then(|mut from| {
+                        let mut to = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&temp)
+                            .map_err(io_error(&temp))?;
+                        std::io::copy(&mut from, &mut to).map_err(io_error(&temp))?;
+                        to.sync_all().map_err(io_error(&temp))
+                    });
+                if let Err(error) = copied {
+                    let _ = std::fs::remove_file(&temp);
+                    return Err(error);
+                }
+                publish_temp(&self.root, &temp, |n| numbered_name(&stem, n))?
             }
-            let target = self.root.join(&name);
-            let temp = self.root.join(format!(".{name}.import.tmp"));
-            std::fs::copy(source, &temp).map_err(io_error(source))?;
-            std::fs::rename(&temp, &target).map_err(io_error(&target))?;
-            name
         };
         let path = self.root.join(&file);
-        let id = Self::upsert(&self.db, &file, &metadata, file_stamp(&path)?, false)?;
+        let id = self.upsert_one(&file, &metadata, file_stamp(&path)?, false)?;
         Ok(GalleryEntry {
             id,
             file,
@@ -484,10 +900,16 @@ impl Library {
         );
         let mut conditions: Vec<String> = Vec::new();
         let mut values: Vec<rusqlite::types::Value> = Vec::new();
-        if let Some(fts) = fts_query(&query.text) {
+        let text = text_query(&query.text);
+        if let Some(fts) = text.fts {
             sql.push_str(" JOIN images_fts ON images_fts.rowid = images.id");
             conditions.push("images_fts MATCH ?".into());
             values.push(fts.into());
+        }
+        for substring in text.substrings {
+            conditions
+                .push("instr(images.prompt || char(10) || images.negative_prompt, ?) > 0".into());
+            values.push(substring.into());
         }
         if let Some(model) = &query.model {
             conditions.push("images.model = ?".into());
@@ -514,7 +936,8 @@ impl Library {
         }
         sql.push_str(" ORDER BY images.created_unix DESC, images.id DESC");
         if query.limit > 0 {
-            sql.push_str(&format!(" LIMIT {}", query.limit));
+            sql.push_str(" LIMIT ?");
+            values.push(i64::try_from(query.limit).unwrap_or(i64::MAX).into());
         }
         let mut statement = self.db.prepare(&sql)?;
         let entries = statement
@@ -567,6 +990,7 @@ impl Library {
 
     /// Marks or unmarks a favourite.
     pub fn set_favourite(&mut self, id: i64, favourite: bool) -> Result<()> {
+        self.check_writable()?;
         let changed = self.db.execute(
             "UPDATE images SET favourite = ?2 WHERE id = ?1",
             params![id, favourite],
@@ -579,6 +1003,7 @@ impl Library {
 
     /// Moves an image to the library's trash (undo with [`Library::undo_delete`]).
     pub fn delete(&mut self, id: i64) -> Result<DeletedImage> {
+        self.check_writable()?;
         let entry = self.get(id)?.ok_or(GalleryError::NotFound(id))?;
         let trash = self.trash_dir();
         std::fs::create_dir_all(&trash).map_err(io_error(&trash))?;
@@ -595,10 +1020,10 @@ impl Library {
 
     /// Puts a deleted image back, with its favourite mark.
     pub fn undo_delete(&mut self, deleted: &DeletedImage) -> Result<GalleryEntry> {
+        self.check_writable()?;
         let path = self.root.join(&deleted.entry.file);
         std::fs::rename(&deleted.trash_path, &path).map_err(io_error(&deleted.trash_path))?;
-        let id = Self::upsert(
-            &self.db,
+        let id = self.upsert_one(
             &deleted.entry.file,
             &deleted.entry.metadata,
             file_stamp(&path)?,
@@ -615,6 +1040,7 @@ impl Library {
 
     /// Empties the trash (images deleted in earlier sessions).
     pub fn empty_trash(&self) -> Result<()> {
+        self.check_writable()?;
         let trash = self.trash_dir();
         if trash.exists() {
             std::fs::remove_dir_all(&trash).map_err(io_error(&trash))?;
@@ -636,16 +1062,11 @@ pub fn thumbnail(root: &Path, file: &str, side: u32) -> Result<RgbImage> {
         .map_err(io_error(&path))?;
     if let Ok(cached_time) = std::fs::metadata(&cache).and_then(|m| m.modified())
         && cached_time >= image_time
-        && let Ok(cached) = image::open(&cache)
+        && let Ok(cached) = decode_rgb_bounded(&cache)
     {
-        return Ok(cached.to_rgb8());
+        return Ok(cached);
     }
-    let full = image::open(&path)
-        .map_err(|e| PngError::Format {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?
-        .to_rgb8();
+    let full = decode_rgb_bounded(&path)?;
     let (w, h) = full.dimensions();
     let scale = (side as f32 / w.max(h).max(1) as f32).min(1.0);
     let small = image::imageops::thumbnail(

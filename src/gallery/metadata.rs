@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 
@@ -192,12 +192,12 @@ fn parse_pairs(line: &str) -> Vec<(String, String)> {
 #[derive(Debug, thiserror::Error)]
 pub enum PngError {
     /// The file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The PNG encoder or decoder failed (corrupt file, ...).
     #[error("{path}: not a readable PNG ({message})")]
@@ -209,32 +209,65 @@ pub enum PngError {
     },
 }
 
-/// Writes `image` as a PNG with text chunks, atomically: a temporary file in the same folder,
-/// then a rename, so a crash never leaves half an image.
-pub fn write_png(
-    path: &Path,
+/// A temporary name beside `file_name` in `folder` that no other process or machine picks: the
+/// final name, this process's id and a random token (`.NAME.PID.TOKEN.tmp`).
+/// [`parse_temp_name`] reads it back, so that a file left by a crash can be recovered.
+pub fn temp_path_for(folder: &Path, file_name: &str) -> PathBuf {
+    let token: u32 = rand::random();
+    folder.join(format!(
+        ".{file_name}.{}.{token:08x}.tmp",
+        std::process::id()
+    ))
+}
+
+/// A temporary file's intended name and its writer's process id, from
+/// `.NAME.PID.TOKEN.tmp` (or the older `.NAME.PID.tmp`); `None` for any other name.
+pub fn parse_temp_name(temp_name: &str) -> Option<(String, u32)> {
+    let inner = temp_name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let is_png_name = |name: &str| {
+        !name.starts_with('.')
+            && Path::new(name)
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+    };
+    let (head, last) = inner.rsplit_once('.')?;
+    // .NAME.PID.TOKEN.tmp
+    if last.len() == 8
+        && last.chars().all(|c| c.is_ascii_hexdigit())
+        && let Some((name, pid)) = head.rsplit_once('.')
+        && let Ok(pid) = pid.parse()
+        && is_png_name(name)
+    {
+        return Some((name.to_string(), pid));
+    }
+    // .NAME.PID.tmp (before the token was added)
+    let pid = last.parse().ok()?;
+    is_png_name(head).then(|| (head.to_string(), pid))
+}
+
+/// Encodes `image` with its text chunks into a new temporary file in `folder` (synced to disk),
+/// named for `file_name`; returns the temporary file's path. Nothing is left behind on error.
+fn write_png_temp(
+    folder: &Path,
+    file_name: &str,
     image: &RgbImage,
     text_chunks: &[(&str, &str)],
-) -> Result<(), PngError> {
-    let display = path.display().to_string();
-    let io_error = |source| PngError::Io {
+) -> Result<PathBuf, PngError> {
+    let temp_path = temp_path_for(folder, file_name);
+    let display = temp_path.display().to_string();
+    let io_error = |error| PngError::Io {
         path: display.clone(),
-        source,
+        error,
     };
     let format_error = |e: png::EncodingError| PngError::Format {
         path: display.clone(),
         message: e.to_string(),
     };
-    let folder = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image.png".into());
-    let temp_path = folder.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let file = std::fs::File::create(&temp_path).map_err(io_error)?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&temp_path)
+        .map_err(io_error)?;
     let result = (|| {
         let mut buffered = BufWriter::new(file);
         let mut encoder = png::Encoder::new(&mut buffered, image.width(), image.height());
@@ -257,75 +290,115 @@ pub fn write_png(
             .map_err(format_error)?;
         writer.finish().map_err(format_error)?;
         buffered.flush().map_err(io_error)?;
-        buffered.get_ref().sync_all().map_err(io_error)?;
-        drop(buffered);
-        std::fs::rename(&temp_path, path).map_err(io_error)
+        buffered.get_ref().sync_all().map_err(io_error)
     })();
-    if result.is_err() {
+    match result {
+        Ok(()) => Ok(temp_path),
+        Err(error) => {
+            let _ = std::fs::remove_file(&temp_path);
+            Err(error)
+        }
+    }
+}
+
+fn folder_and_name(path: &Path) -> (&Path, String) {
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image.png".into());
+    (folder, file_name)
+}
+
+/// Writes `image` as a PNG with text chunks, atomically: a temporary file in the same folder,
+/// then a rename over `path`, so a crash never leaves half an image.
+pub fn write_png(
+    path: &Path,
+    image: &RgbImage,
+    text_chunks: &[(&str, &str)],
+) -> Result<(), PngError> {
+    let (folder, file_name) = folder_and_name(path);
+    let temp_path = write_png_temp(folder, &file_name, image, text_chunks)?;
+    std::fs::rename(&temp_path, path).map_err(|error| {
         let _ = std::fs::remove_file(&temp_path);
-    }
-    result
+        PngError::Io {
+            path: path.display().to_string(),
+            error,
+        }
+    })
 }
 
-/// The text chunks of a PNG that come before its image data (where Atelier, A1111 (PIL),
-/// ComfyUI and InvokeAI all put them), without decoding the pixels; falls back to
-/// [`read_png_text`] when there are none. Fast enough to index thousands of files.
-pub fn read_png_text_fast(path: &Path) -> Result<BTreeMap<String, String>, PngError> {
-    let display = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| PngError::Io {
-        path: display.clone(),
-        source,
-    })?;
-    let reader = png::Decoder::new(std::io::BufReader::new(file))
-        .read_info()
-        .map_err(|e| PngError::Format {
-            path: display.clone(),
-            message: e.to_string(),
-        })?;
-    let chunks = text_of(reader.info());
-    if chunks.is_empty() {
-        return read_png_text(path);
-    }
-    Ok(chunks)
-}
-
-fn text_of(info: &png::Info<'_>) -> BTreeMap<String, String> {
-    let mut chunks = BTreeMap::new();
-    for chunk in &info.uncompressed_latin1_text {
-        chunks.insert(chunk.keyword.clone(), chunk.text.clone());
-    }
-    for chunk in &info.compressed_latin1_text {
-        if let Ok(text) = chunk.get_text() {
-            chunks.insert(chunk.keyword.clone(), text);
+/// Gives the finished file `temp` the name `target` only if no file has it, atomically even
+/// between processes and machines sharing the folder: a hard link fails when the name exists;
+/// where the filesystem has no hard links, the name is claimed with an exclusive create and
+/// then replaced by the file. `AlreadyExists` when the name is taken; `temp` is kept then.
+pub fn publish_no_clobber(temp: &Path, target: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(temp, target) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(temp);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+        Err(_) => {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(target)?;
+            std::fs::rename(temp, target)
         }
     }
-    for chunk in &info.utf8_text {
-        if let Ok(text) = chunk.get_text() {
-            chunks.insert(chunk.keyword.clone(), text);
-        }
-    }
-    chunks
 }
 
-/// Reads every text chunk (tEXt, zTXt, iTXt) of a PNG, keyword to text.
+/// Writes `image` into `folder` under the first name that `candidate(n)` (n = 1, 2, ...) gives
+/// that no file has, never replacing a file, even one that another process creates meanwhile.
+/// Returns the name taken.
+pub fn write_png_new(
+    folder: &Path,
+    candidate: impl Fn(usize) -> String,
+    image: &RgbImage,
+    text_chunks: &[(&str, &str)],
+) -> Result<String, PngError> {
+    let temp_path = write_png_temp(folder, &candidate(1), image, text_chunks)?;
+    publish_temp(folder, &temp_path, candidate)
+}
+
+/// Publishes the finished temporary file `temp_path` in `folder` under the first free name
+/// that `candidate(n)` gives (see [`write_png_new`]); removes it on error.
+pub fn publish_temp(
+    folder: &Path,
+    temp_path: &Path,
+    candidate: impl Fn(usize) -> String,
+) -> Result<String, PngError> {
+    for n in 1..=100_000 {
+        let name = candidate(n);
+        let target = folder.join(&name);
+        match publish_no_clobber(temp_path, &target) {
+            Ok(()) => return Ok(name),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(error) => {
+                let _ = std::fs::remove_file(temp_path);
+                return Err(PngError::Io {
+                    path: target.display().to_string(),
+                    error,
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_file(temp_path);
+    Err(PngError::Io {
+        path: folder.display().to_string(),
+        error: std::io::Error::other("no free file name"),
+    })
+}
+
+/// Reads every text chunk (tEXt, zTXt, iTXt) of a PNG, keyword to text, wherever it sits in the
+/// file, without decoding the pixels and within the limits of [`super::png_read`] (oversized
+/// chunks are left out; [`super::png_read::read_text_bounded`] says which).
 pub fn read_png_text(path: &Path) -> Result<BTreeMap<String, String>, PngError> {
-    let display = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| PngError::Io {
-        path: display.clone(),
-        source,
-    })?;
-    let format_error = |e: png::DecodingError| PngError::Format {
-        path: display.clone(),
-        message: e.to_string(),
-    };
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
-        .read_info()
-        .map_err(format_error)?;
-    // Text chunks may follow the image data: read the whole image to reach them.
-    let mut buffer = vec![0; reader.output_buffer_size().unwrap_or(0)];
-    reader.next_frame(&mut buffer).map_err(format_error)?;
-    reader.finish().map_err(format_error)?;
-    Ok(text_of(reader.info()))
+    Ok(super::png_read::read_text_bounded(path)?.chunks)
 }
 
 #[cfg(test)]

@@ -3,5 +3,6 @@
 pub mod import;
 pub mod library;
 pub mod metadata;
+pub mod png_read;
 pub mod record;
 pub mod worker;

@@ -13,6 +13,7 @@ use image::RgbImage;
 use sha2::{Digest, Sha256};
 
 use super::library::{DeletedImage, GalleryEntry, GalleryQuery, Library, SyncReport, thumbnail};
+use super::png_read::decode_rgb_bounded;
 use super::record::ImageMetadata;
 
 /// Wakes the window when something arrives.
@@ -359,8 +360,8 @@ impl GalleryThread {
                 for entry in &entries {
                     let path = library.image_path(entry);
                     // A missing or broken cell stays empty in the grid.
-                    if let Ok(image) = image::open(&path) {
-                        images.push((entry.file.clone(), image.to_rgb8()));
+                    if let Ok(image) = decode_rgb_bounded(&path) {
+                        images.push((entry.file.clone(), image));
                     }
                 }
                 self.emit(GalleryEvent::Comparison { entries, images });
@@ -372,9 +373,7 @@ impl GalleryThread {
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("image {id} is no longer in the library"))?;
                 let path = library.image_path(&entry);
-                let image = image::open(&path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?
-                    .to_rgb8();
+                let image = decode_rgb_bounded(&path).map_err(|e| e.to_string())?;
                 self.emit(GalleryEvent::Image { id, image });
             }
         }

@@ -21,7 +21,7 @@ pub mod unipc;
 
 use candle_core::Tensor;
 
-use crate::engine::config::SchedulerConfig;
+use crate::engine::config::{CheckedConfig, SchedulerConfig};
 use crate::engine::noise::NoiseGenerator;
 use crate::engine::{EngineError, Result};
 
@@ -219,6 +219,9 @@ impl SchedulerKind {
         sigmas: SigmaSchedule,
         eta: f64,
     ) -> Result<Box<dyn Scheduler>> {
+        config
+            .check()
+            .map_err(|e| EngineError::Unsupported(format!("scheduler config: {e}")))?;
         if !self.supports(sigmas) {
             return Err(EngineError::InvalidParameter(format!(
                 "{} has no {} sigma schedule",

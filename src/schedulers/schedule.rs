@@ -54,12 +54,27 @@ impl Schedule {
                 "rescale_betas_zero_snr is not supported yet".into(),
             ));
         }
-        Ok(Self {
+        let schedule = Self {
             train_timesteps: config.train_timesteps(),
             betas: betas(config)?,
             spacing,
             steps_offset: config.steps_offset.unwrap_or(0),
-        })
+        };
+        // Every training step must keep some signal and add some noise: sigma_max =
+        // sqrt((1 - abar) / abar) is 14.6 for SD; above 1e5 (abar < 1e-10) it is no real model,
+        // and at abar = 0 it is infinite.
+        if schedule
+            .alphas_cumprod()
+            .last()
+            .is_none_or(|&abar| !(1e-10..1.0).contains(&abar))
+        {
+            return Err(EngineError::Unsupported(
+                "the noise schedule leaves no signal (or no noise) at its last training step: \
+                 check beta_start, beta_end and trained_betas"
+                    .into(),
+            ));
+        }
+        Ok(schedule)
     }
 
     /// `torch.cumprod(1 - betas)` on float32: torch's CPU kernel accumulates in float64 and

@@ -304,13 +304,11 @@ impl AtelierApp {
     fn handle_gallery_event(&mut self, ctx: &egui::Context, event: GalleryEvent) {
         match event {
             GalleryEvent::Opened { root, report } => {
-                self.gallery.status = if report.rebuilt_corrupt_index {
-                    "The index was damaged and has been rebuilt from the images.".into()
-                } else if report.added > 0 {
-                    format!("{} new image(s) found in the folder", report.added)
-                } else {
-                    String::new()
-                };
+                let mut messages = report.messages(3);
+                if report.added > 0 && !report.rebuilt_corrupt_index {
+                    messages.push(format!("{} new image(s) found in the folder", report.added));
+                }
+                self.gallery.status = messages.join("\n");
                 self.gallery.root = Some(root);
                 self.gallery.stale = true;
             }
@@ -738,7 +736,7 @@ impl AtelierApp {
         };
         let base = self.current_request(self.settings.seed);
         let plan = match crate::compare::ComparisonPlan::new(
-            format!("cmp-{}-{}", now_unix(), self.next_job_id),
+            crate::compare::new_comparison_id(),
             base,
             self.compare.samplers.clone(),
             axis,
