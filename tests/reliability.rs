@@ -170,14 +170,9 @@ fn a_kill_during_saves_loses_no_finished_image() {
     }
     // Temporary files of the killed writers are recovered (complete) or removed (partial) once
     // they are old enough; make them old rather than wait.
-    let temps = temp_files(&library);
-    for temp in &temps {
-        let file = std::fs::File::options().write(true).open(temp).unwrap();
-        file.set_modified(std::time::SystemTime::now() - Duration::from_secs(600))
-            .unwrap();
-    }
+    let temps = age_temp_files(&library);
     let (opened, report) = Library::open(&library).unwrap();
-    assert_eq!(report.recovered + report.removed_partial, temps.len());
+    assert_eq!(report.recovered + report.removed_partial, temps);
     assert!(temp_files(&library).is_empty());
     let files = png_files(&library);
     for file in &files {
@@ -185,6 +180,68 @@ fn a_kill_during_saves_loses_no_finished_image() {
     }
     assert_eq!(opened.count().unwrap(), files.len());
     assert!(report.skipped.is_empty(), "{report:?}");
+}
+
+/// Makes every temporary file in `folder` ten minutes old: old enough to count as abandoned.
+fn age_temp_files(folder: &Path) -> usize {
+    let temps = temp_files(folder);
+    for temp in &temps {
+        let file = std::fs::File::options().write(true).open(temp).unwrap();
+        file.set_modified(std::time::SystemTime::now() - Duration::from_secs(600))
+            .unwrap();
+    }
+    temps.len()
+}
+
+#[test]
+fn a_kill_during_imports_leaves_every_file_whole() {
+    // The same guarantee where a process does nothing but write: `gallery import` copies and
+    // names files back to back, so SIGKILL lands inside a save most of the time.
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    atelier::gallery::library::write_sample_library(&source, 400).unwrap();
+    let files = png_files(&source);
+    let library = dir.path().join("library");
+    std::fs::create_dir_all(&library).unwrap();
+    let mut delay_ms = 137u64;
+    let mut kills = 0;
+    for _ in 0..6 {
+        let mut child = atelier()
+            .args(["gallery", "import", "--library"])
+            .arg(&library)
+            .args(&files)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        delay_ms = 60 + (delay_ms * 7919) % 500;
+        if child.try_wait().unwrap().is_none() {
+            kills += 1;
+        }
+        let _ = child.kill();
+        child.wait().unwrap();
+    }
+    assert!(
+        kills >= 3,
+        "the imports finished before they could be killed"
+    );
+    let temps = age_temp_files(&library);
+    let (opened, report) = Library::open(&library).unwrap();
+    eprintln!(
+        "{kills} kills, {temps} temporary files left: {} recovered, {} removed",
+        report.recovered, report.removed_partial
+    );
+    assert_eq!(report.recovered + report.removed_partial, temps);
+    assert!(temp_files(&library).is_empty());
+    let imported = png_files(&library);
+    assert!(!imported.is_empty());
+    for file in &imported {
+        decode_rgb_bounded(file).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(report.skipped.is_empty(), "{report:?}");
+    assert_eq!(opened.count().unwrap(), imported.len());
 }
 
 #[test]

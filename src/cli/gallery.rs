@@ -1,4 +1,4 @@
-//! `atelier gallery list|search|rebuild|bench`: the gallery on the command line.
+//! `atelier gallery list|search|rebuild|import|bench`: the gallery on the command line.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -47,6 +47,12 @@ pub enum GalleryAction {
     },
     /// Rebuild the index from the PNGs in the folder.
     Rebuild,
+    /// Copy PNGs made by Atelier, AUTOMATIC1111, ComfyUI or InvokeAI into the library.
+    Import {
+        /// The PNG files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Time indexing and searching a library of N generated images (in a temporary folder).
     Bench {
         /// Images in the library.
@@ -140,6 +146,23 @@ pub fn run(args: GalleryArgs) -> anyhow::Result<()> {
                 report.added,
                 report.skipped.len()
             );
+        }
+        GalleryAction::Import { files } => {
+            let mut library = open(&args.library)?;
+            let mut failed = 0;
+            for file in &files {
+                match library.import(file) {
+                    Ok(entry) => println!("{}", library.image_path(&entry).display()),
+                    Err(error) => {
+                        eprintln!("not imported: {error}");
+                        failed += 1;
+                    }
+                }
+            }
+            eprintln!("imported {} of {}", files.len() - failed, files.len());
+            if failed > 0 {
+                anyhow::bail!("{failed} file(s) could not be imported");
+            }
         }
         GalleryAction::Bench { count, keep } => bench(count, keep)?,
     }

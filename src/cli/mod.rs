@@ -95,7 +95,7 @@ pub enum Command {
     /// Measure every sampler against the ideal denoiser: error at 5, 10, 20 and 50 model
     /// evaluations.
     Schedulers(schedulers::SchedulersArgs),
-    /// The gallery on the command line: list, search, rebuild, bench.
+    /// The gallery on the command line: list, search, rebuild, import, bench.
     Gallery(gallery::GalleryArgs),
     /// A grid of the same prompt under several samplers (and steps, guidance, seeds or prompt
     /// variants down the rows), saved as one labelled PNG.

@@ -140,7 +140,7 @@ pub struct SyncReport {
     /// Complete images left in temporary files by a process that died before naming them, now
     /// in the library.
     pub recovered: usize,
-    /// Incomplete temporary files of dead processes, removed.
+    /// Temporary files of dead processes removed: incomplete, or already named.
     pub removed_partial: usize,
     /// Files in the folder that are not in the gallery, each with the reason (corrupt PNG,
     /// not a regular file, a name that is not UTF-8).
@@ -358,6 +358,19 @@ fn process_is_gone(pid: u32) -> bool {
 /// writing one PNG takes well under a second).
 fn temp_is_abandoned(pid: u32, age_secs: u64) -> bool {
     age_secs >= 300 || (age_secs >= 10 && pid != std::process::id() && process_is_gone(pid))
+}
+
+/// Whether a temporary file also has its final name already (a second hard link).
+#[cfg(unix)]
+fn already_published(metadata: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    metadata.nlink() > 1
+}
+
+/// Whether a temporary file also has its final name already (unknown here: no).
+#[cfg(not(unix))]
+fn already_published(_metadata: &std::fs::Metadata) -> bool {
+    false
 }
 
 /// How many new or changed files are indexed per transaction: short write locks, so that
@@ -719,6 +732,13 @@ impl Library {
                 continue;
             };
             if !metadata.is_file() || !temp_is_abandoned(pid, age_secs(&metadata)) {
+                continue;
+            }
+            if already_published(&metadata) {
+                // Killed between naming the file (a hard link) and removing the temporary name.
+                if std::fs::remove_file(&path).is_ok() {
+                    report.removed_partial += 1;
+                }
                 continue;
             }
             if decode_rgb_bounded(&path).is_ok() && read_text_bounded(&path).is_ok() {
