@@ -5,12 +5,15 @@
 #   scripts/fuzz.sh [SECONDS_PER_TARGET (default 60)] [TARGET ...]
 #
 # libFuzzer needs nightly flags; the stable toolchain accepts them with RUSTC_BOOTSTRAP=1.
+# FUZZ_SANITIZER=address adds AddressSanitizer (slower; the parsers are safe Rust, so the default
+# is none: panics, aborts, timeouts and memory over the limit are what is caught).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-60}
 shift || true
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
+sanitizer=${FUZZ_SANITIZER:-none}
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   mapfile -t targets < <(cd fuzz && cargo fuzz list)
@@ -21,7 +24,7 @@ status=0
 for target in "${targets[@]}"; do
   log=fuzz/logs/$target.log
   # -rss_limit_mb: a parser that allocates without bound is a crash too.
-  if (cd fuzz && cargo fuzz run "$target" -- -max_total_time="$seconds" -rss_limit_mb=1024 \
+  if (cd fuzz && cargo fuzz run --sanitizer "$sanitizer" "$target" -- -max_total_time="$seconds" -rss_limit_mb=1024 \
         -max_len=65536 -print_final_stats=1) >"$log" 2>&1; then
     crashes=0
   else

@@ -431,7 +431,12 @@ impl Library {
                         Ok(db) => db,
                         Err(IndexOpenFailure::Other(error)) => return Err(error),
                         Err(_) => {
-                            return Err(GalleryError::Database(rusqlite::Error::InvalidQuery));
+                            return Err(GalleryError::Io {
+                                path: db_path.display().to_string(),
+                                error: std::io::Error::other(
+                                    "a new index could not be made in place of the damaged one",
+                                ),
+                            });
                         }
                     }
                 }
