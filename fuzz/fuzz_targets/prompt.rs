@@ -10,8 +10,8 @@ use libfuzzer_sys::fuzz_target;
 fn tokenizer() -> &'static ClipTokenizer {
     static TOKENIZER: OnceLock<ClipTokenizer> = OnceLock::new();
     TOKENIZER.get_or_init(|| {
-        let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/sd1/model");
+        let folder =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sd1/model");
         let files = ModelFiles::new(ModelSource::Folder(folder), None);
         ClipTokenizer::load(&files, "tokenizer").expect("the fixture's tokenizer loads")
     })
