@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::engine::config::{CheckedConfig, SchedulerConfig};
+use crate::schedulers::config::SchedulerConfig;
 use ab_glyph::{FontRef, PxScale};
 use anyhow::Context;
 use clap::Args;

@@ -65,6 +65,18 @@ impl From<candle_core::Error> for EngineError {
     }
 }
 
+/// The schedulers' errors, with their messages unchanged.
+impl From<crate::schedulers::error::SchedulerError> for EngineError {
+    fn from(error: crate::schedulers::error::SchedulerError) -> Self {
+        use crate::schedulers::error::SchedulerError;
+        match error {
+            SchedulerError::Tensor(e) => EngineError::Tensor(e),
+            SchedulerError::Unsupported(m) => EngineError::Unsupported(m),
+            SchedulerError::InvalidParameter(m) => EngineError::InvalidParameter(m),
+        }
+    }
+}
+
 impl EngineError {
     /// A [`EngineError::BadFile`] for `path`.
     pub fn bad_file(path: impl Into<PathBuf>, message: impl ToString) -> Self {

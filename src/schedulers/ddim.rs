@@ -4,9 +4,9 @@ use candle_core::Tensor;
 
 use super::schedule::{ClassDefaults, Schedule, Spacing};
 use super::{Prediction, Scheduler, StepOutput};
-use crate::engine::Result;
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
+use crate::schedulers::error::Result;
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
 
 /// DDIM with stochasticity `eta` (0 = deterministic DDIM, 1 = DDPM-like).
 #[derive(Debug, Clone)]

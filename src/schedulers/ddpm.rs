@@ -5,9 +5,9 @@ use candle_core::Tensor;
 
 use super::schedule::{ClassDefaults, Schedule, Spacing};
 use super::{Prediction, Scheduler, StepOutput};
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
-use crate::engine::{EngineError, Result};
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
+use crate::schedulers::error::{Result, SchedulerError};
 
 /// DDPM: the posterior q(x_prev | x_t, x0) with fresh noise at every step but the last.
 #[derive(Debug, Clone)]
@@ -27,7 +27,7 @@ impl DdpmScheduler {
             .as_deref()
             .is_some_and(|v| v != "fixed_small")
         {
-            return Err(EngineError::Unsupported(format!(
+            return Err(SchedulerError::Unsupported(format!(
                 "DDPM variance_type {:?} (only fixed_small)",
                 config.variance_type
             )));

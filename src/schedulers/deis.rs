@@ -8,9 +8,9 @@ use super::schedule::{
     ClassDefaults, Schedule, Spacing, TimestepRounding, alpha_sigma, multistep_steps,
 };
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
-use crate::engine::{EngineError, Result};
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
+use crate::schedulers::error::{Result, SchedulerError};
 
 /// DEIS on the model's noise schedule.
 #[derive(Debug, Clone)]
@@ -36,13 +36,13 @@ impl DeisScheduler {
                 .as_deref()
                 .is_some_and(|a| a != "deis")
         {
-            return Err(EngineError::Unsupported(
+            return Err(SchedulerError::Unsupported(
                 "DEIS with thresholding or another algorithm_type".into(),
             ));
         }
         let solver_order = config.solver_order.unwrap_or(2);
         if !(1..=3).contains(&solver_order) {
-            return Err(EngineError::Unsupported(format!(
+            return Err(SchedulerError::Unsupported(format!(
                 "DEIS of order {solver_order} (1 to 3)"
             )));
         }

@@ -11,9 +11,9 @@ use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, scale_by_sigma, sigma_to_t};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
-use crate::engine::{EngineError, Result};
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
+use crate::schedulers::error::{Result, SchedulerError};
 
 /// State between the two halves of a step.
 #[derive(Debug, Clone)]
@@ -58,7 +58,7 @@ impl DpmSdeScheduler {
     pub fn new(config: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
         let prediction = Prediction::from_config(config)?;
         if prediction == Prediction::Sample {
-            return Err(EngineError::Unsupported(
+            return Err(SchedulerError::Unsupported(
                 "DPM++ SDE with prediction_type \"sample\"".into(),
             ));
         }

@@ -6,9 +6,9 @@ use candle_core::Tensor;
 
 use super::schedule::{TimestepRounding, alpha_sigma, lambda, multistep_steps};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
-use crate::engine::{EngineError, Result};
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
+use crate::schedulers::error::{Result, SchedulerError};
 
 /// DPM++ 2M on the model's noise schedule.
 #[derive(Debug, Clone)]
@@ -37,7 +37,7 @@ impl DpmSolverMultistep {
             .as_deref()
             .is_some_and(|t| t != "zero")
         {
-            return Err(EngineError::Unsupported(
+            return Err(SchedulerError::Unsupported(
                 "DPM++ 2M with a non-zero final sigma".into(),
             ));
         }

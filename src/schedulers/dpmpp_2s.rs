@@ -8,9 +8,9 @@ use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, scale_by_sigma, sigma_to_t};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
-use crate::engine::Result;
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
+use crate::schedulers::error::Result;
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
 
 /// One step's noise levels (float32, as k-diffusion computes them on tensors).
 #[derive(Debug, Clone, Copy)]

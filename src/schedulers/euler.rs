@@ -4,9 +4,9 @@ use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, scale_by_sigma};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
-use crate::engine::{EngineError, Result};
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
+use crate::schedulers::error::{Result, SchedulerError};
 
 /// The Euler sampler on the model's sigma schedule.
 #[derive(Debug, Clone)]
@@ -33,7 +33,7 @@ impl EulerScheduler {
                 .as_deref()
                 .is_some_and(|t| t != "zero")
         {
-            return Err(EngineError::Unsupported(
+            return Err(SchedulerError::Unsupported(
                 "Euler with continuous timesteps or a non-zero final sigma".into(),
             ));
         }

@@ -6,9 +6,9 @@ use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, log_midpoint_f32, scale_by_sigma, sigma_to_t_f32};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
-use crate::engine::{EngineError, Result};
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
+use crate::schedulers::error::{Result, SchedulerError};
 
 /// DPM2, optionally ancestral.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ impl Kdpm2Scheduler {
         let schedule = schedule.resolve(config);
         let prediction = Prediction::from_config(config)?;
         if prediction == Prediction::Sample {
-            return Err(EngineError::Unsupported(
+            return Err(SchedulerError::Unsupported(
                 "DPM2 with prediction_type \"sample\"".into(),
             ));
         }

@@ -6,9 +6,9 @@ use candle_core::Tensor;
 
 use super::schedule::{ClassDefaults, Schedule, Spacing};
 use super::{Prediction, Scheduler, StepOutput};
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
-use crate::engine::{EngineError, Result};
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
+use crate::schedulers::error::{Result, SchedulerError};
 
 /// The consistency sampler.
 #[derive(Debug, Clone)]
@@ -32,17 +32,17 @@ impl LcmScheduler {
             },
         )?;
         if config.thresholding == Some(true) {
-            return Err(EngineError::Unsupported("LCM with thresholding".into()));
+            return Err(SchedulerError::Unsupported("LCM with thresholding".into()));
         }
         let original_steps = config.original_inference_steps.unwrap_or(50);
         let train = schedule.train_timesteps;
         if original_steps == 0 || original_steps > train {
-            return Err(EngineError::InvalidParameter(format!(
+            return Err(SchedulerError::InvalidParameter(format!(
                 "original_inference_steps {original_steps} must be between 1 and {train}"
             )));
         }
         if steps > original_steps {
-            return Err(EngineError::InvalidParameter(format!(
+            return Err(SchedulerError::InvalidParameter(format!(
                 "LCM takes at most {original_steps} steps (the model's original_inference_steps), got {steps}"
             )));
         }

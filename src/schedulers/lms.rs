@@ -5,9 +5,9 @@ use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, scale_by_sigma};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
-use crate::engine::Result;
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
+use crate::schedulers::error::Result;
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
 
 /// The order diffusers' pipelines use.
 const ORDER: usize = 4;

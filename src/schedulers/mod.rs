@@ -3,17 +3,20 @@
 //! Each is configured from the model's `scheduler_config.json` exactly as diffusers'
 //! `XScheduler.from_config(config)` is, and checked against diffusers in the tests.
 
+pub mod config;
 pub mod ddim;
 pub mod ddpm;
 pub mod deis;
 pub mod dpm_sde;
 pub mod dpm_solver;
 pub mod dpmpp_2s;
+pub mod error;
 pub mod euler;
 pub mod heun;
 pub mod kdpm2;
 pub mod lcm;
 pub mod lms;
+pub mod noise;
 pub mod pndm;
 pub mod quality;
 pub mod schedule;
@@ -21,9 +24,9 @@ pub mod unipc;
 
 use candle_core::Tensor;
 
-use crate::engine::config::{CheckedConfig, SchedulerConfig};
-use crate::engine::noise::NoiseGenerator;
-use crate::engine::{EngineError, Result};
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
+use crate::schedulers::error::{Result, SchedulerError};
 
 /// What one scheduler step produces.
 #[derive(Debug, Clone)]
@@ -169,7 +172,7 @@ impl SchedulerKind {
     pub fn parse(id: &str) -> Result<Self> {
         let sampler = Sampler::parse(id)?;
         if sampler.sigmas != SigmaSchedule::Default {
-            return Err(EngineError::InvalidParameter(format!(
+            return Err(SchedulerError::InvalidParameter(format!(
                 "{id:?} names a sigma schedule too; give the scheduler alone"
             )));
         }
@@ -221,22 +224,22 @@ impl SchedulerKind {
     ) -> Result<Box<dyn Scheduler>> {
         config
             .check()
-            .map_err(|e| EngineError::Unsupported(format!("scheduler config: {e}")))?;
+            .map_err(|e| SchedulerError::Unsupported(format!("scheduler config: {e}")))?;
         if !self.supports(sigmas) {
-            return Err(EngineError::InvalidParameter(format!(
+            return Err(SchedulerError::InvalidParameter(format!(
                 "{} has no {} sigma schedule",
                 self.display_name(),
                 sigmas.display_name()
             )));
         }
         if steps == 0 || steps > config.train_timesteps() {
-            return Err(EngineError::InvalidParameter(format!(
+            return Err(SchedulerError::InvalidParameter(format!(
                 "steps must be between 1 and {}, got {steps}",
                 config.train_timesteps()
             )));
         }
         if !(0.0..=1.0).contains(&eta) {
-            return Err(EngineError::InvalidParameter(format!(
+            return Err(SchedulerError::InvalidParameter(format!(
                 "eta must be between 0 and 1, got {eta}"
             )));
         }
@@ -357,7 +360,7 @@ impl Sampler {
                 }
             }
         }
-        Err(EngineError::InvalidParameter(format!(
+        Err(SchedulerError::InvalidParameter(format!(
             "unknown scheduler {id:?}; valid schedulers: {}",
             Self::all_ids().join(", ")
         )))
@@ -429,7 +432,7 @@ impl Prediction {
             "epsilon" => Ok(Prediction::Epsilon),
             "v_prediction" => Ok(Prediction::VPrediction),
             "sample" | "original_sample" => Ok(Prediction::Sample),
-            other => Err(EngineError::Unsupported(format!(
+            other => Err(SchedulerError::Unsupported(format!(
                 "prediction_type {other:?}"
             ))),
         }

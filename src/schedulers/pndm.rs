@@ -6,9 +6,9 @@ use candle_core::Tensor;
 
 use super::schedule::{ClassDefaults, Schedule, Spacing};
 use super::{Prediction, Scheduler, StepOutput};
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
-use crate::engine::{EngineError, Result};
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
+use crate::schedulers::error::{Result, SchedulerError};
 
 /// PLMS on spaced integer timesteps.
 #[derive(Debug, Clone)]
@@ -38,7 +38,7 @@ impl PndmScheduler {
         )?;
         let prediction = Prediction::from_config(config)?;
         if prediction == Prediction::Sample {
-            return Err(EngineError::Unsupported(
+            return Err(SchedulerError::Unsupported(
                 "PNDM with prediction_type \"sample\"".into(),
             ));
         }

@@ -16,9 +16,9 @@ use rand_distr::StandardNormal;
 
 use super::schedule::{ClassDefaults, Schedule, Spacing, interp_index};
 use super::{Sampler, SchedulerKind, SigmaSchedule};
-use crate::engine::Result;
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
+use crate::schedulers::error::Result;
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
 
 /// One Gaussian component of the data distribution.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,8 +1,8 @@
 //! Noise schedules and timestep spacings shared by every scheduler, computed with the same
 //! floating-point types and orders of operation as torch and numpy in diffusers.
 
-use crate::engine::config::SchedulerConfig;
-use crate::engine::{EngineError, Result};
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::error::{Result, SchedulerError};
 
 /// Timestep spacing (see "Common Diffusion Noise Schedules and Sample Steps are Flawed").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,13 +44,13 @@ impl Schedule {
             Some("linspace") => Spacing::Linspace,
             Some("trailing") => Spacing::Trailing,
             Some(other) => {
-                return Err(EngineError::Unsupported(format!(
+                return Err(SchedulerError::Unsupported(format!(
                     "timestep_spacing {other:?} (expected leading, linspace or trailing)"
                 )));
             }
         };
         if config.rescale_betas_zero_snr == Some(true) {
-            return Err(EngineError::Unsupported(
+            return Err(SchedulerError::Unsupported(
                 "rescale_betas_zero_snr is not supported yet".into(),
             ));
         }
@@ -68,7 +68,7 @@ impl Schedule {
             .last()
             .is_none_or(|&abar| !(1e-10..1.0).contains(&abar))
         {
-            return Err(EngineError::Unsupported(
+            return Err(SchedulerError::Unsupported(
                 "the noise schedule leaves no signal (or no noise) at its last training step: \
                  check beta_start, beta_end and trained_betas"
                     .into(),
@@ -224,7 +224,7 @@ fn betas(config: &SchedulerConfig) -> Result<Vec<f32>> {
                 .collect()
         }
         other => {
-            return Err(EngineError::Unsupported(format!("beta_schedule {other:?}")));
+            return Err(SchedulerError::Unsupported(format!("beta_schedule {other:?}")));
         }
     })
 }
@@ -324,7 +324,7 @@ impl SigmaSteps {
                 .map(|&t| interp_index(t, &train_sigmas))
                 .collect(),
             other => {
-                return Err(EngineError::Unsupported(format!(
+                return Err(SchedulerError::Unsupported(format!(
                     "interpolation_type {other:?}"
                 )));
             }

@@ -5,9 +5,9 @@ use candle_core::Tensor;
 
 use super::schedule::{TimestepRounding, alpha_sigma, lambda, multistep_steps};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
-use crate::engine::config::SchedulerConfig;
-use crate::engine::noise::NoiseGenerator;
-use crate::engine::{EngineError, Result};
+use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::noise::NoiseGenerator;
+use crate::schedulers::error::{Result, SchedulerError};
 
 /// The B(h) of the UniPC papers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,7 @@ impl UniPcScheduler {
     pub fn new(config: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
         let schedule = schedule.resolve(config);
         if config.predict_x0 == Some(false) || config.thresholding == Some(true) {
-            return Err(EngineError::Unsupported(
+            return Err(SchedulerError::Unsupported(
                 "UniPC with noise prediction or thresholding".into(),
             ));
         }
@@ -84,7 +84,7 @@ impl UniPcScheduler {
             .as_deref()
             .is_some_and(|t| t != "zero")
         {
-            return Err(EngineError::Unsupported(
+            return Err(SchedulerError::Unsupported(
                 "UniPC with a non-zero final sigma".into(),
             ));
         }
@@ -93,7 +93,7 @@ impl UniPcScheduler {
             // diffusers maps the DPM-Solver names to bh2.
             "bh2" | "midpoint" | "heun" | "logrho" => Variant::Bh2,
             other => {
-                return Err(EngineError::Unsupported(format!(
+                return Err(SchedulerError::Unsupported(format!(
                     "UniPC solver_type {other:?}"
                 )));
             }
