@@ -4,8 +4,8 @@ use candle_core::Tensor;
 
 use super::schedule::{ClassDefaults, Schedule, Spacing};
 use super::{Prediction, Scheduler, StepOutput};
-use crate::schedulers::error::Result;
 use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::error::Result;
 use crate::schedulers::noise::NoiseGenerator;
 
 /// DDIM with stochasticity `eta` (0 = deterministic DDIM, 1 = DDPM-like).

@@ -6,8 +6,8 @@ use candle_core::Tensor;
 use super::schedule::{ClassDefaults, Schedule, Spacing};
 use super::{Prediction, Scheduler, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
-use crate::schedulers::noise::NoiseGenerator;
 use crate::schedulers::error::{Result, SchedulerError};
+use crate::schedulers::noise::NoiseGenerator;
 
 /// DDPM: the posterior q(x_prev | x_t, x0) with fresh noise at every step but the last.
 #[derive(Debug, Clone)]

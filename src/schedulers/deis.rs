@@ -9,8 +9,8 @@ use super::schedule::{
 };
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
-use crate::schedulers::noise::NoiseGenerator;
 use crate::schedulers::error::{Result, SchedulerError};
+use crate::schedulers::noise::NoiseGenerator;
 
 /// DEIS on the model's noise schedule.
 #[derive(Debug, Clone)]

@@ -12,8 +12,8 @@ use candle_core::Tensor;
 use super::schedule::{SigmaSteps, scale_by_sigma, sigma_to_t};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
-use crate::schedulers::noise::NoiseGenerator;
 use crate::schedulers::error::{Result, SchedulerError};
+use crate::schedulers::noise::NoiseGenerator;
 
 /// State between the two halves of a step.
 #[derive(Debug, Clone)]

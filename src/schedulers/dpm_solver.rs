@@ -7,8 +7,8 @@ use candle_core::Tensor;
 use super::schedule::{TimestepRounding, alpha_sigma, lambda, multistep_steps};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
-use crate::schedulers::noise::NoiseGenerator;
 use crate::schedulers::error::{Result, SchedulerError};
+use crate::schedulers::noise::NoiseGenerator;
 
 /// DPM++ 2M on the model's noise schedule.
 #[derive(Debug, Clone)]

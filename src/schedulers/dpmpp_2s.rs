@@ -8,8 +8,8 @@ use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, scale_by_sigma, sigma_to_t};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
-use crate::schedulers::error::Result;
 use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::error::Result;
 use crate::schedulers::noise::NoiseGenerator;
 
 /// One step's noise levels (float32, as k-diffusion computes them on tensors).

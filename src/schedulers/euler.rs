@@ -5,8 +5,8 @@ use candle_core::Tensor;
 use super::schedule::{SigmaSteps, scale_by_sigma};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
-use crate::schedulers::noise::NoiseGenerator;
 use crate::schedulers::error::{Result, SchedulerError};
+use crate::schedulers::noise::NoiseGenerator;
 
 /// The Euler sampler on the model's sigma schedule.
 #[derive(Debug, Clone)]

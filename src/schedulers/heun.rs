@@ -6,8 +6,8 @@ use candle_core::Tensor;
 use super::euler::EulerScheduler;
 use super::schedule::scale_by_sigma;
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
-use crate::schedulers::error::Result;
 use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::error::Result;
 use crate::schedulers::noise::NoiseGenerator;
 
 /// State kept between the two evaluations of a step.

@@ -7,8 +7,8 @@ use candle_core::Tensor;
 use super::schedule::{SigmaSteps, log_midpoint_f32, scale_by_sigma, sigma_to_t_f32};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
-use crate::schedulers::noise::NoiseGenerator;
 use crate::schedulers::error::{Result, SchedulerError};
+use crate::schedulers::noise::NoiseGenerator;
 
 /// DPM2, optionally ancestral.
 #[derive(Debug, Clone)]

@@ -5,8 +5,8 @@ use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, scale_by_sigma};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
-use crate::schedulers::error::Result;
 use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::error::Result;
 use crate::schedulers::noise::NoiseGenerator;
 
 /// The order diffusers' pipelines use.

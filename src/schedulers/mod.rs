@@ -25,8 +25,8 @@ pub mod unipc;
 use candle_core::Tensor;
 
 use crate::schedulers::config::SchedulerConfig;
-use crate::schedulers::noise::NoiseGenerator;
 use crate::schedulers::error::{Result, SchedulerError};
+use crate::schedulers::noise::NoiseGenerator;
 
 /// What one scheduler step produces.
 #[derive(Debug, Clone)]

@@ -7,8 +7,8 @@ use candle_core::Tensor;
 use super::schedule::{ClassDefaults, Schedule, Spacing};
 use super::{Prediction, Scheduler, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
-use crate::schedulers::noise::NoiseGenerator;
 use crate::schedulers::error::{Result, SchedulerError};
+use crate::schedulers::noise::NoiseGenerator;
 
 /// PLMS on spaced integer timesteps.
 #[derive(Debug, Clone)]

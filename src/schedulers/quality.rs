@@ -16,8 +16,8 @@ use rand_distr::StandardNormal;
 
 use super::schedule::{ClassDefaults, Schedule, Spacing, interp_index};
 use super::{Sampler, SchedulerKind, SigmaSchedule};
-use crate::schedulers::error::Result;
 use crate::schedulers::config::SchedulerConfig;
+use crate::schedulers::error::Result;
 use crate::schedulers::noise::NoiseGenerator;
 
 /// One Gaussian component of the data distribution.

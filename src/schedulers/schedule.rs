@@ -224,7 +224,9 @@ fn betas(config: &SchedulerConfig) -> Result<Vec<f32>> {
                 .collect()
         }
         other => {
-            return Err(SchedulerError::Unsupported(format!("beta_schedule {other:?}")));
+            return Err(SchedulerError::Unsupported(format!(
+                "beta_schedule {other:?}"
+            )));
         }
     })
 }

@@ -6,8 +6,8 @@ use candle_core::Tensor;
 use super::schedule::{TimestepRounding, alpha_sigma, lambda, multistep_steps};
 use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
-use crate::schedulers::noise::NoiseGenerator;
 use crate::schedulers::error::{Result, SchedulerError};
+use crate::schedulers::noise::NoiseGenerator;
 
 /// The B(h) of the UniPC papers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,359 @@
+//! The denoising loop: checks, noise, guidance, the scheduler's steps, previews and cancel.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+use super::{
+    GenerationOutput, GenerationRequest, PreviewOptions, StableDiffusion, StepProgress, Timings,
+};
+use crate::engine::error::{EngineError, Result};
+use crate::engine::noise::NoiseGenerator;
+use crate::engine::unet::AddedConditions;
+use crate::schedulers::Scheduler;
+
+/// Whether every value of `tensor` is a finite number (one reduction: the sum of squares is
+/// NaN or infinite when any value is, or when values are too large to mean anything).
+fn all_finite(tensor: &Tensor) -> Result<bool> {
+    let sum_of_squares = tensor
+        .to_dtype(DType::F32)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    Ok(sum_of_squares.is_finite())
+}
+
+impl StableDiffusion {
+    /// Checks a request against the model, with messages an artist can act on.
+    pub fn validate(&self, request: &GenerationRequest) -> Result<()> {
+        let factor = self.vae_scale_factor();
+        for (name, value) in [("width", request.width), ("height", request.height)] {
+            if value == 0 || !value.is_multiple_of(factor) {
+                return Err(EngineError::InvalidParameter(format!(
+                    "{name} {value} must be a positive multiple of {factor} for this model"
+                )));
+            }
+            if value > 4096 {
+                return Err(EngineError::InvalidParameter(format!(
+                    "{name} {value} is larger than 4096 pixels"
+                )));
+            }
+        }
+        if request.batch_size == 0 || request.batch_size > 64 {
+            return Err(EngineError::InvalidParameter(format!(
+                "batch size must be between 1 and 64, got {}",
+                request.batch_size
+            )));
+        }
+        if !request.guidance_scale.is_finite() || request.guidance_scale < 0.0 {
+            return Err(EngineError::InvalidParameter(format!(
+                "guidance scale must be a non-negative number, got {}",
+                request.guidance_scale
+            )));
+        }
+        if request.steps == 0 || request.steps > self.scheduler_config.train_timesteps() {
+            return Err(EngineError::InvalidParameter(format!(
+                "steps must be between 1 and {}, got {}",
+                self.scheduler_config.train_timesteps(),
+                request.steps
+            )));
+        }
+        Ok(())
+    }
+
+    /// The latent shape of a request: `(batch, channels, height / f, width / f)`.
+    pub fn latent_shape(&self, request: &GenerationRequest) -> [usize; 4] {
+        let factor = self.vae_scale_factor();
+        [
+            request.batch_size,
+            self.unet.config().in_channels,
+            request.height / factor,
+            request.width / factor,
+        ]
+    }
+
+    /// Seeded standard-normal noise for a request: image `k` from `seed + k`.
+    pub fn seeded_noise(&self, request: &GenerationRequest) -> Result<Tensor> {
+        let [batch, channels, height, width] = self.latent_shape(request);
+        let mut items = Vec::with_capacity(batch);
+        for k in 0..batch {
+            let mut generator = NoiseGenerator::new(request.seed.wrapping_add(k as u64));
+            items.push(generator.randn(&[1, channels, height, width], &self.device)?);
+        }
+        Ok(Tensor::cat(&items, 0)?)
+    }
+
+    /// Runs a whole job. `init_noise` (standard normal, the latent shape) replaces the seeded
+    /// noise, as diffusers' `latents=` argument does; `cancel` is checked before every step.
+    pub fn generate(
+        &self,
+        request: &GenerationRequest,
+        init_noise: Option<&Tensor>,
+        preview: PreviewOptions,
+        cancel: &AtomicBool,
+        on_step: &mut dyn FnMut(StepProgress<'_>),
+    ) -> Result<GenerationOutput> {
+        let started = Instant::now();
+        self.validate(request)?;
+        let noise = self.job_noise(request, init_noise)?;
+        let conditioning = self.condition(request)?;
+        let text_encoding_secs = started.elapsed().as_secs_f64();
+
+        let mut scheduler = request.scheduler.build(
+            &self.scheduler_config,
+            request.steps,
+            request.sigmas,
+            request.eta,
+        )?;
+        let plan = LatentPlan::text_to_image(noise, scheduler.as_ref())?;
+        let denoise_started = Instant::now();
+        let latents = self.denoise(
+            request,
+            plan,
+            &conditioning,
+            scheduler.as_mut(),
+            preview,
+            cancel,
+            started,
+            on_step,
+        )?;
+        // Make sure queued GPU work is counted as denoising, not decoding.
+        self.device.synchronize()?;
+        let denoising_secs = denoise_started.elapsed().as_secs_f64();
+        if cancel.load(Ordering::Relaxed) {
+            return Err(EngineError::Cancelled);
+        }
+        if !all_finite(&latents)? {
+            return Err(EngineError::NotFinite(format!(
+                "the denoised latents are not finite numbers (NaN or infinity): the image would be flat. Guidance {} may be too large for this model and sampler",
+                request.guidance_scale
+            )));
+        }
+        let decode_started = Instant::now();
+        let images = self.decode(&latents)?;
+        let decode_secs = decode_started.elapsed().as_secs_f64();
+        Ok(GenerationOutput {
+            images,
+            latents,
+            timings: Timings {
+                text_encoding_secs,
+                denoising_secs,
+                decode_secs,
+                total_secs: started.elapsed().as_secs_f64(),
+            },
+            warnings: conditioning.warnings,
+        })
+    }
+
+    /// The job's standard-normal noise: `init_noise` when given (checked), else seeded.
+    fn job_noise(
+        &self,
+        request: &GenerationRequest,
+        init_noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let latent_shape = self.latent_shape(request);
+        let Some(noise) = init_noise else {
+            return self.seeded_noise(request);
+        };
+        if noise.dims() != latent_shape {
+            return Err(EngineError::InvalidParameter(format!(
+                "initial noise has shape {:?}, this job needs {:?}",
+                noise.dims(),
+                latent_shape
+            )));
+        }
+        let noise = noise.to_device(&self.device)?.to_dtype(DType::F32)?;
+        if !all_finite(&noise)? {
+            return Err(EngineError::InvalidParameter(
+                "the initial noise contains NaN or infinite values".into(),
+            ));
+        }
+        Ok(noise)
+    }
+
+    /// Encodes the prompts into what the UNet reads at every step, for the whole batch.
+    fn condition(&self, request: &GenerationRequest) -> Result<Conditioning> {
+        let mut warnings = Vec::new();
+        let batch = request.batch_size;
+        let positive = self.encode_prompt(&request.prompt)?;
+        if positive.dropped_tokens > 0 {
+            warnings.push(format!(
+                "the prompt is longer than the text encoder takes: its last {} tokens were dropped",
+                positive.dropped_tokens
+            ));
+        }
+        // LCM-distilled UNets take the guidance scale as an embedding and run without
+        // classifier-free guidance (as LatentConsistencyModelPipeline does).
+        let guidance_embedding = match self.unet.guidance_embedding_dim() {
+            Some(dim) => Some(crate::engine::unet::guidance_scale_embedding(
+                request.guidance_scale - 1.0,
+                dim,
+                batch,
+                &self.device,
+            )?),
+            None => None,
+        };
+        let guided = request.guidance_scale > 1.0 && guidance_embedding.is_none();
+        let negative = if guided {
+            let negative = self.encode_negative_prompt(&request.negative_prompt, &positive)?;
+            if negative.dropped_tokens > 0 {
+                warnings.push(format!(
+                    "the negative prompt is too long: its last {} tokens were dropped",
+                    negative.dropped_tokens
+                ));
+            }
+            Some(negative)
+        } else {
+            None
+        };
+        let repeat = |t: &Tensor| -> Result<Tensor> {
+            let rows: Vec<Tensor> = (0..batch).map(|_| t.clone()).collect();
+            Ok(Tensor::cat(&rows, 0)?)
+        };
+        let mut contexts = Vec::new();
+        let mut pooled = Vec::new();
+        for embeddings in negative.iter().chain(std::iter::once(&positive)) {
+            contexts.push(repeat(&embeddings.context)?);
+            if let Some(p) = &embeddings.pooled {
+                pooled.push(repeat(p)?);
+            }
+        }
+        let context = Tensor::cat(&contexts, 0)?.to_dtype(self.dtype)?;
+        let model_batch = context.dim(0)?;
+        let added = if self.unet.needs_added_conditions() {
+            let text_embeds = Tensor::cat(&pooled, 0)?;
+            let (h, w) = (request.height as f32, request.width as f32);
+            let ids = [h, w, 0.0, 0.0, h, w];
+            let time_ids = Tensor::new(&ids, &self.device)?
+                .unsqueeze(0)?
+                .repeat((model_batch, 1))?;
+            Some(AddedConditions {
+                text_embeds,
+                time_ids,
+            })
+        } else {
+            None
+        };
+        Ok(Conditioning {
+            context,
+            added,
+            guidance_embedding,
+            guided,
+            warnings,
+        })
+    }
+
+    /// The one denoising loop, for every mode: from `plan`'s first step to the last, the UNet
+    /// (twice the batch with classifier-free guidance), the scheduler's step, a preview and the
+    /// cancel flag at every step. Returns the final latents.
+    #[allow(clippy::too_many_arguments)] // one job's parts, each used once per step
+    fn denoise(
+        &self,
+        request: &GenerationRequest,
+        plan: LatentPlan,
+        conditioning: &Conditioning,
+        scheduler: &mut dyn Scheduler,
+        preview: PreviewOptions,
+        cancel: &AtomicBool,
+        started: Instant,
+        on_step: &mut dyn FnMut(StepProgress<'_>),
+    ) -> Result<Tensor> {
+        let batch = request.batch_size;
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut latents = plan.latents;
+        let mut generator = NoiseGenerator::new(request.seed ^ 0x5eed_5eed_5eed_5eed);
+        for (index, &timestep) in timesteps.iter().enumerate().skip(plan.first_index) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(EngineError::Cancelled);
+            }
+            let scaled = scheduler.scale_model_input(&latents, index)?;
+            let scaled = match &plan.extra_unet_input {
+                Some(extra) => Tensor::cat(&[&scaled, extra], 1)?,
+                None => scaled,
+            };
+            let model_input = if conditioning.guided {
+                Tensor::cat(&[&scaled, &scaled], 0)?
+            } else {
+                scaled
+            }
+            .to_dtype(self.dtype)?;
+            let prediction = self
+                .unet
+                .forward_with_guidance(
+                    &model_input,
+                    timestep,
+                    &conditioning.context,
+                    conditioning.added.as_ref(),
+                    conditioning.guidance_embedding.as_ref(),
+                )?
+                .to_dtype(DType::F32)?;
+            let guided_prediction = if conditioning.guided {
+                let uncond = prediction.narrow(0, 0, batch)?;
+                let cond = prediction.narrow(0, batch, batch)?;
+                (&uncond + ((cond - &uncond)? * request.guidance_scale)?)?
+            } else {
+                prediction
+            };
+            let step = scheduler.step(&guided_prediction, index, &latents, &mut generator)?;
+            latents = step.prev_sample;
+            let vae_preview = if preview.vae_decode_every > 0
+                && (index + 1) % preview.vae_decode_every == 0
+                && index + 1 < timesteps.len()
+            {
+                let first = step.pred_original_sample.narrow(0, 0, 1)?;
+                self.decode(&first)?.into_iter().next()
+            } else {
+                None
+            };
+            on_step(StepProgress {
+                step_index: index,
+                total_steps: timesteps.len(),
+                timestep,
+                elapsed_secs: started.elapsed().as_secs_f64(),
+                predicted_latents: &step.pred_original_sample,
+                vae_preview,
+            });
+        }
+        Ok(latents)
+    }
+}
+
+/// What the UNet reads besides the latents, the same at every step.
+struct Conditioning {
+    /// Text embeddings, `(model batch, tokens, width)`: the negative prompt's rows first when
+    /// guided.
+    context: Tensor,
+    /// SDXL's pooled text and size conditioning.
+    added: Option<AddedConditions>,
+    /// LCM-distilled UNets' guidance-scale embedding.
+    guidance_embedding: Option<Tensor>,
+    /// Whether classifier-free guidance runs (the UNet sees the batch twice).
+    guided: bool,
+    /// Prompts that were cut, said to the artist.
+    warnings: Vec<String>,
+}
+
+/// How a mode starts the loop and what it feeds the UNet beside the latents: everything a mode
+/// (text to image now; image to image and inpainting next) changes about the one loop.
+struct LatentPlan {
+    /// The first index into the scheduler's timesteps (0: from pure noise; later for a partial
+    /// denoise of an init image).
+    first_index: usize,
+    /// The latents the loop starts from.
+    latents: Tensor,
+    /// Channels concatenated after the latents for the UNet (an inpainting UNet's mask and
+    /// masked-image latents).
+    extra_unet_input: Option<Tensor>,
+}
+
+impl LatentPlan {
+    /// Text to image: every step, from the noise scaled to the scheduler's initial sigma.
+    fn text_to_image(noise: Tensor, scheduler: &dyn Scheduler) -> Result<Self> {
+        Ok(Self {
+            first_index: 0,
+            latents: (noise * scheduler.init_noise_sigma())?,
+            extra_unet_input: None,
+        })
+    }
+}

@@ -1,0 +1,161 @@
+//! Loading: every component from its own config, checked as it is read.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+
+use super::{LoadOptions, ModelFamily, StableDiffusion, TextEncoderPart, default_dtype};
+use crate::engine::clip::ClipTextEncoder;
+use crate::engine::config::{
+    CheckedConfig, ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig, VaeConfig,
+};
+use crate::engine::error::{EngineError, Result};
+use crate::engine::source::{LoadProgress, ModelFiles, ModelSource};
+use crate::engine::tokenizer::ClipTokenizer;
+use crate::engine::unet::UNet;
+use crate::engine::vae::VaeDecoder;
+
+/// Reads a component's `config.json` and checks every value before a model is built from it.
+fn read_json<T: DeserializeOwned + CheckedConfig>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::bad_file(path, e))?;
+    let config: T = serde_json::from_str(&text).map_err(|e| EngineError::bad_file(path, e))?;
+    config.check().map_err(|e| EngineError::bad_file(path, e))?;
+    Ok(config)
+}
+
+fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    // SAFETY: the weights file is memory-mapped read-only; Atelier never writes model files,
+    // and a file changed underneath us by another program is outside what we can guard against.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
+        .map_err(|e| EngineError::bad_file(path, e))
+}
+
+impl StableDiffusion {
+    /// Loads every component of the model at `source` from its own config.
+    pub fn load(source: ModelSource, options: LoadOptions) -> Result<Self> {
+        if let ModelSource::Folder(root) = &source
+            && !root.is_dir()
+        {
+            return Err(EngineError::MissingFile {
+                what: "model folder".into(),
+                path: root.clone(),
+            });
+        }
+        let files = ModelFiles::new(source, options.progress.clone());
+        let device = options.device.clone();
+        let dtype = options.dtype.unwrap_or_else(|| default_dtype(&device));
+        let prefer_fp16 = dtype != DType::F32;
+        // Every diffusers repo on the Hub has a model_index.json; a local folder may lack one.
+        let index_path = match files.source() {
+            ModelSource::Hub(_) => Some(files.required("model_index.json", "pipeline index")?),
+            ModelSource::Folder(_) => files.optional("model_index.json")?,
+        };
+        let index: ModelIndex = match index_path {
+            Some(path) => read_json(&path)?,
+            None => ModelIndex::default(),
+        };
+        let scheduler_config: SchedulerConfig =
+            match files.optional("scheduler/scheduler_config.json")? {
+                Some(path) => read_json(&path)?,
+                None => SchedulerConfig::sd15(),
+            };
+
+        let mut text_encoders = Vec::new();
+        for (tokenizer_dir, encoder_dir) in [
+            ("tokenizer", "text_encoder"),
+            ("tokenizer_2", "text_encoder_2"),
+        ] {
+            let config_name = format!("{encoder_dir}/config.json");
+            // Without a model_index.json, assume the one text encoder of SD 1.x/2.x.
+            let wanted = index.has_component(encoder_dir)
+                || (encoder_dir == "text_encoder" && index.components.is_empty());
+            if !wanted {
+                continue;
+            }
+            files.report(LoadProgress::Loading {
+                component: encoder_dir.into(),
+            });
+            let config: ClipTextConfig =
+                read_json(&files.required(&config_name, "text encoder config")?)?;
+            let weights = files.weights(encoder_dir, "model", prefer_fp16)?;
+            let encoder = ClipTextEncoder::new(config, var_builder(&weights, dtype, &device)?)?;
+            let tokenizer = ClipTokenizer::load(&files, tokenizer_dir)?;
+            let positions = encoder.config().max_position_embeddings;
+            if positions < tokenizer.max_length() {
+                return Err(EngineError::Unsupported(format!(
+                    "{encoder_dir} has {positions} positions but its tokenizer makes {} tokens",
+                    tokenizer.max_length()
+                )));
+            }
+            text_encoders.push(TextEncoderPart {
+                tokenizer: Arc::new(tokenizer),
+                encoder,
+            });
+        }
+        if text_encoders.is_empty() {
+            return Err(EngineError::Unsupported(
+                "the model has no text encoder (model_index.json lists none)".into(),
+            ));
+        }
+
+        files.report(LoadProgress::Loading {
+            component: "unet".into(),
+        });
+        let unet_config: UNetConfig =
+            read_json(&files.required("unet/config.json", "UNet config")?)?;
+        let unet_weights = files.weights("unet", "diffusion_pytorch_model", prefer_fp16)?;
+        let unet = UNet::new(unet_config, var_builder(&unet_weights, dtype, &device)?)?;
+
+        let family = if unet.needs_added_conditions() || text_encoders.len() > 1 {
+            ModelFamily::Sdxl
+        } else if text_encoders[0].encoder.config().hidden_act == "gelu" {
+            ModelFamily::Sd2
+        } else {
+            ModelFamily::Sd1
+        };
+
+        files.report(LoadProgress::Loading {
+            component: "vae".into(),
+        });
+        let vae_config: VaeConfig = read_json(&files.required("vae/config.json", "VAE config")?)?;
+        // SDXL's VAE overflows in f16; its config says so with force_upcast. Like diffusers, only
+        // the SDXL pipeline heeds it: SD 1.x/2.x configs default it to true yet decode in f16.
+        let vae_dtype =
+            if dtype == DType::F16 && vae_config.force_upcast && family == ModelFamily::Sdxl {
+                DType::F32
+            } else {
+                dtype
+            };
+        let vae_weights = files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?;
+        let mut vae = VaeDecoder::new(vae_config, var_builder(&vae_weights, vae_dtype, &device)?)?;
+        // Upcast from f16: TF32 convolutions, as diffusers' f32 decode gets from cuDNN.
+        vae.allow_tf32_convolutions(vae_dtype != dtype);
+
+        let context_width: usize = text_encoders
+            .iter()
+            .map(|part| part.encoder.config().hidden_size)
+            .sum();
+        let expected_context = unet.config().cross_attention_dim.at(0).unwrap_or(0);
+        if context_width != expected_context {
+            return Err(EngineError::Unsupported(format!(
+                "the text encoders give {context_width}-wide embeddings but the UNet expects {expected_context}"
+            )));
+        }
+        Ok(Self {
+            name: files.source().display_name(),
+            family,
+            device,
+            dtype,
+            text_encoders,
+            unet,
+            vae,
+            vae_dtype,
+            scheduler_config,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
+            unet_weights,
+        })
+    }
+}

@@ -1,0 +1,120 @@
+//! The text-to-image pipeline: load a model, encode prompts, denoise, decode.
+//!
+//! One file a concern: [`request`] (what a job asks for), [`load`] (the one assembler of
+//! components), [`prompt`] (text encoding), [`denoise`] (the one denoising loop), [`decode`]
+//! (latents to pixels and previews).
+
+mod decode;
+mod denoise;
+mod load;
+mod prompt;
+mod request;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+
+use super::clip::ClipTextEncoder;
+use super::config::SchedulerConfig;
+use super::tokenizer::ClipTokenizer;
+use super::unet::UNet;
+use super::vae::VaeDecoder;
+
+pub use decode::tensor_to_images;
+pub use prompt::PromptEmbeddings;
+pub use request::{
+    DeviceChoice, GenerationOutput, GenerationRequest, LoadOptions, ModelFamily, PreviewOptions,
+    StepProgress, Timings, default_dtype,
+};
+
+struct TextEncoderPart {
+    tokenizer: Arc<ClipTokenizer>,
+    encoder: ClipTextEncoder,
+}
+
+/// A loaded Stable Diffusion model.
+pub struct StableDiffusion {
+    name: String,
+    family: ModelFamily,
+    device: Device,
+    dtype: DType,
+    text_encoders: Vec<TextEncoderPart>,
+    unet: UNet,
+    vae: VaeDecoder,
+    vae_dtype: DType,
+    scheduler_config: SchedulerConfig,
+    force_zeros_for_empty_prompt: bool,
+    unet_weights: std::path::PathBuf,
+}
+
+impl StableDiffusion {
+    /// The UNet's weights file (hashed for the images' metadata).
+    pub fn unet_weights(&self) -> &Path {
+        &self.unet_weights
+    }
+
+    /// The model's name (repo id or folder name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The detected family.
+    pub fn family(&self) -> ModelFamily {
+        self.family
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The working precision.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The parts the benchmark times.
+    pub fn bench_target(&self) -> super::bench::BenchTarget<'_> {
+        super::bench::BenchTarget {
+            text_encoders: self
+                .text_encoders
+                .iter()
+                .map(|part| &part.encoder)
+                .collect(),
+            unet: &self.unet,
+            vae: &self.vae,
+            dtype: self.dtype,
+            vae_dtype: self.vae_dtype,
+            device: &self.device,
+        }
+    }
+
+    /// The UNet.
+    pub fn unet(&self) -> &UNet {
+        &self.unet
+    }
+
+    /// The VAE decoder.
+    pub fn vae(&self) -> &VaeDecoder {
+        &self.vae
+    }
+
+    /// The model's scheduler config.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// Pixels per latent cell along each side.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().scale_factor()
+    }
+
+    /// The image size the model was trained at, if its UNet config says.
+    pub fn native_size(&self) -> Option<usize> {
+        self.unet
+            .config()
+            .sample_size
+            .map(|s| s * self.vae_scale_factor())
+    }
+}
