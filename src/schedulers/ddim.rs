@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use super::schedule::{ClassDefaults, Schedule, Spacing};
-use super::{Prediction, Scheduler, StepOutput};
+use super::{NoiseLevel, Prediction, Scheduler, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
 use crate::schedulers::error::Result;
 use crate::schedulers::noise::NoiseGenerator;
@@ -64,6 +64,13 @@ impl DdimScheduler {
 }
 
 impl Scheduler for DdimScheduler {
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel> {
+        NoiseLevel::from_alphas_cumprod(
+            &self.alphas_cumprod,
+            super::at_index(&self.discrete, index)?,
+        )
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::schedule::{ClassDefaults, Schedule, Spacing};
-use super::{Prediction, Scheduler, StepOutput};
+use super::{NoiseLevel, Prediction, Scheduler, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
 use crate::schedulers::error::{Result, SchedulerError};
 use crate::schedulers::noise::NoiseGenerator;
@@ -54,6 +54,13 @@ impl DdpmScheduler {
 }
 
 impl Scheduler for DdpmScheduler {
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel> {
+        NoiseLevel::from_alphas_cumprod(
+            &self.alphas_cumprod,
+            super::at_index(&self.discrete, index)?,
+        )
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

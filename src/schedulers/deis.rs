@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use super::schedule::{
     ClassDefaults, Schedule, Spacing, TimestepRounding, alpha_sigma, multistep_steps,
 };
-use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
+use super::{NoiseLevel, Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
 use crate::schedulers::error::{Result, SchedulerError};
 use crate::schedulers::noise::NoiseGenerator;
@@ -98,6 +98,13 @@ fn ind3(t: f64, b: f64, c: f64, d: f64) -> f64 {
 }
 
 impl Scheduler for DeisScheduler {
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel> {
+        Ok(NoiseLevel::from_sigma_vp(super::at_index(
+            &self.sigmas,
+            index,
+        )?))
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -10,7 +10,7 @@
 use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, scale_by_sigma, sigma_to_t};
-use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
+use super::{NoiseLevel, Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
 use crate::schedulers::error::{Result, SchedulerError};
 use crate::schedulers::noise::NoiseGenerator;
@@ -98,6 +98,19 @@ impl DpmSdeScheduler {
 }
 
 impl Scheduler for DpmSdeScheduler {
+    fn order(&self) -> usize {
+        2
+    }
+
+    // diffusers' sigmas repeat every inner sigma ([s0, s1, s1, s2, s2, ...]): evaluation i
+    // starts from s[(i + 1) / 2].
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel> {
+        Ok(NoiseLevel::Sigma(super::at_index(
+            &self.sigmas,
+            index.div_ceil(2),
+        )?))
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, scale_by_sigma, sigma_to_t};
-use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
+use super::{NoiseLevel, Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
 use crate::schedulers::error::Result;
 use crate::schedulers::noise::NoiseGenerator;
@@ -86,6 +86,18 @@ impl DpmPp2sAncestral {
 }
 
 impl Scheduler for DpmPp2sAncestral {
+    fn order(&self) -> usize {
+        2
+    }
+
+    // Two evaluations a step, laid out as the other second-order samplers' (s[(i + 1) / 2]).
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel> {
+        Ok(NoiseLevel::Sigma(super::at_index(
+            &self.sigmas,
+            index.div_ceil(2),
+        )?))
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

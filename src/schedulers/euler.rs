@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, scale_by_sigma};
-use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
+use super::{NoiseLevel, Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
 use crate::schedulers::error::{Result, SchedulerError};
 use crate::schedulers::noise::NoiseGenerator;
@@ -67,6 +67,10 @@ impl EulerScheduler {
 }
 
 impl Scheduler for EulerScheduler {
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel> {
+        Ok(NoiseLevel::Sigma(super::at_index(&self.sigmas, index)?))
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

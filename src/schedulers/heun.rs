@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use super::euler::EulerScheduler;
 use super::schedule::scale_by_sigma;
-use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
+use super::{NoiseLevel, Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
 use crate::schedulers::error::Result;
 use crate::schedulers::noise::NoiseGenerator;
@@ -62,6 +62,14 @@ impl HeunScheduler {
 }
 
 impl Scheduler for HeunScheduler {
+    fn order(&self) -> usize {
+        2
+    }
+
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel> {
+        Ok(NoiseLevel::Sigma(super::at_index(&self.sigmas, index)?))
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

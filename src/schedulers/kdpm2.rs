@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, log_midpoint_f32, scale_by_sigma, sigma_to_t_f32};
-use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
+use super::{NoiseLevel, Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
 use crate::schedulers::error::{Result, SchedulerError};
 use crate::schedulers::noise::NoiseGenerator;
@@ -112,6 +112,19 @@ impl Kdpm2Scheduler {
 }
 
 impl Scheduler for Kdpm2Scheduler {
+    fn order(&self) -> usize {
+        2
+    }
+
+    // diffusers' sigmas repeat every inner sigma ([s0, s1, s1, s2, s2, ...]): evaluation i
+    // starts from s[(i + 1) / 2].
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel> {
+        Ok(NoiseLevel::Sigma(super::at_index(
+            &self.sigmas,
+            index.div_ceil(2),
+        )?))
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

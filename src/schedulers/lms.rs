@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::schedule::{SigmaSteps, scale_by_sigma};
-use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
+use super::{NoiseLevel, Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
 use crate::schedulers::error::Result;
 use crate::schedulers::noise::NoiseGenerator;
@@ -66,6 +66,13 @@ impl LmsScheduler {
 }
 
 impl Scheduler for LmsScheduler {
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel> {
+        Ok(NoiseLevel::Sigma(super::at_index(
+            &self.steps.sigmas,
+            index,
+        )?))
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.steps.timesteps
     }

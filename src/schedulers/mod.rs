@@ -62,6 +62,83 @@ pub trait Scheduler: Send {
         sample: &Tensor,
         noise: &mut NoiseGenerator,
     ) -> Result<StepOutput>;
+    /// Model evaluations per step in [`Scheduler::timesteps`] (diffusers' `order`): 2 for the
+    /// second-order singlestep samplers, whose timesteps come in pairs; 1 for the rest. A late
+    /// start (image to image) begins at a multiple of it.
+    fn order(&self) -> usize {
+        1
+    }
+    /// How noisy the latents are before evaluation `index`: what [`Scheduler::add_noise`] mixes.
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel>;
+    /// Clean latents noised to the level of evaluation `index`, as diffusers' `add_noise` does
+    /// at its step index (the start of an image-to-image run, or the known region of an
+    /// inpainting after a step).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        Ok(match self.noise_level(index)? {
+            NoiseLevel::Sigma(sigma) => (original + (noise * sigma as f64)?)?,
+            NoiseLevel::AlphaSigma { alpha, sigma } => {
+                ((original * alpha as f64)? + (noise * sigma as f64)?)?
+            }
+        })
+    }
+}
+
+/// How much of the clean latents and how much noise the latents hold at a point of the schedule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NoiseLevel {
+    /// The k-diffusion parametrisation: `x = x0 + sigma * noise`.
+    Sigma(f32),
+    /// The variance-preserving one: `x = alpha * x0 + sigma * noise`.
+    AlphaSigma {
+        /// The signal's scale, `sqrt(alphas_cumprod)`.
+        alpha: f32,
+        /// The noise's scale, `sqrt(1 - alphas_cumprod)`.
+        sigma: f32,
+    },
+}
+
+impl NoiseLevel {
+    /// The variance-preserving level of training step `timestep`, from `alphas_cumprod` (f32, as
+    /// diffusers computes it).
+    pub fn from_alphas_cumprod(alphas_cumprod: &[f32], timestep: i64) -> Result<Self> {
+        let abar = usize::try_from(timestep)
+            .ok()
+            .and_then(|t| alphas_cumprod.get(t))
+            .copied()
+            .ok_or_else(|| {
+                SchedulerError::InvalidParameter(format!("no training step {timestep}"))
+            })?;
+        Ok(NoiseLevel::AlphaSigma {
+            alpha: abar.sqrt(),
+            sigma: (1.0 - abar).sqrt(),
+        })
+    }
+
+    /// The variance-preserving level of a k-diffusion sigma (the multistep solvers keep sigmas).
+    pub fn from_sigma_vp(sigma: f32) -> Self {
+        let (alpha, sigma) = schedule::alpha_sigma(sigma);
+        NoiseLevel::AlphaSigma {
+            alpha: alpha as f32,
+            sigma: sigma as f32,
+        }
+    }
+}
+
+/// `values[index]`, or an error naming the evaluation index (for [`Scheduler::noise_level`]).
+pub fn at_index<T: Copy>(values: &[T], index: usize) -> Result<T> {
+    values.get(index).copied().ok_or_else(|| {
+        SchedulerError::InvalidParameter(format!(
+            "evaluation {index} is past the end of the schedule"
+        ))
+    })
+}
+
+/// Where an image-to-image run of `steps` steps at denoising `strength` (0 to 1) starts in the
+/// timesteps of a scheduler of `order`, as diffusers' `get_timesteps` computes it: the last
+/// `int(steps * strength)` steps run.
+pub fn first_index_for_strength(steps: usize, strength: f64, order: usize) -> usize {
+    let init_steps = ((steps as f64 * strength) as usize).min(steps);
+    steps.saturating_sub(init_steps) * order
 }
 
 /// The samplers Atelier knows, by the ids the CLI and metadata use

@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::schedule::{ClassDefaults, Schedule, Spacing};
-use super::{Prediction, Scheduler, StepOutput};
+use super::{NoiseLevel, Prediction, Scheduler, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
 use crate::schedulers::error::{Result, SchedulerError};
 use crate::schedulers::noise::NoiseGenerator;
@@ -107,6 +107,13 @@ impl PndmScheduler {
 }
 
 impl Scheduler for PndmScheduler {
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel> {
+        NoiseLevel::from_alphas_cumprod(
+            &self.alphas_cumprod,
+            super::at_index(&self.discrete, index)?,
+        )
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::schedule::{TimestepRounding, alpha_sigma, lambda, multistep_steps};
-use super::{Prediction, Scheduler, SigmaSchedule, StepOutput};
+use super::{NoiseLevel, Prediction, Scheduler, SigmaSchedule, StepOutput};
 use crate::schedulers::config::SchedulerConfig;
 use crate::schedulers::error::{Result, SchedulerError};
 use crate::schedulers::noise::NoiseGenerator;
@@ -222,6 +222,13 @@ impl UniPcScheduler {
 }
 
 impl Scheduler for UniPcScheduler {
+    fn noise_level(&self, index: usize) -> Result<NoiseLevel> {
+        Ok(NoiseLevel::from_sigma_vp(super::at_index(
+            &self.sigmas,
+            index,
+        )?))
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
