@@ -2,7 +2,8 @@
 
 use egui::{RichText, Ui};
 
-use super::{AtelierApp, ModelState, UiCommand};
+use super::settings::Settings;
+use super::{ModelState, StudioState, UiCommand};
 
 /// Formats seconds as `1:05` or `12.3 s`.
 pub fn format_secs(secs: f64) -> String {
@@ -15,8 +16,14 @@ pub fn format_secs(secs: f64) -> String {
 }
 
 /// Draws the error banner, progress, the image and its toolbar.
-pub fn canvas_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
-    if let Some(error) = &app.error {
+/// `settings` holds the zoom choice; `studio` is the engine as the window knows it.
+pub fn canvas_ui(
+    ui: &mut Ui,
+    settings: &mut Settings,
+    studio: &StudioState<'_>,
+    commands: &mut Vec<UiCommand>,
+) {
+    if let Some(error) = &studio.error {
         egui::Frame::new()
             .fill(ui.visuals().extreme_bg_color)
             .stroke(egui::Stroke::new(1.0, ui.visuals().error_fg_color))
@@ -42,11 +49,11 @@ pub fn canvas_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand
             });
         ui.add_space(4.0);
     }
-    for warning in &app.warnings {
+    for warning in studio.warnings {
         ui.colored_label(ui.visuals().warn_fg_color, warning);
     }
 
-    if let Some(running) = &app.running {
+    if let Some(running) = &studio.running {
         ui.horizontal(|ui| {
             let fraction = running.steps_done as f32 / running.total_steps.max(1) as f32;
             let per_sec = if running.elapsed_secs > 0.0 {
@@ -84,15 +91,15 @@ pub fn canvas_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand
                 commands.push(UiCommand::Cancel);
             }
         });
-    } else if matches!(app.model, ModelState::Loading { .. }) && !app.queue.is_empty() {
+    } else if matches!(studio.model, ModelState::Loading { .. }) && !studio.queue.is_empty() {
         ui.label("Waiting for the model to load…");
     }
 
     ui.horizontal(|ui| {
-        ui.selectable_value(&mut app.settings.zoom_to_fit, true, "Fit");
-        ui.selectable_value(&mut app.settings.zoom_to_fit, false, "1:1");
+        ui.selectable_value(&mut settings.zoom_to_fit, true, "Fit");
+        ui.selectable_value(&mut settings.zoom_to_fit, false, "1:1");
         ui.separator();
-        let has_image = app.shown.is_some();
+        let has_image = studio.shown.is_some();
         if ui
             .add_enabled(has_image, egui::Button::new("Save as…"))
             .clicked()
@@ -113,14 +120,14 @@ pub fn canvas_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand
         }
     });
 
-    let texture = if app.running.is_some() {
-        app.preview
+    let texture = if studio.running.is_some() {
+        studio.preview
             .as_ref()
-            .or(app.shown.as_ref().map(|s| &s.texture))
+            .or(studio.shown.as_ref().map(|s| &s.texture))
     } else {
-        app.shown.as_ref().map(|s| &s.texture)
+        studio.shown.as_ref().map(|s| &s.texture)
     };
-    if let Some(shown) = app.shown.as_ref().filter(|_| app.running.is_none()) {
+    if let Some(shown) = studio.shown.as_ref().filter(|_| studio.running.is_none()) {
         let r = &shown.request;
         let t = &shown.timings;
         ui.weak(format!(
@@ -140,17 +147,17 @@ pub fn canvas_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand
     match texture {
         Some(texture) => {
             let size = texture.size_vec2();
-            let target = app
+            let target = studio
                 .running
                 .as_ref()
                 .map(|r| egui::vec2(r.job.request.width as f32, r.job.request.height as f32))
                 .or_else(|| {
-                    app.shown
+                    studio.shown
                         .as_ref()
                         .map(|s| egui::vec2(s.request.width as f32, s.request.height as f32))
                 })
                 .unwrap_or(size);
-            if app.settings.zoom_to_fit {
+            if settings.zoom_to_fit {
                 let available = ui.available_size();
                 let scale = (available.x / target.x)
                     .min(available.y / target.y)
@@ -179,16 +186,16 @@ pub fn canvas_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand
 }
 
 /// The status bar: model, UI frame time, time to first preview.
-pub fn status_bar_ui(ui: &mut Ui, app: &AtelierApp) {
+pub fn status_bar_ui(ui: &mut Ui, studio: &StudioState<'_>) {
     ui.horizontal(|ui| {
-        match &app.model {
+        match &studio.model {
             ModelState::Ready(info) => ui.label(format!("Ready: {} on {}", info.name, info.device)),
             ModelState::Loading { model, .. } => ui.label(format!("Loading {model}…")),
             ModelState::Failed { model } => ui.label(format!("Failed to load {model}")),
             ModelState::Empty => ui.label("No model"),
         };
         ui.separator();
-        let stats = &app.frame_stats;
+        let stats = &studio.frame_stats;
         let mut text = format!("UI frame {:.1} ms", stats.last_ms);
         if stats.frames_while_busy > 0 {
             text.push_str(&format!(

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use egui::{RichText, TextureHandle, Ui};
 use image::RgbImage;
 
-use super::{AtelierApp, ModelState, UiCommand};
+use super::settings::Settings;
+use super::{ModelState, UiCommand};
 use crate::compare::{CellResult, ComparisonPlan, YAxis, sampler_label};
 use crate::schedulers::{Sampler, SchedulerKind, SigmaSchedule};
 use crate::worker::JobId;
@@ -210,15 +211,22 @@ fn pickable_samplers() -> Vec<Sampler> {
 }
 
 /// Draws the Compare tab.
-pub fn compare_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
+/// `settings` gives the Studio tab's prompt, seed and size; `model` says whether Run can start.
+pub fn compare_ui(
+    ui: &mut Ui,
+    view: &mut CompareView,
+    settings: &Settings,
+    model: &ModelState,
+    commands: &mut Vec<UiCommand>,
+) {
     egui::Panel::left("compare-controls")
         .resizable(true)
         .default_size(300.0)
         .show(ui, |ui| {
-            egui::ScrollArea::vertical().show(ui, |ui| controls_ui(ui, app, commands));
+            egui::ScrollArea::vertical().show(ui, |ui| controls_ui(ui, view, settings, model, commands));
         });
     egui::CentralPanel::default_margins().show(ui, |ui| {
-        if app.compare.plan.is_none() {
+        if view.plan.is_none() {
             ui.add_space(40.0);
             ui.vertical_centered(|ui| {
                 ui.label(RichText::new("Compare samplers side by side").heading());
@@ -226,16 +234,22 @@ pub fn compare_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiComman
             });
             return;
         }
-        match app.compare.enlarged {
-            Some(index) => enlarged_ui(ui, app, index, commands),
-            None => grid_ui(ui, app, commands),
+        match view.enlarged {
+            Some(index) => enlarged_ui(ui, view, index, commands),
+            None => grid_ui(ui, view, commands),
         }
     });
 }
 
-fn controls_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
+fn controls_ui(
+    ui: &mut Ui,
+    view: &mut CompareView,
+    settings: &Settings,
+    model: &ModelState,
+    commands: &mut Vec<UiCommand>,
+) {
     // Run first: the sampler list below is long.
-    let s = &app.settings;
+    let s = settings;
     ui.label(RichText::new("From the Studio tab").strong());
     ui.label(format!(
         "\"{}\"\nseed {} · {} steps · guidance {} · {}x{}",
@@ -250,11 +264,11 @@ fn controls_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>)
         s.width,
         s.height
     ));
-    let cells = app.compare.samplers.len() * app.compare.axis().map_or(1, |a| a.len());
-    let ready = matches!(app.model, ModelState::Ready(_));
+    let cells = view.samplers.len() * view.axis().map_or(1, |a| a.len());
+    let ready = matches!(model, ModelState::Ready(_));
     ui.add_space(4.0);
     let run = ui.add_enabled(
-        ready && !app.compare.samplers.is_empty() && !app.compare.running(),
+        ready && !view.samplers.is_empty() && !view.running(),
         egui::Button::new(RichText::new(format!("Run comparison ({cells} cells)")).size(16.0)),
     );
     let run = if ready {
@@ -266,10 +280,10 @@ fn controls_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>)
         commands.push(UiCommand::RunComparison);
     }
     ui.horizontal(|ui| {
-        if app.compare.running() && ui.button("Cancel comparison").clicked() {
+        if view.running() && ui.button("Cancel comparison").clicked() {
             commands.push(UiCommand::CancelComparison);
         }
-        let any_done = app.compare.cells.iter().any(|c| c.image.is_some());
+        let any_done = view.cells.iter().any(|c| c.image.is_some());
         if ui
             .add_enabled(any_done, egui::Button::new("Save grid…"))
             .on_hover_text("One labelled PNG with the comparison's parameters in its metadata")
@@ -278,11 +292,10 @@ fn controls_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>)
             commands.push(UiCommand::SaveGrid);
         }
     });
-    if let Some(error) = &app.compare.error {
+    if let Some(error) = &view.error {
         ui.colored_label(ui.visuals().error_fg_color, error);
     }
     ui.separator();
-    let view = &mut app.compare;
     ui.heading("Down: rows");
     let rows_label = ui.label("Vary");
     egui::ComboBox::from_id_salt("compare-rows")
@@ -338,8 +351,7 @@ fn caption(cell: &CellView) -> String {
     }
 }
 
-fn grid_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
-    let view = &app.compare;
+fn grid_ui(ui: &mut Ui, view: &CompareView, commands: &mut Vec<UiCommand>) {
     let Some(plan) = &view.plan else {
         return;
     };
@@ -406,8 +418,7 @@ fn grid_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
     });
 }
 
-fn enlarged_ui(ui: &mut Ui, app: &mut AtelierApp, index: usize, commands: &mut Vec<UiCommand>) {
-    let view = &mut app.compare;
+fn enlarged_ui(ui: &mut Ui, view: &mut CompareView, index: usize, commands: &mut Vec<UiCommand>) {
     ui.horizontal(|ui| {
         if ui.button("Back to the grid").clicked() {
             commands.push(UiCommand::EnlargeCell(None));

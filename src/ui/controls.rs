@@ -3,21 +3,30 @@
 use egui::{RichText, Ui};
 
 use super::settings::{MODEL_PRESETS, size_presets};
-use super::{AtelierApp, ModelState, UiCommand};
+use super::settings::Settings;
+use super::{ModelState, UiCommand};
 use crate::engine::source::LoadProgress;
 use crate::schedulers::{SchedulerKind, SigmaSchedule};
 
 /// Draws the controls; actions go to `commands`, values are edited in place.
-pub fn controls_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
-    model_ui(ui, app, commands);
+/// `model` and `busy` say where the engine stands; the model field being typed is `model_input`.
+pub fn controls_ui(
+    ui: &mut Ui,
+    settings: &mut Settings,
+    model_input: &mut String,
+    model: &ModelState,
+    busy: bool,
+    commands: &mut Vec<UiCommand>,
+) {
+    model_ui(ui, settings, model_input, model, commands);
     ui.separator();
-    prompts_ui(ui, app);
+    prompts_ui(ui, settings, model);
     ui.separator();
-    parameters_ui(ui, app, commands);
+    parameters_ui(ui, settings, model, commands);
     ui.add_space(8.0);
     let generate = egui::Button::new(RichText::new("Generate").heading())
         .min_size(egui::vec2(ui.available_width(), 36.0));
-    let label = if app.busy() {
+    let label = if busy {
         "Queue another (Ctrl+Enter)"
     } else {
         "Generate (Ctrl+Enter)"
@@ -26,12 +35,18 @@ pub fn controls_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiComma
         commands.push(UiCommand::Generate);
     }
     ui.add_space(4.0);
-    egui::CollapsingHeader::new("Settings").show(ui, |ui| settings_ui(ui, app, commands));
+    egui::CollapsingHeader::new("Settings").show(ui, |ui| settings_ui(ui, settings, commands));
 }
 
-fn model_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
+fn model_ui(
+    ui: &mut Ui,
+    settings: &mut Settings,
+    model_input: &mut String,
+    model: &ModelState,
+    commands: &mut Vec<UiCommand>,
+) {
     let model_heading = ui.heading("Model");
-    let current = match &app.model {
+    let current = match model {
         ModelState::Ready(info) => info.name.clone(),
         ModelState::Loading { model, .. } | ModelState::Failed { model } => model.clone(),
         ModelState::Empty => "Choose a model…".into(),
@@ -43,19 +58,18 @@ fn model_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
             .show_ui(ui, |ui| {
                 for preset in MODEL_PRESETS {
                     if ui
-                        .selectable_label(app.settings.model == preset.repo, preset.label)
+                        .selectable_label(settings.model == preset.repo, preset.label)
                         .on_hover_text(preset.repo)
                         .clicked()
                     {
-                        app.settings.steps = preset.steps;
-                        app.settings.guidance = preset.guidance;
-                        app.settings.width = preset.size;
-                        app.settings.height = preset.size;
+                        settings.steps = preset.steps;
+                        settings.guidance = preset.guidance;
+                        settings.width = preset.size;
+                        settings.height = preset.size;
                         commands.push(UiCommand::LoadModel(preset.repo.into()));
                     }
                 }
-                let recent: Vec<String> = app
-                    .settings
+                let recent: Vec<String> = settings
                     .recent_models
                     .iter()
                     .filter(|m| !MODEL_PRESETS.iter().any(|p| p.repo == m.as_str()))
@@ -66,7 +80,7 @@ fn model_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
                     ui.weak("Recent");
                     for model in recent {
                         if ui
-                            .selectable_label(app.settings.model == model, &model)
+                            .selectable_label(settings.model == model, &model)
                             .clicked()
                         {
                             commands.push(UiCommand::LoadModel(model));
@@ -81,18 +95,18 @@ fn model_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
         }
     });
     ui.horizontal(|ui| {
-        let field = egui::TextEdit::singleline(&mut app.model_input)
+        let field = egui::TextEdit::singleline(model_input)
             .hint_text("folder or owner/repo")
             .desired_width(262.0);
         let response = ui
             .add(field)
             .on_hover_text("A diffusers folder or a Hugging Face repo id");
         let submitted = response.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-        if (ui.button("Load").clicked() || submitted) && !app.model_input.trim().is_empty() {
-            commands.push(UiCommand::LoadModel(app.model_input.trim().to_string()));
+        if (ui.button("Load").clicked() || submitted) && !model_input.trim().is_empty() {
+            commands.push(UiCommand::LoadModel(model_input.trim().to_string()));
         }
     });
-    match &app.model {
+    match model {
         ModelState::Empty => {
             ui.weak("No model loaded.");
         }
@@ -139,8 +153,8 @@ fn model_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
     }
 }
 
-fn prompts_ui(ui: &mut Ui, app: &mut AtelierApp) {
-    let counter = match &app.model {
+fn prompts_ui(ui: &mut Ui, settings: &mut Settings, model: &ModelState) {
+    let counter = match model {
         ModelState::Ready(info) => Some((info.token_counter.clone(), info.max_prompt_tokens)),
         _ => None,
     };
@@ -150,9 +164,9 @@ fn prompts_ui(ui: &mut Ui, app: &mut AtelierApp) {
     ] {
         let label_response = ui.label(label);
         let text = if negative {
-            &mut app.settings.negative_prompt
+            &mut settings.negative_prompt
         } else {
-            &mut app.settings.prompt
+            &mut settings.prompt
         };
         let editor = egui::TextEdit::multiline(text)
             .hint_text(hint)
@@ -173,8 +187,12 @@ fn prompts_ui(ui: &mut Ui, app: &mut AtelierApp) {
     }
 }
 
-fn parameters_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
-    let settings = &mut app.settings;
+fn parameters_ui(
+    ui: &mut Ui,
+    settings: &mut Settings,
+    model: &ModelState,
+    commands: &mut Vec<UiCommand>,
+) {
     egui::Grid::new("parameters")
         .num_columns(2)
         .spacing([8.0, 6.0])
@@ -209,7 +227,7 @@ fn parameters_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand
 
             let size_label = ui.label("Size");
             ui.vertical(|ui| {
-                let (family, native, multiple) = match &app.model {
+                let (family, native, multiple) = match model {
                     ModelState::Ready(info) => {
                         (Some(info.family), info.native_size, info.size_multiple)
                     }
@@ -314,8 +332,7 @@ fn parameters_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand
         });
 }
 
-fn settings_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
-    let settings = &mut app.settings;
+fn settings_ui(ui: &mut Ui, settings: &mut Settings, commands: &mut Vec<UiCommand>) {
     ui.horizontal(|ui| {
         let device_label = ui.label("Device");
         let before = settings.device.clone();

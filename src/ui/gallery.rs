@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use egui::{RichText, TextureHandle, Ui};
 
-use super::{AtelierApp, UiCommand};
+use super::UiCommand;
 use crate::gallery::library::{GalleryEntry, GalleryQuery};
 
 /// The thumbnail cell size in points.
@@ -146,8 +146,7 @@ fn combo_filter(
 }
 
 /// Draws the Gallery tab.
-pub fn gallery_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
-    let view = &mut app.gallery;
+pub fn gallery_ui(ui: &mut Ui, view: &mut GalleryView, commands: &mut Vec<UiCommand>) {
     egui::Panel::top("gallery-filters").show(ui, |ui| {
         ui.add_space(4.0);
         ui.horizontal_wrapped(|ui| {
@@ -227,14 +226,14 @@ pub fn gallery_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiComman
         egui::Panel::right("gallery-detail")
             .resizable(true)
             .default_size(420.0)
-            .show(ui, |ui| detail_ui(ui, app, commands));
+            .show(ui, |ui| detail_ui(ui, view, commands));
     }
     egui::CentralPanel::default_margins().show(ui, |ui| {
-        if app.gallery.root.is_none() {
+        if view.root.is_none() {
             ui.label("Opening the gallery…");
             return;
         }
-        if app.gallery.entries.is_empty() {
+        if view.entries.is_empty() {
             ui.add_space(40.0);
             ui.vertical_centered(|ui| {
                 ui.label(RichText::new("No images here yet").heading());
@@ -242,12 +241,11 @@ pub fn gallery_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiComman
             });
             return;
         }
-        grid_ui(ui, app, commands);
+        grid_ui(ui, view, commands);
     });
 }
 
-fn grid_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
-    let view = &mut app.gallery;
+fn grid_ui(ui: &mut Ui, view: &mut GalleryView, commands: &mut Vec<UiCommand>) {
     let columns = ((ui.available_width() / CELL).floor() as usize).max(1);
     let rows = view.entries.len().div_ceil(columns);
     let mut visible = HashSet::new();
@@ -336,8 +334,7 @@ fn grid_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
     }
 }
 
-fn detail_ui(ui: &mut Ui, app: &mut AtelierApp, commands: &mut Vec<UiCommand>) {
-    let view = &app.gallery;
+fn detail_ui(ui: &mut Ui, view: &GalleryView, commands: &mut Vec<UiCommand>) {
     let Some(entry) = view.selected_entry().cloned() else {
         return;
     };

@@ -178,6 +178,43 @@ pub struct FrameStats {
     pub gallery_max_ms: f64,
 }
 
+/// What the Studio panels read besides the settings: the engine as the window knows it.
+pub struct StudioState<'a> {
+    /// Where the model stands.
+    pub model: &'a ModelState,
+    /// Waiting jobs.
+    pub queue: &'a JobQueue,
+    /// The job the engine runs.
+    pub running: &'a Option<RunningJob>,
+    /// The last finished image.
+    pub shown: &'a Option<ShownImage>,
+    /// The live preview of the running job.
+    pub preview: &'a Option<TextureHandle>,
+    /// The error to show.
+    pub error: &'a Option<UserError>,
+    /// Warnings of the last job.
+    pub warnings: &'a [String],
+    /// UI timing.
+    pub frame_stats: &'a FrameStats,
+}
+
+/// The [`StudioState`] of an app, borrowing only those fields (a macro, so that the settings can
+/// be borrowed mutably beside it).
+macro_rules! studio_state {
+    ($app:expr) => {
+        StudioState {
+            model: &$app.model,
+            queue: &$app.queue,
+            running: &$app.running,
+            shown: &$app.shown,
+            preview: &$app.preview,
+            error: &$app.error,
+            warnings: &$app.warnings,
+            frame_stats: &$app.frame_stats,
+        }
+    };
+}
+
 enum DialogResult {
     Folder(std::path::PathBuf),
     Saved(std::path::PathBuf),
@@ -1097,19 +1134,26 @@ impl AtelierApp {
     }
     /// The Studio tab: controls, canvas, queue.
     fn studio_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<UiCommand>) {
+        let busy = self.busy();
+        let studio = studio_state!(self);
+        let settings = &mut self.settings;
+        let model_input = &mut self.model_input;
         egui::Panel::left("controls")
             .resizable(true)
             .default_size(340.0)
             .show(ui, |ui| {
-                egui::ScrollArea::vertical()
-                    .show(ui, |ui| controls::controls_ui(ui, self, commands));
+                egui::ScrollArea::vertical().show(ui, |ui| {
+                    controls::controls_ui(ui, settings, model_input, studio.model, busy, commands)
+                });
             });
         egui::Panel::right("queue")
             .resizable(true)
             .default_size(220.0)
-            .show(ui, |ui| queue::queue_ui(ui, &self.queue, commands));
-        egui::CentralPanel::default_margins().show(ui, |ui| canvas::canvas_ui(ui, self, commands));
+            .show(ui, |ui| queue::queue_ui(ui, studio.queue, commands));
+        egui::CentralPanel::default_margins()
+            .show(ui, |ui| canvas::canvas_ui(ui, settings, &studio, commands));
     }
+
 }
 
 /// A random seed in A1111's range (32 bits).
@@ -1175,15 +1219,23 @@ impl eframe::App for AtelierApp {
                 }
             });
         });
-        egui::Panel::bottom("status").show(ui, |ui| canvas::status_bar_ui(ui, self));
+        egui::Panel::bottom("status")
+            .show(ui, |ui| canvas::status_bar_ui(ui, &studio_state!(self)));
         match self.tab {
             Tab::Gallery => {
                 egui::CentralPanel::default_margins()
-                    .show(ui, |ui| gallery::gallery_ui(ui, self, &mut commands));
+                    .show(ui, |ui| gallery::gallery_ui(ui, &mut self.gallery, &mut commands));
             }
             Tab::Compare => {
-                egui::CentralPanel::default_margins()
-                    .show(ui, |ui| compare::compare_ui(ui, self, &mut commands));
+                egui::CentralPanel::default_margins().show(ui, |ui| {
+                    compare::compare_ui(
+                        ui,
+                        &mut self.compare,
+                        &self.settings,
+                        &self.model,
+                        &mut commands,
+                    )
+                });
             }
             Tab::Studio => self.studio_ui(ui, &mut commands),
         }
