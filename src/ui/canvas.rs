@@ -121,7 +121,8 @@ pub fn canvas_ui(
     });
 
     let texture = if studio.running.is_some() {
-        studio.preview
+        studio
+            .preview
             .as_ref()
             .or(studio.shown.as_ref().map(|s| &s.texture))
     } else {
@@ -152,7 +153,8 @@ pub fn canvas_ui(
                 .as_ref()
                 .map(|r| egui::vec2(r.job.request.width as f32, r.job.request.height as f32))
                 .or_else(|| {
-                    studio.shown
+                    studio
+                        .shown
                         .as_ref()
                         .map(|s| egui::vec2(s.request.width as f32, s.request.height as f32))
                 })

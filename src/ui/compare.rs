@@ -223,7 +223,8 @@ pub fn compare_ui(
         .resizable(true)
         .default_size(300.0)
         .show(ui, |ui| {
-            egui::ScrollArea::vertical().show(ui, |ui| controls_ui(ui, view, settings, model, commands));
+            egui::ScrollArea::vertical()
+                .show(ui, |ui| controls_ui(ui, view, settings, model, commands));
         });
     egui::CentralPanel::default_margins().show(ui, |ui| {
         if view.plan.is_none() {

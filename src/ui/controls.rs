@@ -2,8 +2,8 @@
 
 use egui::{RichText, Ui};
 
-use super::settings::{MODEL_PRESETS, size_presets};
 use super::settings::Settings;
+use super::settings::{MODEL_PRESETS, size_presets};
 use super::{ModelState, UiCommand};
 use crate::engine::source::LoadProgress;
 use crate::schedulers::{SchedulerKind, SigmaSchedule};

@@ -1,0 +1,112 @@
+//! The Gallery tab's commands: browsing, favourites, deletes, import and export.
+
+use crate::gallery::worker::GalleryCommand;
+use crate::ui::dialogs::DialogResult;
+use crate::ui::{AtelierApp, Tab, UiCommand};
+
+impl AtelierApp {
+    pub(in crate::ui) fn use_settings(&mut self, id: i64) {
+        let Some(entry) = self.gallery_entry(id) else {
+            return;
+        };
+        let mut request = self.current_request(self.settings.seed);
+        let skipped = entry.metadata.apply_to(&mut request);
+        let s = &mut self.settings;
+        s.prompt = request.prompt;
+        s.negative_prompt = request.negative_prompt;
+        s.seed = request.seed;
+        s.seed_locked = entry.metadata.seed.is_some() || s.seed_locked;
+        s.steps = request.steps;
+        s.guidance = request.guidance_scale;
+        s.width = request.width;
+        s.height = request.height;
+        s.scheduler = request.scheduler.id().to_string();
+        s.sigma_schedule = request.sigmas;
+        s.eta = request.eta;
+        self.warnings = skipped
+            .into_iter()
+            .map(|s| format!("Not used from the gallery image: {s}"))
+            .collect();
+        self.tab = Tab::Studio;
+    }
+
+    /// Applies a Gallery command (others pass through untouched).
+    pub(in crate::ui) fn apply_gallery(&mut self, ctx: &egui::Context, command: UiCommand) {
+        match command {
+            UiCommand::SelectImage(id) => {
+                self.gallery.selected = id;
+                if let Some(id) = id
+                    && self.gallery.full_image.as_ref().map(|(shown, _)| *shown) != Some(id)
+                {
+                    self.gallery_send(GalleryCommand::LoadImage(id));
+                }
+            }
+            UiCommand::RequestThumbnail(file) => {
+                if let (Some(handle), Some(root)) = (&self.gallery_handle, &self.gallery.root)
+                    && handle.request_thumbnail(root, &file)
+                {
+                    self.gallery.thumbnails_requested.insert(file);
+                }
+            }
+            UiCommand::UseSettings(id) => self.use_settings(id),
+            UiCommand::UseSeed(id) => {
+                if let Some(seed) = self.gallery_entry(id).and_then(|e| e.metadata.seed) {
+                    self.settings.seed = seed;
+                    self.settings.seed_locked = true;
+                    self.tab = Tab::Studio;
+                }
+            }
+            UiCommand::SetFavourite(id, favourite) => {
+                self.gallery_send(GalleryCommand::SetFavourite(id, favourite))
+            }
+            UiCommand::DeleteImage(id) => self.gallery_send(GalleryCommand::Delete(id)),
+            UiCommand::UndoDelete => self.gallery_send(GalleryCommand::UndoDelete),
+            UiCommand::OpenGalleryFolder => {
+                if let Some(root) = self.gallery.root.clone() {
+                    // Spawns the file manager; never waits for it.
+                    if let Err(e) = open::that_detached(&root) {
+                        self.show_error(
+                            format!("cannot open {}: {e}", root.display()),
+                            "Open the folder from your file manager.",
+                        );
+                    }
+                }
+            }
+            UiCommand::ExportImage(id) => {
+                if let (Some(entry), Some(root)) =
+                    (self.gallery_entry(id), self.gallery.root.clone())
+                {
+                    let source = root.join(&entry.file);
+                    let file_name = entry.file.clone();
+                    self.spawn_dialog(ctx, "export", move || {
+                        let target = rfd::FileDialog::new()
+                            .set_file_name(file_name)
+                            .add_filter("PNG image", &["png"])
+                            .save_file()?;
+                        Some(match std::fs::copy(&source, &target) {
+                            Ok(_) => DialogResult::Saved(target),
+                            Err(e) => {
+                                DialogResult::SaveFailed(format!("{}: {e}", target.display()))
+                            }
+                        })
+                    });
+                }
+            }
+            UiCommand::ImportDialog => self.spawn_dialog(ctx, "import", || {
+                rfd::FileDialog::new()
+                    .set_title("Import PNGs from other tools")
+                    .add_filter("PNG image", &["png"])
+                    .pick_files()
+                    .map(DialogResult::Import)
+            }),
+            UiCommand::ImportFiles(paths) => self.gallery_send(GalleryCommand::Import(paths)),
+            UiCommand::RebuildGallery => {
+                self.gallery.status = "Rebuilding the index…".into();
+                self.gallery_send(GalleryCommand::Rebuild);
+            }
+            UiCommand::OpenLibrary => self.open_library(),
+            // Another tab's command (see `UiCommand::tab`).
+            _ => {}
+        }
+    }
+}
