@@ -222,6 +222,9 @@ pub struct VaeConfig {
     /// Whether the 1x1 `post_quant_conv` exists.
     #[serde(default = "default_true")]
     pub use_post_quant_conv: bool,
+    /// Whether the encoder's 1x1 `quant_conv` exists.
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
     /// Whether the middle blocks have self-attention.
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,

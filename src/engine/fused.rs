@@ -92,6 +92,13 @@ impl Conv2d {
         })
     }
 
+    /// The same convolution with another zero padding on every side (the VAE encoder's
+    /// downsamplers pad asymmetrically first, then convolve without padding).
+    pub fn with_padding(mut self, padding: usize) -> Self {
+        self.padding = padding;
+        self
+    }
+
     /// Convolves `xs` `(batch, in, h, w)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.run(xs, None)

@@ -1,4 +1,5 @@
-//! The decoder half of `AutoencoderKL`, built from `vae/config.json`.
+//! `AutoencoderKL`, built from `vae/config.json`: the decoder (latents to pixels) and the
+//! encoder (pixels to a latent distribution, for image to image).
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -202,5 +203,158 @@ impl VaeDecoder {
         }
         let xs = self.conv_norm_out.forward_then(&xs, Activation::Silu)?;
         self.conv_out.forward(&xs)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderDownBlock {
+    resnets: Vec<ResnetBlock>,
+    /// Diffusers' `Downsample2D` with `padding=0`: pad right and bottom by one, then a strided
+    /// 3x3 convolution.
+    downsampler: Option<Conv2d>,
+}
+
+/// The distribution the encoder gives for each latent: a diagonal Gaussian (diffusers'
+/// `DiagonalGaussianDistribution`), in the VAE's own (unscaled) latent space.
+#[derive(Debug, Clone)]
+pub struct LatentDistribution {
+    /// The mean, `(batch, latent channels, h, w)`.
+    pub mean: Tensor,
+    /// The standard deviation, same shape (`exp(logvar / 2)`, logvar clamped to [-30, 20]).
+    pub std: Tensor,
+}
+
+impl LatentDistribution {
+    /// A draw `mean + std * noise`, with `noise` standard normal of the mean's shape (diffusers'
+    /// `sample(generator)`).
+    pub fn sample(&self, noise: &Tensor) -> Result<Tensor> {
+        Ok((&self.mean + (&self.std * noise)?)?)
+    }
+}
+
+/// The VAE encoder: RGB in [-1, 1] in, a latent distribution out.
+#[derive(Debug, Clone)]
+pub struct VaeEncoder {
+    conv_in: Conv2d,
+    down_blocks: Vec<EncoderDownBlock>,
+    mid_first: ResnetBlock,
+    mid_attention: Option<VaeAttention>,
+    mid_second: ResnetBlock,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+    latent_channels: usize,
+}
+
+impl VaeEncoder {
+    /// Builds the encoder described by `config` from the weights in `vb` (the whole VAE file).
+    pub fn new(config: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let channels = &config.block_out_channels;
+        let Some(&top) = channels.last() else {
+            return Err(EngineError::Unsupported(
+                "VAE config has no block_out_channels".into(),
+            ));
+        };
+        let groups = config.norm_num_groups;
+        let eps = 1e-6;
+        let act = Activation::Silu;
+        let moments = 2 * config.latent_channels;
+        let quant_conv = if config.use_quant_conv {
+            Some(conv2d(moments, moments, 1, 1, vb.pp("quant_conv"))?)
+        } else {
+            None
+        };
+        let vb = vb.pp("encoder");
+        let mut down_blocks = Vec::with_capacity(channels.len());
+        let mut out_channels = channels[0];
+        for (i, &level_channels) in channels.iter().enumerate() {
+            let in_channels = out_channels;
+            out_channels = level_channels;
+            let vb_block = vb.pp("down_blocks").pp(i);
+            let resnets = (0..config.layers_per_block)
+                .map(|j| {
+                    let resnet_in = if j == 0 { in_channels } else { out_channels };
+                    ResnetBlock::new(
+                        resnet_in,
+                        out_channels,
+                        None,
+                        groups,
+                        eps,
+                        act,
+                        vb_block.pp("resnets").pp(j),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let downsampler = if i + 1 < channels.len() {
+                Some(
+                    conv2d(
+                        out_channels,
+                        out_channels,
+                        3,
+                        2,
+                        vb_block.pp("downsamplers").pp(0).pp("conv"),
+                    )?
+                    .with_padding(0),
+                )
+            } else {
+                None
+            };
+            down_blocks.push(EncoderDownBlock {
+                resnets,
+                downsampler,
+            });
+        }
+        let mid = vb.pp("mid_block");
+        let mid_resnet =
+            |j: usize| ResnetBlock::new(top, top, None, groups, eps, act, mid.pp("resnets").pp(j));
+        let mid_attention = if config.mid_block_add_attention {
+            Some(VaeAttention::new(top, groups, mid.pp("attentions").pp(0))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            conv_in: conv2d(config.in_channels, channels[0], 3, 1, vb.pp("conv_in"))?,
+            down_blocks,
+            mid_first: mid_resnet(0)?,
+            mid_attention,
+            mid_second: mid_resnet(1)?,
+            conv_norm_out: group_norm(groups, top, eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(top, moments, 3, 1, vb.pp("conv_out"))?,
+            quant_conv,
+            latent_channels: config.latent_channels,
+        })
+    }
+
+    /// Encodes images in [-1, 1] `(batch, 3, H, W)` into the distribution of their latents
+    /// (unscaled: multiply a sample by the config's `scaling_factor` for the UNet).
+    pub fn encode(&self, pixels: &Tensor) -> Result<LatentDistribution> {
+        let mut xs = self.conv_in.forward(pixels)?;
+        for block in &self.down_blocks {
+            for resnet in &block.resnets {
+                xs = resnet.forward(&xs, None)?;
+            }
+            if let Some(down) = &block.downsampler {
+                let padded = xs
+                    .pad_with_zeros(candle_core::D::Minus1, 0, 1)?
+                    .pad_with_zeros(candle_core::D::Minus2, 0, 1)?;
+                xs = down.forward(&padded)?;
+            }
+        }
+        xs = self.mid_first.forward(&xs, None)?;
+        if let Some(attn) = &self.mid_attention {
+            xs = attn.forward(&xs)?;
+        }
+        xs = self.mid_second.forward(&xs, None)?;
+        let xs = self.conv_norm_out.forward_then(&xs, Activation::Silu)?;
+        let mut moments = self.conv_out.forward(&xs)?;
+        if let Some(conv) = &self.quant_conv {
+            moments = conv.forward(&moments)?;
+        }
+        let mean = moments.narrow(1, 0, self.latent_channels)?;
+        let logvar = moments
+            .narrow(1, self.latent_channels, self.latent_channels)?
+            .clamp(-30.0, 20.0)?;
+        let std = (logvar * 0.5)?.exp()?;
+        Ok(LatentDistribution { mean, std })
     }
 }

@@ -1,4 +1,5 @@
-//! Latents to pixels: the VAE decode, 8-bit images and cheap previews.
+//! The VAE both ways: latents to pixels (decode, 8-bit images, cheap previews) and pixels to
+//! latents (encode, for image to image).
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -6,6 +7,7 @@ use image::RgbImage;
 use super::StableDiffusion;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preview::project_latents;
+use crate::engine::vae::{LatentDistribution, VaeEncoder};
 
 impl StableDiffusion {
     /// Decodes latents (in the UNet's scaled space) to RGB images in [0, 1] `(batch, 3, H, W)`.
@@ -23,6 +25,40 @@ impl StableDiffusion {
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>> {
         let pixels = self.decode_to_tensor(latents)?;
         tensor_to_images(&pixels)
+    }
+
+    /// The VAE encoder, built from the VAE's weights the first time it is needed.
+    fn vae_encoder(&self) -> Result<&VaeEncoder> {
+        if let Some(encoder) = self.vae_encoder.get() {
+            return Ok(encoder);
+        }
+        let vb = super::load::var_builder(&self.vae_weights, self.vae_dtype, &self.device)?;
+        let encoder = VaeEncoder::new(self.vae.config(), vb)?;
+        // Another thread may have built it meanwhile: either copy is the same.
+        Ok(self.vae_encoder.get_or_init(|| encoder))
+    }
+
+    /// The latent distribution of images in [-1, 1] `(batch, 3, H, W)`, in the VAE's own
+    /// (unscaled) space, f32.
+    pub fn encode_pixels(&self, pixels: &Tensor) -> Result<LatentDistribution> {
+        let encoder = self.vae_encoder()?;
+        let pixels = pixels.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
+        let distribution = encoder.encode(&pixels)?;
+        Ok(LatentDistribution {
+            mean: distribution.mean.to_dtype(DType::F32)?,
+            std: distribution.std.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// Latents for the UNet from the VAE's own: `(x - shift) * scaling_factor`, as diffusers'
+    /// pipelines scale encoded images (the inverse of what [`Self::decode_to_tensor`] undoes).
+    pub fn scale_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let config = self.vae.config();
+        let shifted = match config.shift_factor {
+            Some(shift) => (latents - shift)?,
+            None => latents.clone(),
+        };
+        Ok((shifted * config.scaling_factor)?)
     }
 
     /// A cheap preview of predicted latents (first image of the batch).

@@ -84,8 +84,9 @@ impl StableDiffusion {
         Ok(Tensor::cat(&items, 0)?)
     }
 
-    /// Runs a whole job. `init_noise` (standard normal, the latent shape) replaces the seeded
-    /// noise, as diffusers' `latents=` argument does; `cancel` is checked before every step.
+    /// Runs a whole text-to-image job. `init_noise` (standard normal, the latent shape)
+    /// replaces the seeded noise, as diffusers' `latents=` argument does; `cancel` is checked
+    /// before every step.
     pub fn generate(
         &self,
         request: &GenerationRequest,
@@ -94,19 +95,48 @@ impl StableDiffusion {
         cancel: &AtomicBool,
         on_step: &mut dyn FnMut(StepProgress<'_>),
     ) -> Result<GenerationOutput> {
+        self.generate_with(
+            request,
+            &JobInput::Text { init_noise },
+            preview,
+            cancel,
+            on_step,
+        )
+    }
+
+    /// Runs a whole job of any mode: what it starts from is `input`.
+    pub fn generate_with(
+        &self,
+        request: &GenerationRequest,
+        input: &JobInput<'_>,
+        preview: PreviewOptions,
+        cancel: &AtomicBool,
+        on_step: &mut dyn FnMut(StepProgress<'_>),
+    ) -> Result<GenerationOutput> {
         let started = Instant::now();
         self.validate(request)?;
-        let noise = self.job_noise(request, init_noise)?;
-        let conditioning = self.condition(request)?;
-        let text_encoding_secs = started.elapsed().as_secs_f64();
-
         let mut scheduler = request.scheduler.build(
             &self.scheduler_config,
             request.steps,
             request.sigmas,
             request.eta,
         )?;
-        let plan = LatentPlan::text_to_image(noise, scheduler.as_ref())?;
+        let plan = match input {
+            JobInput::Text { init_noise } => {
+                let noise = self.job_noise(request, *init_noise)?;
+                LatentPlan::text_to_image(noise, scheduler.as_ref())?
+            }
+            JobInput::Image {
+                pixels,
+                strength,
+                noise,
+            } => {
+                self.image_to_image_plan(request, pixels, *strength, *noise, scheduler.as_ref())?
+            }
+        };
+        let encoding_started = Instant::now();
+        let conditioning = self.condition(request)?;
+        let text_encoding_secs = encoding_started.elapsed().as_secs_f64();
         let denoise_started = Instant::now();
         let latents = self.denoise(
             request,
@@ -143,6 +173,78 @@ impl StableDiffusion {
                 total_secs: started.elapsed().as_secs_f64(),
             },
             warnings: conditioning.warnings,
+        })
+    }
+
+    /// Image to image: the init image encoded (a sample of the VAE's distribution), scaled, and
+    /// noised to where the schedule starts for `strength`, as diffusers' img2img pipelines do.
+    fn image_to_image_plan(
+        &self,
+        request: &GenerationRequest,
+        pixels: &Tensor,
+        strength: f64,
+        noise: Option<(&Tensor, &Tensor)>,
+        scheduler: &dyn Scheduler,
+    ) -> Result<LatentPlan> {
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(EngineError::InvalidParameter(format!(
+                "denoising strength must be above 0 and at most 1, got {strength}"
+            )));
+        }
+        let first_index =
+            crate::schedulers::first_index_for_strength(request.steps, strength, scheduler.order());
+        if first_index >= scheduler.timesteps().len() {
+            return Err(EngineError::InvalidParameter(format!(
+                "denoising strength {strength} with {} steps leaves no step to run: raise either",
+                request.steps
+            )));
+        }
+        let [batch, channels, height, width] = self.latent_shape(request);
+        let expected = [1, 3, request.height, request.width];
+        if pixels.dims() != expected {
+            return Err(EngineError::InvalidParameter(format!(
+                "the init image has shape {:?}, this job needs {expected:?} (resize it first)",
+                pixels.dims()
+            )));
+        }
+        let distribution = self.encode_pixels(&((pixels * 2.0)? - 1.0)?)?;
+        let item_shape = [1, channels, height, width];
+        let (sample_noise, noise) = match noise {
+            Some((sample_noise, noise)) => {
+                let shape = [batch, channels, height, width];
+                for (what, tensor) in [("sampling", sample_noise), ("added", noise)] {
+                    if tensor.dims() != shape {
+                        return Err(EngineError::InvalidParameter(format!(
+                            "the {what} noise has shape {:?}, this job needs {shape:?}",
+                            tensor.dims()
+                        )));
+                    }
+                }
+                (
+                    sample_noise.to_device(&self.device)?.to_dtype(DType::F32)?,
+                    noise.to_device(&self.device)?.to_dtype(DType::F32)?,
+                )
+            }
+            None => {
+                // Image k draws from seed + k: the VAE's sample first, then the added noise
+                // (diffusers' order with one generator per image).
+                let mut samples = Vec::with_capacity(batch);
+                let mut noises = Vec::with_capacity(batch);
+                for k in 0..batch {
+                    let mut generator = NoiseGenerator::new(request.seed.wrapping_add(k as u64));
+                    samples.push(generator.randn(&item_shape, &self.device)?);
+                    noises.push(generator.randn(&item_shape, &self.device)?);
+                }
+                (Tensor::cat(&samples, 0)?, Tensor::cat(&noises, 0)?)
+            }
+        };
+        let mean = distribution.mean.repeat((batch, 1, 1, 1))?;
+        let std = distribution.std.repeat((batch, 1, 1, 1))?;
+        let init_latents = self.scale_latents(&(mean + (std * sample_noise)?)?)?;
+        Ok(LatentPlan {
+            first_index,
+            latents: scheduler.add_noise(&init_latents, &noise, first_index)?,
+            extra_unet_input: None,
         })
     }
 
@@ -261,9 +363,10 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         let batch = request.batch_size;
         let timesteps = scheduler.timesteps().to_vec();
+        let first_index = plan.first_index;
         let mut latents = plan.latents;
         let mut generator = NoiseGenerator::new(request.seed ^ 0x5eed_5eed_5eed_5eed);
-        for (index, &timestep) in timesteps.iter().enumerate().skip(plan.first_index) {
+        for (index, &timestep) in timesteps.iter().enumerate().skip(first_index) {
             if cancel.load(Ordering::Relaxed) {
                 return Err(EngineError::Cancelled);
             }
@@ -307,8 +410,8 @@ impl StableDiffusion {
                 None
             };
             on_step(StepProgress {
-                step_index: index,
-                total_steps: timesteps.len(),
+                step_index: index - first_index,
+                total_steps: timesteps.len() - first_index,
                 timestep,
                 elapsed_secs: started.elapsed().as_secs_f64(),
                 predicted_latents: &step.pred_original_sample,
@@ -317,6 +420,26 @@ impl StableDiffusion {
         }
         Ok(latents)
     }
+}
+
+/// What a job starts from.
+pub enum JobInput<'a> {
+    /// Noise: `init_noise` (standard normal, the latent shape) replaces the seeded noise.
+    Text {
+        /// The starting noise, or `None` for the request's seed.
+        init_noise: Option<&'a Tensor>,
+    },
+    /// An image to rework: `pixels` `(1, 3, height, width)` in [0, 1] at the request's size,
+    /// denoised from `strength` (0 to 1: how much of it is repainted).
+    Image {
+        /// The init image.
+        pixels: &'a Tensor,
+        /// The denoising strength.
+        strength: f64,
+        /// The draws, given instead of seeded: the VAE's sampling noise, then the noise added to
+        /// the init latents (each the latent shape), to check against another implementation.
+        noise: Option<(&'a Tensor, &'a Tensor)>,
+    },
 }
 
 /// What the UNet reads besides the latents, the same at every step.
@@ -335,7 +458,7 @@ struct Conditioning {
 }
 
 /// How a mode starts the loop and what it feeds the UNet beside the latents: everything a mode
-/// (text to image now; image to image and inpainting next) changes about the one loop.
+/// (text to image, image to image; inpainting next) changes about the one loop.
 struct LatentPlan {
     /// The first index into the scheduler's timesteps (0: from pure noise; later for a partial
     /// denoise of an init image).

@@ -26,7 +26,11 @@ fn read_json<T: DeserializeOwned + CheckedConfig>(path: &Path) -> Result<T> {
     Ok(config)
 }
 
-fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub(super) fn var_builder(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     // SAFETY: the weights file is memory-mapped read-only; Atelier never writes model files,
     // and a file changed underneath us by another program is outside what we can guard against.
     unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
@@ -156,6 +160,8 @@ impl StableDiffusion {
             scheduler_config,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
             unet_weights,
+            vae_weights,
+            vae_encoder: std::sync::OnceLock::new(),
         })
     }
 }

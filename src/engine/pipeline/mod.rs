@@ -19,9 +19,10 @@ use super::clip::ClipTextEncoder;
 use super::config::SchedulerConfig;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
-use super::vae::VaeDecoder;
+use super::vae::{VaeDecoder, VaeEncoder};
 
 pub use decode::tensor_to_images;
+pub use denoise::JobInput;
 pub use prompt::PromptEmbeddings;
 pub use request::{
     DeviceChoice, GenerationOutput, GenerationRequest, LoadOptions, ModelFamily, PreviewOptions,
@@ -46,6 +47,10 @@ pub struct StableDiffusion {
     scheduler_config: SchedulerConfig,
     force_zeros_for_empty_prompt: bool,
     unet_weights: std::path::PathBuf,
+    /// The VAE's weights, read again for the encoder the first time an image is encoded.
+    vae_weights: std::path::PathBuf,
+    /// Built on first use: text-to-image never pays for it.
+    vae_encoder: std::sync::OnceLock<VaeEncoder>,
 }
 
 impl StableDiffusion {

@@ -1,0 +1,171 @@
+//! Image to image against diffusers (`tests/fixtures/img2img.*`, written by
+//! `scripts/make_img2img_fixture.py`): the VAE encoder's distribution of an image, and whole
+//! StableDiffusionImg2ImgPipeline / StableDiffusionXLImg2ImgPipeline runs with Euler and DDIM at
+//! two strengths, from diffusers' own draws (the VAE's sampling noise, then the added noise).
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod common;
+
+use std::collections::HashMap;
+
+use atelier::engine::pipeline::{GenerationRequest, JobInput};
+use atelier::schedulers::SchedulerKind;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+
+struct Fixture {
+    tensors: HashMap<String, Tensor>,
+    runs: Vec<serde_json::Value>,
+}
+
+fn fixture() -> Fixture {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let tensors =
+        candle_core::safetensors::load(dir.join("img2img.safetensors"), &Device::Cpu).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("img2img.json")).unwrap()).unwrap();
+    Fixture {
+        tensors,
+        runs: meta["runs"].as_array().unwrap().clone(),
+    }
+}
+
+impl Fixture {
+    fn tensor(&self, name: &str) -> &Tensor {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture has no tensor {name}"))
+    }
+}
+
+fn max_pixel_difference(ours: &image::RgbImage, reference: &Tensor) -> f32 {
+    let reference = (reference * 255.0).unwrap();
+    let ours: Vec<f32> = ours.as_raw().iter().map(|&b| b as f32).collect();
+    let ours = Tensor::from_vec(ours, reference.dims(), reference.device()).unwrap();
+    (ours - &reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn the_vae_encoder_matches_diffusers() {
+    let fixture = fixture();
+    for family in ["sd1", "sd2", "sdxl"] {
+        let model = load_model(family);
+        let image = fixture.tensor(&format!("{family}_image"));
+        let pixels = ((image * 2.0).unwrap() - 1.0).unwrap();
+        let distribution = model.encode_pixels(&pixels).unwrap();
+        for (what, ours) in [("mean", &distribution.mean), ("std", &distribution.std)] {
+            let error = relative_error(ours, fixture.tensor(&format!("{family}_encode_{what}")));
+            check(
+                error <= 1e-4,
+                &format!("{family} encoder {what}: {error:e}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn image_to_image_matches_diffusers() {
+    let fixture = fixture();
+    let mut models = HashMap::new();
+    assert_eq!(fixture.runs.len(), 12);
+    for run in &fixture.runs {
+        let family = run["family"].as_str().unwrap();
+        let key = run["key"].as_str().unwrap();
+        let model = models
+            .entry(family.to_string())
+            .or_insert_with(|| load_model(family));
+        let request = GenerationRequest {
+            prompt: run["prompt"].as_str().unwrap().into(),
+            negative_prompt: run["negative_prompt"].as_str().unwrap().into(),
+            steps: run["steps"].as_u64().unwrap() as usize,
+            guidance_scale: run["guidance"].as_f64().unwrap(),
+            width: run["width"].as_u64().unwrap() as usize,
+            height: run["height"].as_u64().unwrap() as usize,
+            scheduler: SchedulerKind::parse(run["sampler"].as_str().unwrap()).unwrap(),
+            ..Default::default()
+        };
+        let input = JobInput::Image {
+            pixels: fixture.tensor(&format!("{family}_image")),
+            strength: run["strength"].as_f64().unwrap(),
+            noise: Some((
+                fixture.tensor(&format!("{key}_sample_noise")),
+                fixture.tensor(&format!("{key}_noise")),
+            )),
+        };
+        let mut steps_seen = Vec::new();
+        let output = model
+            .generate_with(
+                &request,
+                &input,
+                Default::default(),
+                &std::sync::atomic::AtomicBool::new(false),
+                &mut |step| steps_seen.push((step.step_index, step.total_steps)),
+            )
+            .unwrap();
+        // Progress counts the steps that run: int(steps * strength) of them.
+        let runs_steps = (request.steps as f64 * run["strength"].as_f64().unwrap()) as usize;
+        assert_eq!(steps_seen.len(), runs_steps, "{key}");
+        assert_eq!(
+            steps_seen.last(),
+            Some(&(runs_steps - 1, runs_steps)),
+            "{key}"
+        );
+        let error = relative_error(&output.latents, fixture.tensor(&format!("{key}_latents")));
+        check(
+            error <= 1e-3,
+            &format!("{key}: latents differ by {error:e}"),
+        );
+        let difference =
+            max_pixel_difference(&output.images[0], fixture.tensor(&format!("{key}_pixels")));
+        check(
+            difference <= 2.0,
+            &format!("{key}: pixels differ by {difference}/255"),
+        );
+    }
+}
+
+#[test]
+fn image_to_image_refuses_what_it_cannot_do() {
+    let model = load_model("sd1");
+    let fixture = fixture();
+    let image = fixture.tensor("sd1_image");
+    let request = GenerationRequest {
+        prompt: "a fox".into(),
+        steps: 10,
+        width: 64,
+        height: 48,
+        ..Default::default()
+    };
+    let run = |strength: f64, pixels: &Tensor| match model.generate_with(
+        &request,
+        &JobInput::Image {
+            pixels,
+            strength,
+            noise: None,
+        },
+        Default::default(),
+        &std::sync::atomic::AtomicBool::new(false),
+        &mut |_| {},
+    ) {
+        Ok(_) => String::new(),
+        Err(error) => error.to_string(),
+    };
+    assert!(run(0.0, image).contains("strength must be above 0"));
+    assert!(run(1.5, image).contains("at most 1"));
+    assert!(run(0.05, image).contains("leaves no step to run"));
+    let wrong = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    assert!(run(0.5, &wrong).contains("the init image has shape"));
+    // Seeded: the same seed gives the same image.
+    assert_eq!(run(0.5, image), "");
+}
