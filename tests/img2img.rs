@@ -98,10 +98,8 @@ fn image_to_image_matches_diffusers() {
         let input = JobInput::Image {
             pixels: fixture.tensor(&format!("{family}_image")),
             strength: run["strength"].as_f64().unwrap(),
-            noise: Some((
-                fixture.tensor(&format!("{key}_sample_noise")),
-                fixture.tensor(&format!("{key}_noise")),
-            )),
+            sample_noise: Some(fixture.tensor(&format!("{key}_sample_noise"))),
+            noise: Some(fixture.tensor(&format!("{key}_noise"))),
         };
         let mut steps_seen = Vec::new();
         let output = model
@@ -152,6 +150,7 @@ fn image_to_image_refuses_what_it_cannot_do() {
         &JobInput::Image {
             pixels,
             strength,
+            sample_noise: None,
             noise: None,
         },
         Default::default(),
@@ -168,4 +167,119 @@ fn image_to_image_refuses_what_it_cannot_do() {
     assert!(run(0.5, &wrong).contains("the init image has shape"));
     // Seeded: the same seed gives the same image.
     assert_eq!(run(0.5, image), "");
+}
+
+#[test]
+fn generate_takes_an_init_image_from_the_command_line() {
+    use atelier::gallery::metadata::{A1111Parameters, read_png_text, write_png};
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixture();
+    // The fixture's photo as an 8-bit PNG (64x48) and as a JPEG.
+    let image = fixture.tensor("sd1_image");
+    let (height, width) = (image.dim(2).unwrap(), image.dim(3).unwrap());
+    let hwc: Vec<u8> = (image.squeeze(0).unwrap().permute((1, 2, 0)).unwrap() * 255.0)
+        .unwrap()
+        .round()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
+    let rgb = image::RgbImage::from_raw(width as u32, height as u32, hwc).unwrap();
+    let png = dir.path().join("photo.png");
+    write_png(&png, &rgb, &[]).unwrap();
+    let jpeg = dir.path().join("photo.jpg");
+    rgb.save(&jpeg).unwrap();
+    let generate = |init: &std::path::Path, extra: &[&str], out: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_atelier"))
+            .args(["generate", "--model"])
+            .arg(model_dir("sd1"))
+            .args([
+                "--prompt", "a fox", "--steps", "10", "--device", "cpu", "--seed", "3",
+            ])
+            .arg("--init-image")
+            .arg(init)
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = dir.path().join("reworked.png");
+    let output = generate(&png, &["--strength", "0.6"], &out);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let made = image::open(&out).unwrap().to_rgb8();
+    // The size comes from the init image; the metadata says the strength.
+    assert_eq!(made.dimensions(), (width as u32, height as u32));
+    let parameters = A1111Parameters::parse(&read_png_text(&out).unwrap()["parameters"]);
+    assert_eq!(parameters.get("Denoising strength"), Some("0.6"));
+    // A low strength keeps the picture: closer to the photo than a high one.
+    let distance = |a: &image::RgbImage| -> f64 {
+        a.as_raw()
+            .iter()
+            .zip(rgb.as_raw())
+            .map(|(x, y)| (*x as f64 - *y as f64).abs())
+            .sum::<f64>()
+            / a.as_raw().len() as f64
+    };
+    let low = dir.path().join("low.png");
+    assert!(
+        generate(&png, &["--strength", "0.2"], &low)
+            .status
+            .success()
+    );
+    let high = dir.path().join("high.png");
+    assert!(
+        generate(&png, &["--strength", "1.0"], &high)
+            .status
+            .success()
+    );
+    let low = image::open(&low).unwrap().to_rgb8();
+    let high = image::open(&high).unwrap().to_rgb8();
+    assert!(
+        distance(&low) < distance(&high),
+        "{} vs {}",
+        distance(&low),
+        distance(&high)
+    );
+    // A JPEG works, resized to another size by a resize mode.
+    let square = dir.path().join("square.png");
+    let output = generate(
+        &jpeg,
+        &[
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--resize-mode",
+            "crop-and-resize",
+        ],
+        &square,
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        image::open(&square).unwrap().to_rgb8().dimensions(),
+        (32, 32)
+    );
+    // Bad input is refused before any work, with a message.
+    let output = generate(&png, &["--resize-mode", "stretch"], &square);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown resize mode"));
+    let output = generate(&png, &["--strength", "0.05"], &square);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("leaves no step to run"));
+    let text = dir.path().join("notes.png");
+    std::fs::write(&text, "not an image").unwrap();
+    let output = generate(&text, &[], &square);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--init-image"));
 }

@@ -10,10 +10,14 @@ use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::engine::init_image::{ResizeMode, fit_init_image, image_to_tensor};
 use crate::engine::npy::read_f32_npy;
-use crate::engine::pipeline::{GenerationRequest, LoadOptions, PreviewOptions, StableDiffusion};
+use crate::engine::pipeline::{
+    GenerationRequest, JobInput, LoadOptions, PreviewOptions, StableDiffusion,
+};
 use crate::engine::source::{LoadProgress, ModelSource};
 use crate::gallery::metadata::{A1111Parameters, PARAMETERS_KEYWORD};
+use crate::gallery::png_read::decode_rgb_bounded;
 use crate::schedulers::Sampler;
 
 /// Arguments of `atelier generate`.
@@ -55,9 +59,19 @@ pub struct GenerateArgs {
     /// cpu, cuda, metal or auto.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// A float32 .npy of standard-normal noise, shape (batch, 4, H/f, W/f), used instead of the seed.
+    /// A float32 .npy of standard-normal noise, shape (batch, 4, H/f, W/f), used instead of the
+    /// seed: the starting noise, or with --init-image the noise added to the init latents.
     #[arg(long)]
     pub init_noise: Option<PathBuf>,
+    /// Image to image: start from this picture (PNG or JPEG) instead of noise.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// With --init-image: how much of it is repainted, above 0 to 1 (A1111's denoising strength).
+    #[arg(long, default_value_t = 0.75)]
+    pub strength: f64,
+    /// With --init-image of another size: just-resize, crop-and-resize or resize-and-fill.
+    #[arg(long, default_value = "just-resize")]
+    pub resize_mode: String,
     /// Write the final latents (before the VAE) as a float32 .npy.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
@@ -132,8 +146,24 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let resize_mode = ResizeMode::parse(&args.resize_mode)?;
+    let init_image = match &args.init_image {
+        Some(path) => Some(
+            decode_rgb_bounded(path).with_context(|| format!("--init-image {}", path.display()))?,
+        ),
+        None => None,
+    };
     let model = load_model(&args.model, &args.device)?;
     let native = model.native_size().unwrap_or(512);
+    // With an init image and no size, its own size (rounded down to what the model takes).
+    let multiple = model.vae_scale_factor().max(1);
+    let from_image = |pixels: u32| ((pixels as usize / multiple) * multiple).max(multiple);
+    let default_width = init_image
+        .as_ref()
+        .map_or(native, |i| from_image(i.width()));
+    let default_height = init_image
+        .as_ref()
+        .map_or(native, |i| from_image(i.height()));
     let seed = args.seed.unwrap_or_else(random_seed);
     let request = GenerationRequest {
         prompt: args.prompt.clone(),
@@ -141,8 +171,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed,
         steps: args.steps,
         guidance_scale: args.guidance,
-        width: args.width.unwrap_or(native),
-        height: args.height.unwrap_or(native),
+        width: args.width.unwrap_or(default_width),
+        height: args.height.unwrap_or(default_height),
         batch_size: init_noise
             .as_ref()
             .and_then(|n| n.dims().first().copied())
@@ -177,15 +207,39 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let job_started = std::time::Instant::now();
     // The window shows a preview after every step; time the first one the same way.
     let mut first_preview_secs = None;
-    let output = model.generate(
+    let init_pixels = match &init_image {
+        Some(image) => {
+            let fitted = fit_init_image(
+                image,
+                request.width as u32,
+                request.height as u32,
+                resize_mode,
+            );
+            Some(image_to_tensor(&fitted, &Device::Cpu)?)
+        }
+        None => None,
+    };
+    let input = match &init_pixels {
+        Some(pixels) => JobInput::Image {
+            pixels,
+            strength: args.strength,
+            sample_noise: None,
+            noise: init_noise.as_ref(),
+        },
+        None => JobInput::Text {
+            init_noise: init_noise.as_ref(),
+        },
+    };
+    let output = model.generate_with(
         &request,
-        init_noise.as_ref(),
+        &input,
         PreviewOptions::default(),
         &cancel,
         &mut |step| {
             if first_preview_secs.is_none() && model.preview(step.predicted_latents).is_ok() {
                 first_preview_secs = Some(job_started.elapsed().as_secs_f64());
             }
+            bar.set_length(step.total_steps as u64);
             bar.set_position(step.step_index as u64 + 1);
             let per_sec = (step.step_index + 1) as f64 / step.elapsed_secs.max(1e-9);
             bar.set_message(format!("{per_sec:.2} it/s"));
@@ -212,6 +266,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 .unwrap_or_default();
             parameters.pairs.retain(|(key, _)| key != "Seed");
             parameters.pairs.push(("Initial noise".into(), name));
+        }
+        if init_pixels.is_some() {
+            // A1111's infotext names the strength of an img2img image this way.
+            parameters
+                .pairs
+                .push(("Denoising strength".into(), args.strength.to_string()));
         }
         let written = super::write_png_or_rescue(
             &path,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod cuda;
 pub mod error;
 pub mod fused;
+pub mod init_image;
 pub mod nn;
 pub mod noise;
 pub mod npy;

@@ -129,10 +129,15 @@ impl StableDiffusion {
             JobInput::Image {
                 pixels,
                 strength,
+                sample_noise,
                 noise,
-            } => {
-                self.image_to_image_plan(request, pixels, *strength, *noise, scheduler.as_ref())?
-            }
+            } => self.image_to_image_plan(
+                request,
+                pixels,
+                *strength,
+                [*sample_noise, *noise],
+                scheduler.as_ref(),
+            )?,
         };
         let encoding_started = Instant::now();
         let conditioning = self.condition(request)?;
@@ -183,7 +188,7 @@ impl StableDiffusion {
         request: &GenerationRequest,
         pixels: &Tensor,
         strength: f64,
-        noise: Option<(&Tensor, &Tensor)>,
+        given_noise: [Option<&Tensor>; 2],
         scheduler: &dyn Scheduler,
     ) -> Result<LatentPlan> {
         if !(strength > 0.0 && strength <= 1.0) {
@@ -209,41 +214,49 @@ impl StableDiffusion {
         }
         let distribution = self.encode_pixels(&((pixels * 2.0)? - 1.0)?)?;
         let item_shape = [1, channels, height, width];
-        let (sample_noise, noise) = match noise {
-            Some((sample_noise, noise)) => {
-                let shape = [batch, channels, height, width];
-                for (what, tensor) in [("sampling", sample_noise), ("added", noise)] {
-                    if tensor.dims() != shape {
+        // Image k draws from seed + k: the VAE's sample first, then the added noise (diffusers'
+        // order with one generator per image); given draws replace the seeded ones.
+        let shape = [batch, channels, height, width];
+        let mut seeded = [Vec::with_capacity(batch), Vec::with_capacity(batch)];
+        for k in 0..batch {
+            let mut generator = NoiseGenerator::new(request.seed.wrapping_add(k as u64));
+            for draws in &mut seeded {
+                draws.push(generator.randn(&item_shape, &self.device)?);
+            }
+        }
+        let [seeded_sample, seeded_noise] = seeded;
+        let mut draws = Vec::with_capacity(2);
+        for ((what, given), seeded) in ["sampling", "added"]
+            .into_iter()
+            .zip(given_noise)
+            .zip([seeded_sample, seeded_noise])
+        {
+            draws.push(match given {
+                Some(tensor) if tensor.dims() != shape => {
+                    return Err(EngineError::InvalidParameter(format!(
+                        "the {what} noise has shape {:?}, this job needs {shape:?}",
+                        tensor.dims()
+                    )));
+                }
+                Some(tensor) => {
+                    let tensor = tensor.to_device(&self.device)?.to_dtype(DType::F32)?;
+                    if !all_finite(&tensor)? {
                         return Err(EngineError::InvalidParameter(format!(
-                            "the {what} noise has shape {:?}, this job needs {shape:?}",
-                            tensor.dims()
+                            "the {what} noise contains NaN or infinite values"
                         )));
                     }
+                    tensor
                 }
-                (
-                    sample_noise.to_device(&self.device)?.to_dtype(DType::F32)?,
-                    noise.to_device(&self.device)?.to_dtype(DType::F32)?,
-                )
-            }
-            None => {
-                // Image k draws from seed + k: the VAE's sample first, then the added noise
-                // (diffusers' order with one generator per image).
-                let mut samples = Vec::with_capacity(batch);
-                let mut noises = Vec::with_capacity(batch);
-                for k in 0..batch {
-                    let mut generator = NoiseGenerator::new(request.seed.wrapping_add(k as u64));
-                    samples.push(generator.randn(&item_shape, &self.device)?);
-                    noises.push(generator.randn(&item_shape, &self.device)?);
-                }
-                (Tensor::cat(&samples, 0)?, Tensor::cat(&noises, 0)?)
-            }
-        };
+                None => Tensor::cat(&seeded, 0)?,
+            });
+        }
+        let (sample_noise, noise) = (&draws[0], &draws[1]);
         let mean = distribution.mean.repeat((batch, 1, 1, 1))?;
         let std = distribution.std.repeat((batch, 1, 1, 1))?;
         let init_latents = self.scale_latents(&(mean + (std * sample_noise)?)?)?;
         Ok(LatentPlan {
             first_index,
-            latents: scheduler.add_noise(&init_latents, &noise, first_index)?,
+            latents: scheduler.add_noise(&init_latents, noise, first_index)?,
             extra_unet_input: None,
         })
     }
@@ -436,9 +449,11 @@ pub enum JobInput<'a> {
         pixels: &'a Tensor,
         /// The denoising strength.
         strength: f64,
-        /// The draws, given instead of seeded: the VAE's sampling noise, then the noise added to
-        /// the init latents (each the latent shape), to check against another implementation.
-        noise: Option<(&'a Tensor, &'a Tensor)>,
+        /// The VAE's sampling noise (the latent shape), given instead of seeded.
+        sample_noise: Option<&'a Tensor>,
+        /// The noise added to the init latents (diffusers' `add_noise`; the latent shape), given
+        /// instead of seeded: with `sample_noise`, what checks us against another implementation.
+        noise: Option<&'a Tensor>,
     },
 }
 
