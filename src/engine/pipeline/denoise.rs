@@ -67,7 +67,7 @@ impl StableDiffusion {
         let factor = self.vae_scale_factor();
         [
             request.batch_size,
-            self.unet.config().in_channels,
+            self.vae.config().latent_channels,
             request.height / factor,
             request.width / factor,
         ]
@@ -138,6 +138,21 @@ impl StableDiffusion {
                 [*sample_noise, *noise],
                 scheduler.as_ref(),
             )?,
+            JobInput::Inpaint {
+                pixels,
+                mask,
+                strength,
+                sample_noise,
+                noise,
+                masked_sample_noise,
+            } => self.inpaint_plan(
+                request,
+                pixels,
+                mask,
+                *strength,
+                [*sample_noise, *noise, *masked_sample_noise],
+                scheduler.as_ref(),
+            )?,
         };
         let encoding_started = Instant::now();
         let conditioning = self.condition(request)?;
@@ -191,6 +206,130 @@ impl StableDiffusion {
         given_noise: [Option<&Tensor>; 2],
         scheduler: &dyn Scheduler,
     ) -> Result<LatentPlan> {
+        let first_index = self.first_index_for(request, strength, scheduler)?;
+        self.check_init_image(request, pixels)?;
+        let drawn = self.job_draws(
+            request,
+            &[("sampling", true), ("added", true)],
+            &given_noise,
+        )?;
+        let (sample_noise, noise) = (drawn_at(&drawn, 0)?, drawn_at(&drawn, 1)?);
+        let init_latents = self.sampled_latents(&((pixels * 2.0)? - 1.0)?, sample_noise)?;
+        Ok(LatentPlan {
+            first_index,
+            latents: scheduler.add_noise(&init_latents, noise, first_index)?,
+            extra_unet_input: None,
+            blend: None,
+        })
+    }
+
+    /// Inpainting, as diffusers' inpaint pipelines prepare it: the init latents (noise at
+    /// strength 1, else the encoded image noised to the first step), the mask at latent size,
+    /// and the masked image's latents beside the latents for an inpainting UNet, or the known
+    /// region to blend back for an ordinary one.
+    fn inpaint_plan(
+        &self,
+        request: &GenerationRequest,
+        pixels: &Tensor,
+        mask: &Tensor,
+        strength: f64,
+        given_noise: [Option<&Tensor>; 3],
+        scheduler: &dyn Scheduler,
+    ) -> Result<LatentPlan> {
+        let first_index = self.first_index_for(request, strength, scheduler)?;
+        self.check_init_image(request, pixels)?;
+        let expected = [1, 1, request.height, request.width];
+        if mask.dims() != expected {
+            return Err(EngineError::InvalidParameter(format!(
+                "the mask has shape {:?}, this job needs {expected:?} (resize it first)",
+                mask.dims()
+            )));
+        }
+        let [batch, channels, height, width] = self.latent_shape(request);
+        let unet_channels = self.unet.config().in_channels;
+        let inpainting_unet = unet_channels == 2 * channels + 1;
+        if !inpainting_unet && unet_channels != channels {
+            return Err(EngineError::Unsupported(format!(
+                "a UNet with {unet_channels} input channels (inpainting takes {channels} or {})",
+                2 * channels + 1
+            )));
+        }
+        let mask = mask
+            .to_device(&self.device)?
+            .to_dtype(DType::F32)?
+            .ge(0.5)?
+            .to_dtype(DType::F32)?;
+        if mask.sum_all()?.to_scalar::<f32>()? == 0.0 {
+            return Err(EngineError::InvalidParameter(
+                "the mask is empty: paint the region to repaint".into(),
+            ));
+        }
+        let strength_max = strength == 1.0;
+        let encode_image = !inpainting_unet || !strength_max;
+        let drawn = self.job_draws(
+            request,
+            &[
+                ("sampling", encode_image),
+                ("starting", true),
+                ("masked-image sampling", inpainting_unet),
+            ],
+            &given_noise,
+        )?;
+        let pixels = ((pixels.to_device(&self.device)?.to_dtype(DType::F32)? * 2.0)? - 1.0)?;
+        let image_latents = match encode_image {
+            true => Some(self.sampled_latents(&pixels, drawn_at(&drawn, 0)?)?),
+            false => None,
+        };
+        let noise = drawn_at(&drawn, 1)?;
+        let latents = match &image_latents {
+            Some(image_latents) if !strength_max => {
+                scheduler.add_noise(image_latents, noise, first_index)?
+            }
+            _ => (noise * scheduler.init_noise_sigma())?,
+        };
+        let latent_mask = nearest_resize(&mask, height, width)?.repeat((batch, 1, 1, 1))?;
+        if inpainting_unet {
+            let masked_pixels = pixels.broadcast_mul(&(1.0 - &mask)?)?;
+            let masked_latents = self.sampled_latents(&masked_pixels, drawn_at(&drawn, 2)?)?;
+            return Ok(LatentPlan {
+                first_index,
+                latents,
+                extra_unet_input: Some(Tensor::cat(&[&latent_mask, &masked_latents], 1)?),
+                blend: None,
+            });
+        }
+        let image_latents = image_latents.ok_or_else(|| {
+            EngineError::InvalidParameter("the init image was not encoded".into())
+        })?;
+        Ok(LatentPlan {
+            first_index,
+            latents,
+            extra_unet_input: None,
+            blend: Some(Blend {
+                image_latents,
+                noise: noise.clone(),
+                mask: latent_mask,
+            }),
+        })
+    }
+
+    /// Latents for the UNet of an image in [-1, 1] `(1, 3, H, W)`: a sample of the VAE's
+    /// distribution with `noise` (one row per batch item), scaled as the pipelines scale them.
+    fn sampled_latents(&self, pixels: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let batch = noise.dim(0)?;
+        let distribution = self.encode_pixels(pixels)?;
+        let mean = distribution.mean.repeat((batch, 1, 1, 1))?;
+        let std = distribution.std.repeat((batch, 1, 1, 1))?;
+        self.scale_latents(&(mean + (std * noise)?)?)
+    }
+
+    /// The first index of a late start at `strength`, refusing strengths that run no step.
+    fn first_index_for(
+        &self,
+        request: &GenerationRequest,
+        strength: f64,
+        scheduler: &dyn Scheduler,
+    ) -> Result<usize> {
         if !(strength > 0.0 && strength <= 1.0) {
             return Err(EngineError::InvalidParameter(format!(
                 "denoising strength must be above 0 and at most 1, got {strength}"
@@ -204,7 +343,11 @@ impl StableDiffusion {
                 request.steps
             )));
         }
-        let [batch, channels, height, width] = self.latent_shape(request);
+        Ok(first_index)
+    }
+
+    /// An init image must be `(1, 3, height, width)` at the request's size.
+    fn check_init_image(&self, request: &GenerationRequest, pixels: &Tensor) -> Result<()> {
         let expected = [1, 3, request.height, request.width];
         if pixels.dims() != expected {
             return Err(EngineError::InvalidParameter(format!(
@@ -212,53 +355,54 @@ impl StableDiffusion {
                 pixels.dims()
             )));
         }
-        let distribution = self.encode_pixels(&((pixels * 2.0)? - 1.0)?)?;
-        let item_shape = [1, channels, height, width];
-        // Image k draws from seed + k: the VAE's sample first, then the added noise (diffusers'
-        // order with one generator per image); given draws replace the seeded ones.
+        Ok(())
+    }
+
+    /// A job's random draws, each the latent shape: `kinds` in order (name, whether this job
+    /// draws it), given ones used as they are, the rest seeded. Image k draws from seed + k in
+    /// that order (diffusers' order with one generator per image), so a seed means the same
+    /// image whatever is given. Draws the job does not make are `None`.
+    fn job_draws(
+        &self,
+        request: &GenerationRequest,
+        kinds: &[(&str, bool)],
+        given: &[Option<&Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let [batch, channels, height, width] = self.latent_shape(request);
         let shape = [batch, channels, height, width];
-        let mut seeded = [Vec::with_capacity(batch), Vec::with_capacity(batch)];
+        let mut seeded: Vec<Vec<Tensor>> =
+            kinds.iter().map(|_| Vec::with_capacity(batch)).collect();
         for k in 0..batch {
             let mut generator = NoiseGenerator::new(request.seed.wrapping_add(k as u64));
-            for draws in &mut seeded {
-                draws.push(generator.randn(&item_shape, &self.device)?);
+            for (draws, (_, drawn)) in seeded.iter_mut().zip(kinds) {
+                if *drawn {
+                    draws.push(generator.randn(&[1, channels, height, width], &self.device)?);
+                }
             }
         }
-        let [seeded_sample, seeded_noise] = seeded;
-        let mut draws = Vec::with_capacity(2);
-        for ((what, given), seeded) in ["sampling", "added"]
-            .into_iter()
-            .zip(given_noise)
-            .zip([seeded_sample, seeded_noise])
-        {
-            draws.push(match given {
-                Some(tensor) if tensor.dims() != shape => {
-                    return Err(EngineError::InvalidParameter(format!(
-                        "the {what} noise has shape {:?}, this job needs {shape:?}",
-                        tensor.dims()
-                    )));
-                }
-                Some(tensor) => {
+        let mut out = Vec::with_capacity(kinds.len());
+        for (((what, drawn), given), seeded) in kinds.iter().zip(given).zip(seeded) {
+            out.push(match (drawn, given) {
+                (false, _) => None,
+                (true, Some(tensor)) => {
+                    if tensor.dims() != shape {
+                        return Err(EngineError::InvalidParameter(format!(
+                            "the {what} noise has shape {:?}, this job needs {shape:?}",
+                            tensor.dims()
+                        )));
+                    }
                     let tensor = tensor.to_device(&self.device)?.to_dtype(DType::F32)?;
                     if !all_finite(&tensor)? {
                         return Err(EngineError::InvalidParameter(format!(
                             "the {what} noise contains NaN or infinite values"
                         )));
                     }
-                    tensor
+                    Some(tensor)
                 }
-                None => Tensor::cat(&seeded, 0)?,
+                (true, None) => Some(Tensor::cat(&seeded, 0)?),
             });
         }
-        let (sample_noise, noise) = (&draws[0], &draws[1]);
-        let mean = distribution.mean.repeat((batch, 1, 1, 1))?;
-        let std = distribution.std.repeat((batch, 1, 1, 1))?;
-        let init_latents = self.scale_latents(&(mean + (std * sample_noise)?)?)?;
-        Ok(LatentPlan {
-            first_index,
-            latents: scheduler.add_noise(&init_latents, noise, first_index)?,
-            extra_unet_input: None,
-        })
+        Ok(out)
     }
 
     /// The job's standard-normal noise: `init_noise` when given (checked), else seeded.
@@ -377,7 +521,7 @@ impl StableDiffusion {
         let batch = request.batch_size;
         let timesteps = scheduler.timesteps().to_vec();
         let first_index = plan.first_index;
-        let mut latents = plan.latents;
+        let mut latents = plan.latents.clone();
         let mut generator = NoiseGenerator::new(request.seed ^ 0x5eed_5eed_5eed_5eed);
         for (index, &timestep) in timesteps.iter().enumerate().skip(first_index) {
             if cancel.load(Ordering::Relaxed) {
@@ -413,6 +557,16 @@ impl StableDiffusion {
             };
             let step = scheduler.step(&guided_prediction, index, &latents, &mut generator)?;
             latents = step.prev_sample;
+            if let Some(blend) = &plan.blend {
+                // The known region, noised to the next step's level (clean after the last).
+                let known = if index + 1 < timesteps.len() {
+                    scheduler.add_noise(&blend.image_latents, &blend.noise, index + 1)?
+                } else {
+                    blend.image_latents.clone()
+                };
+                let keep = (1.0 - &blend.mask)?;
+                latents = (known.broadcast_mul(&keep)? + latents.broadcast_mul(&blend.mask)?)?;
+            }
             let vae_preview = if preview.vae_decode_every > 0
                 && (index + 1) % preview.vae_decode_every == 0
                 && index + 1 < timesteps.len()
@@ -455,6 +609,25 @@ pub enum JobInput<'a> {
         /// instead of seeded: with `sample_noise`, what checks us against another implementation.
         noise: Option<&'a Tensor>,
     },
+    /// An image with a region to repaint: `pixels` as for [`JobInput::Image`], `mask`
+    /// `(1, 1, height, width)` in [0, 1], 1 where the picture is repainted (binarized at 0.5, as
+    /// diffusers does). An inpainting UNet (9 input channels) reads the mask and the masked
+    /// image; an ordinary one gets the known region blended back after every step.
+    Inpaint {
+        /// The picture.
+        pixels: &'a Tensor,
+        /// Where to repaint.
+        mask: &'a Tensor,
+        /// The denoising strength (1: the masked region starts from pure noise).
+        strength: f64,
+        /// The init image's VAE sampling noise (drawn only when the image is encoded: an ordinary
+        /// UNet, or a strength below 1), given instead of seeded.
+        sample_noise: Option<&'a Tensor>,
+        /// The noise (the starting noise at strength 1, else the noise added to the init latents).
+        noise: Option<&'a Tensor>,
+        /// The masked image's VAE sampling noise (an inpainting UNet's extra input).
+        masked_sample_noise: Option<&'a Tensor>,
+    },
 }
 
 /// What the UNet reads besides the latents, the same at every step.
@@ -483,6 +656,42 @@ struct LatentPlan {
     /// Channels concatenated after the latents for the UNet (an inpainting UNet's mask and
     /// masked-image latents).
     extra_unet_input: Option<Tensor>,
+    /// What happens after each step: an ordinary UNet's inpainting blends the known region back.
+    blend: Option<Blend>,
+}
+
+/// The known region of an inpainting with an ordinary UNet, put back after every step.
+struct Blend {
+    /// The init image's latents (scaled).
+    image_latents: Tensor,
+    /// The noise that takes them to each step's level.
+    noise: Tensor,
+    /// `(batch, 1, h, w)` at latent size: 1 where the picture is repainted.
+    mask: Tensor,
+}
+
+/// Draw `index` of [`StableDiffusion::job_draws`], which the job makes.
+fn drawn_at(draws: &[Option<Tensor>], index: usize) -> Result<&Tensor> {
+    draws
+        .get(index)
+        .and_then(Option::as_ref)
+        .ok_or_else(|| EngineError::InvalidParameter(format!("no random draw {index}")))
+}
+
+/// `(b, c, H, W)` resized to `(b, c, height, width)` by PyTorch's `interpolate(mode="nearest")`:
+/// output pixel j takes input pixel floor(j * in / out), the scale computed in f32.
+fn nearest_resize(tensor: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+    let (_, _, in_height, in_width) = tensor.dims4()?;
+    let indices = |input: usize, output: usize| -> Result<Tensor> {
+        let scale = input as f32 / output as f32;
+        let picked: Vec<u32> = (0..output)
+            .map(|j| ((j as f32 * scale).floor() as usize).min(input - 1) as u32)
+            .collect();
+        Ok(Tensor::new(picked, tensor.device())?)
+    };
+    Ok(tensor
+        .index_select(&indices(in_height, height)?, 2)?
+        .index_select(&indices(in_width, width)?, 3)?)
 }
 
 impl LatentPlan {
@@ -492,6 +701,7 @@ impl LatentPlan {
             first_index: 0,
             latents: (noise * scheduler.init_noise_sigma())?,
             extra_unet_input: None,
+            blend: None,
         })
     }
 }
