@@ -10,14 +10,16 @@ use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::engine::init_image::{ResizeMode, fit_init_image, image_to_tensor};
+use super::modes::{Hires, HiresArgs, ImageInputArgs};
+use crate::engine::init_image::{
+    HiresUpscaler, ResizeMode, fit_init_image, image_to_tensor, resize_latents,
+};
 use crate::engine::npy::read_f32_npy;
 use crate::engine::pipeline::{
     GenerationRequest, JobInput, LoadOptions, PreviewOptions, StableDiffusion,
 };
 use crate::engine::source::{LoadProgress, ModelSource};
 use crate::gallery::metadata::{A1111Parameters, PARAMETERS_KEYWORD};
-use crate::gallery::png_read::decode_rgb_bounded;
 use crate::schedulers::Sampler;
 
 /// Arguments of `atelier generate`.
@@ -63,15 +65,12 @@ pub struct GenerateArgs {
     /// seed: the starting noise, or with --init-image the noise added to the init latents.
     #[arg(long)]
     pub init_noise: Option<PathBuf>,
-    /// Image to image: start from this picture (PNG or JPEG) instead of noise.
-    #[arg(long)]
-    pub init_image: Option<PathBuf>,
-    /// With --init-image: how much of it is repainted, above 0 to 1 (A1111's denoising strength).
-    #[arg(long, default_value_t = 0.75)]
-    pub strength: f64,
-    /// With --init-image of another size: just-resize, crop-and-resize or resize-and-fill.
-    #[arg(long, default_value = "just-resize")]
-    pub resize_mode: String,
+    /// Image to image, inpainting, outpainting.
+    #[command(flatten)]
+    pub image: ImageInputArgs,
+    /// The hires fix.
+    #[command(flatten)]
+    pub hires: HiresArgs,
     /// Write the final latents (before the VAE) as a float32 .npy.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
@@ -130,6 +129,91 @@ fn output_path(out: &Path, index: usize, batch: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{index}.png"))
 }
 
+/// The hires fix's second pass: the first pass enlarged (its latents, or its image with Lanczos)
+/// and denoised again at `hires.strength`. Returns the output and the second pass's request.
+fn second_pass(
+    model: &StableDiffusion,
+    request: &GenerationRequest,
+    first: &crate::engine::pipeline::GenerationOutput,
+    hires: &Hires,
+    cancel: &AtomicBool,
+) -> anyhow::Result<(crate::engine::pipeline::GenerationOutput, GenerationRequest)> {
+    let (width, height) = hires.size(request.width, request.height, model.vae_scale_factor());
+    let second = GenerationRequest {
+        width,
+        height,
+        steps: hires.steps.unwrap_or(request.steps),
+        ..request.clone()
+    };
+    model.validate(&second)?;
+    let bar = ProgressBar::new(second.steps as u64);
+    let mut on_step = |step: crate::engine::pipeline::StepProgress<'_>| {
+        bar.set_length(step.total_steps as u64);
+        bar.set_position(step.step_index as u64 + 1);
+    };
+    let output = match hires.upscaler {
+        HiresUpscaler::Latent | HiresUpscaler::LatentNearest => {
+            let [_, _, latent_height, latent_width] = model.latent_shape(&second);
+            let latents = resize_latents(
+                &first.latents,
+                latent_height,
+                latent_width,
+                hires.upscaler == HiresUpscaler::Latent,
+            )?;
+            let input = JobInput::Latents {
+                latents: &latents,
+                strength: hires.strength,
+                noise: None,
+            };
+            model.generate_with(
+                &second,
+                &input,
+                PreviewOptions::default(),
+                cancel,
+                &mut on_step,
+            )
+        }
+        HiresUpscaler::Lanczos => {
+            // Batches run one image at a time here: each has its own picture.
+            let mut images = Vec::new();
+            let mut latents = Vec::new();
+            let mut last = None;
+            for (k, image) in first.images.iter().enumerate() {
+                let item = GenerationRequest {
+                    seed: second.seed.wrapping_add(k as u64),
+                    batch_size: 1,
+                    ..second.clone()
+                };
+                let big =
+                    fit_init_image(image, width as u32, height as u32, ResizeMode::JustResize);
+                let pixels = image_to_tensor(&big, &Device::Cpu)?;
+                let input = JobInput::Image {
+                    pixels: &pixels,
+                    strength: hires.strength,
+                    sample_noise: None,
+                    noise: None,
+                };
+                let mut output = model.generate_with(
+                    &item,
+                    &input,
+                    PreviewOptions::default(),
+                    cancel,
+                    &mut on_step,
+                )?;
+                images.append(&mut output.images);
+                latents.push(output.latents.clone());
+                last = Some(output);
+            }
+            let mut output = last.context("the first pass made no image")?;
+            output.images = images;
+            output.latents = candle_core::Tensor::cat(&latents, 0)?;
+            Ok(output)
+        }
+    };
+    bar.finish_and_clear();
+    Ok((output?, second))
+}
+
 /// Runs `atelier generate`.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let sampler = Sampler::parse(&args.scheduler)?;
@@ -146,24 +230,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let resize_mode = ResizeMode::parse(&args.resize_mode)?;
-    let init_image = match &args.init_image {
-        Some(path) => Some(
-            decode_rgb_bounded(path).with_context(|| format!("--init-image {}", path.display()))?,
-        ),
-        None => None,
-    };
+    let image_input = args.image.load()?;
+    let hires = args.hires.load(image_input.is_some())?;
     let model = load_model(&args.model, &args.device)?;
     let native = model.native_size().unwrap_or(512);
     // With an init image and no size, its own size (rounded down to what the model takes).
     let multiple = model.vae_scale_factor().max(1);
     let from_image = |pixels: u32| ((pixels as usize / multiple) * multiple).max(multiple);
-    let default_width = init_image
+    let default_width = image_input
         .as_ref()
-        .map_or(native, |i| from_image(i.width()));
-    let default_height = init_image
+        .map_or(native, |i| from_image(i.size().0));
+    let default_height = image_input
         .as_ref()
-        .map_or(native, |i| from_image(i.height()));
+        .map_or(native, |i| from_image(i.size().1));
     let seed = args.seed.unwrap_or_else(random_seed);
     let request = GenerationRequest {
         prompt: args.prompt.clone(),
@@ -207,26 +286,26 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let job_started = std::time::Instant::now();
     // The window shows a preview after every step; time the first one the same way.
     let mut first_preview_secs = None;
-    let init_pixels = match &init_image {
-        Some(image) => {
-            let fitted = fit_init_image(
-                image,
-                request.width as u32,
-                request.height as u32,
-                resize_mode,
-            );
-            Some(image_to_tensor(&fitted, &Device::Cpu)?)
-        }
+    let tensors = match &image_input {
+        Some(input) => Some(input.tensors(request.width, request.height)?),
         None => None,
     };
-    let input = match &init_pixels {
-        Some(pixels) => JobInput::Image {
+    let input = match (&tensors, &image_input) {
+        (Some((pixels, Some(mask))), Some(image)) => JobInput::Inpaint {
             pixels,
-            strength: args.strength,
+            mask,
+            strength: image.strength,
+            sample_noise: None,
+            noise: init_noise.as_ref(),
+            masked_sample_noise: None,
+        },
+        (Some((pixels, None)), Some(image)) => JobInput::Image {
+            pixels,
+            strength: image.strength,
             sample_noise: None,
             noise: init_noise.as_ref(),
         },
-        None => JobInput::Text {
+        _ => JobInput::Text {
             init_noise: init_noise.as_ref(),
         },
     };
@@ -246,7 +325,23 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
     );
     bar.finish_and_clear();
-    let output = output?;
+    let mut output = output?;
+    let mut request = request;
+    if let Some(hires) = &hires {
+        let first_pass_secs = output.timings.total_secs;
+        let (output_2, request_2) = second_pass(&model, &request, &output, hires, &cancel)?;
+        eprintln!(
+            "hires fix: {}x{} in {:.2} s, then {}x{} in {:.2} s",
+            request.width,
+            request.height,
+            first_pass_secs,
+            request_2.width,
+            request_2.height,
+            output_2.timings.total_secs
+        );
+        output = output_2;
+        request = request_2;
+    }
     for warning in &output.warnings {
         eprintln!("warning: {warning}");
     }
@@ -267,11 +362,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             parameters.pairs.retain(|(key, _)| key != "Seed");
             parameters.pairs.push(("Initial noise".into(), name));
         }
-        if init_pixels.is_some() {
-            // A1111's infotext names the strength of an img2img image this way.
-            parameters
-                .pairs
-                .push(("Denoising strength".into(), args.strength.to_string()));
+        if let Some(input) = &image_input {
+            parameters.pairs.extend(input.infotext());
+        }
+        if let Some(hires) = &hires {
+            parameters.pairs.extend(hires.infotext(args.steps));
         }
         let written = super::write_png_or_rescue(
             &path,

@@ -4,6 +4,7 @@ mod bench;
 pub mod compare;
 pub mod gallery;
 mod generate;
+pub mod modes;
 pub mod schedulers;
 
 use std::process::ExitCode;

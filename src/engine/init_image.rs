@@ -1,9 +1,10 @@
-//! Init images for image to image: fitted to the job's size as AUTOMATIC1111's resize modes do,
-//! and turned into the `(1, 3, H, W)` tensor in [0, 1] that the engine encodes.
+//! Init images and masks: fitted to the job's size as AUTOMATIC1111's resize modes do, masks from
+//! a black-and-white file or an alpha channel, blurred, canvases extended for outpainting, and the
+//! tensors the engine takes.
 
 use candle_core::{Device, Tensor};
-use image::RgbImage;
 use image::imageops::FilterType;
+use image::{DynamicImage, GrayImage, Luma, RgbImage};
 
 use super::error::{EngineError, Result};
 
@@ -109,6 +110,209 @@ pub fn image_to_tensor(image: &RgbImage, device: &Device) -> Result<Tensor> {
     Ok(hwc.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
 }
 
+/// A mask from an image: where its alpha channel is transparent (an image with an erased
+/// region), else where it is bright (a black-and-white mask: white is repainted). 255 = repaint.
+pub fn mask_from_image(image: &DynamicImage) -> GrayImage {
+    let rgba = image.to_rgba8();
+    let has_transparency = image.color().has_alpha() && rgba.pixels().any(|p| p[3] < 255);
+    if has_transparency {
+        GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+            Luma([255 - rgba.get_pixel(x, y)[3]])
+        })
+    } else {
+        image.to_luma8()
+    }
+}
+
+/// `mask` fitted to `width` x `height` (stretched, as the init image is with the same mode,
+/// nearest-neighbour so that it stays hard) and blurred by a Gaussian of `blur_sigma` pixels
+/// (A1111's "mask blur"; 0 leaves it as it is).
+pub fn prepare_mask(
+    mask: &GrayImage,
+    width: u32,
+    height: u32,
+    mode: ResizeMode,
+    blur_sigma: f32,
+) -> GrayImage {
+    let as_rgb = DynamicImage::ImageLuma8(mask.clone()).to_rgb8();
+    let fitted = if as_rgb.dimensions() == (width, height) {
+        mask.clone()
+    } else {
+        let resized = match mode {
+            ResizeMode::JustResize => {
+                image::imageops::resize(&as_rgb, width, height, FilterType::Nearest)
+            }
+            _ => fit_init_image(&as_rgb, width, height, mode),
+        };
+        DynamicImage::ImageRgb8(resized).to_luma8()
+    };
+    if blur_sigma > 0.0 {
+        image::imageops::blur(&fitted, blur_sigma)
+    } else {
+        fitted
+    }
+}
+
+/// A mask as the `(1, 1, H, W)` f32 tensor in [0, 1] that inpainting takes (1 = repaint).
+pub fn mask_to_tensor(mask: &GrayImage, device: &Device) -> Result<Tensor> {
+    let (width, height) = mask.dimensions();
+    let values: Vec<f32> = mask.as_raw().iter().map(|&b| b as f32 / 255.0).collect();
+    Ok(Tensor::from_vec(
+        values,
+        (1, 1, height as usize, width as usize),
+        device,
+    )?)
+}
+
+/// Pixels added on each side of a picture for outpainting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Outpaint {
+    /// Added on the left.
+    pub left: u32,
+    /// Added on top.
+    pub top: u32,
+    /// Added on the right.
+    pub right: u32,
+    /// Added at the bottom.
+    pub bottom: u32,
+}
+
+impl Outpaint {
+    /// Parses `L,T,R,B` in pixels.
+    pub fn parse(text: &str) -> Result<Self> {
+        let values: Vec<u32> = text
+            .split(',')
+            .map(|v| v.trim().parse::<u32>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                EngineError::InvalidParameter(format!(
+                    "outpaint takes LEFT,TOP,RIGHT,BOTTOM in pixels, got {text:?}"
+                ))
+            })?;
+        let [left, top, right, bottom] = values[..] else {
+            return Err(EngineError::InvalidParameter(format!(
+                "outpaint takes four values LEFT,TOP,RIGHT,BOTTOM, got {text:?}"
+            )));
+        };
+        if left + top + right + bottom == 0 || [left, top, right, bottom].iter().any(|&v| v > 4096)
+        {
+            return Err(EngineError::InvalidParameter(format!(
+                "outpaint adds 1 to 4096 pixels on at least one side, got {text:?}"
+            )));
+        }
+        Ok(Self {
+            left,
+            top,
+            right,
+            bottom,
+        })
+    }
+
+    /// The picture on a larger canvas whose new area repeats the nearest edge pixels (A1111's
+    /// "fill"-like start for the new area), and the mask of the new area (255 = repaint).
+    pub fn extend(self, image: &RgbImage) -> (RgbImage, GrayImage) {
+        let (w, h) = image.dimensions();
+        let (width, height) = (w + self.left + self.right, h + self.top + self.bottom);
+        let canvas = RgbImage::from_fn(width, height, |x, y| {
+            let sx = x.saturating_sub(self.left).min(w - 1);
+            let sy = y.saturating_sub(self.top).min(h - 1);
+            *image.get_pixel(sx, sy)
+        });
+        let mask = GrayImage::from_fn(width, height, |x, y| {
+            let inside = x >= self.left && x < self.left + w && y >= self.top && y < self.top + h;
+            Luma([if inside { 0 } else { 255 }])
+        });
+        (canvas, mask)
+    }
+}
+
+/// How the first pass of a hires fix is enlarged before the second (A1111's upscaler names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HiresUpscaler {
+    /// "Latent": the latents, bilinear.
+    Latent,
+    /// "Latent (nearest)": the latents, nearest neighbour.
+    LatentNearest,
+    /// "Lanczos": the decoded image, Lanczos; encoded again for the second pass.
+    Lanczos,
+}
+
+impl HiresUpscaler {
+    /// Every upscaler, in menu order.
+    pub const ALL: [HiresUpscaler; 3] = [
+        HiresUpscaler::Latent,
+        HiresUpscaler::LatentNearest,
+        HiresUpscaler::Lanczos,
+    ];
+
+    /// The CLI id.
+    pub fn id(self) -> &'static str {
+        match self {
+            HiresUpscaler::Latent => "latent",
+            HiresUpscaler::LatentNearest => "latent-nearest",
+            HiresUpscaler::Lanczos => "lanczos",
+        }
+    }
+
+    /// A1111's name, as its infotext writes it.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            HiresUpscaler::Latent => "Latent",
+            HiresUpscaler::LatentNearest => "Latent (nearest)",
+            HiresUpscaler::Lanczos => "Lanczos",
+        }
+    }
+
+    /// Parses a CLI id; the error lists the valid ones.
+    pub fn parse(id: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|u| u.id() == id).ok_or_else(|| {
+            EngineError::InvalidParameter(format!(
+                "unknown hires upscaler {id:?}; one of {}",
+                Self::ALL.map(HiresUpscaler::id).join(", ")
+            ))
+        })
+    }
+}
+
+/// `(b, c, h, w)` latents resized to `(b, c, height, width)`: bilinear as PyTorch's
+/// `interpolate(mode="bilinear", align_corners=False)`, or nearest as `mode="nearest"`.
+pub fn resize_latents(
+    latents: &Tensor,
+    height: usize,
+    width: usize,
+    bilinear: bool,
+) -> Result<Tensor> {
+    let (_, _, in_height, in_width) = latents.dims4()?;
+    let along = |xs: &Tensor, dim: usize, input: usize, output: usize| -> Result<Tensor> {
+        let scale = input as f32 / output as f32;
+        if !bilinear {
+            let picked: Vec<u32> = (0..output)
+                .map(|j| ((j as f32 * scale).floor() as usize).min(input - 1) as u32)
+                .collect();
+            return Ok(xs.index_select(&Tensor::new(picked, xs.device())?, dim)?);
+        }
+        let mut low = Vec::with_capacity(output);
+        let mut high = Vec::with_capacity(output);
+        let mut weight = Vec::with_capacity(output);
+        for j in 0..output {
+            let source = ((j as f32 + 0.5) * scale - 0.5).max(0.0);
+            let i0 = (source.floor() as usize).min(input - 1);
+            low.push(i0 as u32);
+            high.push((i0 + 1).min(input - 1) as u32);
+            weight.push(source - i0 as f32);
+        }
+        let a = xs.index_select(&Tensor::new(low, xs.device())?, dim)?;
+        let b = xs.index_select(&Tensor::new(high, xs.device())?, dim)?;
+        let mut shape = vec![1usize; 4];
+        shape[dim] = output;
+        let w = Tensor::new(weight, xs.device())?.reshape(shape)?;
+        Ok((&a + (b - &a)?.broadcast_mul(&w)?)?)
+    };
+    let tall = along(latents, 2, in_height, height)?;
+    along(&tall, 3, in_width, width)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +361,61 @@ mod tests {
             .and_then(|t| t.to_vec1())
             .expect("values");
         assert_eq!(red[1], image.get_pixel(1, 0)[0] as f32 / 255.0);
+    }
+
+    #[test]
+    fn masks_come_from_alpha_or_brightness() {
+        let mut rgba = image::RgbaImage::from_pixel(4, 2, image::Rgba([10, 20, 30, 255]));
+        rgba.put_pixel(1, 1, image::Rgba([10, 20, 30, 0]));
+        let mask = mask_from_image(&DynamicImage::ImageRgba8(rgba));
+        assert_eq!(mask.get_pixel(1, 1)[0], 255);
+        assert_eq!(mask.get_pixel(0, 0)[0], 0);
+        let mut bw = GrayImage::new(4, 2);
+        bw.put_pixel(3, 0, Luma([255]));
+        let mask = mask_from_image(&DynamicImage::ImageLuma8(bw));
+        assert_eq!((mask.get_pixel(3, 0)[0], mask.get_pixel(0, 0)[0]), (255, 0));
+        let blurred = prepare_mask(&mask, 8, 4, ResizeMode::JustResize, 1.0);
+        assert_eq!(blurred.dimensions(), (8, 4));
+        assert!(blurred.get_pixel(5, 0)[0] > 0 && blurred.get_pixel(5, 0)[0] < 255);
+    }
+
+    #[test]
+    fn outpainting_extends_the_canvas_and_masks_the_new_area() {
+        let image = gradient(4, 2);
+        let outpaint = Outpaint::parse("2,0,1,3").expect("parses");
+        let (canvas, mask) = outpaint.extend(&image);
+        assert_eq!(canvas.dimensions(), (7, 5));
+        assert_eq!(canvas.get_pixel(0, 0), image.get_pixel(0, 0));
+        assert_eq!(canvas.get_pixel(2, 1), image.get_pixel(0, 1));
+        assert_eq!(canvas.get_pixel(6, 4), image.get_pixel(3, 1));
+        assert_eq!((mask.get_pixel(2, 0)[0], mask.get_pixel(1, 0)[0]), (0, 255));
+        assert_eq!(mask.get_pixel(3, 2)[0], 255);
+        assert!(Outpaint::parse("1,2,3").is_err());
+        assert!(Outpaint::parse("0,0,0,0").is_err());
+    }
+
+    #[test]
+    fn latents_resize_as_pytorch_interpolates() {
+        // 1x1x2x2 [[0, 1], [2, 3]] doubled: bilinear (align_corners=False) gives
+        // [0, 0.25, 0.75, 1] on the first row, as torch does.
+        let x = Tensor::new(&[0.0f32, 1.0, 2.0, 3.0], &Device::Cpu)
+            .and_then(|t| t.reshape((1, 1, 2, 2)))
+            .expect("tensor");
+        let up = resize_latents(&x, 4, 4, true).expect("bilinear");
+        let rows: Vec<Vec<f32>> = up
+            .squeeze(0)
+            .and_then(|t| t.squeeze(0))
+            .and_then(|t| t.to_vec2())
+            .expect("rows");
+        assert_eq!(rows[0], vec![0.0, 0.25, 0.75, 1.0]);
+        assert_eq!(rows[1], vec![0.5, 0.75, 1.25, 1.5]);
+        let near = resize_latents(&x, 4, 4, false).expect("nearest");
+        let rows: Vec<Vec<f32>> = near
+            .squeeze(0)
+            .and_then(|t| t.squeeze(0))
+            .and_then(|t| t.to_vec2())
+            .expect("rows");
+        assert_eq!(rows[3], vec![2.0, 2.0, 3.0, 3.0]);
+        assert!(HiresUpscaler::parse("esrgan").is_err());
     }
 }

@@ -200,7 +200,7 @@ pub enum PngError {
         error: std::io::Error,
     },
     /// The PNG encoder or decoder failed (corrupt file, ...).
-    #[error("{path}: not a readable PNG ({message})")]
+    #[error("{path}: not a readable image ({message})")]
     Format {
         /// The file.
         path: String,

@@ -235,6 +235,12 @@ pub fn read_text_from(
 /// Decodes an image's pixels as RGB, refusing images larger than [`MAX_DECODED_PIXELS`] before
 /// allocating anything, and anything that is not a regular file.
 pub fn decode_rgb_bounded(path: &Path) -> Result<image::RgbImage, PngError> {
+    Ok(decode_bounded(path)?.to_rgb8())
+}
+
+/// Decodes an image as it is stored (any channels, 8 or 16 bits), within the same bounds as
+/// [`decode_rgb_bounded`].
+pub fn decode_bounded(path: &Path) -> Result<image::DynamicImage, PngError> {
     let open_reader = || -> Result<_, PngError> {
         image::ImageReader::new(std::io::BufReader::new(open_regular_file(path)?))
             .with_guessed_format()
@@ -253,8 +259,7 @@ pub fn decode_rgb_bounded(path: &Path) -> Result<image::RgbImage, PngError> {
     limits.max_alloc = Some(MAX_DECODED_PIXELS * 8);
     let mut reader = open_reader()?;
     reader.limits(limits);
-    let decoded = reader
+    reader
         .decode()
-        .map_err(|e| format_error(path, e.to_string()))?;
-    Ok(decoded.to_rgb8())
+        .map_err(|e| format_error(path, e.to_string()))
 }

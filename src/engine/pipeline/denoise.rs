@@ -138,6 +138,28 @@ impl StableDiffusion {
                 [*sample_noise, *noise],
                 scheduler.as_ref(),
             )?,
+            JobInput::Latents {
+                latents,
+                strength,
+                noise,
+            } => {
+                let first_index = self.first_index_for(request, *strength, scheduler.as_ref())?;
+                let shape = self.latent_shape(request);
+                if latents.dims() != shape {
+                    return Err(EngineError::InvalidParameter(format!(
+                        "the latents have shape {:?}, this job needs {shape:?}",
+                        latents.dims()
+                    )));
+                }
+                let drawn = self.job_draws(request, &[("added", true)], &[*noise])?;
+                let latents = latents.to_device(&self.device)?.to_dtype(DType::F32)?;
+                LatentPlan {
+                    first_index,
+                    latents: scheduler.add_noise(&latents, drawn_at(&drawn, 0)?, first_index)?,
+                    extra_unet_input: None,
+                    blend: None,
+                }
+            }
             JobInput::Inpaint {
                 pixels,
                 mask,
@@ -607,6 +629,16 @@ pub enum JobInput<'a> {
         sample_noise: Option<&'a Tensor>,
         /// The noise added to the init latents (diffusers' `add_noise`; the latent shape), given
         /// instead of seeded: with `sample_noise`, what checks us against another implementation.
+        noise: Option<&'a Tensor>,
+    },
+    /// Latents to rework without the VAE (a hires fix's upscaled first pass), in the UNet's
+    /// scaled space and the job's latent shape, denoised from `strength`.
+    Latents {
+        /// The latents.
+        latents: &'a Tensor,
+        /// The denoising strength.
+        strength: f64,
+        /// The noise added to them, given instead of seeded.
         noise: Option<&'a Tensor>,
     },
     /// An image with a region to repaint: `pixels` as for [`JobInput::Image`], `mask`
