@@ -38,24 +38,6 @@ impl Fixture {
     }
 }
 
-fn max_pixel_difference(ours: &image::RgbImage, reference: &Tensor) -> f32 {
-    let reference = (reference * 255.0).unwrap();
-    let ours: Vec<f32> = ours.as_raw().iter().map(|&b| b as f32).collect();
-    let ours = Tensor::from_vec(ours, reference.dims(), reference.device()).unwrap();
-    (ours - &reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 #[test]
 fn the_vae_encoder_matches_diffusers() {
     let fixture = fixture();

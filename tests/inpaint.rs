@@ -81,25 +81,8 @@ fn inpainting_matches_diffusers() {
             error <= 1e-3,
             &format!("{key}: latents differ by {error:e}"),
         );
-        let reference = (&tensors[&format!("{key}_pixels")] * 255.0).unwrap();
-        let ours: Vec<f32> = output.images[0]
-            .as_raw()
-            .iter()
-            .map(|&b| b as f32)
-            .collect();
-        let ours = Tensor::from_vec(ours, reference.dims(), &Device::Cpu).unwrap();
-        let difference: f32 = (ours - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let difference =
+            max_pixel_difference(&output.images[0], &tensors[&format!("{key}_pixels")]);
         check(
             difference <= 2.0,
             &format!("{key}: pixels differ by {difference}/255"),

@@ -189,25 +189,12 @@ fn check_output_file(path: &std::path::Path, flag: &str, extension: &str) -> any
             folder.display()
         );
     }
-    let probe = folder.join(format!(
-        ".atelier-write-check-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-    {
-        Ok(_) => {
-            let _ = std::fs::remove_file(&probe);
-            Ok(())
-        }
-        Err(error) => anyhow::bail!(
+    crate::gallery::metadata::probe_writable(folder).map_err(|error| {
+        anyhow::anyhow!(
             "{flag}: cannot write in {} ({error}; nothing was generated)",
             folder.display()
-        ),
-    }
+        )
+    })
 }
 
 /// Writes a finished PNG to `path`; if that fails after all (disk full, folder removed

@@ -64,6 +64,51 @@ impl VaeAttention {
     }
 }
 
+/// The middle of the encoder and the decoder: a resnet, single-head attention (unless the config
+/// leaves it out), a resnet, at the widest level.
+#[derive(Debug, Clone)]
+struct VaeMidBlock {
+    first: ResnetBlock,
+    attention: Option<VaeAttention>,
+    second: ResnetBlock,
+}
+
+impl VaeMidBlock {
+    fn new(config: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let top = config.block_out_channels.last().copied().ok_or_else(|| {
+            EngineError::Unsupported("VAE config has no block_out_channels".into())
+        })?;
+        let groups = config.norm_num_groups;
+        let resnet = |j: usize| {
+            ResnetBlock::new(
+                top,
+                top,
+                None,
+                groups,
+                1e-6,
+                Activation::Silu,
+                vb.pp("resnets").pp(j),
+            )
+        };
+        Ok(Self {
+            first: resnet(0)?,
+            attention: match config.mid_block_add_attention {
+                true => Some(VaeAttention::new(top, groups, vb.pp("attentions").pp(0))?),
+                false => None,
+            },
+            second: resnet(1)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.first.forward(xs, None)?;
+        if let Some(attention) = &self.attention {
+            xs = attention.forward(&xs)?;
+        }
+        self.second.forward(&xs, None)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct DecoderUpBlock {
     resnets: Vec<ResnetBlock>,
@@ -76,9 +121,7 @@ pub struct VaeDecoder {
     config: VaeConfig,
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_first: ResnetBlock,
-    mid_attention: Option<VaeAttention>,
-    mid_second: ResnetBlock,
+    mid: VaeMidBlock,
     up_blocks: Vec<DecoderUpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -115,14 +158,6 @@ impl VaeDecoder {
             None
         };
         let vb = vb.pp("decoder");
-        let mid = vb.pp("mid_block");
-        let mid_resnet =
-            |j: usize| ResnetBlock::new(top, top, None, groups, eps, act, mid.pp("resnets").pp(j));
-        let mid_attention = if config.mid_block_add_attention {
-            Some(VaeAttention::new(top, groups, mid.pp("attentions").pp(0))?)
-        } else {
-            None
-        };
         let reversed: Vec<usize> = channels.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(reversed.len());
         let mut out_channels = reversed[0];
@@ -157,9 +192,7 @@ impl VaeDecoder {
         Ok(Self {
             post_quant_conv,
             conv_in: conv2d(config.latent_channels, top, 3, 1, vb.pp("conv_in"))?,
-            mid_first: mid_resnet(0)?,
-            mid_attention,
-            mid_second: mid_resnet(1)?,
+            mid: VaeMidBlock::new(&config, vb.pp("mid_block"))?,
             up_blocks,
             conv_norm_out: group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(channels[0], config.out_channels, 3, 1, vb.pp("conv_out"))?,
@@ -188,11 +221,7 @@ impl VaeDecoder {
             None => latents.clone(),
         };
         xs = self.conv_in.forward(&xs)?;
-        xs = self.mid_first.forward(&xs, None)?;
-        if let Some(attn) = &self.mid_attention {
-            xs = attn.forward(&xs)?;
-        }
-        xs = self.mid_second.forward(&xs, None)?;
+        xs = self.mid.forward(&xs)?;
         for block in &self.up_blocks {
             for resnet in &block.resnets {
                 xs = resnet.forward(&xs, None)?;
@@ -237,9 +266,7 @@ impl LatentDistribution {
 pub struct VaeEncoder {
     conv_in: Conv2d,
     down_blocks: Vec<EncoderDownBlock>,
-    mid_first: ResnetBlock,
-    mid_attention: Option<VaeAttention>,
-    mid_second: ResnetBlock,
+    mid: VaeMidBlock,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
@@ -304,20 +331,10 @@ impl VaeEncoder {
                 downsampler,
             });
         }
-        let mid = vb.pp("mid_block");
-        let mid_resnet =
-            |j: usize| ResnetBlock::new(top, top, None, groups, eps, act, mid.pp("resnets").pp(j));
-        let mid_attention = if config.mid_block_add_attention {
-            Some(VaeAttention::new(top, groups, mid.pp("attentions").pp(0))?)
-        } else {
-            None
-        };
         Ok(Self {
             conv_in: conv2d(config.in_channels, channels[0], 3, 1, vb.pp("conv_in"))?,
             down_blocks,
-            mid_first: mid_resnet(0)?,
-            mid_attention,
-            mid_second: mid_resnet(1)?,
+            mid: VaeMidBlock::new(config, vb.pp("mid_block"))?,
             conv_norm_out: group_norm(groups, top, eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(top, moments, 3, 1, vb.pp("conv_out"))?,
             quant_conv,
@@ -340,11 +357,7 @@ impl VaeEncoder {
                 xs = down.forward(&padded)?;
             }
         }
-        xs = self.mid_first.forward(&xs, None)?;
-        if let Some(attn) = &self.mid_attention {
-            xs = attn.forward(&xs)?;
-        }
-        xs = self.mid_second.forward(&xs, None)?;
+        xs = self.mid.forward(&xs)?;
         let xs = self.conv_norm_out.forward_then(&xs, Activation::Silu)?;
         let mut moments = self.conv_out.forward(&xs)?;
         if let Some(conv) = &self.quant_conv {

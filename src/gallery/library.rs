@@ -10,7 +10,8 @@ use image::RgbImage;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::metadata::{
-    PngError, parse_temp_name, publish_temp, temp_path_for, write_png, write_png_new,
+    PngError, parse_temp_name, probe_writable, publish_temp, temp_path_for, write_png,
+    write_png_new,
 };
 use super::png_read::{decode_rgb_bounded, open_regular_file, read_text_bounded};
 use super::record::{ImageMetadata, MetadataSource};
@@ -293,27 +294,6 @@ fn text_query(text: &str) -> TextQuery {
     }
 }
 
-/// Whether a file can be created in `folder` (a real probe: permission bits say nothing for
-/// root, and nothing about read-only mounts).
-fn folder_is_writable(folder: &Path) -> bool {
-    let probe = folder.join(format!(
-        ".atelier-probe-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-    {
-        Ok(_) => {
-            let _ = std::fs::remove_file(&probe);
-            true
-        }
-        Err(_) => false,
-    }
-}
-
 /// A path for an SQLite URI (`file:...`): bytes outside the unreserved set percent-encoded.
 fn uri_escape(path: &Path) -> String {
     let mut out = String::new();
@@ -409,8 +389,8 @@ impl Library {
     fn open_folder(root: &Path) -> Result<(Self, SyncReport)> {
         let meta_dir = root.join(".atelier");
         let writable = std::fs::create_dir_all(meta_dir.join("thumbs")).is_ok()
-            && folder_is_writable(root)
-            && folder_is_writable(&meta_dir);
+            && probe_writable(root).is_ok()
+            && probe_writable(&meta_dir).is_ok();
         let db_path = meta_dir.join("index.sqlite3");
         let mut rebuilt = false;
         let mut read_only = !writable;

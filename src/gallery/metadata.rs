@@ -209,6 +209,22 @@ pub enum PngError {
     },
 }
 
+/// Checks that a file can be created in `folder` by creating (and removing) one: permission
+/// bits say nothing for root, and nothing about read-only mounts.
+pub fn probe_writable(folder: &Path) -> std::io::Result<()> {
+    let probe = folder.join(format!(
+        ".atelier-probe-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// A temporary name beside `file_name` in `folder` that no other process or machine picks: the
 /// final name, this process's id and a random token (`.NAME.PID.TOKEN.tmp`).
 /// [`parse_temp_name`] reads it back, so that a file left by a crash can be recovered.

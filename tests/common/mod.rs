@@ -129,3 +129,23 @@ pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, tolerance: f6
         &format!("{what}: relative error {error:.3e} (tolerance {tolerance:.0e})"),
     );
 }
+
+/// The largest difference, in 8-bit steps, between our image and diffusers' float image
+/// `(1, H, W, 3)` in [0, 1].
+pub fn max_pixel_difference(ours: &image::RgbImage, reference: &Tensor) -> f32 {
+    let reference = (reference * 255.0).unwrap();
+    let ours: Vec<f32> = ours.as_raw().iter().map(|&b| b as f32).collect();
+    let ours = Tensor::from_vec(ours, reference.dims(), reference.device()).unwrap();
+    (ours - &reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
