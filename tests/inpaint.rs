@@ -66,6 +66,7 @@ fn inpainting_matches_diffusers() {
             sample_noise,
             noise: Some(noise),
             masked_sample_noise: Some(masked),
+            latent_noise: false,
         };
         let output = model
             .generate_with(
@@ -107,6 +108,7 @@ fn an_empty_or_misshapen_mask_is_refused() {
                     sample_noise: None,
                     noise: None,
                     masked_sample_noise: None,
+                    latent_noise: false,
                 },
                 Default::default(),
                 &std::sync::atomic::AtomicBool::new(false),

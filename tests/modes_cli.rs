@@ -235,3 +235,85 @@ fn the_hires_fix_renders_a_second_larger_pass() {
     );
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown hires upscaler"));
 }
+
+#[test]
+fn only_masked_works_on_a_crop_and_keeps_the_rest_of_the_picture() {
+    let dir = tempfile::tempdir().unwrap();
+    // A larger picture with a small hole: the job runs at 32x32 around it.
+    // The hole holds something unlike its surroundings (white), which "fill" replaces.
+    let hole = |x: u32, y: u32| (40..52).contains(&x) && (30..42).contains(&y);
+    let big = RgbImage::from_fn(96, 80, |x, y| {
+        if hole(x, y) {
+            image::Rgb([255, 255, 255])
+        } else {
+            image::Rgb([(x * 2) as u8, (y * 3) as u8, 90])
+        }
+    });
+    let big_path = dir.path().join("big.png");
+    big.save(&big_path).unwrap();
+    let mask = GrayImage::from_fn(96, 80, |x, y| Luma([if hole(x, y) { 255 } else { 0 }]));
+    let mask_path = dir.path().join("hole.png");
+    mask.save(&mask_path).unwrap();
+    let mut made = Vec::new();
+    for content in ["original", "fill", "noise"] {
+        let out = dir.path().join(format!("{content}.png"));
+        ok(&generate(
+            "sd1",
+            &[
+                "--init-image",
+                big_path.to_str().unwrap(),
+                "--mask",
+                mask_path.to_str().unwrap(),
+                "--inpaint-area",
+                "masked",
+                "--inpaint-padding",
+                "8",
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--masked-content",
+                content,
+                "--strength",
+                "0.35",
+            ],
+            &out,
+        ));
+        let image = image::open(&out).unwrap().to_rgb8();
+        assert_eq!(image.dimensions(), (96, 80), "the whole picture comes back");
+        // Beyond the blur's reach the picture is exactly as it was.
+        let far = |x: u32, y: u32| !(28..64).contains(&x) || !(18..54).contains(&y);
+        assert_eq!(difference(&image, &big, far), 0.0, "{content}");
+        assert!(
+            difference(&image, &big, hole) > 1.0,
+            "{content}: the hole is repainted"
+        );
+        let params = parameters(&out);
+        assert_eq!(params.get("Inpaint area"), Some("Only masked"));
+        assert_eq!(params.get("Masked area padding"), Some("8"));
+        made.push(image);
+    }
+    assert_eq!(
+        parameters(&dir.path().join("noise.png")).get("Masked content"),
+        Some("latent noise")
+    );
+    assert!(
+        difference(&made[0], &made[1], hole) > 2.0,
+        "fill starts from something else"
+    );
+    assert!(
+        difference(&made[0], &made[2], hole) > 2.0,
+        "latent noise starts from something else"
+    );
+    let output = generate(
+        "sd1",
+        &[
+            "--init-image",
+            big_path.to_str().unwrap(),
+            "--inpaint-area",
+            "masked",
+        ],
+        &dir.path().join("x.png"),
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("need a mask"));
+}

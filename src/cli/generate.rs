@@ -237,12 +237,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     // With an init image and no size, its own size (rounded down to what the model takes).
     let multiple = model.vae_scale_factor().max(1);
     let from_image = |pixels: u32| ((pixels as usize / multiple) * multiple).max(multiple);
-    let default_width = image_input
-        .as_ref()
-        .map_or(native, |i| from_image(i.size().0));
-    let default_height = image_input
-        .as_ref()
-        .map_or(native, |i| from_image(i.size().1));
+    let image_size = image_input.as_ref().and_then(|i| i.default_size());
+    let default_width = image_size.map_or(native, |(w, _)| from_image(w));
+    let default_height = image_size.map_or(native, |(_, h)| from_image(h));
     let seed = args.seed.unwrap_or_else(random_seed);
     let request = GenerationRequest {
         prompt: args.prompt.clone(),
@@ -298,6 +295,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             sample_noise: None,
             noise: init_noise.as_ref(),
             masked_sample_noise: None,
+            latent_noise: image.latent_noise(),
         },
         (Some((pixels, None)), Some(image)) => JobInput::Image {
             pixels,
@@ -341,6 +339,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
         output = output_2;
         request = request_2;
+    }
+    if let Some(input) = &image_input {
+        output.images = input.finish(output.images, request.width, request.height);
     }
     for warning in &output.warnings {
         eprintln!("warning: {warning}");

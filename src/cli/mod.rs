@@ -88,6 +88,7 @@ impl WindowArgs {
 
 /// The headless subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start-up; boxing buys nothing
 pub enum Command {
     /// Generate images from a prompt and save them as PNG (parameters in the metadata).
     Generate(generate::GenerateArgs),

@@ -10,8 +10,8 @@ use clap::Args;
 use image::{GrayImage, RgbImage};
 
 use crate::engine::init_image::{
-    HiresUpscaler, Outpaint, ResizeMode, fit_init_image, image_to_tensor, mask_from_image,
-    mask_to_tensor, prepare_mask,
+    HiresUpscaler, MaskedContent, Outpaint, Region, ResizeMode, fill_masked, fit_init_image,
+    image_to_tensor, mask_from_image, mask_to_tensor, masked_region, paste_back, prepare_mask,
 };
 use crate::gallery::png_read::{decode_bounded, decode_rgb_bounded};
 
@@ -38,6 +38,17 @@ pub struct ImageInputArgs {
     /// Outpainting: extend the init image by LEFT,TOP,RIGHT,BOTTOM pixels and paint the new area.
     #[arg(long)]
     pub outpaint: Option<String>,
+    /// What the masked region starts from: original, fill (its surroundings smeared in) or noise
+    /// (fresh latent noise).
+    #[arg(long, default_value = "original")]
+    pub masked_content: String,
+    /// full (the whole picture at the job's size) or masked (A1111's "only masked": a crop around
+    /// the mask at the job's size, pasted back into the picture with a feathered edge).
+    #[arg(long, default_value = "full")]
+    pub inpaint_area: String,
+    /// With --inpaint-area masked: pixels around the mask taken into the crop.
+    #[arg(long, default_value_t = 32)]
+    pub inpaint_padding: u32,
 }
 
 /// What the image options read: the picture and mask to start from, if any.
@@ -48,18 +59,32 @@ pub struct ImageInput {
     pub strength: f64,
     resize_mode: ResizeMode,
     mask_blur: f32,
+    masked_content: MaskedContent,
+    /// "Only masked": the padding around the mask.
+    only_masked: Option<u32>,
 }
 
 impl ImageInputArgs {
     /// Reads and checks the files; `None` for text to image.
     pub fn load(&self) -> anyhow::Result<Option<ImageInput>> {
         let resize_mode = ResizeMode::parse(&self.resize_mode)?;
+        let masked_content = MaskedContent::parse(&self.masked_content)?;
+        let only_masked = match self.inpaint_area.as_str() {
+            "full" => None,
+            "masked" => Some(self.inpaint_padding),
+            other => bail!("--inpaint-area takes full or masked, got {other:?}"),
+        };
         let outpaint = self.outpaint.as_deref().map(Outpaint::parse).transpose()?;
         let Some(path) = &self.init_image else {
             for (given, flag) in [
                 (self.mask.is_some(), "--mask"),
                 (outpaint.is_some(), "--outpaint"),
                 (self.strength.is_some(), "--strength"),
+                (only_masked.is_some(), "--inpaint-area masked"),
+                (
+                    masked_content != MaskedContent::Original,
+                    "--masked-content",
+                ),
             ] {
                 if given {
                     bail!("{flag} needs --init-image (the picture to work on)");
@@ -102,6 +127,9 @@ impl ImageInputArgs {
             }
             None => (image, mask),
         };
+        if mask.is_none() && (only_masked.is_some() || masked_content != MaskedContent::Original) {
+            bail!("--inpaint-area masked and --masked-content need a mask (--mask or --outpaint)");
+        }
         Ok(Some(ImageInput {
             image,
             mask,
@@ -110,31 +138,55 @@ impl ImageInputArgs {
                 .unwrap_or(if outpaint.is_some() { 1.0 } else { 0.75 }),
             resize_mode,
             mask_blur: self.mask_blur,
+            masked_content,
+            only_masked,
         }))
     }
 }
 
 impl ImageInput {
-    /// The picture's size (after outpainting).
-    pub fn size(&self) -> (u32, u32) {
-        self.image.dimensions()
+    /// The size the job runs at unless --width/--height say otherwise: the picture's (after
+    /// outpainting), or `None` for "only masked", which runs at the model's own size.
+    pub fn default_size(&self) -> Option<(u32, u32)> {
+        match self.only_masked {
+            Some(_) => None,
+            None => Some(self.image.dimensions()),
+        }
     }
 
-    /// Whether a region is repainted (inpainting or outpainting).
-    pub fn has_mask(&self) -> bool {
-        self.mask.is_some()
+    /// Whether the masked region starts from fresh latent noise.
+    pub fn latent_noise(&self) -> bool {
+        self.masked_content == MaskedContent::LatentNoise
     }
 
-    /// The picture, and the mask if any, fitted to `width` x `height` as the engine takes them.
+    /// The "only masked" crop of the picture, if that is the mode.
+    fn crop(&self, width: u32, height: u32) -> Option<Region> {
+        let padding = self.only_masked?;
+        masked_region(self.mask.as_ref()?, padding, width, height)
+    }
+
+    /// The picture (its masked region filled when asked), and the mask if any, fitted to
+    /// `width` x `height` as the engine takes them; for "only masked", the crop around the mask.
     pub fn tensors(&self, width: usize, height: usize) -> anyhow::Result<(Tensor, Option<Tensor>)> {
         let (w, h) = (width as u32, height as u32);
-        let pixels = image_to_tensor(
-            &fit_init_image(&self.image, w, h, self.resize_mode),
-            &Device::Cpu,
-        )?;
-        let mask = match &self.mask {
+        let mut image = self.image.clone();
+        if let (MaskedContent::Fill, Some(mask)) = (self.masked_content, &self.mask) {
+            image = fill_masked(&image, mask);
+        }
+        let mut mask = self.mask.clone();
+        // "Only masked" works on the crop, stretched to the job's size (same aspect ratio).
+        let mode = match self.crop(w, h) {
+            Some((x, y, cw, ch)) => {
+                image = image::imageops::crop_imm(&image, x, y, cw, ch).to_image();
+                mask = mask.map(|m| image::imageops::crop_imm(&m, x, y, cw, ch).to_image());
+                ResizeMode::JustResize
+            }
+            None => self.resize_mode,
+        };
+        let pixels = image_to_tensor(&fit_init_image(&image, w, h, mode), &Device::Cpu)?;
+        let mask = match &mask {
             Some(mask) => Some(mask_to_tensor(
-                &prepare_mask(mask, w, h, self.resize_mode, self.mask_blur),
+                &prepare_mask(mask, w, h, mode, self.mask_blur),
                 &Device::Cpu,
             )?),
             None => None,
@@ -142,11 +194,35 @@ impl ImageInput {
         Ok((pixels, mask))
     }
 
+    /// The engine's images as the artist gets them: for "only masked", each pasted back into the
+    /// whole picture over the crop, blended by the blurred mask (the picture outside it kept as
+    /// it was); otherwise unchanged.
+    pub fn finish(&self, images: Vec<RgbImage>, width: usize, height: usize) -> Vec<RgbImage> {
+        let (Some(region), Some(mask)) = (self.crop(width as u32, height as u32), &self.mask)
+        else {
+            return images;
+        };
+        let (w, h) = self.image.dimensions();
+        let feathered = prepare_mask(mask, w, h, ResizeMode::JustResize, self.mask_blur);
+        images
+            .iter()
+            .map(|image| paste_back(&self.image, image, region, &feathered))
+            .collect()
+    }
+
     /// A1111's infotext entries for this input.
     pub fn infotext(&self) -> Vec<(String, String)> {
         let mut pairs = vec![("Denoising strength".into(), self.strength.to_string())];
         if self.mask.is_some() {
             pairs.push(("Mask blur".into(), self.mask_blur.to_string()));
+            pairs.push((
+                "Masked content".into(),
+                self.masked_content.display_name().into(),
+            ));
+            if let Some(padding) = self.only_masked {
+                pairs.push(("Inpaint area".into(), "Only masked".into()));
+                pairs.push(("Masked area padding".into(), padding.to_string()));
+            }
         }
         pairs
     }

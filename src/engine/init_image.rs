@@ -226,6 +226,183 @@ impl Outpaint {
     }
 }
 
+/// What the masked region starts from (A1111's "masked content").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaskedContent {
+    /// The picture as it is.
+    #[default]
+    Original,
+    /// The picture's surroundings smeared into the region ([`fill_masked`]).
+    Fill,
+    /// Fresh noise in the region's latents (the engine's `latent_noise`).
+    LatentNoise,
+}
+
+impl MaskedContent {
+    /// Every choice, in menu order.
+    pub const ALL: [MaskedContent; 3] = [
+        MaskedContent::Original,
+        MaskedContent::Fill,
+        MaskedContent::LatentNoise,
+    ];
+
+    /// The CLI id.
+    pub fn id(self) -> &'static str {
+        match self {
+            MaskedContent::Original => "original",
+            MaskedContent::Fill => "fill",
+            MaskedContent::LatentNoise => "noise",
+        }
+    }
+
+    /// A1111's name, as its infotext writes it.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            MaskedContent::Original => "original",
+            MaskedContent::Fill => "fill",
+            MaskedContent::LatentNoise => "latent noise",
+        }
+    }
+
+    /// Parses a CLI id; the error lists the valid ones.
+    pub fn parse(id: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|m| m.id() == id).ok_or_else(|| {
+            EngineError::InvalidParameter(format!(
+                "unknown masked content {id:?}; one of {}",
+                Self::ALL.map(MaskedContent::id).join(", ")
+            ))
+        })
+    }
+}
+
+/// `image` with the region where `mask` >= 128 filled from its surroundings: a push-pull fill
+/// (the known pixels averaged over ever coarser grids, then each masked pixel takes the finest
+/// average that reaches it), the smooth colour wash A1111's "fill" starts from.
+pub fn fill_masked(image: &RgbImage, mask: &GrayImage) -> RgbImage {
+    let (width, height) = image.dimensions();
+    // Level 0: known pixels with weight 1, masked ones with weight 0.
+    let mut levels: Vec<(u32, u32, Vec<[f32; 4]>)> = vec![(
+        width,
+        height,
+        image
+            .pixels()
+            .zip(mask.pixels())
+            .map(|(p, m)| {
+                let w = if m[0] >= 128 { 0.0 } else { 1.0 };
+                [p[0] as f32 * w, p[1] as f32 * w, p[2] as f32 * w, w]
+            })
+            .collect(),
+    )];
+    while let Some((w, h, cells)) = levels.last().filter(|(w, h, _)| *w > 1 || *h > 1) {
+        let (nw, nh) = (w.div_ceil(2), h.div_ceil(2));
+        let mut next = vec![[0.0f32; 4]; (nw * nh) as usize];
+        for y in 0..*h {
+            for x in 0..*w {
+                let cell = cells[(y * w + x) as usize];
+                let target = &mut next[((y / 2) * nw + x / 2) as usize];
+                for c in 0..4 {
+                    target[c] += cell[c];
+                }
+            }
+        }
+        levels.push((nw, nh, next));
+    }
+    let colour_at = |x: u32, y: u32| -> [f32; 3] {
+        for (level, (w, _, cells)) in levels.iter().enumerate() {
+            let cell = cells[((y >> level) * w + (x >> level)) as usize];
+            if cell[3] > 0.0 {
+                return [cell[0] / cell[3], cell[1] / cell[3], cell[2] / cell[3]];
+            }
+        }
+        [127.0; 3]
+    };
+    RgbImage::from_fn(width, height, |x, y| {
+        if mask.get_pixel(x, y)[0] >= 128 {
+            let c = colour_at(x, y);
+            image::Rgb(c.map(|v| v.round().clamp(0.0, 255.0) as u8))
+        } else {
+            *image.get_pixel(x, y)
+        }
+    })
+}
+
+/// A box `(x, y, width, height)` in pixels.
+pub type Region = (u32, u32, u32, u32);
+
+/// A1111's "only masked" region: the mask's bounding box grown by `padding` pixels on every
+/// side, then widened or heightened to the job's aspect ratio `width` : `height`, within the
+/// picture. `None` when the mask is empty.
+pub fn masked_region(mask: &GrayImage, padding: u32, width: u32, height: u32) -> Option<Region> {
+    let (image_width, image_height) = mask.dimensions();
+    let mut bounds: Option<(u32, u32, u32, u32)> = None;
+    for (x, y, p) in mask.enumerate_pixels() {
+        if p[0] >= 128 {
+            bounds = Some(match bounds {
+                None => (x, y, x, y),
+                Some((x0, y0, x1, y1)) => (x0.min(x), y0.min(y), x1.max(x), y1.max(y)),
+            });
+        }
+    }
+    let (x0, y0, x1, y1) = bounds?;
+    let mut x0 = x0.saturating_sub(padding) as f64;
+    let mut y0 = y0.saturating_sub(padding) as f64;
+    let mut x1 = (x1 + 1 + padding).min(image_width) as f64;
+    let mut y1 = (y1 + 1 + padding).min(image_height) as f64;
+    let ratio = width as f64 / height as f64;
+    let (w, h) = (x1 - x0, y1 - y0);
+    if w / h < ratio {
+        let grow = (h * ratio - w) / 2.0;
+        x0 -= grow;
+        x1 += grow;
+    } else {
+        let grow = (w / ratio - h) / 2.0;
+        y0 -= grow;
+        y1 += grow;
+    }
+    // Shift back inside the picture, then clip what still does not fit.
+    let shift = |low: &mut f64, high: &mut f64, limit: f64| {
+        if *low < 0.0 {
+            *high -= *low;
+            *low = 0.0;
+        }
+        if *high > limit {
+            *low = (*low - (*high - limit)).max(0.0);
+            *high = limit;
+        }
+    };
+    shift(&mut x0, &mut x1, image_width as f64);
+    shift(&mut y0, &mut y1, image_height as f64);
+    let (x, y) = (x0.round() as u32, y0.round() as u32);
+    let region_width = (x1.round() as u32).saturating_sub(x).max(1);
+    let region_height = (y1.round() as u32).saturating_sub(y).max(1);
+    Some((x, y, region_width, region_height))
+}
+
+/// Pastes `result` (the inpainted crop, any size) back into `original` over `region`, blending
+/// by `mask` (the whole picture's, blurred: a feathered edge): the picture outside the mask is
+/// kept exactly.
+pub fn paste_back(
+    original: &RgbImage,
+    result: &RgbImage,
+    region: Region,
+    mask: &GrayImage,
+) -> RgbImage {
+    let (x, y, width, height) = region;
+    let fitted = image::imageops::resize(result, width, height, FilterType::Lanczos3);
+    let mut out = original.clone();
+    for (dx, dy, p) in fitted.enumerate_pixels() {
+        let (px, py) = (x + dx, y + dy);
+        let alpha = mask.get_pixel(px, py)[0] as f32 / 255.0;
+        let old = out.get_pixel(px, py);
+        let blended = image::Rgb(std::array::from_fn(|c| {
+            (old[c] as f32 * (1.0 - alpha) + p[c] as f32 * alpha).round() as u8
+        }));
+        out.put_pixel(px, py, blended);
+    }
+    out
+}
+
 /// How the first pass of a hires fix is enlarged before the second (A1111's upscaler names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -417,5 +594,51 @@ mod tests {
             .expect("rows");
         assert_eq!(rows[3], vec![2.0, 2.0, 3.0, 3.0]);
         assert!(HiresUpscaler::parse("esrgan").is_err());
+    }
+
+    #[test]
+    fn fill_washes_the_surroundings_into_the_hole() {
+        let image = RgbImage::from_fn(8, 8, |x, _| {
+            image::Rgb([if x < 4 { 200 } else { 20 }, 0, 0])
+        });
+        let mask = GrayImage::from_fn(8, 8, |x, y| {
+            Luma([if (2..6).contains(&x) && (2..6).contains(&y) {
+                255
+            } else {
+                0
+            }])
+        });
+        let filled = fill_masked(&image, &mask);
+        assert_eq!(filled.get_pixel(0, 0), image.get_pixel(0, 0));
+        // Each side of the hole takes the colour of the picture beside it.
+        assert_eq!(filled.get_pixel(2, 3)[0], 200);
+        assert_eq!(filled.get_pixel(5, 3)[0], 20);
+        assert!(MaskedContent::parse("nothing").is_err());
+    }
+
+    #[test]
+    fn only_masked_crops_around_the_mask_at_the_jobs_aspect_and_pastes_back() {
+        let mask = GrayImage::from_fn(100, 60, |x, y| {
+            Luma([if (40..50).contains(&x) && (20..30).contains(&y) {
+                255
+            } else {
+                0
+            }])
+        });
+        let region = masked_region(&mask, 5, 64, 32).expect("a region");
+        let (x, y, w, h) = region;
+        assert!(
+            x <= 35 && y <= 15 && x + w >= 55 && y + h >= 35,
+            "{region:?}"
+        );
+        assert!(((w as f64 / h as f64) - 2.0).abs() < 0.1, "{region:?}");
+        assert!(x + w <= 100 && y + h <= 60);
+        assert_eq!(masked_region(&GrayImage::new(10, 10), 5, 8, 8), None);
+        let original = RgbImage::from_pixel(100, 60, image::Rgb([9, 9, 9]));
+        let result = RgbImage::from_pixel(64, 32, image::Rgb([250, 250, 250]));
+        let pasted = paste_back(&original, &result, region, &mask);
+        assert_eq!(pasted.get_pixel(45, 25)[0], 250);
+        assert_eq!(pasted.get_pixel(0, 0)[0], 9);
+        assert_eq!(pasted.get_pixel(x, y)[0], 9, "outside the mask stays");
     }
 }

@@ -167,12 +167,16 @@ impl StableDiffusion {
                 sample_noise,
                 noise,
                 masked_sample_noise,
+                latent_noise,
             } => self.inpaint_plan(
                 request,
-                pixels,
-                mask,
-                *strength,
-                [*sample_noise, *noise, *masked_sample_noise],
+                InpaintInput {
+                    pixels,
+                    mask,
+                    strength: *strength,
+                    latent_noise: *latent_noise,
+                },
+                [*sample_noise, *noise, *masked_sample_noise, None],
                 scheduler.as_ref(),
             )?,
         };
@@ -252,12 +256,16 @@ impl StableDiffusion {
     fn inpaint_plan(
         &self,
         request: &GenerationRequest,
-        pixels: &Tensor,
-        mask: &Tensor,
-        strength: f64,
-        given_noise: [Option<&Tensor>; 3],
+        input: InpaintInput<'_>,
+        given_noise: [Option<&Tensor>; 4],
         scheduler: &dyn Scheduler,
     ) -> Result<LatentPlan> {
+        let InpaintInput {
+            pixels,
+            mask,
+            strength,
+            latent_noise,
+        } = input;
         let first_index = self.first_index_for(request, strength, scheduler)?;
         self.check_init_image(request, pixels)?;
         let expected = [1, 1, request.height, request.width];
@@ -294,6 +302,8 @@ impl StableDiffusion {
                 ("sampling", encode_image),
                 ("starting", true),
                 ("masked-image sampling", inpainting_unet),
+                // Last, so that the draws before it stay diffusers' order.
+                ("latent fill", latent_noise && encode_image && !strength_max),
             ],
             &given_noise,
         )?;
@@ -303,13 +313,21 @@ impl StableDiffusion {
             false => None,
         };
         let noise = drawn_at(&drawn, 1)?;
+        let latent_mask = nearest_resize(&mask, height, width)?.repeat((batch, 1, 1, 1))?;
         let latents = match &image_latents {
             Some(image_latents) if !strength_max => {
-                scheduler.add_noise(image_latents, noise, first_index)?
+                let start = match drawn.get(3).and_then(Option::as_ref) {
+                    // "Latent noise": fresh noise where the picture is repainted.
+                    Some(fill) => {
+                        (image_latents.broadcast_mul(&(1.0 - &latent_mask)?)?
+                            + fill.broadcast_mul(&latent_mask)?)?
+                    }
+                    None => image_latents.clone(),
+                };
+                scheduler.add_noise(&start, noise, first_index)?
             }
             _ => (noise * scheduler.init_noise_sigma())?,
         };
-        let latent_mask = nearest_resize(&mask, height, width)?.repeat((batch, 1, 1, 1))?;
         if inpainting_unet {
             let masked_pixels = pixels.broadcast_mul(&(1.0 - &mask)?)?;
             let masked_latents = self.sampled_latents(&masked_pixels, drawn_at(&drawn, 2)?)?;
@@ -659,6 +677,9 @@ pub enum JobInput<'a> {
         noise: Option<&'a Tensor>,
         /// The masked image's VAE sampling noise (an inpainting UNet's extra input).
         masked_sample_noise: Option<&'a Tensor>,
+        /// A1111's "latent noise" masked content: the masked region of the init latents is
+        /// replaced by fresh seeded noise before the start (matters below strength 1).
+        latent_noise: bool,
     },
 }
 
@@ -690,6 +711,14 @@ struct LatentPlan {
     extra_unet_input: Option<Tensor>,
     /// What happens after each step: an ordinary UNet's inpainting blends the known region back.
     blend: Option<Blend>,
+}
+
+/// What an inpainting starts from (see [`JobInput::Inpaint`]).
+struct InpaintInput<'a> {
+    pixels: &'a Tensor,
+    mask: &'a Tensor,
+    strength: f64,
+    latent_noise: bool,
 }
 
 /// The known region of an inpainting with an ordinary UNet, put back after every step.
