@@ -9,9 +9,10 @@ use std::thread::JoinHandle;
 use image::RgbImage;
 
 use crate::engine::EngineError;
+use crate::engine::init_image::{ResizeMode, fit_init_image, image_to_tensor};
 use crate::engine::pipeline::{
-    DeviceChoice, GenerationRequest, LoadOptions, ModelFamily, PreviewOptions, StableDiffusion,
-    Timings,
+    DeviceChoice, GenerationRequest, JobInput, LoadOptions, ModelFamily, PreviewOptions,
+    StableDiffusion, Timings,
 };
 use crate::engine::source::{LoadProgress, LoadProgressFn, ModelSource};
 
@@ -35,6 +36,18 @@ pub struct Job {
     pub preview: PreviewOptions,
     /// Set by the UI to stop the job within one step.
     pub cancel: Arc<AtomicBool>,
+    /// Image to image: the picture to start from, or `None` for text to image.
+    pub init: Option<InitImage>,
+}
+
+/// The picture an image-to-image job starts from (shared, not copied, between the window and
+/// the engine).
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// The picture, any size: it is stretched to the job's size.
+    pub image: Arc<RgbImage>,
+    /// How much of it is repainted, above 0 to 1.
+    pub strength: f64,
 }
 
 /// What the UI asks for.
@@ -232,18 +245,41 @@ impl Engine for DiffusionEngine {
         let model = self.model.as_ref().ok_or_else(|| {
             EngineError::InvalidParameter("no model is loaded; choose one first".into())
         })?;
-        let output = model.generate(&job.request, None, job.preview, &job.cancel, &mut |step| {
-            let preview = match step.vae_preview {
-                Some(image) => Some(image),
-                None => model.preview(step.predicted_latents).ok(),
-            };
-            on_step(StepUpdate {
-                steps_done: step.step_index + 1,
-                total_steps: step.total_steps,
-                elapsed_secs: step.elapsed_secs,
-                preview: preview.map(downsample),
-            });
-        })?;
+        let pixels = match &job.init {
+            Some(init) => {
+                let (width, height) = (job.request.width as u32, job.request.height as u32);
+                let fitted = fit_init_image(&init.image, width, height, ResizeMode::JustResize);
+                Some(image_to_tensor(&fitted, &candle_core::Device::Cpu)?)
+            }
+            None => None,
+        };
+        let input = match (&pixels, &job.init) {
+            (Some(pixels), Some(init)) => JobInput::Image {
+                pixels,
+                strength: init.strength,
+                sample_noise: None,
+                noise: None,
+            },
+            _ => JobInput::Text { init_noise: None },
+        };
+        let output = model.generate_with(
+            &job.request,
+            &input,
+            job.preview,
+            &job.cancel,
+            &mut |step| {
+                let preview = match step.vae_preview {
+                    Some(image) => Some(image),
+                    None => model.preview(step.predicted_latents).ok(),
+                };
+                on_step(StepUpdate {
+                    steps_done: step.step_index + 1,
+                    total_steps: step.total_steps,
+                    elapsed_secs: step.elapsed_secs,
+                    preview: preview.map(downsample),
+                });
+            },
+        )?;
         Ok(JobOutput {
             images: output.images,
             timings: output.timings,

@@ -22,6 +22,8 @@ use image::{Rgb, RgbImage};
 struct Seen {
     loads: Vec<String>,
     jobs: Vec<GenerationRequest>,
+    /// Each job's init image size and strength (image to image), `None` for text to image.
+    inits: Vec<Option<((u32, u32), f64)>>,
 }
 
 /// An engine that records its jobs and advances one step per token the test sends.
@@ -68,7 +70,15 @@ impl Engine for FakeEngine {
         job: &Job,
         on_step: &mut dyn FnMut(StepUpdate),
     ) -> Result<JobOutput, EngineError> {
-        self.seen.lock().unwrap().jobs.push(job.request.clone());
+        {
+            let mut seen = self.seen.lock().unwrap();
+            seen.jobs.push(job.request.clone());
+            seen.inits.push(
+                job.init
+                    .as_ref()
+                    .map(|init| (init.image.dimensions(), init.strength)),
+            );
+        }
         if let Some(message) = &self.fail_generate {
             return Err(EngineError::InvalidParameter(message.clone()));
         }
@@ -788,4 +798,72 @@ fn a_comparison_runs_one_job_per_cell_and_reopens_from_the_gallery() {
     assert_eq!(f.app().compare.row_values, "3, 5");
     assert_eq!(f.app().compare.samplers, plan.samplers);
     assert_eq!(f.app().settings.prompt, "a fox in the snow");
+}
+
+#[test]
+fn image_to_image_from_a_file_or_from_the_result() {
+    let mut f = start(settings(), false, false, None);
+    // A picture dropped (or opened) on the Studio tab is the start of image to image.
+    let picture = f.library.path().join("start.png");
+    RgbImage::from_pixel(40, 30, Rgb([200, 30, 30]))
+        .save(&picture)
+        .unwrap();
+    f.harness
+        .state_mut()
+        .apply_for_test(atelier::ui::UiCommand::SetInitImage(picture));
+    f.wait_for("the picture", |app| app.init_image.is_some());
+    assert_eq!(f.app().init_image.as_ref().unwrap().name, "start.png");
+    assert!(
+        f.harness
+            .query_by_role_and_label(Role::Slider, "Denoising strength")
+            .is_some()
+    );
+    f.harness
+        .get_by_role_and_label(Role::Slider, "Denoising strength")
+        .set_value_accesskit(0.4);
+    f.harness.step();
+    f.harness.step();
+    f.click("Generate");
+    f.wait_for("the job to finish", |app| app.shown.is_some());
+    assert_eq!(f.seen.lock().unwrap().inits[0], Some(((40, 30), 0.4)));
+    // Its image in the gallery says its strength.
+    f.wait_for("the saved image", |app| app.gallery.entries.len() == 1);
+    assert_eq!(
+        f.app().gallery.entries[0].metadata.denoising_strength,
+        Some(0.4)
+    );
+    // "Send to img2img": the result becomes the next job's picture.
+    f.click("Send to img2img");
+    assert!(
+        f.app()
+            .init_image
+            .as_ref()
+            .unwrap()
+            .name
+            .contains("seed 1234")
+    );
+    f.click("Generate");
+    f.wait_for_jobs(2);
+    assert_eq!(f.seen.lock().unwrap().inits[1], Some(((512, 512), 0.4)));
+    // Clear: back to text to image.
+    f.click("Clear");
+    assert!(f.app().init_image.is_none());
+    f.click("Generate");
+    f.wait_for_jobs(3);
+    assert_eq!(f.seen.lock().unwrap().inits[2], None);
+    // A file that is not a picture says so.
+    let bad = f.library.path().join("notes.png");
+    std::fs::write(&bad, "not a picture").unwrap();
+    f.harness
+        .state_mut()
+        .apply_for_test(atelier::ui::UiCommand::SetInitImage(bad));
+    f.wait_for("the error", |app| app.error.is_some());
+    assert!(
+        f.app()
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("notes.png")
+    );
 }

@@ -115,6 +115,9 @@ pub struct ImageMetadata {
     pub source: MetadataSource,
     /// The comparison this image is a cell of, if any.
     pub comparison: Option<ComparisonRef>,
+    /// Image to image: how much of the init picture was repainted (A1111's "Denoising
+    /// strength"); `None` for text to image.
+    pub denoising_strength: Option<f64>,
 }
 
 /// Where an image sits in a comparison grid.
@@ -160,6 +163,7 @@ impl ImageMetadata {
             created_unix,
             source: MetadataSource::Atelier,
             comparison: None,
+            denoising_strength: None,
         }
     }
 
@@ -198,6 +202,9 @@ impl ImageMetadata {
             pairs.push(("Seed".into(), seed.to_string()));
         }
         pairs.push(("Size".into(), format!("{}x{}", self.width, self.height)));
+        if let Some(strength) = self.denoising_strength {
+            pairs.push(("Denoising strength".into(), strength.to_string()));
+        }
         if let Some(hash) = &self.model_hash {
             pairs.push(("Model hash".into(), hash.clone()));
         }
@@ -260,6 +267,7 @@ impl ImageMetadata {
             created_unix: 0,
             source: MetadataSource::A1111,
             comparison: None,
+            denoising_strength: number("Denoising strength"),
         }
     }
 

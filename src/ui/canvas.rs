@@ -107,6 +107,13 @@ pub fn canvas_ui(
             commands.push(UiCommand::SaveAs);
         }
         if ui
+            .add_enabled(has_image, egui::Button::new("Send to img2img"))
+            .on_hover_text("Start image to image from this result")
+            .clicked()
+        {
+            commands.push(UiCommand::UseResultAsInit);
+        }
+        if ui
             .add_enabled(has_image, egui::Button::new("Copy seed"))
             .clicked()
         {

@@ -4,7 +4,7 @@ use egui::{RichText, Ui};
 
 use super::settings::Settings;
 use super::settings::{MODEL_PRESETS, size_presets};
-use super::{ModelState, UiCommand};
+use super::{InitImageView, ModelState, UiCommand};
 use crate::engine::source::LoadProgress;
 use crate::schedulers::{SchedulerKind, SigmaSchedule};
 
@@ -16,11 +16,14 @@ pub fn controls_ui(
     model_input: &mut String,
     model: &ModelState,
     busy: bool,
+    init_image: Option<&InitImageView>,
     commands: &mut Vec<UiCommand>,
 ) {
     model_ui(ui, settings, model_input, model, commands);
     ui.separator();
     prompts_ui(ui, settings, model);
+    ui.separator();
+    init_image_ui(ui, settings, init_image, commands);
     ui.separator();
     parameters_ui(ui, settings, model, commands);
     ui.add_space(8.0);
@@ -36,6 +39,50 @@ pub fn controls_ui(
     }
     ui.add_space(4.0);
     egui::CollapsingHeader::new("Settings").show(ui, |ui| settings_ui(ui, settings, commands));
+}
+
+/// Image to image: the picture to start from (open, drop or "Send to img2img"), and how much of
+/// it is repainted.
+fn init_image_ui(
+    ui: &mut Ui,
+    settings: &mut Settings,
+    init_image: Option<&InitImageView>,
+    commands: &mut Vec<UiCommand>,
+) {
+    let Some(init) = init_image else {
+        ui.horizontal(|ui| {
+            ui.label("Start from a picture:");
+            if ui
+                .button("Open image…")
+                .on_hover_text("Image to image; or drop a PNG or JPEG on this tab")
+                .clicked()
+            {
+                commands.push(UiCommand::OpenInitImage);
+            }
+        });
+        return;
+    };
+    ui.label(RichText::new("Image to image").strong());
+    ui.horizontal(|ui| {
+        let size = init.texture.size_vec2();
+        let scale = (96.0 / size.x.max(size.y)).min(1.0);
+        ui.image((init.texture.id(), size * scale));
+        ui.vertical(|ui| {
+            ui.label(&init.name);
+            ui.weak(format!("{}x{}", init.image.width(), init.image.height()));
+            if ui
+                .button("Clear")
+                .on_hover_text("Back to text to image")
+                .clicked()
+            {
+                commands.push(UiCommand::ClearInitImage);
+            }
+        });
+    });
+    let label = ui.label("Denoising strength");
+    ui.add(egui::Slider::new(&mut settings.strength, 0.05..=1.0).step_by(0.01))
+        .on_hover_text("How much of the picture is repainted: low keeps it, 1 starts from noise")
+        .labelled_by(label.id);
 }
 
 fn model_ui(

@@ -8,6 +8,8 @@ pub(super) enum DialogResult {
     Saved(std::path::PathBuf),
     SaveFailed(String),
     Import(Vec<std::path::PathBuf>),
+    /// A picture for image to image, read (or why not), with its name.
+    InitImage(Result<(image::RgbImage, String), String>),
 }
 
 impl AtelierApp {

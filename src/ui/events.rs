@@ -207,6 +207,7 @@ impl AtelierApp {
             let mut metadata =
                 ImageMetadata::for_generation(&request, &model, None, timings, now_unix());
             metadata.comparison = comparison.clone();
+            metadata.denoising_strength = running.job.init.as_ref().map(|init| init.strength);
             self.gallery_send(GalleryCommand::Save {
                 image: image.clone(),
                 metadata: Box::new(metadata),
@@ -230,6 +231,10 @@ impl AtelierApp {
                     self.show_error(message, "Choose another folder.")
                 }
                 DialogResult::Import(paths) => self.gallery_send(GalleryCommand::Import(paths)),
+                DialogResult::InitImage(Ok((image, name))) => self.set_init_image(ctx, image, name),
+                DialogResult::InitImage(Err(message)) => {
+                    self.show_error(message, "Choose a PNG or JPEG picture for image to image.")
+                }
             }
         }
         let mut gallery_events = Vec::new();

@@ -107,6 +107,14 @@ pub enum UiCommand {
     OpenComparison(String),
     /// Take a gallery image's settings to the Compare tab.
     CompareFromImage(i64),
+    /// Ask for a picture to start from (image to image).
+    OpenInitImage,
+    /// Start from this picture file (image to image).
+    SetInitImage(std::path::PathBuf),
+    /// Start from the shown result ("Send to img2img").
+    UseResultAsInit,
+    /// Back to text to image.
+    ClearInitImage,
 }
 
 /// Where the model stands.
@@ -155,6 +163,16 @@ pub struct ShownImage {
     pub model_name: String,
     /// Where the time went.
     pub timings: Timings,
+}
+
+/// The picture image to image starts from.
+pub struct InitImageView {
+    /// The pixels (shared with the jobs that use them).
+    pub image: Arc<RgbImage>,
+    /// On the GPU, for the controls' thumbnail.
+    pub texture: TextureHandle,
+    /// Its file name, or what it was.
+    pub name: String,
 }
 
 /// UI-thread CPU time per frame (eframe's `cpu_usage`: ui, tessellation and rendering), for the
@@ -245,6 +263,8 @@ pub struct AtelierApp {
     pub gallery: GalleryView,
     /// The Compare tab's state.
     pub compare: CompareView,
+    /// Image to image: the picture to start from.
+    pub init_image: Option<InitImageView>,
     gallery_handle: Option<GalleryHandle>,
     last_gallery_query: Option<crate::gallery::library::GalleryQuery>,
     next_job_id: JobId,
@@ -281,6 +301,7 @@ impl AtelierApp {
             tab: Tab::Studio,
             gallery: GalleryView::default(),
             compare: CompareView::default(),
+            init_image: None,
             gallery_handle: Some(gallery_handle),
             last_gallery_query: None,
             next_job_id: 1,
@@ -383,12 +404,21 @@ impl AtelierApp {
         let studio = studio_state!(self);
         let settings = &mut self.settings;
         let model_input = &mut self.model_input;
+        let init_image = self.init_image.as_ref();
         egui::Panel::left("controls")
             .resizable(true)
             .default_size(340.0)
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| {
-                    controls::controls_ui(ui, settings, model_input, studio.model, busy, commands)
+                    controls::controls_ui(
+                        ui,
+                        settings,
+                        model_input,
+                        studio.model,
+                        busy,
+                        init_image,
+                        commands,
+                    )
                 });
             });
         egui::Panel::right("queue")
@@ -437,7 +467,15 @@ impl eframe::App for AtelierApp {
                 .filter(|path| !path.as_os_str().is_empty())
                 .collect()
         });
-        if !dropped.is_empty() {
+        let is_picture = |path: &std::path::PathBuf| {
+            path.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| ["png", "jpg", "jpeg"].contains(&e.to_ascii_lowercase().as_str()))
+        };
+        if self.tab == Tab::Studio && dropped.len() == 1 && is_picture(&dropped[0]) {
+            // A picture dropped on the Studio tab is the start of image to image.
+            self.apply(ctx, UiCommand::SetInitImage(dropped[0].clone()));
+        } else if !dropped.is_empty() {
             self.tab = Tab::Gallery;
             self.apply(ctx, UiCommand::ImportFiles(dropped));
         }

@@ -124,6 +124,7 @@ mod tests {
             request: Default::default(),
             preview: Default::default(),
             cancel: Arc::new(AtomicBool::new(false)),
+            init: None,
         }
     }
 

@@ -43,6 +43,8 @@ pub struct Settings {
     pub zoom_to_fit: bool,
     /// The gallery's folder (empty: the platform's data directory).
     pub library_dir: String,
+    /// Image to image: how much of the picture is repainted.
+    pub strength: f64,
 }
 
 impl Default for Settings {
@@ -66,6 +68,7 @@ impl Default for Settings {
             vae_preview_every: 0,
             zoom_to_fit: true,
             library_dir: String::new(),
+            strength: 0.75,
         }
     }
 }

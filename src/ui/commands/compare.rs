@@ -93,6 +93,7 @@ impl AtelierApp {
                     vae_decode_every: self.settings.vae_preview_every,
                 },
                 cancel: Arc::new(AtomicBool::new(false)),
+                init: None,
             });
             self.compare.job_cells.insert(id, index);
         }

@@ -23,6 +23,9 @@ impl AtelierApp {
         s.scheduler = request.scheduler.id().to_string();
         s.sigma_schedule = request.sigmas;
         s.eta = request.eta;
+        if let Some(strength) = entry.metadata.denoising_strength {
+            s.strength = strength.clamp(0.05, 1.0);
+        }
         self.warnings = skipped
             .into_iter()
             .map(|s| format!("Not used from the gallery image: {s}"))

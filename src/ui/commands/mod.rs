@@ -14,7 +14,8 @@ impl UiCommand {
         use UiCommand::*;
         match self {
             Generate | Cancel | RemoveQueued(_) | MoveQueued(..) | LoadModel(_) | OpenFolder
-            | SaveAs | CopySeed | CopyPrompt | RandomSeed | DismissError => Some(Tab::Studio),
+            | SaveAs | CopySeed | CopyPrompt | RandomSeed | DismissError | OpenInitImage
+            | SetInitImage(_) | UseResultAsInit | ClearInitImage => Some(Tab::Studio),
             SelectImage(_) | RequestThumbnail(_) | UseSettings(_) | UseSeed(_)
             | SetFavourite(..) | DeleteImage(_) | UndoDelete | OpenGalleryFolder
             | ExportImage(_) | ImportDialog | ImportFiles(_) | RebuildGallery | OpenLibrary => {

@@ -6,8 +6,11 @@ use std::time::Instant;
 
 use crate::engine::pipeline::{DeviceChoice, PreviewOptions};
 use crate::ui::dialogs::DialogResult;
+use image::RgbImage;
+
 use crate::ui::{AtelierApp, ModelState, RunningJob, UiCommand, random_seed};
-use crate::worker::{Command, Job, SendError};
+use crate::ui::{InitImageView, Tab, color_image};
+use crate::worker::{Command, InitImage, Job, SendError};
 
 impl AtelierApp {
     pub(in crate::ui) fn load_model(&mut self, model: String) {
@@ -51,6 +54,10 @@ impl AtelierApp {
                     vae_decode_every: self.settings.vae_preview_every,
                 },
                 cancel: Arc::new(AtomicBool::new(false)),
+                init: self.init_image.as_ref().map(|init| InitImage {
+                    image: init.image.clone(),
+                    strength: self.settings.strength,
+                }),
             };
             if k == 0 && self.running.is_none() && self.queue.is_empty() {
                 self.generate_pressed_at = Some((id, Instant::now()));
@@ -132,8 +139,56 @@ impl AtelierApp {
             }
             UiCommand::RandomSeed => self.settings.seed = random_seed(),
             UiCommand::DismissError => self.error = None,
+            UiCommand::OpenInitImage => self.spawn_dialog(ctx, "open-image", || {
+                let path = rfd::FileDialog::new()
+                    .set_title("Choose a picture to start from")
+                    .add_filter("Image", &["png", "jpg", "jpeg"])
+                    .pick_file()?;
+                Some(DialogResult::InitImage(load_init_image(&path)))
+            }),
+            UiCommand::SetInitImage(path) => self.spawn_dialog(ctx, "load-image", move || {
+                Some(DialogResult::InitImage(load_init_image(&path)))
+            }),
+            UiCommand::UseResultAsInit => {
+                if let Some(shown) = &self.shown {
+                    let name = format!("result (seed {})", shown.request.seed);
+                    let image = shown.image.clone();
+                    self.set_init_image(ctx, image, name);
+                }
+            }
+            UiCommand::ClearInitImage => self.init_image = None,
             // Another tab's command (see `UiCommand::tab`).
             _ => {}
         }
     }
+
+    /// Starts image to image from `image` (its name is shown beside it).
+    pub(in crate::ui) fn set_init_image(
+        &mut self,
+        ctx: &egui::Context,
+        image: RgbImage,
+        name: String,
+    ) {
+        let texture = ctx.load_texture(
+            "init-image",
+            color_image(&image),
+            egui::TextureOptions::LINEAR,
+        );
+        self.init_image = Some(InitImageView {
+            image: Arc::new(image),
+            texture,
+            name,
+        });
+        self.tab = Tab::Studio;
+    }
+}
+
+/// Reads a picture for image to image (bounded, as every file from outside), with a name to show.
+fn load_init_image(path: &std::path::Path) -> Result<(RgbImage, String), String> {
+    let image = crate::gallery::png_read::decode_rgb_bounded(path).map_err(|e| e.to_string())?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((image, name))
 }
