@@ -826,12 +826,15 @@ fn image_to_image_from_a_file_or_from_the_result() {
     f.click("Generate");
     f.wait_for("the job to finish", |app| app.shown.is_some());
     assert_eq!(f.seen.lock().unwrap().inits[0], Some(((40, 30), 0.4)));
-    // Its image in the gallery says its strength.
+    // Its image in the gallery says its strength, and the library keeps the picture it came from.
     f.wait_for("the saved image", |app| app.gallery.entries.len() == 1);
-    assert_eq!(
-        f.app().gallery.entries[0].metadata.denoising_strength,
-        Some(0.4)
+    let entry = f.app().gallery.entries[0].clone();
+    assert_eq!(entry.metadata.denoising_strength, Some(0.4));
+    let kept = atelier::gallery::library::input_path(
+        f.library.path(),
+        entry.metadata.init_image.as_ref().unwrap(),
     );
+    assert_eq!(image::open(&kept).unwrap().to_rgb8().dimensions(), (40, 30));
     // "Send to img2img": the result becomes the next job's picture.
     f.click("Send to img2img");
     assert!(
@@ -851,6 +854,16 @@ fn image_to_image_from_a_file_or_from_the_result() {
     f.click("Generate");
     f.wait_for_jobs(3);
     assert_eq!(f.seen.lock().unwrap().inits[2], None);
+    // "Use these settings" on the first image brings its picture and strength back.
+    f.harness
+        .state_mut()
+        .apply_for_test(atelier::ui::UiCommand::UseSettings(entry.id));
+    f.wait_for("the picture again", |app| app.init_image.is_some());
+    assert_eq!(
+        f.app().init_image.as_ref().unwrap().image.dimensions(),
+        (40, 30)
+    );
+    assert_eq!(f.app().settings.strength, 0.4);
     // A file that is not a picture says so.
     let bad = f.library.path().join("notes.png");
     std::fs::write(&bad, "not a picture").unwrap();

@@ -829,6 +829,31 @@ impl Library {
         })
     }
 
+    /// Keeps a picture that a job started from (an init image or a mask) in the library's
+    /// `.atelier/inputs`, named by the SHA-256 of its size and pixels, so that ten variations of
+    /// one photo store it once; returns that name (see [`Library::input_path`]).
+    pub fn store_input(&self, image: &RgbImage) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        self.check_writable()?;
+        let mut hasher = Sha256::new();
+        hasher.update(image.width().to_le_bytes());
+        hasher.update(image.height().to_le_bytes());
+        hasher.update(image.as_raw());
+        let name = format!("{}.png", &hex::encode(hasher.finalize())[..32]);
+        let path = self.input_path(&name);
+        if !path.is_file() {
+            let folder = self.root.join(".atelier").join("inputs");
+            std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
+            write_png(&path, image, &[])?;
+        }
+        Ok(name)
+    }
+
+    /// Where a stored input (see [`Library::store_input`]) lives.
+    pub fn input_path(&self, name: &str) -> PathBuf {
+        input_path(&self.root, name)
+    }
+
     /// Copies a PNG from another tool into the library. A file that is not a readable PNG, or
     /// has no generation metadata, changes nothing and says why.
     pub fn import(&mut self, source: &Path) -> Result<GalleryEntry> {
@@ -1052,6 +1077,16 @@ impl Library {
         }
         Ok(())
     }
+}
+
+/// Where the stored input `name` of the library at `root` lives (names are our own hashes: a
+/// name with a path separator or `..` points nowhere).
+pub fn input_path(root: &Path, name: &str) -> PathBuf {
+    let safe = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+        && !name.contains("..");
+    let name = if safe { name } else { "invalid-input-name.png" };
+    root.join(".atelier").join("inputs").join(name)
 }
 
 /// The thumbnail of `file` in the library at `root`: cached under `.atelier/thumbs`, remade when

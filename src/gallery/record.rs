@@ -118,6 +118,9 @@ pub struct ImageMetadata {
     /// Image to image: how much of the init picture was repainted (A1111's "Denoising
     /// strength"); `None` for text to image.
     pub denoising_strength: Option<f64>,
+    /// Image to image: the picture it started from, kept in the library's inputs (a name for
+    /// `Library::input_path`).
+    pub init_image: Option<String>,
 }
 
 /// Where an image sits in a comparison grid.
@@ -164,6 +167,7 @@ impl ImageMetadata {
             source: MetadataSource::Atelier,
             comparison: None,
             denoising_strength: None,
+            init_image: None,
         }
     }
 
@@ -268,6 +272,7 @@ impl ImageMetadata {
             source: MetadataSource::A1111,
             comparison: None,
             denoising_strength: number("Denoising strength"),
+            init_image: None,
         }
     }
 

@@ -31,6 +31,8 @@ pub enum GalleryCommand {
         metadata: Box<ImageMetadata>,
         /// The model's UNet weights, for the model hash.
         weights: Option<PathBuf>,
+        /// The picture the job started from (image to image), kept with it.
+        init: Option<std::sync::Arc<RgbImage>>,
     },
     /// Run a search.
     Search(GalleryQuery),
@@ -269,7 +271,15 @@ impl GalleryThread {
                 image,
                 mut metadata,
                 weights,
+                init,
             } => {
+                if let Some(init) = init {
+                    let stored = self
+                        .library()?
+                        .store_input(&init)
+                        .map_err(|e| format!("the init image could not be kept: {e}"))?;
+                    metadata.init_image = Some(stored);
+                }
                 if let Some(weights) = weights {
                     if !self.hashes.contains_key(&weights)
                         && let Ok(hash) = file_hash(&weights)

@@ -212,6 +212,7 @@ impl AtelierApp {
                 image: image.clone(),
                 metadata: Box::new(metadata),
                 weights: weights.clone(),
+                init: running.job.init.as_ref().map(|init| init.image.clone()),
             });
         }
     }

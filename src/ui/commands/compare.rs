@@ -179,7 +179,7 @@ impl AtelierApp {
             }
             UiCommand::OpenComparison(id) => self.gallery_send(GalleryCommand::LoadComparison(id)),
             UiCommand::CompareFromImage(id) => {
-                self.use_settings(id);
+                self.use_settings(ctx, id);
                 self.tab = Tab::Compare;
             }
             // Another tab's command (see `UiCommand::tab`).

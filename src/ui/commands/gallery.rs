@@ -5,7 +5,7 @@ use crate::ui::dialogs::DialogResult;
 use crate::ui::{AtelierApp, Tab, UiCommand};
 
 impl AtelierApp {
-    pub(in crate::ui) fn use_settings(&mut self, id: i64) {
+    pub(in crate::ui) fn use_settings(&mut self, ctx: &egui::Context, id: i64) {
         let Some(entry) = self.gallery_entry(id) else {
             return;
         };
@@ -26,10 +26,28 @@ impl AtelierApp {
         if let Some(strength) = entry.metadata.denoising_strength {
             s.strength = strength.clamp(0.05, 1.0);
         }
+        // The picture it started from, when the library kept it; otherwise text to image.
+        let mut skipped = skipped;
+        let init = match (&entry.metadata.init_image, &self.gallery.root) {
+            (Some(name), Some(root)) => {
+                let path = crate::gallery::library::input_path(root, name);
+                if path.is_file() {
+                    Some(path)
+                } else {
+                    skipped.push(format!("its init image {name} (no longer in the library)"));
+                    None
+                }
+            }
+            _ => None,
+        };
         self.warnings = skipped
             .into_iter()
             .map(|s| format!("Not used from the gallery image: {s}"))
             .collect();
+        match init {
+            Some(path) => self.apply_studio(ctx, UiCommand::SetInitImage(path)),
+            None => self.init_image = None,
+        }
         self.tab = Tab::Studio;
     }
 
@@ -51,7 +69,7 @@ impl AtelierApp {
                     self.gallery.thumbnails_requested.insert(file);
                 }
             }
-            UiCommand::UseSettings(id) => self.use_settings(id),
+            UiCommand::UseSettings(id) => self.use_settings(ctx, id),
             UiCommand::UseSeed(id) => {
                 if let Some(seed) = self.gallery_entry(id).and_then(|e| e.metadata.seed) {
                     self.settings.seed = seed;

@@ -9,7 +9,7 @@ use crate::ui::dialogs::DialogResult;
 use image::RgbImage;
 
 use crate::ui::{AtelierApp, ModelState, RunningJob, UiCommand, random_seed};
-use crate::ui::{InitImageView, Tab, color_image};
+use crate::ui::{InitImageView, color_image};
 use crate::worker::{Command, InitImage, Job, SendError};
 
 impl AtelierApp {
@@ -179,7 +179,6 @@ impl AtelierApp {
             texture,
             name,
         });
-        self.tab = Tab::Studio;
     }
 }
 
