@@ -7,6 +7,7 @@
 mod decode;
 mod denoise;
 mod load;
+mod modes;
 mod prompt;
 mod request;
 
@@ -22,7 +23,7 @@ use super::unet::UNet;
 use super::vae::{VaeDecoder, VaeEncoder};
 
 pub use decode::tensor_to_images;
-pub use denoise::JobInput;
+pub use modes::JobInput;
 pub use prompt::PromptEmbeddings;
 pub use request::{
     DeviceChoice, GenerationOutput, GenerationRequest, LoadOptions, ModelFamily, PreviewOptions,
