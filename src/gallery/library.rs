@@ -1,20 +1,18 @@
 //! The library: a folder of PNGs (the source of truth) and a SQLite index of their metadata
 //! (WAL mode, full-text search over prompts), rebuilt from the PNGs whenever it is missing,
-//! corrupt or out of date.
+//! corrupt or out of date (opening in `index.rs`, syncing in `sync.rs`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use image::RgbImage;
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
-use super::metadata::{
-    PngError, parse_temp_name, probe_writable, publish_temp, temp_path_for, write_png,
-    write_png_new,
-};
+use super::metadata::{PngError, publish_temp, temp_path_for, write_png, write_png_new};
 use super::png_read::{decode_rgb_bounded, open_regular_file, read_text_bounded};
-use super::record::{ImageMetadata, MetadataSource};
+use super::record::ImageMetadata;
+pub use super::sync::SyncReport;
 
 /// Errors of the library.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +57,7 @@ pub enum GalleryError {
     NotFound(i64),
 }
 
-type Result<T> = std::result::Result<T, GalleryError>;
+pub(super) type Result<T> = std::result::Result<T, GalleryError>;
 
 impl From<rusqlite::Error> for GalleryError {
     fn from(error: rusqlite::Error) -> Self {
@@ -70,30 +68,10 @@ impl From<rusqlite::Error> for GalleryError {
     }
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> GalleryError + '_ {
+pub(super) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> GalleryError + '_ {
     move |error| GalleryError::Io {
         path: path.display().to_string(),
         error,
-    }
-}
-
-/// What went wrong opening the index on disk, which decides what happens next.
-enum IndexOpenFailure {
-    /// The file is damaged (or not a database): set it aside and rebuild.
-    Corrupt,
-    /// The index cannot be written: open the library read-only.
-    ReadOnly,
-    /// Anything else (busy, I/O): report it and touch nothing.
-    Other(GalleryError),
-}
-
-impl From<rusqlite::Error> for IndexOpenFailure {
-    fn from(error: rusqlite::Error) -> Self {
-        match error.sqlite_error_code() {
-            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => IndexOpenFailure::Corrupt,
-            Some(ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => IndexOpenFailure::ReadOnly,
-            _ => IndexOpenFailure::Other(error.into()),
-        }
     }
 }
 
@@ -129,67 +107,6 @@ pub struct GalleryQuery {
     pub limit: usize,
 }
 
-/// What a sync or rebuild did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SyncReport {
-    /// Images added to the index (new or changed files).
-    pub added: usize,
-    /// Index rows dropped because their file is gone.
-    pub removed: usize,
-    /// Whether the index was corrupt and has been rebuilt (the old one is kept aside).
-    pub rebuilt_corrupt_index: bool,
-    /// Complete images left in temporary files by a process that died before naming them, now
-    /// in the library.
-    pub recovered: usize,
-    /// Temporary files of dead processes removed: incomplete, or already named.
-    pub removed_partial: usize,
-    /// Files in the folder that are not in the gallery, each with the reason (corrupt PNG,
-    /// not a regular file, a name that is not UTF-8).
-    pub skipped: Vec<(String, String)>,
-    /// Images in the gallery with part of their metadata left out, each with what and why.
-    pub notes: Vec<(String, String)>,
-    /// Whether the library was opened read-only (its folder or index cannot be written).
-    pub opened_read_only: bool,
-}
-
-impl SyncReport {
-    /// What an artist should hear about this sync, one sentence a line (empty when nothing
-    /// happened beyond new images being found). At most `examples` files are named per kind.
-    pub fn messages(&self, examples: usize) -> Vec<String> {
-        let mut lines = Vec::new();
-        if self.rebuilt_corrupt_index {
-            lines.push("the index was damaged: set aside and rebuilt from the images".into());
-        }
-        if self.opened_read_only {
-            lines.push(
-                "the library cannot be written: opened read-only (browse only; new images are not saved here)"
-                    .into(),
-            );
-        }
-        if self.recovered > 0 {
-            lines.push(format!(
-                "{} image(s) left by an interrupted save were recovered",
-                self.recovered
-            ));
-        }
-        if self.removed_partial > 0 {
-            lines.push(format!(
-                "{} incomplete temporary file(s) of an interrupted save were removed",
-                self.removed_partial
-            ));
-        }
-        for (kind, list) in [("skipped", &self.skipped), ("partly read", &self.notes)] {
-            for (file, why) in list.iter().take(examples) {
-                lines.push(format!("{kind} {file}: {why}"));
-            }
-            if list.len() > examples {
-                lines.push(format!("... and {} more {kind}", list.len() - examples));
-            }
-        }
-        lines
-    }
-}
-
 /// An image moved to the trash, which [`Library::undo_delete`] puts back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeletedImage {
@@ -201,52 +118,12 @@ pub struct DeletedImage {
 
 /// The library folder and its index.
 pub struct Library {
-    root: PathBuf,
-    db: Connection,
-    read_only: bool,
+    pub(super) root: PathBuf,
+    pub(super) db: Connection,
+    pub(super) read_only: bool,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS images(
-    id INTEGER PRIMARY KEY,
-    file TEXT NOT NULL UNIQUE,
-    created_unix INTEGER NOT NULL,
-    prompt TEXT NOT NULL,
-    negative_prompt TEXT NOT NULL,
-    model TEXT NOT NULL,
-    scheduler TEXT NOT NULL,
-    source TEXT NOT NULL,
-    comparison TEXT,
-    favourite INTEGER NOT NULL DEFAULT 0,
-    metadata_json TEXT NOT NULL,
-    file_size INTEGER NOT NULL,
-    file_mtime INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS images_created ON images(created_unix DESC, id DESC);
-CREATE INDEX IF NOT EXISTS images_comparison ON images(comparison);
-CREATE VIRTUAL TABLE IF NOT EXISTS images_fts USING fts5(
-    prompt, negative_prompt, content='images', content_rowid='id'
-);
-CREATE TRIGGER IF NOT EXISTS images_ai AFTER INSERT ON images BEGIN
-    INSERT INTO images_fts(rowid, prompt, negative_prompt)
-    VALUES (new.id, new.prompt, new.negative_prompt);
-END;
-CREATE TRIGGER IF NOT EXISTS images_ad AFTER DELETE ON images BEGIN
-    INSERT INTO images_fts(images_fts, rowid, prompt, negative_prompt)
-    VALUES ('delete', old.id, old.prompt, old.negative_prompt);
-END;
-CREATE TRIGGER IF NOT EXISTS images_au AFTER UPDATE OF prompt, negative_prompt ON images BEGIN
-    INSERT INTO images_fts(images_fts, rowid, prompt, negative_prompt)
-    VALUES ('delete', old.id, old.prompt, old.negative_prompt);
-    INSERT INTO images_fts(rowid, prompt, negative_prompt)
-    VALUES (new.id, new.prompt, new.negative_prompt);
-END;
-";
-
-/// The index's schema version (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
-
-fn file_stamp(path: &Path) -> Result<(i64, i64)> {
+pub(super) fn file_stamp(path: &Path) -> Result<(i64, i64)> {
     let meta = std::fs::metadata(path).map_err(io_error(path))?;
     let mtime = meta
         .modified()
@@ -294,68 +171,14 @@ fn text_query(text: &str) -> TextQuery {
     }
 }
 
-/// A path for an SQLite URI (`file:...`): bytes outside the unreserved set percent-encoded.
-fn uri_escape(path: &Path) -> String {
-    let mut out = String::new();
-    for byte in path.as_os_str().as_encoded_bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                out.push(*byte as char)
-            }
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
-}
-
 /// The `n`th candidate name for an image based on `stem`: `stem.png`, `stem-2.png`, ...
-fn numbered_name(stem: &str, n: usize) -> String {
+pub(super) fn numbered_name(stem: &str, n: usize) -> String {
     if n <= 1 {
         format!("{stem}.png")
     } else {
         format!("{stem}-{n}.png")
     }
 }
-
-/// How old a file is, in seconds (0 when unknown).
-fn age_secs(metadata: &std::fs::Metadata) -> u64 {
-    metadata
-        .modified()
-        .ok()
-        .and_then(|m| m.elapsed().ok())
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Whether process `pid` is known to be gone from this machine (Linux: no `/proc/PID`).
-/// Elsewhere nothing is known and the temporary file's age decides.
-fn process_is_gone(pid: u32) -> bool {
-    let proc = Path::new("/proc");
-    proc.join("self").exists() && !proc.join(pid.to_string()).exists()
-}
-
-/// A temporary file is abandoned when its writer is gone and it has not changed for 10 s, or
-/// when it has not changed for 5 minutes whoever wrote it (another machine sharing the folder:
-/// writing one PNG takes well under a second).
-fn temp_is_abandoned(pid: u32, age_secs: u64) -> bool {
-    age_secs >= 300 || (age_secs >= 10 && pid != std::process::id() && process_is_gone(pid))
-}
-
-/// Whether a temporary file also has its final name already (a second hard link).
-#[cfg(unix)]
-fn already_published(metadata: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    metadata.nlink() > 1
-}
-
-/// Whether a temporary file also has its final name already (unknown here: no).
-#[cfg(not(unix))]
-fn already_published(_metadata: &std::fs::Metadata) -> bool {
-    false
-}
-
-/// How many new or changed files are indexed per transaction: short write locks, so that
-/// another process sharing the library never waits long.
-const SYNC_BATCH: usize = 256;
 
 impl Library {
     /// The default library folder: the platform's data directory (`~/.local/share/atelier/
@@ -365,162 +188,6 @@ impl Library {
             return Some(PathBuf::from(dir));
         }
         directories::ProjectDirs::from("", "", "atelier").map(|d| d.data_dir().join("library"))
-    }
-
-    /// Opens (creating it if needed) the library at `root` and brings the index up to date with
-    /// the folder. A corrupt index is set aside and rebuilt from the PNGs; a busy one is an
-    /// error that changes nothing; a library that cannot be written opens read-only.
-    pub fn open(root: &Path) -> Result<(Self, SyncReport)> {
-        if !root.is_dir() {
-            std::fs::create_dir_all(root).map_err(io_error(root))?;
-        }
-        Self::open_folder(root)
-    }
-
-    /// Opens the library at `root` like [`Library::open`], but only if the folder exists (a
-    /// mistyped `--library` is an error, not a new empty library).
-    pub fn open_existing(root: &Path) -> Result<(Self, SyncReport)> {
-        if !root.is_dir() {
-            return Err(GalleryError::NoLibrary(root.display().to_string()));
-        }
-        Self::open_folder(root)
-    }
-
-    fn open_folder(root: &Path) -> Result<(Self, SyncReport)> {
-        let meta_dir = root.join(".atelier");
-        let writable = std::fs::create_dir_all(meta_dir.join("thumbs")).is_ok()
-            && probe_writable(root).is_ok()
-            && probe_writable(&meta_dir).is_ok();
-        let db_path = meta_dir.join("index.sqlite3");
-        let mut rebuilt = false;
-        let mut read_only = !writable;
-        let db = if read_only {
-            Self::open_index_read_only(&db_path)?
-        } else {
-            match Self::open_index_waiting(&db_path) {
-                Ok(db) => db,
-                Err(IndexOpenFailure::Corrupt) => {
-                    // Keep the broken file for inspection; the folder has everything we need.
-                    let aside = db_path.with_extension(format!("corrupt-{}", now_unix()));
-                    std::fs::rename(&db_path, &aside).map_err(io_error(&db_path))?;
-                    for suffix in ["-wal", "-shm"] {
-                        let _ = std::fs::remove_file(format!("{}{suffix}", db_path.display()));
-                    }
-                    rebuilt = true;
-                    match Self::open_index(&db_path) {
-                        Ok(db) => db,
-                        Err(IndexOpenFailure::Other(error)) => return Err(error),
-                        Err(_) => {
-                            return Err(GalleryError::Io {
-                                path: db_path.display().to_string(),
-                                error: std::io::Error::other(
-                                    "a new index could not be made in place of the damaged one",
-                                ),
-                            });
-                        }
-                    }
-                }
-                Err(IndexOpenFailure::ReadOnly) => {
-                    read_only = true;
-                    Self::open_index_read_only(&db_path)?
-                }
-                Err(IndexOpenFailure::Other(error)) => return Err(error),
-            }
-        };
-        let mut library = Self {
-            root: root.to_path_buf(),
-            db,
-            read_only,
-        };
-        let mut report = library.sync()?;
-        report.rebuilt_corrupt_index = rebuilt;
-        report.opened_read_only = read_only;
-        Ok((library, report))
-    }
-
-    /// [`Library::open_index`], tried again for up to 10 s while another process holds a lock
-    /// that SQLite does not wait for by itself (creating the index, changing its journal mode).
-    fn open_index_waiting(path: &Path) -> std::result::Result<Connection, IndexOpenFailure> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match Self::open_index(path) {
-                Err(IndexOpenFailure::Other(GalleryError::Busy))
-                    if std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// Opens the index on disk for reading and writing, writing to it only when its schema must
-    /// be created or changed (so that opening never waits for another process's write lock).
-    fn open_index(path: &Path) -> std::result::Result<Connection, IndexOpenFailure> {
-        let db = Connection::open(path)?;
-        db.busy_timeout(std::time::Duration::from_secs(10))?;
-        if db.is_readonly(rusqlite::MAIN_DB)? {
-            return Err(IndexOpenFailure::ReadOnly);
-        }
-        let check: String = db.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
-        if check != "ok" {
-            return Err(IndexOpenFailure::Corrupt);
-        }
-        let mode: String = db.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            db.pragma_update(None, "journal_mode", "WAL")?;
-        }
-        db.pragma_update(None, "synchronous", "NORMAL")?;
-        let version: i64 = db.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-        if version != SCHEMA_VERSION {
-            let mut db = db;
-            let transaction = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            // Another process may have made the schema while we waited for the lock.
-            let version: i64 =
-                transaction.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-            if version != SCHEMA_VERSION {
-                if version != 0 {
-                    // An index from another version: it is only a cache, start again.
-                    transaction.execute_batch(
-                        "DROP TABLE IF EXISTS images_fts; DROP TABLE IF EXISTS images;",
-                    )?;
-                }
-                transaction.execute_batch(SCHEMA)?;
-                transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            }
-            transaction.commit()?;
-            return Ok(db);
-        }
-        Ok(db)
-    }
-
-    /// An index in memory for a library that cannot be written: the rows of the index on disk
-    /// when it can be read (opened immutable, so that SQLite needs to create nothing beside it),
-    /// then brought up to date with the folder by [`Library::sync`] like any other.
-    fn open_index_read_only(path: &Path) -> Result<Connection> {
-        let db = Connection::open_in_memory_with_flags(
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI,
-        )?;
-        db.execute_batch(SCHEMA)?;
-        if path.is_file() {
-            let uri = format!("file:{}?immutable=1", uri_escape(path));
-            let copied = db
-                .execute("ATTACH DATABASE ?1 AS disk", params![uri])
-                .and_then(|_| {
-                    let version: i64 =
-                        db.query_row("PRAGMA disk.user_version", [], |row| row.get(0))?;
-                    if version == SCHEMA_VERSION {
-                        db.execute_batch("INSERT INTO images SELECT * FROM disk.images")?;
-                    }
-                    Ok(())
-                });
-            let _ = db.execute_batch("DETACH DATABASE disk");
-            if copied.is_err() {
-                // Unreadable: the folder still has everything, sync reads it.
-                db.execute("DELETE FROM images", [])?;
-            }
-        }
-        Ok(db)
     }
 
     /// Whether the library was opened read-only (its folder or index cannot be written).
@@ -555,7 +222,7 @@ impl Library {
 
     /// Favourites live in the index and, so that a rebuild keeps them, in a small file beside
     /// it (written atomically).
-    fn saved_favourites(&self) -> BTreeSet<String> {
+    pub(super) fn saved_favourites(&self) -> BTreeSet<String> {
         std::fs::read_to_string(self.favourites_path())
             .ok()
             .and_then(|text| serde_json::from_str(&text).ok())
@@ -580,165 +247,6 @@ impl Library {
         std::fs::rename(&temp, &path).map_err(io_error(&path))
     }
 
-    /// Brings the index up to date with the folder: PNGs that are new or changed are read, rows
-    /// whose file is gone are dropped, complete images that a dead process left in temporary
-    /// files are named and indexed (incomplete ones removed). Files are read outside the
-    /// index's write lock and indexed in short transactions.
-    pub fn sync(&mut self) -> Result<SyncReport> {
-        let mut known: HashMap<String, (i64, i64)> = HashMap::new();
-        {
-            let mut statement = self
-                .db
-                .prepare("SELECT file, file_size, file_mtime FROM images")?;
-            let rows = statement.query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, (row.get(1)?, row.get(2)?)))
-            })?;
-            for row in rows {
-                let (file, stamp) = row?;
-                known.insert(file, stamp);
-            }
-        }
-        let mut report = SyncReport::default();
-        if !self.read_only {
-            self.recover_temp_files(&mut report)?;
-        }
-        let mut changed = Vec::new();
-        let listing = std::fs::read_dir(&self.root).map_err(io_error(&self.root))?;
-        for item in listing {
-            let item = item.map_err(io_error(&self.root))?;
-            let os_name = item.file_name();
-            let lossy = os_name.to_string_lossy();
-            let is_png = Path::new(&*lossy)
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-            if lossy.starts_with('.') || !is_png {
-                continue;
-            }
-            let Some(name) = os_name.to_str().map(str::to_owned) else {
-                report.skipped.push((
-                    lossy.into_owned(),
-                    "the file name is not valid UTF-8 (rename it to see it in the gallery)".into(),
-                ));
-                continue;
-            };
-            let path = item.path();
-            // Follows links: a link to a PNG is fine, a FIFO or a folder named x.png is not.
-            match std::fs::metadata(&path) {
-                Ok(metadata) if metadata.is_file() => {}
-                Ok(_) => {
-                    known.remove(&name);
-                    report.skipped.push((name, "not a regular file".into()));
-                    continue;
-                }
-                Err(error) => {
-                    known.remove(&name);
-                    report.skipped.push((name, error.to_string()));
-                    continue;
-                }
-            }
-            let Ok(stamp) = file_stamp(&path) else {
-                continue;
-            };
-            if known.remove(&name) == Some(stamp) {
-                continue;
-            }
-            changed.push((name, path, stamp));
-        }
-        let favourites = self.saved_favourites();
-        for batch in changed.chunks(SYNC_BATCH) {
-            let mut rows = Vec::with_capacity(batch.len());
-            for (name, path, stamp) in batch {
-                // A corrupt PNG in the folder is skipped, named in the report, and retried at the
-                // next sync.
-                let text = match read_text_bounded(path) {
-                    Ok(text) => text,
-                    Err(error) => {
-                        report.skipped.push((name.clone(), error.to_string()));
-                        continue;
-                    }
-                };
-                for what in &text.skipped {
-                    report
-                        .notes
-                        .push((name.clone(), format!("{what}: left out of the gallery")));
-                }
-                let mut metadata =
-                    ImageMetadata::from_chunks(&text.chunks).unwrap_or(ImageMetadata {
-                        source: MetadataSource::None,
-                        ..Default::default()
-                    });
-                if metadata.created_unix == 0 {
-                    metadata.created_unix = stamp.1;
-                }
-                rows.push((name, metadata, *stamp));
-            }
-            let transaction = self
-                .db
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for (name, metadata, stamp) in &rows {
-                Self::upsert(
-                    &transaction,
-                    name,
-                    metadata,
-                    *stamp,
-                    favourites.contains(*name),
-                )?;
-            }
-            transaction.commit()?;
-            report.added += rows.len();
-        }
-        if !known.is_empty() {
-            let transaction = self
-                .db
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for gone in known.keys() {
-                transaction.execute("DELETE FROM images WHERE file = ?1", params![gone])?;
-                report.removed += 1;
-            }
-            transaction.commit()?;
-        }
-        Ok(report)
-    }
-
-    /// Names the complete images that dead processes left in temporary files (see
-    /// [`temp_is_abandoned`]) and removes the incomplete ones. The sync that follows indexes
-    /// the recovered files.
-    fn recover_temp_files(&self, report: &mut SyncReport) -> Result<()> {
-        let listing = std::fs::read_dir(&self.root).map_err(io_error(&self.root))?;
-        for item in listing.flatten() {
-            let Some(temp_name) = item.file_name().to_str().map(str::to_owned) else {
-                continue;
-            };
-            let Some((name, pid)) = parse_temp_name(&temp_name) else {
-                continue;
-            };
-            let path = item.path();
-            let Ok(metadata) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if !metadata.is_file() || !temp_is_abandoned(pid, age_secs(&metadata)) {
-                continue;
-            }
-            if already_published(&metadata) {
-                // Killed between naming the file (a hard link) and removing the temporary name.
-                if std::fs::remove_file(&path).is_ok() {
-                    report.removed_partial += 1;
-                }
-                continue;
-            }
-            if decode_rgb_bounded(&path).is_ok() && read_text_bounded(&path).is_ok() {
-                let stem = name.strip_suffix(".png").unwrap_or(&name).to_string();
-                match publish_temp(&self.root, &path, |n| numbered_name(&stem, n)) {
-                    Ok(_) => report.recovered += 1,
-                    Err(error) => report.skipped.push((temp_name, error.to_string())),
-                }
-            } else if std::fs::remove_file(&path).is_ok() {
-                report.removed_partial += 1;
-            }
-        }
-        Ok(())
-    }
-
     /// [`Library::upsert`] in a transaction of its own that takes the write lock first (waiting
     /// for it), so that another process's write in between cannot fail it.
     fn upsert_one(
@@ -756,7 +264,7 @@ impl Library {
         Ok(id)
     }
 
-    fn upsert(
+    pub(super) fn upsert(
         db: &Connection,
         file: &str,
         metadata: &ImageMetadata,
@@ -784,14 +292,6 @@ impl Library {
             ],
         )?;
         Ok(db.last_insert_rowid())
-    }
-
-    /// Throws the index away and reads every PNG again (favourites survive).
-    pub fn rebuild(&mut self) -> Result<SyncReport> {
-        self.db.execute("DELETE FROM images", [])?;
-        self.db
-            .execute("INSERT INTO images_fts(images_fts) VALUES ('rebuild')", [])?;
-        self.sync()
     }
 
     /// The name stem of a new image made at `created_unix` with `seed`: `20261128-203000-42`.

@@ -1,8 +1,10 @@
 //! Storage of images and their metadata: a folder of PNGs, indexed in SQLite.
 
 pub mod import;
+mod index;
 pub mod library;
 pub mod metadata;
 pub mod png_read;
 pub mod record;
+mod sync;
 pub mod worker;
