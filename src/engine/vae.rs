@@ -64,6 +64,30 @@ impl VaeAttention {
     }
 }
 
+/// `count` resnets of a VAE block: the first from `in_channels`, all to `out_channels`.
+fn resnet_stack(
+    count: usize,
+    in_channels: usize,
+    out_channels: usize,
+    groups: usize,
+    vb: VarBuilder,
+) -> Result<Vec<ResnetBlock>> {
+    (0..count)
+        .map(|j| {
+            let resnet_in = if j == 0 { in_channels } else { out_channels };
+            ResnetBlock::new(
+                resnet_in,
+                out_channels,
+                None,
+                groups,
+                1e-6,
+                Activation::Silu,
+                vb.pp(j),
+            )
+        })
+        .collect()
+}
+
 /// The middle of the encoder and the decoder: a resnet, single-head attention (unless the config
 /// leaves it out), a resnet, at the widest level.
 #[derive(Debug, Clone)]
@@ -145,7 +169,6 @@ impl VaeDecoder {
         };
         let groups = config.norm_num_groups;
         let eps = 1e-6;
-        let act = Activation::Silu;
         let post_quant_conv = if config.use_post_quant_conv {
             Some(conv2d(
                 config.latent_channels,
@@ -165,20 +188,13 @@ impl VaeDecoder {
             let prev_output = out_channels;
             out_channels = level_channels;
             let vb_block = vb.pp("up_blocks").pp(i);
-            let resnets = (0..config.layers_per_block + 1)
-                .map(|j| {
-                    let resnet_in = if j == 0 { prev_output } else { out_channels };
-                    ResnetBlock::new(
-                        resnet_in,
-                        out_channels,
-                        None,
-                        groups,
-                        eps,
-                        act,
-                        vb_block.pp("resnets").pp(j),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_stack(
+                config.layers_per_block + 1,
+                prev_output,
+                out_channels,
+                groups,
+                vb_block.pp("resnets"),
+            )?;
             let upsampler = if i + 1 < reversed.len() {
                 Some(Upsample::new(
                     out_channels,
@@ -284,7 +300,6 @@ impl VaeEncoder {
         };
         let groups = config.norm_num_groups;
         let eps = 1e-6;
-        let act = Activation::Silu;
         let moments = 2 * config.latent_channels;
         let quant_conv = if config.use_quant_conv {
             Some(conv2d(moments, moments, 1, 1, vb.pp("quant_conv"))?)
@@ -298,20 +313,13 @@ impl VaeEncoder {
             let in_channels = out_channels;
             out_channels = level_channels;
             let vb_block = vb.pp("down_blocks").pp(i);
-            let resnets = (0..config.layers_per_block)
-                .map(|j| {
-                    let resnet_in = if j == 0 { in_channels } else { out_channels };
-                    ResnetBlock::new(
-                        resnet_in,
-                        out_channels,
-                        None,
-                        groups,
-                        eps,
-                        act,
-                        vb_block.pp("resnets").pp(j),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_stack(
+                config.layers_per_block,
+                in_channels,
+                out_channels,
+                groups,
+                vb_block.pp("resnets"),
+            )?;
             let downsampler = if i + 1 < channels.len() {
                 Some(
                     conv2d(
