@@ -317,3 +317,35 @@ fn only_masked_works_on_a_crop_and_keeps_the_rest_of_the_picture() {
     );
     assert!(String::from_utf8_lossy(&output.stderr).contains("need a mask"));
 }
+
+#[test]
+fn sixteen_bit_and_grey_pictures_are_taken_as_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 16-bit RGB PNG as the picture, a 16-bit grey PNG as the mask, of another size.
+    let deep: image::ImageBuffer<image::Rgb<u16>, Vec<u16>> =
+        image::ImageBuffer::from_fn(80, 60, |x, y| {
+            image::Rgb([(x * 800) as u16, (y * 1000) as u16, 30000])
+        });
+    let deep_path = dir.path().join("deep.png");
+    deep.save(&deep_path).unwrap();
+    let grey: image::ImageBuffer<Luma<u16>, Vec<u16>> =
+        image::ImageBuffer::from_fn(80, 60, |x, _| Luma([if x > 40 { 65535 } else { 0 }]));
+    let grey_path = dir.path().join("grey.png");
+    grey.save(&grey_path).unwrap();
+    let out = dir.path().join("out.png");
+    ok(&generate(
+        "sd1",
+        &[
+            "--init-image",
+            deep_path.to_str().unwrap(),
+            "--mask",
+            grey_path.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "48",
+        ],
+        &out,
+    ));
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (64, 48));
+}
