@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use atelier::engine::pipeline::{GenerationRequest, PreviewOptions};
 use atelier::engine::unet::AddedConditions;
 use atelier::schedulers::Sampler;
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use common::*;
 
 /// Final latents of whole runs: the bar.
@@ -213,25 +213,10 @@ fn full_runs_match_diffusers() {
                 expected.tensor(&format!("run_{key}_latents")),
                 LATENT_TOLERANCE,
             );
-            let reference = (expected.tensor(&format!("run_{key}_image")) * 255.0).unwrap();
-            let ours: Vec<f32> = output.images[0]
-                .as_raw()
-                .iter()
-                .map(|&b| b as f32)
-                .collect();
-            let ours = Tensor::from_vec(ours, reference.dims(), reference.device()).unwrap();
-            let max_diff: f32 = (ours - &reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let max_diff = max_pixel_difference(
+                &output.images[0],
+                expected.tensor(&format!("run_{key}_image")),
+            );
             check(
                 max_diff <= 2.0,
                 &format!("{family} {key}: pixels differ by {max_diff}/255"),

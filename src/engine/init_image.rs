@@ -38,15 +38,6 @@ impl ResizeMode {
         }
     }
 
-    /// The name artists know (A1111's), e.g. `Crop and resize`.
-    pub fn display_name(self) -> &'static str {
-        match self {
-            ResizeMode::JustResize => "Just resize",
-            ResizeMode::CropAndResize => "Crop and resize",
-            ResizeMode::ResizeAndFill => "Resize and fill",
-        }
-    }
-
     /// Parses a CLI id; the error lists the valid ones.
     pub fn parse(id: &str) -> Result<Self> {
         Self::ALL

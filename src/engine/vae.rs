@@ -270,10 +270,10 @@ pub struct LatentDistribution {
 }
 
 impl LatentDistribution {
-    /// A draw `mean + std * noise`, with `noise` standard normal of the mean's shape (diffusers'
-    /// `sample(generator)`).
+    /// A draw `mean + std * noise` (diffusers' `sample(generator)`), with `noise` standard
+    /// normal of the mean's shape, or with more rows: one draw per row from the same picture.
     pub fn sample(&self, noise: &Tensor) -> Result<Tensor> {
-        Ok((&self.mean + (&self.std * noise)?)?)
+        Ok(self.mean.broadcast_add(&self.std.broadcast_mul(noise)?)?)
     }
 }
 

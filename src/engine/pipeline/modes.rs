@@ -297,11 +297,7 @@ impl StableDiffusion {
     /// Latents for the UNet of an image in [-1, 1] `(1, 3, H, W)`: a sample of the VAE's
     /// distribution with `noise` (one row per batch item), scaled as the pipelines scale them.
     fn sampled_latents(&self, pixels: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        let batch = noise.dim(0)?;
-        let distribution = self.encode_pixels(pixels)?;
-        let mean = distribution.mean.repeat((batch, 1, 1, 1))?;
-        let std = distribution.std.repeat((batch, 1, 1, 1))?;
-        self.scale_latents(&(mean + (std * noise)?)?)
+        self.scale_latents(&self.encode_pixels(pixels)?.sample(noise)?)
     }
 
     /// The first index of a late start at `strength`, refusing strengths that run no step.
