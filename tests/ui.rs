@@ -803,8 +803,10 @@ fn a_comparison_runs_one_job_per_cell_and_reopens_from_the_gallery() {
 #[test]
 fn image_to_image_from_a_file_or_from_the_result() {
     let mut f = start(settings(), false, false, None);
-    // A picture dropped (or opened) on the Studio tab is the start of image to image.
-    let picture = f.library.path().join("start.png");
+    // A picture dropped (or opened) on the Studio tab is the start of image to image. It lives
+    // outside the library folder, which the gallery indexes as it changes.
+    let outside = tempfile::tempdir().unwrap();
+    let picture = outside.path().join("start.png");
     RgbImage::from_pixel(40, 30, Rgb([200, 30, 30]))
         .save(&picture)
         .unwrap();
@@ -865,7 +867,7 @@ fn image_to_image_from_a_file_or_from_the_result() {
     );
     assert_eq!(f.app().settings.strength, 0.4);
     // A file that is not a picture says so.
-    let bad = f.library.path().join("notes.png");
+    let bad = outside.path().join("notes.png");
     std::fs::write(&bad, "not a picture").unwrap();
     f.harness
         .state_mut()
