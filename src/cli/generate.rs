@@ -10,13 +10,10 @@ use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::modes::{Hires, HiresArgs, ImageInputArgs};
-use crate::engine::init_image::{
-    HiresUpscaler, ResizeMode, fit_init_image, image_to_tensor, resize_latents,
-};
+use super::modes::{HiresArgs, ImageInputArgs};
 use crate::engine::npy::read_f32_npy;
 use crate::engine::pipeline::{
-    GenerationRequest, JobInput, LoadOptions, PreviewOptions, StableDiffusion,
+    GenerationRequest, JobParts, LoadOptions, PreviewOptions, StableDiffusion,
 };
 use crate::engine::source::{LoadProgress, ModelSource};
 use crate::gallery::metadata::{A1111Parameters, PARAMETERS_KEYWORD};
@@ -129,91 +126,6 @@ fn output_path(out: &Path, index: usize, batch: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{index}.png"))
 }
 
-/// The hires fix's second pass: the first pass enlarged (its latents, or its image with Lanczos)
-/// and denoised again at `hires.strength`. Returns the output and the second pass's request.
-fn second_pass(
-    model: &StableDiffusion,
-    request: &GenerationRequest,
-    first: &crate::engine::pipeline::GenerationOutput,
-    hires: &Hires,
-    cancel: &AtomicBool,
-) -> anyhow::Result<(crate::engine::pipeline::GenerationOutput, GenerationRequest)> {
-    let (width, height) = hires.size(request.width, request.height, model.vae_scale_factor());
-    let second = GenerationRequest {
-        width,
-        height,
-        steps: hires.steps.unwrap_or(request.steps),
-        ..request.clone()
-    };
-    model.validate(&second)?;
-    let bar = ProgressBar::new(second.steps as u64);
-    let mut on_step = |step: crate::engine::pipeline::StepProgress<'_>| {
-        bar.set_length(step.total_steps as u64);
-        bar.set_position(step.step_index as u64 + 1);
-    };
-    let output = match hires.upscaler {
-        HiresUpscaler::Latent | HiresUpscaler::LatentNearest => {
-            let [_, _, latent_height, latent_width] = model.latent_shape(&second);
-            let latents = resize_latents(
-                &first.latents,
-                latent_height,
-                latent_width,
-                hires.upscaler == HiresUpscaler::Latent,
-            )?;
-            let input = JobInput::Latents {
-                latents: &latents,
-                strength: hires.strength,
-                noise: None,
-            };
-            model.generate_with(
-                &second,
-                &input,
-                PreviewOptions::default(),
-                cancel,
-                &mut on_step,
-            )
-        }
-        HiresUpscaler::Lanczos => {
-            // Batches run one image at a time here: each has its own picture.
-            let mut images = Vec::new();
-            let mut latents = Vec::new();
-            let mut last = None;
-            for (k, image) in first.images.iter().enumerate() {
-                let item = GenerationRequest {
-                    seed: second.seed.wrapping_add(k as u64),
-                    batch_size: 1,
-                    ..second.clone()
-                };
-                let big =
-                    fit_init_image(image, width as u32, height as u32, ResizeMode::JustResize);
-                let pixels = image_to_tensor(&big, &Device::Cpu)?;
-                let input = JobInput::Image {
-                    pixels: &pixels,
-                    strength: hires.strength,
-                    sample_noise: None,
-                    noise: None,
-                };
-                let mut output = model.generate_with(
-                    &item,
-                    &input,
-                    PreviewOptions::default(),
-                    cancel,
-                    &mut on_step,
-                )?;
-                images.append(&mut output.images);
-                latents.push(output.latents.clone());
-                last = Some(output);
-            }
-            let mut output = last.context("the first pass made no image")?;
-            output.images = images;
-            output.latents = candle_core::Tensor::cat(&latents, 0)?;
-            Ok(output)
-        }
-    };
-    bar.finish_and_clear();
-    Ok((output?, second))
-}
-
 /// Runs `atelier generate`.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let sampler = Sampler::parse(&args.scheduler)?;
@@ -233,13 +145,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let image_input = args.image.load()?;
     let hires = args.hires.load(image_input.is_some())?;
     let model = load_model(&args.model, &args.device)?;
-    let native = model.native_size().unwrap_or(512);
     // With an init image and no size, its own size (rounded down to what the model takes).
-    let multiple = model.vae_scale_factor().max(1);
-    let from_image = |pixels: u32| ((pixels as usize / multiple) * multiple).max(multiple);
-    let image_size = image_input.as_ref().and_then(|i| i.default_size());
-    let default_width = image_size.map_or(native, |(w, _)| from_image(w));
-    let default_height = image_size.map_or(native, |(_, h)| from_image(h));
+    let (default_width, default_height) = model.default_size_for(image_input.as_ref());
     let seed = args.seed.unwrap_or_else(random_seed);
     let request = GenerationRequest {
         prompt: args.prompt.clone(),
@@ -283,33 +190,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let job_started = std::time::Instant::now();
     // The window shows a preview after every step; time the first one the same way.
     let mut first_preview_secs = None;
-    let tensors = match &image_input {
-        Some(input) => Some(input.tensors(request.width, request.height)?),
-        None => None,
+    let parts = JobParts {
+        image: image_input.as_ref(),
+        hires: hires.as_ref(),
+        noise: init_noise.as_ref(),
     };
-    let input = match (&tensors, &image_input) {
-        (Some((pixels, Some(mask))), Some(image)) => JobInput::Inpaint {
-            pixels,
-            mask,
-            strength: image.strength,
-            sample_noise: None,
-            noise: init_noise.as_ref(),
-            masked_sample_noise: None,
-            latent_noise: image.latent_noise(),
-        },
-        (Some((pixels, None)), Some(image)) => JobInput::Image {
-            pixels,
-            strength: image.strength,
-            sample_noise: None,
-            noise: init_noise.as_ref(),
-        },
-        _ => JobInput::Text {
-            init_noise: init_noise.as_ref(),
-        },
-    };
-    let output = model.generate_with(
+    let result = model.run_job(
         &request,
-        &input,
+        parts,
         PreviewOptions::default(),
         &cancel,
         &mut |step| {
@@ -323,25 +211,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
     );
     bar.finish_and_clear();
-    let mut output = output?;
-    let mut request = request;
-    if let Some(hires) = &hires {
-        let first_pass_secs = output.timings.total_secs;
-        let (output_2, request_2) = second_pass(&model, &request, &output, hires, &cancel)?;
+    let result = result?;
+    let output = result.output;
+    let first_request = request;
+    let request = result.final_request;
+    if let Some(first_pass) = result.first_pass {
         eprintln!(
             "hires fix: {}x{} in {:.2} s, then {}x{} in {:.2} s",
+            first_request.width,
+            first_request.height,
+            first_pass.total_secs,
             request.width,
             request.height,
-            first_pass_secs,
-            request_2.width,
-            request_2.height,
-            output_2.timings.total_secs
+            output.timings.total_secs - first_pass.total_secs
         );
-        output = output_2;
-        request = request_2;
-    }
-    if let Some(input) = &image_input {
-        output.images = input.finish(output.images, request.width, request.height);
     }
     for warning in &output.warnings {
         eprintln!("warning: {warning}");
@@ -364,10 +247,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             parameters.pairs.push(("Initial noise".into(), name));
         }
         if let Some(input) = &image_input {
-            parameters.pairs.extend(input.infotext());
+            parameters.push_image_options(&input.options, input.is_inpainting());
         }
         if let Some(hires) = &hires {
-            parameters.pairs.extend(hires.infotext(args.steps));
+            parameters.push_hires(hires, args.steps);
         }
         let written = super::write_png_or_rescue(
             &path,

@@ -3,16 +3,15 @@
 //! (hires fix). Files are read and checked here, before the model loads.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use candle_core::{Device, Tensor};
 use clap::Args;
-use image::{GrayImage, RgbImage};
 
 use crate::engine::init_image::{
-    HiresUpscaler, MaskedContent, Outpaint, Region, ResizeMode, fill_masked, fit_init_image,
-    image_to_tensor, mask_from_image, mask_to_tensor, masked_region, paste_back, prepare_mask,
+    HiresUpscaler, MaskedContent, Outpaint, ResizeMode, mask_from_image,
 };
+use crate::engine::pipeline::{HiresFix, ImageJob, ImageOptions};
 use crate::gallery::png_read::{decode_bounded, decode_rgb_bounded};
 
 /// Image to image, inpainting and outpainting.
@@ -51,25 +50,12 @@ pub struct ImageInputArgs {
     pub inpaint_padding: u32,
 }
 
-/// What the image options read: the picture and mask to start from, if any.
-pub struct ImageInput {
-    image: RgbImage,
-    mask: Option<GrayImage>,
-    /// The denoising strength.
-    pub strength: f64,
-    resize_mode: ResizeMode,
-    mask_blur: f32,
-    masked_content: MaskedContent,
-    /// "Only masked": the padding around the mask.
-    only_masked: Option<u32>,
-}
-
 impl ImageInputArgs {
     /// Reads and checks the files; `None` for text to image.
-    pub fn load(&self) -> anyhow::Result<Option<ImageInput>> {
+    pub fn load(&self) -> anyhow::Result<Option<ImageJob>> {
         let resize_mode = ResizeMode::parse(&self.resize_mode)?;
         let masked_content = MaskedContent::parse(&self.masked_content)?;
-        let only_masked = match self.inpaint_area.as_str() {
+        let only_masked_padding = match self.inpaint_area.as_str() {
             "full" => None,
             "masked" => Some(self.inpaint_padding),
             other => bail!("--inpaint-area takes full or masked, got {other:?}"),
@@ -80,7 +66,7 @@ impl ImageInputArgs {
                 (self.mask.is_some(), "--mask"),
                 (outpaint.is_some(), "--outpaint"),
                 (self.strength.is_some(), "--strength"),
-                (only_masked.is_some(), "--inpaint-area masked"),
+                (only_masked_padding.is_some(), "--inpaint-area masked"),
                 (
                     masked_content != MaskedContent::Original,
                     "--masked-content",
@@ -92,139 +78,34 @@ impl ImageInputArgs {
             }
             return Ok(None);
         };
-        if !(self.mask_blur >= 0.0 && self.mask_blur <= 64.0) {
-            bail!(
-                "--mask-blur must be between 0 and 64 pixels, got {}",
-                self.mask_blur
-            );
-        }
-        let image =
-            decode_rgb_bounded(path).with_context(|| format!("--init-image {}", path.display()))?;
-        let mask = match &self.mask {
-            Some(mask_path) => {
-                if outpaint.is_some() {
-                    bail!(
-                        "--outpaint makes its own mask (the new area): give one of --mask and --outpaint"
-                    );
-                }
-                let decoded = decode_bounded(mask_path)
-                    .with_context(|| format!("--mask {}", mask_path.display()))?;
-                let mask = mask_from_image(&decoded);
-                if !mask.pixels().any(|p| p[0] >= 128) {
-                    bail!(
-                        "--mask {}: the mask is empty (nothing is white or transparent): nothing would be repainted",
-                        mask_path.display()
-                    );
-                }
-                Some(mask)
-            }
-            None => None,
-        };
-        let (image, mask) = match outpaint {
-            Some(outpaint) => {
-                let (canvas, mask) = outpaint.extend(&image);
-                (canvas, Some(mask))
-            }
-            None => (image, mask),
-        };
-        if mask.is_none() && (only_masked.is_some() || masked_content != MaskedContent::Original) {
-            bail!("--inpaint-area masked and --masked-content need a mask (--mask or --outpaint)");
-        }
-        Ok(Some(ImageInput {
-            image,
-            mask,
+        let options = ImageOptions {
             strength: self
                 .strength
                 .unwrap_or(if outpaint.is_some() { 1.0 } else { 0.75 }),
             resize_mode,
             mask_blur: self.mask_blur,
             masked_content,
-            only_masked,
-        }))
-    }
-}
-
-impl ImageInput {
-    /// The size the job runs at unless --width/--height say otherwise: the picture's (after
-    /// outpainting), or `None` for "only masked", which runs at the model's own size.
-    pub fn default_size(&self) -> Option<(u32, u32)> {
-        match self.only_masked {
-            Some(_) => None,
-            None => Some(self.image.dimensions()),
-        }
-    }
-
-    /// Whether the masked region starts from fresh latent noise.
-    pub fn latent_noise(&self) -> bool {
-        self.masked_content == MaskedContent::LatentNoise
-    }
-
-    /// The "only masked" crop of the picture, if that is the mode.
-    fn crop(&self, width: u32, height: u32) -> Option<Region> {
-        let padding = self.only_masked?;
-        masked_region(self.mask.as_ref()?, padding, width, height)
-    }
-
-    /// The picture (its masked region filled when asked), and the mask if any, fitted to
-    /// `width` x `height` as the engine takes them; for "only masked", the crop around the mask.
-    pub fn tensors(&self, width: usize, height: usize) -> anyhow::Result<(Tensor, Option<Tensor>)> {
-        let (w, h) = (width as u32, height as u32);
-        let mut image = self.image.clone();
-        if let (MaskedContent::Fill, Some(mask)) = (self.masked_content, &self.mask) {
-            image = fill_masked(&image, mask);
-        }
-        let mut mask = self.mask.clone();
-        // "Only masked" works on the crop, stretched to the job's size (same aspect ratio).
-        let mode = match self.crop(w, h) {
-            Some((x, y, cw, ch)) => {
-                image = image::imageops::crop_imm(&image, x, y, cw, ch).to_image();
-                mask = mask.map(|m| image::imageops::crop_imm(&m, x, y, cw, ch).to_image());
-                ResizeMode::JustResize
-            }
-            None => self.resize_mode,
+            only_masked_padding,
+            outpaint,
         };
-        let pixels = image_to_tensor(&fit_init_image(&image, w, h, mode), &Device::Cpu)?;
-        let mask = match &mask {
-            Some(mask) => Some(mask_to_tensor(
-                &prepare_mask(mask, w, h, mode, self.mask_blur),
-                &Device::Cpu,
-            )?),
+        let image =
+            decode_rgb_bounded(path).with_context(|| format!("--init-image {}", path.display()))?;
+        let mask = match &self.mask {
+            Some(mask_path) => {
+                let decoded = decode_bounded(mask_path)
+                    .with_context(|| format!("--mask {}", mask_path.display()))?;
+                Some(Arc::new(mask_from_image(&decoded)))
+            }
             None => None,
         };
-        Ok((pixels, mask))
-    }
-
-    /// The engine's images as the artist gets them: for "only masked", each pasted back into the
-    /// whole picture over the crop, blended by the blurred mask (the picture outside it kept as
-    /// it was); otherwise unchanged.
-    pub fn finish(&self, images: Vec<RgbImage>, width: usize, height: usize) -> Vec<RgbImage> {
-        let (Some(region), Some(mask)) = (self.crop(width as u32, height as u32), &self.mask)
-        else {
-            return images;
-        };
-        let (w, h) = self.image.dimensions();
-        let feathered = prepare_mask(mask, w, h, ResizeMode::JustResize, self.mask_blur);
-        images
-            .iter()
-            .map(|image| paste_back(&self.image, image, region, &feathered))
-            .collect()
-    }
-
-    /// A1111's infotext entries for this input.
-    pub fn infotext(&self) -> Vec<(String, String)> {
-        let mut pairs = vec![("Denoising strength".into(), self.strength.to_string())];
-        if self.mask.is_some() {
-            pairs.push(("Mask blur".into(), self.mask_blur.to_string()));
-            pairs.push((
-                "Masked content".into(),
-                self.masked_content.display_name().into(),
-            ));
-            if let Some(padding) = self.only_masked {
-                pairs.push(("Inpaint area".into(), "Only masked".into()));
-                pairs.push(("Masked area padding".into(), padding.to_string()));
-            }
-        }
-        pairs
+        let job = ImageJob::new(Arc::new(image), mask, options).map_err(|error| {
+            let named = match &self.mask {
+                Some(mask_path) => format!("--mask {}: {error}", mask_path.display()),
+                None => error.to_string(),
+            };
+            anyhow::anyhow!(named)
+        })?;
+        Ok(Some(job))
     }
 }
 
@@ -245,60 +126,24 @@ pub struct HiresArgs {
     pub hires_upscaler: String,
 }
 
-/// A checked hires fix.
-#[derive(Debug, Clone, Copy)]
-pub struct Hires {
-    /// The enlargement.
-    pub scale: f64,
-    /// The second pass's strength.
-    pub strength: f64,
-    /// The second pass's steps (`None`: the first pass's).
-    pub steps: Option<usize>,
-    /// How the first pass is enlarged.
-    pub upscaler: HiresUpscaler,
-}
-
 impl HiresArgs {
     /// The hires fix asked for, checked; `None` without --hires-scale.
-    pub fn load(&self, with_init_image: bool) -> anyhow::Result<Option<Hires>> {
+    pub fn load(&self, with_init_image: bool) -> anyhow::Result<Option<HiresFix>> {
         let Some(scale) = self.hires_scale else {
             return Ok(None);
         };
         if with_init_image {
             bail!("--hires-scale is a second pass of text to image: it does not take --init-image");
         }
-        if !(scale > 1.0 && scale <= 4.0) {
-            bail!("--hires-scale must be above 1 and at most 4, got {scale}");
-        }
-        Ok(Some(Hires {
+        let hires = HiresFix {
             scale,
             strength: self.hires_strength,
             steps: self.hires_steps,
             upscaler: HiresUpscaler::parse(&self.hires_upscaler)?,
-        }))
-    }
-}
-
-impl Hires {
-    /// The second pass's size for a first pass of `width` x `height`, in multiples of `multiple`.
-    pub fn size(&self, width: usize, height: usize, multiple: usize) -> (usize, usize) {
-        let scaled = |v: usize| {
-            let target = (v as f64 * self.scale).round() as usize;
-            ((target / multiple) * multiple).max(multiple)
         };
-        (scaled(width), scaled(height))
-    }
-
-    /// A1111's infotext entries.
-    pub fn infotext(&self, steps: usize) -> Vec<(String, String)> {
-        vec![
-            ("Denoising strength".into(), self.strength.to_string()),
-            ("Hires upscale".into(), self.scale.to_string()),
-            (
-                "Hires steps".into(),
-                self.steps.unwrap_or(steps).to_string(),
-            ),
-            ("Hires upscaler".into(), self.upscaler.display_name().into()),
-        ]
+        hires
+            .check()
+            .map_err(|error| anyhow::anyhow!("--hires-*: {error}"))?;
+        Ok(Some(hires))
     }
 }

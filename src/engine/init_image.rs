@@ -156,7 +156,7 @@ pub fn mask_to_tensor(mask: &GrayImage, device: &Device) -> Result<Tensor> {
 }
 
 /// Pixels added on each side of a picture for outpainting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Outpaint {
     /// Added on the left.
     pub left: u32,

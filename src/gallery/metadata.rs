@@ -64,6 +64,47 @@ impl A1111Parameters {
         }
     }
 
+    /// Adds A1111's entries for a picture worked on: the denoising strength, and for a mask its
+    /// blur, masked content and "only masked" area.
+    pub fn push_image_options(
+        &mut self,
+        options: &crate::engine::pipeline::ImageOptions,
+        inpainting: bool,
+    ) {
+        self.pairs
+            .push(("Denoising strength".into(), options.strength.to_string()));
+        if inpainting {
+            self.pairs
+                .push(("Mask blur".into(), options.mask_blur.to_string()));
+            self.pairs.push((
+                "Masked content".into(),
+                options.masked_content.display_name().into(),
+            ));
+            if let Some(padding) = options.only_masked_padding {
+                self.pairs
+                    .push(("Inpaint area".into(), "Only masked".into()));
+                self.pairs
+                    .push(("Masked area padding".into(), padding.to_string()));
+            }
+        }
+    }
+
+    /// Adds A1111's entries for a hires fix whose first pass had `steps` steps.
+    pub fn push_hires(&mut self, hires: &crate::engine::pipeline::HiresFix, steps: usize) {
+        self.pairs.extend([
+            ("Denoising strength".into(), hires.strength.to_string()),
+            ("Hires upscale".into(), hires.scale.to_string()),
+            (
+                "Hires steps".into(),
+                hires.steps.unwrap_or(steps).to_string(),
+            ),
+            (
+                "Hires upscaler".into(),
+                hires.upscaler.display_name().into(),
+            ),
+        ]);
+    }
+
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.pairs

@@ -2,10 +2,12 @@
 //!
 //! One file a concern: [`request`] (what a job asks for), [`load`] (the one assembler of
 //! components), [`prompt`] (text encoding), [`denoise`] (the one denoising loop), [`decode`]
-//! (latents to pixels and previews).
+//! (latents to pixels and previews), `modes` (what each mode prepares for the loop) and `job`
+//! (a whole job as the artist describes it: the entry point of the window and the CLI).
 
 mod decode;
 mod denoise;
+mod job;
 mod load;
 mod modes;
 mod prompt;
@@ -23,6 +25,7 @@ use super::unet::UNet;
 use super::vae::{VaeDecoder, VaeEncoder};
 
 pub use decode::tensor_to_images;
+pub use job::{HiresFix, ImageJob, ImageOptions, JobParts, JobResult, MAX_MASK_BLUR};
 pub use modes::JobInput;
 pub use prompt::PromptEmbeddings;
 pub use request::{
