@@ -10,7 +10,7 @@ use imageproc::drawing::{draw_filled_rect_mut, draw_text_mut, text_size};
 use imageproc::rect::Rect;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::pipeline::GenerationRequest;
+use crate::engine::pipeline::{GenerationRequest, ImageOptions};
 use crate::gallery::metadata::{A1111Parameters, write_png};
 use crate::schedulers::Sampler;
 
@@ -32,6 +32,8 @@ pub enum YAxis {
     /// AUTOMATIC1111's "Prompt S/R": the first word or phrase is searched for in the prompt and
     /// each value (the first included) replaces it.
     PromptReplace(Vec<String>),
+    /// Denoising strengths of an image-to-image or inpainting comparison.
+    Strength(Vec<f64>),
 }
 
 impl YAxis {
@@ -43,6 +45,7 @@ impl YAxis {
             YAxis::Guidance(_) => "guidance",
             YAxis::Seeds(_) => "seed",
             YAxis::PromptReplace(_) => "prompt S/R",
+            YAxis::Strength(_) => "denoising strength",
         }
     }
 
@@ -54,6 +57,7 @@ impl YAxis {
             YAxis::Guidance(v) => v.len(),
             YAxis::Seeds(v) => v.len(),
             YAxis::PromptReplace(v) => v.len(),
+            YAxis::Strength(v) => v.len(),
         }
     }
 
@@ -62,7 +66,8 @@ impl YAxis {
         self.len() == 0
     }
 
-    /// Parses comma-separated values for axis `name` (`steps`, `guidance`, `seed`, `prompt`).
+    /// Parses comma-separated values for axis `name` (`steps`, `guidance`, `seed`, `prompt`,
+    /// `strength`).
     pub fn parse(name: &str, values: &str) -> Result<Self, String> {
         let items: Vec<&str> = values
             .split(',')
@@ -105,9 +110,21 @@ impl YAxis {
             "prompt" | "prompt-sr" => {
                 YAxis::PromptReplace(items.iter().map(|s| s.to_string()).collect())
             }
+            "strength" => YAxis::Strength(
+                numbers("strength")?
+                    .into_iter()
+                    .map(|v| {
+                        if v > 0.0 && v <= 1.0 {
+                            Ok(v)
+                        } else {
+                            Err(format!("strength: {v} is not above 0 and at most 1"))
+                        }
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
             other => {
                 return Err(format!(
-                    "unknown axis {other:?} (steps, guidance, seed or prompt)"
+                    "unknown axis {other:?} (steps, guidance, seed, prompt or strength)"
                 ));
             }
         })
@@ -121,6 +138,15 @@ impl YAxis {
             YAxis::Guidance(v) => format!("guidance {}", v[row]),
             YAxis::Seeds(v) => format!("seed {}", v[row]),
             YAxis::PromptReplace(v) => v[row].clone(),
+            YAxis::Strength(v) => format!("strength {}", v[row]),
+        }
+    }
+
+    /// The denoising strength of row `row`, when the rows vary it.
+    pub fn strength(&self, row: usize) -> Option<f64> {
+        match self {
+            YAxis::Strength(v) => Some(v[row]),
+            _ => None,
         }
     }
 
@@ -134,6 +160,8 @@ impl YAxis {
             YAxis::PromptReplace(v) => {
                 request.prompt = request.prompt.replace(&v[0], &v[row]);
             }
+            // The strength belongs to the cell's picture (see `Cell::strength`).
+            YAxis::Strength(_) => {}
         }
     }
 }
@@ -149,6 +177,10 @@ pub struct ComparisonPlan {
     pub samplers: Vec<Sampler>,
     /// The rows.
     pub y: YAxis,
+    /// For a comparison of image to image or inpainting: how the picture is worked on (the
+    /// picture itself is the job's; each cell of the gallery keeps it).
+    #[serde(default)]
+    pub image_options: Option<ImageOptions>,
 }
 
 /// One cell: where it sits and what it generates.
@@ -160,6 +192,21 @@ pub struct Cell {
     pub column: usize,
     /// The job's parameters.
     pub request: GenerationRequest,
+    /// Its picture's denoising strength, when the plan works on a picture.
+    pub strength: Option<f64>,
+}
+
+impl Cell {
+    /// The model evaluations the cell makes: its sampler's for the steps it runs (all of them,
+    /// or for a picture the share its strength repaints, as diffusers' `get_timesteps` counts).
+    pub fn model_evaluations(&self) -> usize {
+        let steps = match self.strength {
+            Some(strength) => ((self.request.steps as f64 * strength) as usize)
+                .clamp(1, self.request.steps.max(1)),
+            None => self.request.steps,
+        };
+        self.request.scheduler.model_evaluations(steps)
+    }
 }
 
 /// What a finished cell reports.
@@ -182,13 +229,30 @@ pub fn new_comparison_id() -> String {
 }
 
 impl ComparisonPlan {
-    /// Checks and builds a plan; `id` must be unique ([`new_comparison_id`]).
+    /// Checks and builds a plan of text to image; `id` must be unique ([`new_comparison_id`]).
     pub fn new(
         id: String,
         base: GenerationRequest,
         samplers: Vec<Sampler>,
         y: YAxis,
     ) -> Result<Self, String> {
+        Self::with_picture(id, base, samplers, y, None)
+    }
+
+    /// Checks and builds a plan whose cells work on a picture (image to image, inpainting)
+    /// worked on as `image_options` say, or of text to image without them.
+    pub fn with_picture(
+        id: String,
+        base: GenerationRequest,
+        samplers: Vec<Sampler>,
+        y: YAxis,
+        image_options: Option<ImageOptions>,
+    ) -> Result<Self, String> {
+        if matches!(y, YAxis::Strength(_)) && image_options.is_none() {
+            return Err(
+                "denoising strength rows need a picture: open one on the Studio tab first".into(),
+            );
+        }
         if samplers.is_empty() {
             return Err("choose at least one sampler".into());
         }
@@ -213,6 +277,7 @@ impl ComparisonPlan {
             base,
             samplers,
             y,
+            image_options,
         })
     }
 
@@ -239,10 +304,14 @@ impl ComparisonPlan {
                     request.eta = 0.0;
                 }
                 self.y.apply(row, &mut request);
+                let strength = self
+                    .image_options
+                    .map(|options| self.y.strength(row).unwrap_or(options.strength));
                 cells.push(Cell {
                     row,
                     column,
                     request,
+                    strength,
                 });
             }
         }

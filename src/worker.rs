@@ -9,10 +9,9 @@ use std::thread::JoinHandle;
 use image::RgbImage;
 
 use crate::engine::EngineError;
-use crate::engine::init_image::{ResizeMode, fit_init_image, image_to_tensor};
 use crate::engine::pipeline::{
-    DeviceChoice, GenerationRequest, JobInput, LoadOptions, ModelFamily, PreviewOptions,
-    StableDiffusion, Timings,
+    DeviceChoice, GenerationRequest, HiresFix, ImageJob, JobParts, LoadOptions, ModelFamily,
+    PreviewOptions, StableDiffusion, Timings,
 };
 use crate::engine::source::{LoadProgress, LoadProgressFn, ModelSource};
 
@@ -36,18 +35,11 @@ pub struct Job {
     pub preview: PreviewOptions,
     /// Set by the UI to stop the job within one step.
     pub cancel: Arc<AtomicBool>,
-    /// Image to image: the picture to start from, or `None` for text to image.
-    pub init: Option<InitImage>,
-}
-
-/// The picture an image-to-image job starts from (shared, not copied, between the window and
-/// the engine).
-#[derive(Debug, Clone)]
-pub struct InitImage {
-    /// The picture, any size: it is stretched to the job's size.
-    pub image: Arc<RgbImage>,
-    /// How much of it is repainted, above 0 to 1.
-    pub strength: f64,
+    /// The picture to work on (image to image, inpainting, outpainting; shared, not copied,
+    /// between the window and the engine), or `None` for text to image.
+    pub image: Option<ImageJob>,
+    /// The hires fix's second pass (text to image only).
+    pub hires: Option<HiresFix>,
 }
 
 /// What the UI asks for.
@@ -60,7 +52,7 @@ pub enum Command {
         device: DeviceChoice,
     },
     /// Run a job.
-    Generate(Job),
+    Generate(Box<Job>),
 }
 
 /// Facts about the loaded model that the UI shows.
@@ -132,6 +124,8 @@ pub struct JobOutput {
     pub timings: Timings,
     /// Things the artist should know.
     pub warnings: Vec<String>,
+    /// The last pass's parameters (a hires fix's size and steps).
+    pub final_request: GenerationRequest,
 }
 
 /// One step's news, as the engine reports it.
@@ -245,45 +239,28 @@ impl Engine for DiffusionEngine {
         let model = self.model.as_ref().ok_or_else(|| {
             EngineError::InvalidParameter("no model is loaded; choose one first".into())
         })?;
-        let pixels = match &job.init {
-            Some(init) => {
-                let (width, height) = (job.request.width as u32, job.request.height as u32);
-                let fitted = fit_init_image(&init.image, width, height, ResizeMode::JustResize);
-                Some(image_to_tensor(&fitted, &candle_core::Device::Cpu)?)
-            }
-            None => None,
+        let parts = JobParts {
+            image: job.image.as_ref(),
+            hires: job.hires.as_ref(),
+            noise: None,
         };
-        let input = match (&pixels, &job.init) {
-            (Some(pixels), Some(init)) => JobInput::Image {
-                pixels,
-                strength: init.strength,
-                sample_noise: None,
-                noise: None,
-            },
-            _ => JobInput::Text { init_noise: None },
-        };
-        let output = model.generate_with(
-            &job.request,
-            &input,
-            job.preview,
-            &job.cancel,
-            &mut |step| {
-                let preview = match step.vae_preview {
-                    Some(image) => Some(image),
-                    None => model.preview(step.predicted_latents).ok(),
-                };
-                on_step(StepUpdate {
-                    steps_done: step.step_index + 1,
-                    total_steps: step.total_steps,
-                    elapsed_secs: step.elapsed_secs,
-                    preview: preview.map(downsample),
-                });
-            },
-        )?;
+        let result = model.run_job(&job.request, parts, job.preview, &job.cancel, &mut |step| {
+            let preview = match step.vae_preview {
+                Some(image) => Some(image),
+                None => model.preview(step.predicted_latents).ok(),
+            };
+            on_step(StepUpdate {
+                steps_done: step.step_index + 1,
+                total_steps: step.total_steps,
+                elapsed_secs: step.elapsed_secs,
+                preview: preview.map(downsample),
+            });
+        })?;
         Ok(JobOutput {
-            images: output.images,
-            timings: output.timings,
-            warnings: output.warnings,
+            images: result.output.images,
+            timings: result.output.timings,
+            warnings: result.output.warnings,
+            final_request: result.final_request,
         })
     }
 }

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use atelier::engine::EngineError;
-use atelier::engine::pipeline::{DeviceChoice, GenerationRequest, ModelFamily, Timings};
+use atelier::engine::pipeline::{
+    DeviceChoice, GenerationRequest, HiresFix, ImageJob, ModelFamily, Timings,
+};
 use atelier::engine::source::{LoadProgress, LoadProgressFn};
 use atelier::ui::settings::Settings;
 use atelier::ui::{AtelierApp, ModelState};
@@ -24,6 +26,10 @@ struct Seen {
     jobs: Vec<GenerationRequest>,
     /// Each job's init image size and strength (image to image), `None` for text to image.
     inits: Vec<Option<((u32, u32), f64)>>,
+    /// Each job's picture, mask and settings.
+    images: Vec<Option<ImageJob>>,
+    /// Each job's hires fix.
+    hires: Vec<Option<HiresFix>>,
 }
 
 /// An engine that records its jobs and advances one step per token the test sends.
@@ -74,10 +80,12 @@ impl Engine for FakeEngine {
             let mut seen = self.seen.lock().unwrap();
             seen.jobs.push(job.request.clone());
             seen.inits.push(
-                job.init
+                job.image
                     .as_ref()
-                    .map(|init| (init.image.dimensions(), init.strength)),
+                    .map(|image| (image.image.dimensions(), image.options.strength)),
             );
+            seen.images.push(job.image.clone());
+            seen.hires.push(job.hires);
         }
         if let Some(message) = &self.fail_generate {
             return Err(EngineError::InvalidParameter(message.clone()));
@@ -105,7 +113,11 @@ impl Engine for FakeEngine {
                 preview: Some(RgbImage::from_pixel(64, 64, Rgb([shade, 90, 160]))),
             });
         }
-        let (w, h) = (job.request.width as u32, job.request.height as u32);
+        let final_request = match &job.hires {
+            Some(hires) => hires.second_request(&job.request, 8),
+            None => job.request.clone(),
+        };
+        let (w, h) = (final_request.width as u32, final_request.height as u32);
         Ok(JobOutput {
             images: vec![RgbImage::from_fn(w, h, |x, y| {
                 Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 140])
@@ -116,6 +128,7 @@ impl Engine for FakeEngine {
                 ..Default::default()
             },
             warnings: Vec::new(),
+            final_request,
         })
     }
 }
@@ -865,7 +878,7 @@ fn image_to_image_from_a_file_or_from_the_result() {
         f.app().init_image.as_ref().unwrap().image.dimensions(),
         (40, 30)
     );
-    assert_eq!(f.app().settings.strength, 0.4);
+    assert_eq!(f.app().settings.image_options.strength, 0.4);
     // A file that is not a picture says so.
     let bad = outside.path().join("notes.png");
     std::fs::write(&bad, "not a picture").unwrap();

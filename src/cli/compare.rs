@@ -8,7 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::compare::{CellResult, ComparisonPlan, GridRecord, YAxis, render_grid, save_grid};
-use crate::engine::pipeline::{GenerationRequest, PreviewOptions};
+use crate::engine::pipeline::{GenerationRequest, ImageJob, JobParts, PreviewOptions};
 use crate::gallery::library::{Library, now_unix};
 use crate::gallery::record::{ComparisonRef, ImageMetadata};
 use crate::schedulers::Sampler;
@@ -49,6 +49,12 @@ pub struct CompareArgs {
     /// cpu, cuda, metal or auto.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Image to image or inpainting: the picture (and mask) every cell works on.
+    #[command(flatten)]
+    pub image: super::modes::ImageInputArgs,
+    /// With --init-image: denoising strengths down the rows (comma-separated).
+    #[arg(long)]
+    pub strengths: Option<String>,
     /// Also save every cell into the gallery at this library folder, as one comparison.
     #[arg(long)]
     pub library: Option<PathBuf>,
@@ -66,7 +72,11 @@ fn comma_list(text: &str) -> Vec<&str> {
 
 /// The base request and the Y axis from the arguments: at most one option may list several
 /// values.
-fn plan_from_args(args: &CompareArgs, native: usize) -> anyhow::Result<ComparisonPlan> {
+fn plan_from_args(
+    args: &CompareArgs,
+    (width, height): (usize, usize),
+    image: Option<&ImageJob>,
+) -> anyhow::Result<ComparisonPlan> {
     let samplers = comma_list(&args.scheduler)
         .into_iter()
         .map(Sampler::parse)
@@ -83,8 +93,8 @@ fn plan_from_args(args: &CompareArgs, native: usize) -> anyhow::Result<Compariso
     let mut base = GenerationRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        width: args.width.unwrap_or(native),
-        height: args.height.unwrap_or(native),
+        width: args.width.unwrap_or(width),
+        height: args.height.unwrap_or(height),
         ..Default::default()
     };
     let mut y = YAxis::None;
@@ -110,8 +120,17 @@ fn plan_from_args(args: &CompareArgs, native: usize) -> anyhow::Result<Compariso
     if let Some(replacements) = &args.prompt_sr {
         set_y(YAxis::parse("prompt", replacements).map_err(anyhow::Error::msg)?)?;
     }
-    ComparisonPlan::new(crate::compare::new_comparison_id(), base, samplers, y)
-        .map_err(anyhow::Error::msg)
+    if let Some(strengths) = &args.strengths {
+        set_y(YAxis::parse("strength", strengths).map_err(anyhow::Error::msg)?)?;
+    }
+    ComparisonPlan::with_picture(
+        crate::compare::new_comparison_id(),
+        base,
+        samplers,
+        y,
+        image.map(|image| image.options),
+    )
+    .map_err(anyhow::Error::msg)
 }
 
 /// Runs `atelier compare`.
@@ -135,8 +154,40 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let image = args.image.load()?;
+    if args.strengths.is_some() && image.is_none() {
+        bail!("--strengths needs --init-image (the picture every cell works on)");
+    }
     let model = super::generate::load_model(&args.model, &args.device)?;
-    let plan = plan_from_args(&args, model.native_size().unwrap_or(512))?;
+    let plan = plan_from_args(
+        &args,
+        model.default_size_for(image.as_ref()),
+        image.as_ref(),
+    )?;
+    // The picture of each row's strength, checked before any cell runs.
+    let cell_images = plan
+        .cells()
+        .iter()
+        .map(|cell| match (&image, cell.strength) {
+            (Some(image), Some(strength)) => image.with_strength(strength).map(Some),
+            _ => Ok(None),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let stored_inputs = match (&library, &image) {
+        (Some(library), Some(image)) => {
+            let picture = library.store_input(&image::DynamicImage::ImageRgb8(
+                image.image.as_ref().clone(),
+            ))?;
+            let mask = match &image.mask {
+                Some(mask) => Some(
+                    library.store_input(&image::DynamicImage::ImageLuma8(mask.as_ref().clone()))?,
+                ),
+                None => None,
+            };
+            Some((picture, mask))
+        }
+        _ => None,
+    };
     let cells = plan.cells();
     for cell in &cells {
         model.validate(&cell.request)?;
@@ -146,10 +197,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         Some(_) => crate::gallery::worker::file_hash(model.unet_weights()).ok(),
         None => None,
     };
-    let total_evals: usize = cells
-        .iter()
-        .map(|c| c.request.scheduler.model_evaluations(c.request.steps))
-        .sum();
+    let total_evals: usize = cells.iter().map(|c| c.model_evaluations()).sum();
     eprintln!(
         "{} cells ({} x {}), {total_evals} model evaluations, on {}",
         cells.len(),
@@ -165,20 +213,26 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     let cancel = AtomicBool::new(false);
     let mut images = Vec::new();
     let mut results = Vec::new();
-    for cell in &cells {
+    for (cell, cell_image) in cells.iter().zip(&cell_images) {
         let done_before = bar.position();
         bar.set_message(format!(
             "{} · {}",
             plan.column_label(cell.column),
             plan.y.label(cell.row)
         ));
-        let output = model.generate(
-            &cell.request,
-            None,
-            PreviewOptions::default(),
-            &cancel,
-            &mut |step| bar.set_position(done_before + step.step_index as u64 + 1),
-        )?;
+        let parts = JobParts {
+            image: cell_image.as_ref(),
+            ..Default::default()
+        };
+        let output = model
+            .run_job(
+                &cell.request,
+                parts,
+                PreviewOptions::default(),
+                &cancel,
+                &mut |step| bar.set_position(done_before + step.step_index as u64 + 1),
+            )?
+            .output;
         let image = output
             .images
             .into_iter()
@@ -186,7 +240,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
             .context("the engine returned no image")?;
         let result = CellResult {
             total_secs: output.timings.total_secs,
-            model_evaluations: cell.request.scheduler.model_evaluations(cell.request.steps),
+            model_evaluations: cell.model_evaluations(),
         };
         if let Some(library) = &mut library {
             let mut metadata = ImageMetadata::for_generation(
@@ -196,6 +250,11 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
                 output.timings,
                 now_unix(),
             );
+            metadata.set_modes(cell_image.as_ref(), None);
+            if let Some((picture, mask)) = &stored_inputs {
+                metadata.init_image = Some(picture.clone());
+                metadata.mask_image = mask.clone();
+            }
             metadata.comparison = Some(ComparisonRef {
                 id: plan.id.clone(),
                 row: cell.row,

@@ -38,11 +38,20 @@ impl ResizeMode {
         }
     }
 
-    /// Parses a CLI id; the error lists the valid ones.
+    /// A1111's name ("Crop and resize").
+    pub fn display_name(self) -> &'static str {
+        match self {
+            ResizeMode::JustResize => "Just resize",
+            ResizeMode::CropAndResize => "Crop and resize",
+            ResizeMode::ResizeAndFill => "Resize and fill",
+        }
+    }
+
+    /// Parses a CLI id or A1111's name; the error lists the valid ids.
     pub fn parse(id: &str) -> Result<Self> {
         Self::ALL
             .into_iter()
-            .find(|mode| mode.id() == id)
+            .find(|mode| mode.id() == id || mode.display_name().eq_ignore_ascii_case(id))
             .ok_or_else(|| {
                 EngineError::InvalidParameter(format!(
                     "unknown resize mode {id:?}; one of {}",
@@ -256,9 +265,11 @@ impl MaskedContent {
         }
     }
 
-    /// Parses a CLI id; the error lists the valid ones.
+    /// Parses a CLI id or A1111's name; the error lists the valid ids.
     pub fn parse(id: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|m| m.id() == id).ok_or_else(|| {
+        let id = id.trim();
+        let known = |m: &MaskedContent| m.id() == id || m.display_name().eq_ignore_ascii_case(id);
+        Self::ALL.into_iter().find(known).ok_or_else(|| {
             EngineError::InvalidParameter(format!(
                 "unknown masked content {id:?}; one of {}",
                 Self::ALL.map(MaskedContent::id).join(", ")
@@ -432,9 +443,11 @@ impl HiresUpscaler {
         }
     }
 
-    /// Parses a CLI id; the error lists the valid ones.
+    /// Parses a CLI id or A1111's name; the error lists the valid ids.
     pub fn parse(id: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|u| u.id() == id).ok_or_else(|| {
+        let id = id.trim();
+        let known = |u: &HiresUpscaler| u.id() == id || u.display_name().eq_ignore_ascii_case(id);
+        Self::ALL.into_iter().find(known).ok_or_else(|| {
             EngineError::InvalidParameter(format!(
                 "unknown hires upscaler {id:?}; one of {}",
                 Self::ALL.map(HiresUpscaler::id).join(", ")

@@ -332,19 +332,23 @@ impl Library {
     /// Keeps a picture that a job started from (an init image or a mask) in the library's
     /// `.atelier/inputs`, named by the SHA-256 of its size and pixels, so that ten variations of
     /// one photo store it once; returns that name (see [`Library::input_path`]).
-    pub fn store_input(&self, image: &RgbImage) -> Result<String> {
+    pub fn store_input(&self, image: &image::DynamicImage) -> Result<String> {
         use sha2::{Digest, Sha256};
         self.check_writable()?;
         let mut hasher = Sha256::new();
         hasher.update(image.width().to_le_bytes());
         hasher.update(image.height().to_le_bytes());
-        hasher.update(image.as_raw());
+        if !matches!(image, image::DynamicImage::ImageRgb8(_)) {
+            // Other kinds of pixels (a mask's grey) never share a name with a colour picture.
+            hasher.update(format!("{:?}", image.color()).as_bytes());
+        }
+        hasher.update(image.as_bytes());
         let name = format!("{}.png", &hex::encode(hasher.finalize())[..32]);
         let path = self.input_path(&name);
         if !path.is_file() {
             let folder = self.root.join(".atelier").join("inputs");
             std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
-            write_png(&path, image, &[])?;
+            write_png_any(&path, image)?;
         }
         Ok(name)
     }
@@ -577,6 +581,24 @@ impl Library {
         }
         Ok(())
     }
+}
+
+/// Writes a picture of any kind of pixels as a PNG under a temporary name, then renames it.
+fn write_png_any(path: &Path, image: &image::DynamicImage) -> Result<()> {
+    let temp = path.with_extension("png.partial");
+    image
+        .save_with_format(&temp, image::ImageFormat::Png)
+        .map_err(|error| GalleryError::Io {
+            path: temp.display().to_string(),
+            error: std::io::Error::other(error.to_string()),
+        })?;
+    std::fs::rename(&temp, path).map_err(|error| {
+        let _ = std::fs::remove_file(&temp);
+        GalleryError::Io {
+            path: path.display().to_string(),
+            error,
+        }
+    })
 }
 
 /// Where the stored input `name` of the library at `root` lives (names are our own hashes: a

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::import;
 use super::metadata::{A1111Parameters, PARAMETERS_KEYWORD};
-use crate::engine::pipeline::{GenerationRequest, Timings};
+use crate::engine::init_image::{HiresUpscaler, MaskedContent};
+use crate::engine::pipeline::{GenerationRequest, HiresFix, ImageJob, ImageOptions, Timings};
 use crate::schedulers::{Sampler, SchedulerKind, SigmaSchedule};
 
 /// The PNG text keyword of Atelier's own JSON metadata.
@@ -121,6 +122,17 @@ pub struct ImageMetadata {
     /// Image to image: the picture it started from, kept in the library's inputs (a name for
     /// `Library::input_path`).
     pub init_image: Option<String>,
+    /// Inpainting: the mask it used, kept in the library's inputs like the init image.
+    pub mask_image: Option<String>,
+    /// Whether a masked region was repainted (inpainting or outpainting) rather than the whole
+    /// picture.
+    pub inpainted: bool,
+    /// How the init picture was worked on (resize mode, mask blur, masked content, "only
+    /// masked", outpainting); `None` for text to image.
+    pub image_options: Option<ImageOptions>,
+    /// The hires fix's second pass, if it had one (the size and steps above are the first
+    /// pass's, as A1111 writes them).
+    pub hires: Option<HiresFix>,
 }
 
 /// Where an image sits in a comparison grid.
@@ -168,7 +180,29 @@ impl ImageMetadata {
             comparison: None,
             denoising_strength: None,
             init_image: None,
+            mask_image: None,
+            inpainted: false,
+            image_options: None,
+            hires: None,
         }
+    }
+
+    /// Records a job's modes: the picture's settings (the stored picture and mask are named by
+    /// the library when it keeps them) and the hires fix.
+    pub fn set_modes(&mut self, image: Option<&ImageJob>, hires: Option<&HiresFix>) {
+        self.image_options = image.map(|image| image.options);
+        self.inpainted = image.is_some_and(ImageJob::is_inpainting);
+        self.hires = hires.copied();
+        self.denoising_strength = match (image, hires) {
+            (Some(image), _) => Some(image.options.strength),
+            (None, Some(hires)) => Some(hires.strength),
+            (None, None) => None,
+        };
+    }
+
+    /// Whether the image repainted a masked region (a mask, or outpainting).
+    pub fn is_inpainting(&self) -> bool {
+        self.inpainted
     }
 
     /// Our sampler, if the scheduler names one we know.
@@ -206,9 +240,19 @@ impl ImageMetadata {
             pairs.push(("Seed".into(), seed.to_string()));
         }
         pairs.push(("Size".into(), format!("{}x{}", self.width, self.height)));
-        if let Some(strength) = self.denoising_strength {
-            pairs.push(("Denoising strength".into(), strength.to_string()));
+        let mut modes = A1111Parameters::default();
+        match (&self.image_options, &self.hires) {
+            (Some(options), _) => modes.push_image_options(options, self.is_inpainting()),
+            (None, Some(hires)) => modes.push_hires(hires, self.steps.unwrap_or_default()),
+            (None, None) => {
+                if let Some(strength) = self.denoising_strength {
+                    modes
+                        .pairs
+                        .push(("Denoising strength".into(), strength.to_string()));
+                }
+            }
         }
+        pairs.extend(modes.pairs);
         if let Some(hash) = &self.model_hash {
             pairs.push(("Model hash".into(), hash.clone()));
         }
@@ -273,6 +317,10 @@ impl ImageMetadata {
             comparison: None,
             denoising_strength: number("Denoising strength"),
             init_image: None,
+            mask_image: None,
+            inpainted: parameters.get("Mask blur").is_some(),
+            image_options: image_options_from_a1111(parameters),
+            hires: hires_from_a1111(parameters),
         }
     }
 
@@ -339,6 +387,63 @@ impl ImageMetadata {
         request.eta = self.eta.unwrap_or(0.0);
         skipped
     }
+}
+
+/// The inpainting settings A1111's img2img infotext records (`Mask blur`, `Masked content`,
+/// `Inpaint area`, `Masked area padding`), with its denoising strength; `None` when it has
+/// neither a mask blur nor a hires fix's keys but a strength (plain img2img) or nothing.
+fn image_options_from_a1111(parameters: &A1111Parameters) -> Option<ImageOptions> {
+    let number = |key: &str| {
+        parameters
+            .get(key)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    if parameters.get("Hires upscale").is_some() {
+        return None;
+    }
+    let strength = number("Denoising strength")?;
+    let mut options = ImageOptions {
+        strength,
+        ..ImageOptions::default()
+    };
+    if let Some(blur) = number("Mask blur") {
+        options.mask_blur = blur as f32;
+    }
+    if let Some(content) = parameters.get("Masked content")
+        && let Ok(content) = MaskedContent::parse(content)
+    {
+        options.masked_content = content;
+    }
+    if parameters
+        .get("Inpaint area")
+        .is_some_and(|area| area.trim().eq_ignore_ascii_case("Only masked"))
+    {
+        options.only_masked_padding = Some(number("Masked area padding").unwrap_or(32.0) as u32);
+    }
+    Some(options)
+}
+
+/// A1111's hires fix keys (`Hires upscale`, `Hires steps`, `Hires upscaler`, with the denoising
+/// strength).
+fn hires_from_a1111(parameters: &A1111Parameters) -> Option<HiresFix> {
+    let number = |key: &str| {
+        parameters
+            .get(key)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let scale = number("Hires upscale")?;
+    Some(HiresFix {
+        scale,
+        strength: number("Denoising strength").unwrap_or(0.7),
+        steps: number("Hires steps")
+            .filter(|steps| *steps >= 1.0)
+            .map(|steps| steps as usize),
+        // Other upscalers (ESRGAN models) are not ours: Lanczos is the nearest image upscale.
+        upscaler: parameters
+            .get("Hires upscaler")
+            .and_then(|name| HiresUpscaler::parse(name).ok())
+            .unwrap_or(HiresUpscaler::Lanczos),
+    })
 }
 
 /// Our sampler for an A1111 sampler name (`DPM++ 2M`, or the older `DPM++ 2M Karras`) and

@@ -31,8 +31,8 @@ pub enum GalleryCommand {
         metadata: Box<ImageMetadata>,
         /// The model's UNet weights, for the model hash.
         weights: Option<PathBuf>,
-        /// The picture the job started from (image to image), kept with it.
-        init: Option<std::sync::Arc<RgbImage>>,
+        /// The picture (and mask) the job worked on, kept with it.
+        input: Option<crate::engine::pipeline::ImageJob>,
     },
     /// Run a search.
     Search(GalleryQuery),
@@ -271,14 +271,22 @@ impl GalleryThread {
                 image,
                 mut metadata,
                 weights,
-                init,
+                input,
             } => {
-                if let Some(init) = init {
-                    let stored = self
-                        .library()?
-                        .store_input(&init)
+                if let Some(input) = input {
+                    let library = self.library()?;
+                    let stored = library
+                        .store_input(&image::DynamicImage::ImageRgb8(
+                            input.image.as_ref().clone(),
+                        ))
                         .map_err(|e| format!("the init image could not be kept: {e}"))?;
                     metadata.init_image = Some(stored);
+                    if let Some(mask) = &input.mask {
+                        let stored = library
+                            .store_input(&image::DynamicImage::ImageLuma8(mask.as_ref().clone()))
+                            .map_err(|e| format!("the mask could not be kept: {e}"))?;
+                        metadata.mask_image = Some(stored);
+                    }
                 }
                 if let Some(weights) = weights {
                     if !self.hashes.contains_key(&weights)

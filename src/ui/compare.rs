@@ -26,15 +26,18 @@ pub enum RowKind {
     Seeds,
     /// Prompt search and replace.
     PromptReplace,
+    /// Denoising strength (with a picture on the Studio tab).
+    Strength,
 }
 
 impl RowKind {
-    const ALL: [RowKind; 5] = [
+    const ALL: [RowKind; 6] = [
         RowKind::None,
         RowKind::Steps,
         RowKind::Guidance,
         RowKind::Seeds,
         RowKind::PromptReplace,
+        RowKind::Strength,
     ];
 
     fn label(self) -> &'static str {
@@ -44,6 +47,7 @@ impl RowKind {
             RowKind::Guidance => "Guidance",
             RowKind::Seeds => "Seeds",
             RowKind::PromptReplace => "Prompt S/R",
+            RowKind::Strength => "Denoising strength",
         }
     }
 
@@ -54,6 +58,7 @@ impl RowKind {
             RowKind::Guidance => "guidance",
             RowKind::Seeds => "seed",
             RowKind::PromptReplace => "prompt",
+            RowKind::Strength => "strength",
         }
     }
 
@@ -64,6 +69,7 @@ impl RowKind {
             RowKind::Guidance => "4, 7, 10",
             RowKind::Seeds => "1, 2, 3",
             RowKind::PromptReplace => "fox, cat, owl (the first is in the prompt)",
+            RowKind::Strength => "0.3, 0.5, 0.7",
         }
     }
 }
@@ -194,6 +200,10 @@ pub fn row_picker(axis: &YAxis) -> (RowKind, String) {
             join(v.iter().map(|x| x.to_string()).collect()),
         ),
         YAxis::PromptReplace(v) => (RowKind::PromptReplace, join(v.clone())),
+        YAxis::Strength(v) => (
+            RowKind::Strength,
+            join(v.iter().map(|x| x.to_string()).collect()),
+        ),
     }
 }
 
@@ -211,11 +221,13 @@ fn pickable_samplers() -> Vec<Sampler> {
 }
 
 /// Draws the Compare tab.
-/// `settings` gives the Studio tab's prompt, seed and size; `model` says whether Run can start.
+/// `settings` gives the Studio tab's prompt, seed and size; `picture` describes the Studio tab's
+/// picture, which every cell then works on; `model` says whether Run can start.
 pub fn compare_ui(
     ui: &mut Ui,
     view: &mut CompareView,
     settings: &Settings,
+    picture: Option<&str>,
     model: &ModelState,
     commands: &mut Vec<UiCommand>,
 ) {
@@ -223,8 +235,9 @@ pub fn compare_ui(
         .resizable(true)
         .default_size(300.0)
         .show(ui, |ui| {
-            egui::ScrollArea::vertical()
-                .show(ui, |ui| controls_ui(ui, view, settings, model, commands));
+            egui::ScrollArea::vertical().show(ui, |ui| {
+                controls_ui(ui, view, settings, picture, model, commands)
+            });
         });
     egui::CentralPanel::default_margins().show(ui, |ui| {
         if view.plan.is_none() {
@@ -246,6 +259,7 @@ fn controls_ui(
     ui: &mut Ui,
     view: &mut CompareView,
     settings: &Settings,
+    picture: Option<&str>,
     model: &ModelState,
     commands: &mut Vec<UiCommand>,
 ) {
@@ -265,6 +279,12 @@ fn controls_ui(
         s.width,
         s.height
     ));
+    match picture {
+        Some(picture) => ui.label(picture),
+        None => ui.weak(
+            "text to image (open a picture on the Studio tab to compare img2img or inpainting)",
+        ),
+    };
     let cells = view.samplers.len() * view.axis().map_or(1, |a| a.len());
     let ready = matches!(model, ModelState::Ready(_));
     ui.add_space(4.0);

@@ -8,8 +8,17 @@ pub(super) enum DialogResult {
     Saved(std::path::PathBuf),
     SaveFailed(String),
     Import(Vec<std::path::PathBuf>),
-    /// A picture for image to image, read (or why not), with its name.
-    InitImage(Result<(image::RgbImage, String), String>),
+    /// A picture for image to image (and maybe its mask), read, or why not.
+    InitImage(Result<LoadedInput, String>),
+    /// A mask file read (at the picture's size), with its name, or why not.
+    Mask(Result<(image::GrayImage, String), String>),
+}
+
+/// A picture read for image to image, with its name, and the mask it was kept with.
+pub(super) struct LoadedInput {
+    pub(super) image: image::RgbImage,
+    pub(super) name: String,
+    pub(super) mask: Option<image::GrayImage>,
 }
 
 impl AtelierApp {

@@ -154,15 +154,21 @@ impl AtelierApp {
                 let comparison = self.compare_cell_finished(ctx, id, &output);
                 self.warnings = output.warnings;
                 if let Some(running) = &running {
-                    self.save_to_gallery(running, &output.images, output.timings, comparison);
+                    self.save_to_gallery(
+                        running,
+                        &output.images,
+                        output.timings,
+                        &output.final_request,
+                        comparison,
+                    );
                 }
-                if let (Some(running), Some(image)) = (running, output.images.into_iter().next()) {
+                if let (Some(_), Some(image)) = (running, output.images.into_iter().next()) {
                     let texture =
                         ctx.load_texture("result", color_image(&image), TextureOptions::LINEAR);
                     self.shown = Some(ShownImage {
                         image,
                         texture,
-                        request: running.job.request,
+                        request: output.final_request,
                         model_name: match &self.model {
                             ModelState::Ready(info) => info.name.clone(),
                             _ => String::new(),
@@ -195,6 +201,7 @@ impl AtelierApp {
         running: &RunningJob,
         images: &[RgbImage],
         timings: Timings,
+        final_request: &crate::engine::pipeline::GenerationRequest,
         comparison: Option<crate::gallery::record::ComparisonRef>,
     ) {
         let (model, weights) = match &self.model {
@@ -202,17 +209,23 @@ impl AtelierApp {
             _ => (String::new(), None),
         };
         for (k, image) in images.iter().enumerate() {
-            let mut request = running.job.request.clone();
+            let mut request = final_request.clone();
             request.seed = request.seed.wrapping_add(k as u64);
             let mut metadata =
                 ImageMetadata::for_generation(&request, &model, None, timings, now_unix());
             metadata.comparison = comparison.clone();
-            metadata.denoising_strength = running.job.init.as_ref().map(|init| init.strength);
+            metadata.set_modes(running.job.image.as_ref(), running.job.hires.as_ref());
+            if running.job.hires.is_some() {
+                // Redoing it starts from the first pass's size and steps.
+                metadata.width = running.job.request.width as u32;
+                metadata.height = running.job.request.height as u32;
+                metadata.steps = Some(running.job.request.steps);
+            }
             self.gallery_send(GalleryCommand::Save {
                 image: image.clone(),
                 metadata: Box::new(metadata),
                 weights: weights.clone(),
-                init: running.job.init.as_ref().map(|init| init.image.clone()),
+                input: running.job.image.clone(),
             });
         }
     }
@@ -232,7 +245,14 @@ impl AtelierApp {
                     self.show_error(message, "Choose another folder.")
                 }
                 DialogResult::Import(paths) => self.gallery_send(GalleryCommand::Import(paths)),
-                DialogResult::InitImage(Ok((image, name))) => self.set_init_image(ctx, image, name),
+                DialogResult::InitImage(Ok(input)) => {
+                    self.set_init_image(ctx, input.image, input.name, input.mask)
+                }
+                DialogResult::Mask(Ok((mask, name))) => self.set_mask(mask, name),
+                DialogResult::Mask(Err(message)) => self.show_error(
+                    message,
+                    "Choose a black-and-white mask, or a picture with transparency.",
+                ),
                 DialogResult::InitImage(Err(message)) => {
                     self.show_error(message, "Choose a PNG or JPEG picture for image to image.")
                 }

@@ -7,6 +7,7 @@ mod controls;
 mod dialogs;
 mod events;
 pub mod gallery;
+pub mod mask_editor;
 pub mod queue;
 pub mod settings;
 
@@ -115,6 +116,25 @@ pub enum UiCommand {
     UseResultAsInit,
     /// Back to text to image.
     ClearInitImage,
+    /// Start from a picture and mask kept in the library (a gallery image's inputs).
+    RestoreInput {
+        /// The picture.
+        image: std::path::PathBuf,
+        /// The mask, if it had one.
+        mask: Option<std::path::PathBuf>,
+    },
+    /// Show the mask painter over the picture (a blank mask if there is none).
+    OpenMaskEditor,
+    /// Back from the mask painter to the image.
+    CloseMaskEditor,
+    /// Ask for a mask file (black and white, or a picture with transparency).
+    OpenMaskFile,
+    /// Use this file as the mask.
+    SetMaskFile(std::path::PathBuf),
+    /// Drop the mask: image to image again.
+    RemoveMask,
+    /// Set the job's size to the picture's (rounded to what the model takes).
+    UsePictureSize,
 }
 
 /// Where the model stands.
@@ -173,6 +193,8 @@ pub struct InitImageView {
     pub texture: TextureHandle,
     /// Its file name, or what it was.
     pub name: String,
+    /// The mask painted (or read) over it: inpainting.
+    pub mask: Option<mask_editor::MaskLayer>,
 }
 
 /// UI-thread CPU time per frame (eframe's `cpu_usage`: ui, tessellation and rendering), for the
@@ -265,6 +287,8 @@ pub struct AtelierApp {
     pub compare: CompareView,
     /// Image to image: the picture to start from.
     pub init_image: Option<InitImageView>,
+    /// The mask painter's tools and view.
+    pub mask_editor: mask_editor::MaskEditorView,
     gallery_handle: Option<GalleryHandle>,
     last_gallery_query: Option<crate::gallery::library::GalleryQuery>,
     next_job_id: JobId,
@@ -302,6 +326,7 @@ impl AtelierApp {
             gallery: GalleryView::default(),
             compare: CompareView::default(),
             init_image: None,
+            mask_editor: Default::default(),
             gallery_handle: Some(gallery_handle),
             last_gallery_query: None,
             next_job_id: 1,
@@ -392,6 +417,23 @@ impl AtelierApp {
         }
     }
 
+    /// What the Studio tab's picture is for: "Inpainting of photo.png, strength 0.6".
+    pub fn picture_summary(&self) -> Option<String> {
+        let init = self.init_image.as_ref()?;
+        let options = &self.settings.image_options;
+        let mode = if init.mask.is_some() {
+            "Inpainting"
+        } else if options.outpaint.is_some() {
+            "Outpainting"
+        } else {
+            "Image to image"
+        };
+        Some(format!(
+            "{mode} of {}, strength {}",
+            init.name, options.strength
+        ))
+    }
+
     /// Applies a command as a click would (for tests that cannot drag and drop files).
     pub fn apply_for_test(&mut self, command: UiCommand) {
         let ctx = egui::Context::default();
@@ -425,8 +467,16 @@ impl AtelierApp {
             .resizable(true)
             .default_size(220.0)
             .show(ui, |ui| queue::queue_ui(ui, studio.queue, commands));
-        egui::CentralPanel::default_margins()
-            .show(ui, |ui| canvas::canvas_ui(ui, settings, &studio, commands));
+        let init_image = &mut self.init_image;
+        let mask_editor = &mut self.mask_editor;
+        egui::CentralPanel::default_margins().show(ui, |ui| match init_image {
+            Some(init) if mask_editor.open => {
+                if mask_editor::mask_editor_ui(ui, init, mask_editor) {
+                    commands.push(UiCommand::CloseMaskEditor);
+                }
+            }
+            _ => canvas::canvas_ui(ui, settings, &studio, commands),
+        });
     }
 }
 
@@ -510,11 +560,13 @@ impl eframe::App for AtelierApp {
                 });
             }
             Tab::Compare => {
+                let picture = self.picture_summary();
                 egui::CentralPanel::default_margins().show(ui, |ui| {
                     compare::compare_ui(
                         ui,
                         &mut self.compare,
                         &self.settings,
+                        picture.as_deref(),
                         &self.model,
                         &mut commands,
                     )

@@ -124,7 +124,8 @@ mod tests {
             request: Default::default(),
             preview: Default::default(),
             cancel: Arc::new(AtomicBool::new(false)),
-            init: None,
+            image: None,
+            hires: None,
         }
     }
 

@@ -43,8 +43,13 @@ pub struct Settings {
     pub zoom_to_fit: bool,
     /// The gallery's folder (empty: the platform's data directory).
     pub library_dir: String,
-    /// Image to image: how much of the picture is repainted.
-    pub strength: f64,
+    /// How a picture is worked on (strength, resize mode, mask blur, masked content, "only
+    /// masked", outpainting).
+    pub image_options: crate::engine::pipeline::ImageOptions,
+    /// Whether text to image runs the hires fix's second pass.
+    pub hires_enabled: bool,
+    /// The hires fix's settings.
+    pub hires: crate::engine::pipeline::HiresFix,
 }
 
 impl Default for Settings {
@@ -68,7 +73,9 @@ impl Default for Settings {
             vae_preview_every: 0,
             zoom_to_fit: true,
             library_dir: String::new(),
-            strength: 0.75,
+            image_options: Default::default(),
+            hires_enabled: false,
+            hires: Default::default(),
         }
     }
 }

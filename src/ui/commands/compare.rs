@@ -22,10 +22,9 @@ impl AtelierApp {
     ) -> Option<crate::gallery::record::ComparisonRef> {
         let index = self.compare.job_cells.remove(&id)?;
         let plan = self.compare.plan.as_ref()?;
-        let cell_request = &plan.cells()[index].request;
         let result = crate::compare::CellResult {
             total_secs: output.timings.total_secs,
-            model_evaluations: cell_request.scheduler.model_evaluations(cell_request.steps),
+            model_evaluations: plan.cells()[index].model_evaluations(),
         };
         let reference = crate::gallery::record::ComparisonRef {
             id: plan.id.clone(),
@@ -68,11 +67,20 @@ impl AtelierApp {
             }
         };
         let base = self.current_request(self.settings.seed);
-        let plan = match crate::compare::ComparisonPlan::new(
+        // With a picture on the Studio tab, every cell works on it.
+        let image = match self.image_job() {
+            Ok(image) => image,
+            Err(e) => {
+                self.compare.error = Some(e);
+                return;
+            }
+        };
+        let plan = match crate::compare::ComparisonPlan::with_picture(
             crate::compare::new_comparison_id(),
             base,
             self.compare.samplers.clone(),
             axis,
+            image.as_ref().map(|image| image.options),
         ) {
             Ok(plan) => plan,
             Err(e) => {
@@ -80,10 +88,24 @@ impl AtelierApp {
                 return;
             }
         };
-        self.compare.error = None;
         let cells = plan.cells();
+        let cell_images = cells
+            .iter()
+            .map(|cell| match (&image, cell.strength) {
+                (Some(image), Some(strength)) => image.with_strength(strength).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>();
+        let cell_images = match cell_images {
+            Ok(images) => images,
+            Err(e) => {
+                self.compare.error = Some(e.to_string());
+                return;
+            }
+        };
+        self.compare.error = None;
         self.compare.start(plan);
-        for (index, cell) in cells.into_iter().enumerate() {
+        for (index, (cell, image)) in cells.into_iter().zip(cell_images).enumerate() {
             let id = self.next_job_id;
             self.next_job_id += 1;
             self.queue.push(Job {
@@ -93,7 +115,8 @@ impl AtelierApp {
                     vae_decode_every: self.settings.vae_preview_every,
                 },
                 cancel: Arc::new(AtomicBool::new(false)),
-                init: None,
+                image,
+                hires: None,
             });
             self.compare.job_cells.insert(id, index);
         }

@@ -23,29 +23,45 @@ impl AtelierApp {
         s.scheduler = request.scheduler.id().to_string();
         s.sigma_schedule = request.sigmas;
         s.eta = request.eta;
-        if let Some(strength) = entry.metadata.denoising_strength {
-            s.strength = strength.clamp(0.05, 1.0);
+        let metadata = &entry.metadata;
+        // The modes: the picture's settings, or the hires fix (the size and steps above are its
+        // first pass's).
+        if let Some(options) = metadata.image_options {
+            s.image_options = options;
+        } else if let (Some(strength), None) = (metadata.denoising_strength, &metadata.hires) {
+            s.image_options.strength = strength;
         }
-        // The picture it started from, when the library kept it; otherwise text to image.
+        s.image_options.strength = s.image_options.strength.clamp(0.05, 1.0);
+        s.hires_enabled = metadata.hires.is_some();
+        if let Some(hires) = metadata.hires {
+            s.hires = hires;
+        }
+        // The picture (and mask) it started from, when the library kept them; otherwise text
+        // to image.
         let mut skipped = skipped;
-        let init = match (&entry.metadata.init_image, &self.gallery.root) {
-            (Some(name), Some(root)) => {
-                let path = crate::gallery::library::input_path(root, name);
-                if path.is_file() {
-                    Some(path)
-                } else {
-                    skipped.push(format!("its init image {name} (no longer in the library)"));
-                    None
-                }
+        let kept = |name: &Option<String>, what: &str, skipped: &mut Vec<String>| {
+            let (Some(name), Some(root)) = (name, &self.gallery.root) else {
+                return None;
+            };
+            let path = crate::gallery::library::input_path(root, name);
+            if path.is_file() {
+                Some(path)
+            } else {
+                skipped.push(format!("its {what} {name} (no longer in the library)"));
+                None
             }
-            _ => None,
         };
+        let init = kept(&metadata.init_image, "init image", &mut skipped);
+        let mask = kept(&metadata.mask_image, "mask", &mut skipped);
+        if metadata.image_options.is_some() && metadata.init_image.is_none() {
+            skipped.push("its init image (not kept with it: open the picture)".into());
+        }
         self.warnings = skipped
             .into_iter()
             .map(|s| format!("Not used from the gallery image: {s}"))
             .collect();
         match init {
-            Some(path) => self.apply_studio(ctx, UiCommand::SetInitImage(path)),
+            Some(image) => self.apply_studio(ctx, UiCommand::RestoreInput { image, mask }),
             None => self.init_image = None,
         }
         self.tab = Tab::Studio;

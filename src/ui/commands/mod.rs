@@ -13,9 +13,28 @@ impl UiCommand {
     pub fn tab(&self) -> Option<Tab> {
         use UiCommand::*;
         match self {
-            Generate | Cancel | RemoveQueued(_) | MoveQueued(..) | LoadModel(_) | OpenFolder
-            | SaveAs | CopySeed | CopyPrompt | RandomSeed | DismissError | OpenInitImage
-            | SetInitImage(_) | UseResultAsInit | ClearInitImage => Some(Tab::Studio),
+            Generate
+            | Cancel
+            | RemoveQueued(_)
+            | MoveQueued(..)
+            | LoadModel(_)
+            | OpenFolder
+            | SaveAs
+            | CopySeed
+            | CopyPrompt
+            | RandomSeed
+            | DismissError
+            | OpenInitImage
+            | SetInitImage(_)
+            | UseResultAsInit
+            | ClearInitImage
+            | RestoreInput { .. }
+            | OpenMaskEditor
+            | CloseMaskEditor
+            | OpenMaskFile
+            | SetMaskFile(_)
+            | RemoveMask
+            | UsePictureSize => Some(Tab::Studio),
             SelectImage(_) | RequestThumbnail(_) | UseSettings(_) | UseSeed(_)
             | SetFavourite(..) | DeleteImage(_) | UndoDelete | OpenGalleryFolder
             | ExportImage(_) | ImportDialog | ImportFiles(_) | RebuildGallery | OpenLibrary => {

@@ -4,13 +4,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::engine::pipeline::{DeviceChoice, PreviewOptions};
-use crate::ui::dialogs::DialogResult;
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 
+use crate::engine::pipeline::{DeviceChoice, ImageJob, PreviewOptions};
+use crate::ui::dialogs::{DialogResult, LoadedInput};
+use crate::ui::mask_editor::MaskLayer;
 use crate::ui::{AtelierApp, ModelState, RunningJob, UiCommand, random_seed};
 use crate::ui::{InitImageView, color_image};
-use crate::worker::{Command, InitImage, Job, SendError};
+use crate::worker::{Command, Job, SendError};
 
 impl AtelierApp {
     pub(in crate::ui) fn load_model(&mut self, model: String) {
@@ -41,6 +42,17 @@ impl AtelierApp {
             );
             return;
         }
+        let image = match self.image_job() {
+            Ok(image) => image,
+            Err(message) => {
+                self.show_error(
+                    message,
+                    "Paint the mask (or remove it), or adjust the image settings.",
+                );
+                return;
+            }
+        };
+        let hires = (self.settings.hires_enabled && image.is_none()).then_some(self.settings.hires);
         if !self.settings.seed_locked {
             self.settings.seed = random_seed();
         }
@@ -54,10 +66,8 @@ impl AtelierApp {
                     vae_decode_every: self.settings.vae_preview_every,
                 },
                 cancel: Arc::new(AtomicBool::new(false)),
-                init: self.init_image.as_ref().map(|init| InitImage {
-                    image: init.image.clone(),
-                    strength: self.settings.strength,
-                }),
+                image: image.clone(),
+                hires,
             };
             if k == 0 && self.running.is_none() && self.queue.is_empty() {
                 self.generate_pressed_at = Some((id, Instant::now()));
@@ -65,6 +75,30 @@ impl AtelierApp {
             self.queue.push(job);
         }
         self.error = None;
+    }
+
+    /// The picture the panels describe, checked (an empty mask is refused here, before any
+    /// job is queued); `None` for text to image.
+    pub(in crate::ui) fn image_job(&self) -> Result<Option<ImageJob>, String> {
+        let Some(init) = &self.init_image else {
+            return Ok(None);
+        };
+        let mut options = self.settings.image_options;
+        let mask = init
+            .mask
+            .as_ref()
+            .map(|layer| Arc::new(layer.mask().clone()));
+        if mask.is_some() {
+            // Outpainting makes its own mask; the controls offer one or the other.
+            options.outpaint = None;
+        } else if options.outpaint.is_none() {
+            // Image to image: the inpainting settings wait for a mask.
+            options.only_masked_padding = None;
+            options.masked_content = Default::default();
+        }
+        ImageJob::new(init.image.clone(), mask, options)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     pub(in crate::ui) fn cancel(&mut self) {
@@ -82,7 +116,7 @@ impl AtelierApp {
             return;
         };
         let total_steps = job.request.scheduler.model_evaluations(job.request.steps);
-        match self.worker.send(Command::Generate(job.clone())) {
+        match self.worker.send(Command::Generate(Box::new(job.clone()))) {
             Ok(()) => {
                 self.running = Some(RunningJob {
                     job,
@@ -144,42 +178,153 @@ impl AtelierApp {
                     .set_title("Choose a picture to start from")
                     .add_filter("Image", &["png", "jpg", "jpeg"])
                     .pick_file()?;
-                Some(DialogResult::InitImage(load_init_image(&path)))
+                Some(DialogResult::InitImage(load_input(&path, None)))
             }),
             UiCommand::SetInitImage(path) => self.spawn_dialog(ctx, "load-image", move || {
-                Some(DialogResult::InitImage(load_init_image(&path)))
+                Some(DialogResult::InitImage(load_input(&path, None)))
             }),
             UiCommand::UseResultAsInit => {
                 if let Some(shown) = &self.shown {
                     let name = format!("result (seed {})", shown.request.seed);
                     let image = shown.image.clone();
-                    self.set_init_image(ctx, image, name);
+                    self.set_init_image(ctx, image, name, None);
                 }
             }
-            UiCommand::ClearInitImage => self.init_image = None,
+            UiCommand::ClearInitImage => {
+                self.init_image = None;
+                self.mask_editor.open = false;
+            }
+            UiCommand::RestoreInput { image, mask } => {
+                self.spawn_dialog(ctx, "load-image", move || {
+                    Some(DialogResult::InitImage(load_input(&image, mask.as_deref())))
+                })
+            }
+            UiCommand::OpenMaskEditor => {
+                if let Some(init) = &mut self.init_image {
+                    let (width, height) = init.image.dimensions();
+                    init.mask
+                        .get_or_insert_with(|| MaskLayer::blank(width, height));
+                    self.settings.image_options.outpaint = None;
+                    self.mask_editor.open = true;
+                }
+            }
+            UiCommand::CloseMaskEditor => self.mask_editor.open = false,
+            UiCommand::OpenMaskFile => {
+                let Some(size) = self.init_image.as_ref().map(|i| i.image.dimensions()) else {
+                    return;
+                };
+                self.spawn_dialog(ctx, "open-mask", move || {
+                    let path = rfd::FileDialog::new()
+                        .set_title("Choose a mask (white or transparent: repaint)")
+                        .add_filter("Image", &["png", "jpg", "jpeg"])
+                        .pick_file()?;
+                    Some(DialogResult::Mask(load_mask(&path, size)))
+                })
+            }
+            UiCommand::SetMaskFile(path) => {
+                let Some(size) = self.init_image.as_ref().map(|i| i.image.dimensions()) else {
+                    return;
+                };
+                self.spawn_dialog(ctx, "load-mask", move || {
+                    Some(DialogResult::Mask(load_mask(&path, size)))
+                })
+            }
+            UiCommand::RemoveMask => {
+                if let Some(init) = &mut self.init_image {
+                    init.mask = None;
+                }
+                self.mask_editor.open = false;
+            }
+            UiCommand::UsePictureSize => {
+                if let Some(image) = self.image_job().ok().flatten() {
+                    let multiple = match &self.model {
+                        ModelState::Ready(info) => info.size_multiple.max(1),
+                        _ => 8,
+                    };
+                    let (width, height) = image.canvas().dimensions();
+                    let fit = |v: u32| ((v as usize / multiple) * multiple).max(multiple);
+                    self.settings.width = fit(width);
+                    self.settings.height = fit(height);
+                }
+            }
             // Another tab's command (see `UiCommand::tab`).
             _ => {}
         }
     }
 
-    /// Starts image to image from `image` (its name is shown beside it).
+    /// Starts image to image from `image` (its name is shown beside it), inpainting when a
+    /// `mask` comes with it.
     pub(in crate::ui) fn set_init_image(
         &mut self,
         ctx: &egui::Context,
         image: RgbImage,
         name: String,
+        mask: Option<GrayImage>,
     ) {
         let texture = ctx.load_texture(
             "init-image",
             color_image(&image),
             egui::TextureOptions::LINEAR,
         );
+        let (width, height) = image.dimensions();
+        let mask = mask.map(|mask| {
+            MaskLayer::from_mask(
+                fit_mask(mask, width, height),
+                "kept with the picture".into(),
+            )
+        });
+        self.mask_editor.open = false;
+        self.mask_editor.zoom = None;
+        self.mask_editor.pan = egui::Vec2::ZERO;
         self.init_image = Some(InitImageView {
             image: Arc::new(image),
             texture,
             name,
+            mask,
         });
     }
+
+    /// Uses a mask read from a file (already at the picture's size).
+    pub(in crate::ui) fn set_mask(&mut self, mask: GrayImage, name: String) {
+        if let Some(init) = &mut self.init_image {
+            let (width, height) = init.image.dimensions();
+            init.mask = Some(MaskLayer::from_mask(fit_mask(mask, width, height), name));
+            self.settings.image_options.outpaint = None;
+        }
+    }
+}
+
+/// A mask at the picture's size (resized if it is not).
+fn fit_mask(mask: GrayImage, width: u32, height: u32) -> GrayImage {
+    if mask.dimensions() == (width, height) {
+        return mask;
+    }
+    image::imageops::resize(&mask, width, height, image::imageops::FilterType::Triangle)
+}
+
+/// Reads a mask file: white (or transparent) is repainted; resized to `size`.
+fn load_mask(path: &std::path::Path, size: (u32, u32)) -> Result<(GrayImage, String), String> {
+    let decoded = crate::gallery::png_read::decode_bounded(path).map_err(|e| e.to_string())?;
+    let mask = crate::engine::init_image::mask_from_image(&decoded);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((fit_mask(mask, size.0, size.1), name))
+}
+
+/// Reads a picture for image to image (bounded, as every file from outside) with a name to
+/// show, and the mask kept with it.
+fn load_input(
+    path: &std::path::Path,
+    mask: Option<&std::path::Path>,
+) -> Result<LoadedInput, String> {
+    let (image, name) = load_init_image(path)?;
+    let mask = match mask {
+        Some(mask_path) => Some(load_mask(mask_path, image.dimensions())?.0),
+        None => None,
+    };
+    Ok(LoadedInput { image, name, mask })
 }
 
 /// Reads a picture for image to image (bounded, as every file from outside), with a name to show.

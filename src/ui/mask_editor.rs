@@ -1,0 +1,393 @@
+//! The mask painter: the picture to inpaint with the mask over it in red. A brush paints where
+//! to repaint, an eraser takes it back; invert, clear and undo; the mouse wheel zooms around the
+//! pointer and a right or middle drag pans. The mask keeps the picture's own resolution.
+
+use egui::{Color32, Pos2, Rect, Sense, TextureHandle, TextureOptions, Ui, Vec2};
+use image::{GrayImage, Luma};
+
+use super::InitImageView;
+
+/// Undo steps kept.
+pub const UNDO_STEPS: usize = 32;
+/// The largest brush radius, in picture pixels.
+pub const MAX_BRUSH_RADIUS_PX: f32 = 256.0;
+
+/// A mask at the picture's size (255: repaint), with its undo history.
+pub struct MaskLayer {
+    mask: GrayImage,
+    undo: Vec<GrayImage>,
+    /// Where it came from ("painted", or a file name).
+    pub source: String,
+    overlay: Option<TextureHandle>,
+    overlay_stale: bool,
+}
+
+impl MaskLayer {
+    /// An empty mask for a picture of `width` x `height`.
+    pub fn blank(width: u32, height: u32) -> Self {
+        Self::from_mask(GrayImage::new(width, height), "painted".into())
+    }
+
+    /// A mask read from somewhere (already at the picture's size).
+    pub fn from_mask(mask: GrayImage, source: String) -> Self {
+        Self {
+            mask,
+            undo: Vec::new(),
+            source,
+            overlay: None,
+            overlay_stale: true,
+        }
+    }
+
+    /// The pixels.
+    pub fn mask(&self) -> &GrayImage {
+        &self.mask
+    }
+
+    /// Whether nothing is marked to repaint.
+    pub fn is_empty(&self) -> bool {
+        !self.mask.pixels().any(|p| p[0] >= 128)
+    }
+
+    /// The share of the picture marked to repaint, 0 to 1.
+    pub fn coverage(&self) -> f64 {
+        let marked = self.mask.pixels().filter(|p| p[0] >= 128).count();
+        marked as f64 / (self.mask.width() as f64 * self.mask.height() as f64).max(1.0)
+    }
+
+    /// Remembers the mask as it is, for [`MaskLayer::undo`] (call once per stroke or action).
+    pub fn checkpoint(&mut self) {
+        if self.undo.len() == UNDO_STEPS {
+            self.undo.remove(0);
+        }
+        self.undo.push(self.mask.clone());
+    }
+
+    /// Steps that can be undone.
+    pub fn undo_steps(&self) -> usize {
+        self.undo.len()
+    }
+
+    /// Goes back one step; false when there is nothing to undo.
+    pub fn undo(&mut self) -> bool {
+        match self.undo.pop() {
+            Some(previous) => {
+                self.mask = previous;
+                self.overlay_stale = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Paints (or with `erase`, clears) a round brush of `radius` picture pixels along the
+    /// segment `from`-`to` (picture coordinates; a dab when they are equal).
+    pub fn paint(&mut self, from: Pos2, to: Pos2, radius: f32, erase: bool) {
+        let radius = radius.max(0.5);
+        let value = if erase { 0 } else { 255 };
+        let (width, height) = self.mask.dimensions();
+        let min_x = (from.x.min(to.x) - radius).floor().max(0.0) as u32;
+        let min_y = (from.y.min(to.y) - radius).floor().max(0.0) as u32;
+        let max_x = ((from.x.max(to.x) + radius).ceil().max(0.0) as u32).min(width);
+        let max_y = ((from.y.max(to.y) + radius).ceil().max(0.0) as u32).min(height);
+        let segment = to - from;
+        let length_sq = segment.length_sq();
+        for y in min_y..max_y {
+            for x in min_x..max_x {
+                // The pixel's centre, and its distance to the segment.
+                let p = Pos2::new(x as f32 + 0.5, y as f32 + 0.5);
+                let t = if length_sq > 0.0 {
+                    ((p - from).dot(segment) / length_sq).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+                if (from + segment * t).distance(p) <= radius {
+                    self.mask.put_pixel(x, y, Luma([value]));
+                }
+            }
+        }
+        self.overlay_stale = true;
+    }
+
+    /// Swaps what is repainted and what is kept.
+    pub fn invert(&mut self) {
+        self.checkpoint();
+        for p in self.mask.pixels_mut() {
+            p[0] = 255 - p[0];
+        }
+        self.overlay_stale = true;
+    }
+
+    /// Marks nothing.
+    pub fn clear(&mut self) {
+        self.checkpoint();
+        for p in self.mask.pixels_mut() {
+            p[0] = 0;
+        }
+        self.overlay_stale = true;
+    }
+
+    /// The mask as a translucent red layer on the GPU (remade after a change).
+    fn overlay(&mut self, ctx: &egui::Context) -> &TextureHandle {
+        if self.overlay_stale || self.overlay.is_none() {
+            let (width, height) = self.mask.dimensions();
+            let pixels = self
+                .mask
+                .pixels()
+                .map(|p| {
+                    Color32::from_rgba_unmultiplied(230, 40, 40, (p[0] as u32 * 150 / 255) as u8)
+                })
+                .collect();
+            let image = egui::ColorImage::new([width as usize, height as usize], pixels);
+            match &mut self.overlay {
+                Some(texture) => texture.set(image, TextureOptions::NEAREST),
+                None => {
+                    self.overlay =
+                        Some(ctx.load_texture("mask-overlay", image, TextureOptions::NEAREST))
+                }
+            }
+            self.overlay_stale = false;
+        }
+        self.overlay.as_ref().expect("made above")
+    }
+}
+
+/// The painter's tools and view.
+#[derive(Debug, Clone)]
+pub struct MaskEditorView {
+    /// Whether the painter replaces the image in the centre.
+    pub open: bool,
+    /// The brush radius in picture pixels.
+    pub brush_radius_px: f32,
+    /// Erasing instead of painting.
+    pub erasing: bool,
+    /// Screen points per picture pixel (`None`: fit the picture to the space).
+    pub zoom: Option<f32>,
+    /// How far the picture is moved from the centre, in screen points.
+    pub pan: Vec2,
+    /// The previous pointer position of the stroke being painted, in picture coordinates.
+    stroke_from: Option<Pos2>,
+}
+
+impl Default for MaskEditorView {
+    fn default() -> Self {
+        Self {
+            open: false,
+            brush_radius_px: 24.0,
+            erasing: false,
+            zoom: None,
+            pan: Vec2::ZERO,
+            stroke_from: None,
+        }
+    }
+}
+
+/// Where the picture sits on screen: its rectangle for a picture of `size` pixels drawn in
+/// `space` with `view`'s zoom and pan.
+fn picture_rect(space: Rect, size: Vec2, view: &MaskEditorView) -> Rect {
+    let fit = (space.width() / size.x).min(space.height() / size.y);
+    let zoom = view.zoom.unwrap_or(fit);
+    Rect::from_center_size(space.center() + view.pan, size * zoom)
+}
+
+/// Draws the painter's toolbar and canvas over `init`'s picture and edits its mask. Returns
+/// true when the artist pressed Done.
+pub fn mask_editor_ui(ui: &mut Ui, init: &mut InitImageView, view: &mut MaskEditorView) -> bool {
+    let (width, height) = init.image.dimensions();
+    let mask = init
+        .mask
+        .get_or_insert_with(|| MaskLayer::blank(width, height));
+    let mut done = false;
+    // Shortcuts: Ctrl+Z undo, X brush/eraser, [ and ] brush size.
+    let (undo, swap, smaller, larger) = ui.input_mut(|input| {
+        (
+            input.consume_key(egui::Modifiers::COMMAND, egui::Key::Z),
+            input.consume_key(egui::Modifiers::NONE, egui::Key::X),
+            input.consume_key(egui::Modifiers::NONE, egui::Key::OpenBracket),
+            input.consume_key(egui::Modifiers::NONE, egui::Key::CloseBracket),
+        )
+    });
+    if undo {
+        mask.undo();
+    }
+    if swap {
+        view.erasing = !view.erasing;
+    }
+    if smaller {
+        view.brush_radius_px = (view.brush_radius_px / 1.25).max(1.0);
+    }
+    if larger {
+        view.brush_radius_px = (view.brush_radius_px * 1.25).min(MAX_BRUSH_RADIUS_PX);
+    }
+    ui.horizontal_wrapped(|ui| {
+        ui.selectable_value(&mut view.erasing, false, "Brush")
+            .on_hover_text("Paint where to repaint (X swaps)");
+        ui.selectable_value(&mut view.erasing, true, "Eraser")
+            .on_hover_text("Take it back (X swaps)");
+        let label = ui.label("Brush size");
+        ui.add(
+            egui::Slider::new(&mut view.brush_radius_px, 1.0..=MAX_BRUSH_RADIUS_PX)
+                .logarithmic(true)
+                .suffix(" px"),
+        )
+        .on_hover_text("Radius in picture pixels ([ and ] change it)")
+        .labelled_by(label.id);
+        ui.separator();
+        if ui
+            .add_enabled(mask.undo_steps() > 0, egui::Button::new("Undo"))
+            .on_hover_text("Ctrl+Z")
+            .clicked()
+        {
+            mask.undo();
+        }
+        if ui
+            .button("Invert")
+            .on_hover_text("Repaint everything but the mask")
+            .clicked()
+        {
+            mask.invert();
+        }
+        if ui.button("Clear mask").clicked() {
+            mask.clear();
+        }
+        ui.separator();
+        if ui.button("−").on_hover_text("Zoom out (wheel)").clicked() {
+            view.zoom = Some(view.zoom.unwrap_or(1.0) / 1.25);
+        }
+        if ui.button("+").on_hover_text("Zoom in (wheel)").clicked() {
+            view.zoom = Some(view.zoom.unwrap_or(1.0) * 1.25);
+        }
+        if ui.button("1:1").clicked() {
+            view.zoom = Some(1.0);
+        }
+        if ui.button("Fit").clicked() {
+            view.zoom = None;
+            view.pan = Vec2::ZERO;
+        }
+        ui.separator();
+        ui.weak(format!("{:.0}% masked", mask.coverage() * 100.0));
+        if ui
+            .button("Done")
+            .on_hover_text("Back to the image")
+            .clicked()
+        {
+            done = true;
+        }
+    });
+    let (space, response) = ui.allocate_exact_size(ui.available_size(), Sense::click_and_drag());
+    let picture_size = Vec2::new(width as f32, height as f32);
+    // Zoom around the pointer with the wheel (or a pinch).
+    if let Some(pointer) = response.hover_pos() {
+        let (scroll, pinch) = ui.input(|input| (input.smooth_scroll_delta.y, input.zoom_delta()));
+        let factor = pinch * (scroll / 200.0).exp();
+        if (factor - 1.0).abs() > 1e-4 {
+            let before = picture_rect(space, picture_size, view);
+            let zoom = before.width() / picture_size.x;
+            let new_zoom = (zoom * factor).clamp(0.02, 64.0);
+            // Keep the picture point under the pointer where it is.
+            let anchor = (pointer - before.min) / zoom;
+            let new_min = pointer - anchor * new_zoom;
+            let new_center = new_min + picture_size * new_zoom / 2.0;
+            view.zoom = Some(new_zoom);
+            view.pan = new_center - space.center();
+        }
+    }
+    if response.dragged_by(egui::PointerButton::Secondary)
+        || response.dragged_by(egui::PointerButton::Middle)
+    {
+        view.pan += response.drag_delta();
+    }
+    let rect = picture_rect(space, picture_size, view);
+    let to_picture = |screen: Pos2| -> Pos2 {
+        let zoom = rect.width() / picture_size.x;
+        ((screen - rect.min) / zoom).to_pos2()
+    };
+    let zoom = rect.width() / picture_size.x;
+    let primary_down = ui.input(|input| input.pointer.primary_down());
+    match response.interact_pointer_pos() {
+        Some(pointer)
+            if primary_down && (response.dragged() || response.is_pointer_button_down_on()) =>
+        {
+            let here = to_picture(pointer);
+            let from = match view.stroke_from {
+                Some(from) => from,
+                None => {
+                    mask.checkpoint();
+                    here
+                }
+            };
+            mask.paint(from, here, view.brush_radius_px, view.erasing);
+            view.stroke_from = Some(here);
+        }
+        _ => view.stroke_from = None,
+    }
+    let painter = ui.painter_at(space);
+    painter.rect_filled(space, 0.0, ui.visuals().extreme_bg_color);
+    let uv = Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0));
+    painter.image(init.texture.id(), rect, uv, Color32::WHITE);
+    let overlay = mask.overlay(ui.ctx()).id();
+    painter.image(overlay, rect, uv, Color32::WHITE);
+    if let Some(pointer) = response.hover_pos() {
+        let color = if view.erasing {
+            Color32::LIGHT_BLUE
+        } else {
+            Color32::from_rgb(255, 90, 90)
+        };
+        painter.circle_stroke(
+            pointer,
+            view.brush_radius_px * zoom,
+            egui::Stroke::new(1.5, color),
+        );
+    }
+    done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stroke_paints_a_capsule_and_the_eraser_takes_it_back() {
+        let mut layer = MaskLayer::blank(100, 50);
+        assert!(layer.is_empty());
+        layer.checkpoint();
+        layer.paint(Pos2::new(10.0, 25.0), Pos2::new(90.0, 25.0), 5.0, false);
+        assert_eq!(layer.mask().get_pixel(50, 25)[0], 255);
+        assert_eq!(layer.mask().get_pixel(50, 29)[0], 255);
+        assert_eq!(layer.mask().get_pixel(50, 31)[0], 0);
+        // Round ends: beyond the segment's end by less than the radius only.
+        assert_eq!(layer.mask().get_pixel(93, 25)[0], 255);
+        assert_eq!(layer.mask().get_pixel(96, 25)[0], 0);
+        layer.checkpoint();
+        layer.paint(Pos2::new(50.0, 25.0), Pos2::new(50.0, 25.0), 3.0, true);
+        assert_eq!(layer.mask().get_pixel(50, 25)[0], 0);
+        assert_eq!(layer.mask().get_pixel(45, 25)[0], 255);
+        assert!(layer.undo());
+        assert_eq!(layer.mask().get_pixel(50, 25)[0], 255);
+        assert!(layer.undo());
+        assert!(layer.is_empty());
+        assert!(!layer.undo());
+    }
+
+    #[test]
+    fn strokes_off_the_picture_are_clipped() {
+        let mut layer = MaskLayer::blank(20, 20);
+        layer.paint(Pos2::new(-50.0, -50.0), Pos2::new(-40.0, -40.0), 5.0, false);
+        assert!(layer.is_empty());
+        layer.paint(Pos2::new(15.0, 15.0), Pos2::new(60.0, 60.0), 8.0, false);
+        assert_eq!(layer.mask().get_pixel(19, 19)[0], 255);
+    }
+
+    #[test]
+    fn invert_clear_and_a_bounded_history() {
+        let mut layer = MaskLayer::blank(10, 10);
+        layer.invert();
+        assert!((layer.coverage() - 1.0).abs() < 1e-9);
+        layer.clear();
+        assert!(layer.is_empty());
+        for _ in 0..UNDO_STEPS + 10 {
+            layer.checkpoint();
+        }
+        assert_eq!(layer.undo_steps(), UNDO_STEPS);
+    }
+}
