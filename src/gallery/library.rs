@@ -313,8 +313,12 @@ impl Library {
         if metadata.created_unix == 0 {
             metadata.created_unix = now_unix();
         }
-        metadata.width = image.width();
-        metadata.height = image.height();
+        // The size is the job's (a hires fix's first pass, as A1111 writes it; "only masked"
+        // works at it over a larger picture); the picture's own when unknown.
+        if metadata.width == 0 || metadata.height == 0 {
+            metadata.width = image.width();
+            metadata.height = image.height();
+        }
         let stem = Self::new_file_stem(&metadata);
         let chunks = metadata.text_chunks();
         let borrowed: Vec<(&str, &str)> = chunks.iter().map(|(k, v)| (*k, v.as_str())).collect();

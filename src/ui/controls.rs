@@ -14,13 +14,12 @@ pub const MAX_OUTPAINT_PX: u32 = 1024;
 use crate::schedulers::{SchedulerKind, SigmaSchedule};
 
 /// Draws the controls; actions go to `commands`, values are edited in place.
-/// `model` and `busy` say where the engine stands; the model field being typed is `model_input`.
+/// `model` says where the engine stands; the model field being typed is `model_input`.
 pub fn controls_ui(
     ui: &mut Ui,
     settings: &mut Settings,
     model_input: &mut String,
     model: &ModelState,
-    busy: bool,
     init_image: Option<&InitImageView>,
     commands: &mut Vec<UiCommand>,
 ) {
@@ -31,7 +30,13 @@ pub fn controls_ui(
     init_image_ui(ui, settings, init_image, commands);
     ui.separator();
     parameters_ui(ui, settings, model, commands);
-    ui.add_space(8.0);
+    ui.add_space(4.0);
+    egui::CollapsingHeader::new("Settings").show(ui, |ui| settings_ui(ui, settings, commands));
+}
+
+/// The Generate button, below the controls and always in view.
+pub fn generate_button_ui(ui: &mut Ui, busy: bool, commands: &mut Vec<UiCommand>) {
+    ui.add_space(6.0);
     let generate = egui::Button::new(RichText::new("Generate").heading())
         .min_size(egui::vec2(ui.available_width(), 36.0));
     let label = if busy {
@@ -42,8 +47,7 @@ pub fn controls_ui(
     if ui.add(generate).on_hover_text(label).clicked() {
         commands.push(UiCommand::Generate);
     }
-    ui.add_space(4.0);
-    egui::CollapsingHeader::new("Settings").show(ui, |ui| settings_ui(ui, settings, commands));
+    ui.add_space(6.0);
 }
 
 /// Image to image: the picture to start from (open, drop or "Send to img2img") and how it is
@@ -266,7 +270,7 @@ fn hires_ui(ui: &mut Ui, settings: &mut Settings) {
     });
     let (width, height) = hires.size(settings.width, settings.height, 8);
     ui.weak(format!(
-        "{}x{} → {width}x{height}",
+        "{}x{}, then {width}x{height}",
         settings.width, settings.height
     ));
 }

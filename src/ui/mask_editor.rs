@@ -251,7 +251,7 @@ pub fn mask_editor_ui(ui: &mut Ui, init: &mut InitImageView, view: &mut MaskEdit
             mask.clear();
         }
         ui.separator();
-        if ui.button("−").on_hover_text("Zoom out (wheel)").clicked() {
+        if ui.button("-").on_hover_text("Zoom out (wheel)").clicked() {
             view.zoom = Some(view.zoom.unwrap_or(1.0) / 1.25);
         }
         if ui.button("+").on_hover_text("Zoom in (wheel)").clicked() {
@@ -275,6 +275,7 @@ pub fn mask_editor_ui(ui: &mut Ui, init: &mut InitImageView, view: &mut MaskEdit
         }
     });
     let (space, response) = ui.allocate_exact_size(ui.available_size(), Sense::click_and_drag());
+    response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Canvas, true, "Mask canvas"));
     let picture_size = Vec2::new(width as f32, height as f32);
     // Zoom around the pointer with the wheel (or a pinch).
     if let Some(pointer) = response.hover_pos() {

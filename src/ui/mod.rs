@@ -451,13 +451,14 @@ impl AtelierApp {
             .resizable(true)
             .default_size(340.0)
             .show(ui, |ui| {
+                egui::Panel::bottom("generate-bar")
+                    .show(ui, |ui| controls::generate_button_ui(ui, busy, commands));
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     controls::controls_ui(
                         ui,
                         settings,
                         model_input,
                         studio.model,
-                        busy,
                         init_image,
                         commands,
                     )
