@@ -349,3 +349,44 @@ fn sixteen_bit_and_grey_pictures_are_taken_as_they_are() {
     ));
     assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (64, 48));
 }
+
+#[test]
+fn keep_unmasked_pastes_the_picture_back_outside_the_mask() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo_path = dir.path().join("photo.png");
+    photo().save(&photo_path).unwrap();
+    let in_mask = |x: u32, _y: u32| x >= 32;
+    let mask = GrayImage::from_fn(64, 48, |x, y| Luma([if in_mask(x, y) { 255 } else { 0 }]));
+    let mask_path = dir.path().join("mask.png");
+    mask.save(&mask_path).unwrap();
+    let mut made = Vec::new();
+    for keep in [false, true] {
+        let out = dir.path().join(format!("keep-{keep}.png"));
+        let mut args = vec![
+            "--init-image",
+            photo_path.to_str().unwrap(),
+            "--mask",
+            mask_path.to_str().unwrap(),
+            "--strength",
+            "0.8",
+            "--mask-blur",
+            "0",
+        ];
+        if keep {
+            args.push("--keep-unmasked");
+        }
+        ok(&generate("sd1", &args, &out));
+        made.push(image::open(&out).unwrap().to_rgb8());
+    }
+    let kept = |x: u32, y: u32| !in_mask(x, y);
+    // diffusers' output: every pixel went through the (random) VAE.
+    assert!(difference(&made[0], &photo(), kept) > 5.0);
+    // A1111's: outside the mask, the picture exactly; inside, the same repaint.
+    assert_eq!(difference(&made[1], &photo(), kept), 0.0);
+    assert_eq!(difference(&made[1], &made[0], in_mask), 0.0);
+    // Without a mask there is nothing to keep.
+    let out = dir.path().join("no-mask.png");
+    let output = generate("sd1", &["--keep-unmasked"], &out);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--keep-unmasked"));
+}

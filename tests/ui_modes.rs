@@ -263,6 +263,10 @@ fn each_modes_controls_reach_the_job() {
         assert_eq!(job.options.mask_blur, 9.0);
         assert_eq!(job.options.masked_content, MaskedContent::LatentNoise);
         assert_eq!(job.options.only_masked_padding, Some(12));
+        assert!(
+            job.options.keep_unmasked,
+            "the window keeps the rest of the picture"
+        );
         let mask = job.mask.as_ref().unwrap();
         assert_eq!(
             mask.dimensions(),

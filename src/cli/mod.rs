@@ -47,6 +47,22 @@ pub struct WindowArgs {
     /// The gallery's library folder.
     #[arg(long)]
     pub library: Option<std::path::PathBuf>,
+    /// Start from this picture (image to image).
+    #[arg(long)]
+    pub init_image: Option<std::path::PathBuf>,
+    /// With --init-image: inpaint where this mask is white (or transparent).
+    #[arg(long, requires = "init_image")]
+    pub mask: Option<std::path::PathBuf>,
+    /// With --init-image: the denoising strength.
+    #[arg(long, requires = "init_image")]
+    pub strength: Option<f64>,
+    /// With --init-image: outpaint LEFT,TOP,RIGHT,BOTTOM pixels.
+    #[arg(long, requires = "init_image", value_parser = parse_outpaint)]
+    pub outpaint: Option<crate::engine::init_image::Outpaint>,
+}
+
+fn parse_outpaint(text: &str) -> Result<crate::engine::init_image::Outpaint, String> {
+    crate::engine::init_image::Outpaint::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_size(text: &str) -> Result<(usize, usize), String> {
@@ -82,6 +98,14 @@ impl WindowArgs {
         }
         if let Some(library) = &self.library {
             settings.library_dir = library.display().to_string();
+        }
+        if self.init_image.is_some() {
+            settings.image_options.outpaint = self.outpaint;
+        }
+        if let Some(strength) = self.strength {
+            settings.image_options.strength = strength.clamp(0.05, 1.0);
+        } else if self.outpaint.is_some() {
+            settings.image_options.strength = 1.0;
         }
     }
 }
@@ -146,11 +170,11 @@ pub fn run_window(args: WindowArgs) -> anyhow::Result<()> {
                 })
                 .unwrap_or_default();
             args.apply(&mut settings);
-            Ok(Box::new(crate::ui::AtelierApp::with_settings(
-                &cc.egui_ctx,
-                engine,
-                settings,
-            )?))
+            let mut app = crate::ui::AtelierApp::with_settings(&cc.egui_ctx, engine, settings)?;
+            if let Some(image) = &args.init_image {
+                app.start_from_picture(&cc.egui_ctx, image.clone(), args.mask.clone());
+            }
+            Ok(Box::new(app))
         }),
     )
     .map_err(|e| anyhow::anyhow!("the window failed: {e}"))

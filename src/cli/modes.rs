@@ -48,6 +48,10 @@ pub struct ImageInputArgs {
     /// With --inpaint-area masked: pixels around the mask taken into the crop.
     #[arg(long, default_value_t = 32)]
     pub inpaint_padding: u32,
+    /// Inpainting the whole picture: paste the original pixels back outside the blurred mask
+    /// (A1111's way); without it, every pixel is the VAE's, as diffusers' pipeline returns them.
+    #[arg(long)]
+    pub keep_unmasked: bool,
 }
 
 impl ImageInputArgs {
@@ -67,6 +71,7 @@ impl ImageInputArgs {
                 (outpaint.is_some(), "--outpaint"),
                 (self.strength.is_some(), "--strength"),
                 (only_masked_padding.is_some(), "--inpaint-area masked"),
+                (self.keep_unmasked, "--keep-unmasked"),
                 (
                     masked_content != MaskedContent::Original,
                     "--masked-content",
@@ -87,6 +92,7 @@ impl ImageInputArgs {
             masked_content,
             only_masked_padding,
             outpaint,
+            keep_unmasked: self.keep_unmasked,
         };
         let image =
             decode_rgb_bounded(path).with_context(|| format!("--init-image {}", path.display()))?;

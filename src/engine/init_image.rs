@@ -391,7 +391,11 @@ pub fn paste_back(
     mask: &GrayImage,
 ) -> RgbImage {
     let (x, y, width, height) = region;
-    let fitted = image::imageops::resize(result, width, height, FilterType::Lanczos3);
+    let fitted = if result.dimensions() == (width, height) {
+        result.clone()
+    } else {
+        image::imageops::resize(result, width, height, FilterType::Lanczos3)
+    };
     let mut out = original.clone();
     for (dx, dy, p) in fitted.enumerate_pixels() {
         let (px, py) = (x + dx, y + dy);

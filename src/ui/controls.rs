@@ -184,10 +184,16 @@ fn init_image_ui(
                 (false, _) => None,
             };
         });
-        if let Some(padding) = &mut options.only_masked_padding {
-            let label = ui.label("Masked area padding");
-            ui.add(egui::Slider::new(padding, 0..=256).suffix(" px"))
-                .labelled_by(label.id);
+        match &mut options.only_masked_padding {
+            Some(padding) => {
+                let label = ui.label("Masked area padding");
+                ui.add(egui::Slider::new(padding, 0..=256).suffix(" px"))
+                    .labelled_by(label.id);
+            }
+            None => {
+                ui.checkbox(&mut options.keep_unmasked, "Keep the rest of the picture")
+                    .on_hover_text("Paste the original pixels back outside the mask, so only the masked region changes");
+            }
         }
     }
     if !has_mask {

@@ -434,6 +434,16 @@ impl AtelierApp {
         ))
     }
 
+    /// Starts from a picture file (and a mask file: inpainting), read on a thread of its own.
+    pub fn start_from_picture(
+        &mut self,
+        ctx: &egui::Context,
+        image: std::path::PathBuf,
+        mask: Option<std::path::PathBuf>,
+    ) {
+        self.apply(ctx, UiCommand::RestoreInput { image, mask });
+    }
+
     /// Applies a command as a click would (for tests that cannot drag and drop files).
     pub fn apply_for_test(&mut self, command: UiCommand) {
         let ctx = egui::Context::default();

@@ -73,7 +73,10 @@ impl Default for Settings {
             vae_preview_every: 0,
             zoom_to_fit: true,
             library_dir: String::new(),
-            image_options: Default::default(),
+            image_options: crate::engine::pipeline::ImageOptions {
+                keep_unmasked: true,
+                ..Default::default()
+            },
             hires_enabled: false,
             hires: Default::default(),
         }

@@ -35,6 +35,11 @@ pub struct ImageOptions {
     pub only_masked_padding: Option<u32>,
     /// Outpainting: pixels added on each side; the new area is the mask.
     pub outpaint: Option<Outpaint>,
+    /// Inpainting the whole picture: paste the original pixels back outside the (blurred) mask
+    /// after decoding, as A1111 does, so that only the masked region changes. Off, the images
+    /// are diffusers' inpainting pipeline's own (every pixel through the VAE). "Only masked"
+    /// always pastes its crop back.
+    pub keep_unmasked: bool,
 }
 
 impl Default for ImageOptions {
@@ -46,6 +51,7 @@ impl Default for ImageOptions {
             masked_content: MaskedContent::Original,
             only_masked_padding: None,
             outpaint: None,
+            keep_unmasked: false,
         }
     }
 }
@@ -211,19 +217,36 @@ impl ImageJob {
 
     /// The engine's images as the artist gets them: for "only masked", each pasted back into the
     /// whole canvas over the crop, blended by the blurred mask (the picture outside it kept as it
-    /// was); otherwise unchanged.
+    /// was); with `keep_unmasked`, the picture (fitted to the job's size) pasted back outside the
+    /// blurred mask; otherwise unchanged.
     pub fn finish(&self, images: Vec<RgbImage>, width: usize, height: usize) -> Vec<RgbImage> {
-        let (Some(region), Some(mask)) = (
-            self.crop(width as u32, height as u32),
-            self.canvas_mask.as_deref(),
-        ) else {
+        let Some(mask) = self.canvas_mask.as_deref() else {
             return images;
         };
-        let (w, h) = self.canvas.dimensions();
-        let feathered = prepare_mask(mask, w, h, ResizeMode::JustResize, self.options.mask_blur);
+        let (w, h) = (width as u32, height as u32);
+        if let Some(region) = self.crop(w, h) {
+            let (canvas_w, canvas_h) = self.canvas.dimensions();
+            let feathered = prepare_mask(
+                mask,
+                canvas_w,
+                canvas_h,
+                ResizeMode::JustResize,
+                self.options.mask_blur,
+            );
+            return images
+                .iter()
+                .map(|image| paste_back(&self.canvas, image, region, &feathered))
+                .collect();
+        }
+        if !self.options.keep_unmasked {
+            return images;
+        }
+        let mode = self.options.resize_mode;
+        let original = fit_init_image(&self.canvas, w, h, mode);
+        let feathered = prepare_mask(mask, w, h, mode, self.options.mask_blur);
         images
             .iter()
-            .map(|image| paste_back(&self.canvas, image, region, &feathered))
+            .map(|image| paste_back(&original, image, (0, 0, w, h), &feathered))
             .collect()
     }
 }

@@ -170,6 +170,30 @@ impl AtelierApp {
         s.width = base.width;
         s.height = base.height;
         s.eta = base.eta;
+        // A comparison of a picture brings its picture (and mask) back to the Studio tab.
+        let kept = |name: &Option<String>| {
+            let root = self.gallery.root.as_ref()?;
+            let path = crate::gallery::library::input_path(root, name.as_ref()?);
+            path.is_file().then_some(path)
+        };
+        match (plan.image_options, entries.first()) {
+            (Some(options), Some(cell)) => {
+                self.settings.image_options = options;
+                match kept(&cell.metadata.init_image) {
+                    Some(image) => {
+                        let mask = kept(&cell.metadata.mask_image);
+                        self.apply_studio(ctx, UiCommand::RestoreInput { image, mask });
+                    }
+                    None => {
+                        self.warnings = vec![
+                            "The comparison's picture is no longer in the library: open it again to repeat the comparison."
+                                .into(),
+                        ]
+                    }
+                }
+            }
+            _ => self.init_image = None,
+        }
         self.compare.start(plan);
         for (index, (file, result)) in files.into_iter().zip(results).enumerate() {
             let cell = &mut self.compare.cells[index];
