@@ -396,3 +396,57 @@ fn search_over_ten_thousand_images() {
         dragons.len()
     );
 }
+
+#[test]
+fn a1111_img2img_inpainting_and_hires_keys_are_read_and_written() {
+    use atelier::engine::init_image::{HiresUpscaler, MaskedContent};
+    let inpaint = A1111Parameters::parse(
+        "a barn\nNegative prompt: blurry\nSteps: 30, Sampler: Euler a, CFG scale: 7, Seed: 9, \
+         Size: 512x512, Denoising strength: 0.6, Mask blur: 8, Masked content: latent noise, \
+         Inpaint area: Only masked, Masked area padding: 48",
+    );
+    let metadata = ImageMetadata::from_a1111(&inpaint);
+    let options = metadata.image_options.unwrap();
+    assert_eq!(options.strength, 0.6);
+    assert_eq!(options.mask_blur, 8.0);
+    assert_eq!(options.masked_content, MaskedContent::LatentNoise);
+    assert_eq!(options.only_masked_padding, Some(48));
+    assert!(metadata.is_inpainting() && metadata.hires.is_none());
+    // Written back as A1111 wrote them.
+    let written = metadata.to_a1111();
+    for (key, value) in [
+        ("Denoising strength", "0.6"),
+        ("Mask blur", "8"),
+        ("Masked content", "latent noise"),
+        ("Inpaint area", "Only masked"),
+        ("Masked area padding", "48"),
+    ] {
+        assert_eq!(written.get(key), Some(value), "{key}");
+    }
+    // Plain img2img: a strength and no mask keys.
+    let img2img = ImageMetadata::from_a1111(&A1111Parameters::parse(
+        "a barn\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512, Denoising strength: 0.45",
+    ));
+    assert_eq!(img2img.image_options.unwrap().strength, 0.45);
+    assert!(!img2img.is_inpainting());
+    assert_eq!(img2img.to_a1111().get("Mask blur"), None);
+    // The hires fix: its strength is the second pass's, not an init picture's.
+    let hires = ImageMetadata::from_a1111(&A1111Parameters::parse(
+        "a barn\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512, Denoising strength: 0.55, \
+         Hires upscale: 2, Hires steps: 15, Hires upscaler: Latent (nearest)",
+    ));
+    assert!(hires.image_options.is_none());
+    let fix = hires.hires.unwrap();
+    assert_eq!(
+        (fix.scale, fix.strength, fix.steps, fix.upscaler),
+        (2.0, 0.55, Some(15), HiresUpscaler::LatentNearest)
+    );
+    let written = hires.to_a1111();
+    assert_eq!(written.get("Hires upscaler"), Some("Latent (nearest)"));
+    assert_eq!(written.get("Hires steps"), Some("15"));
+    // An ESRGAN upscaler we do not have falls back to Lanczos, the nearest image upscale.
+    let esrgan = ImageMetadata::from_a1111(&A1111Parameters::parse(
+        "a barn\nSteps: 20, Size: 512x512, Hires upscale: 1.5, Hires upscaler: 4x-UltraSharp",
+    ));
+    assert_eq!(esrgan.hires.unwrap().upscaler, HiresUpscaler::Lanczos);
+}

@@ -278,7 +278,6 @@ fn each_modes_controls_reach_the_job() {
     }
     // Outpainting: no mask, 16 pixels on the right.
     f.click("Remove mask");
-    f.click("Outpaint");
     f.harness
         .get_by_role_and_label(Role::SpinButton, "Right")
         .set_value_accesskit(16.0);

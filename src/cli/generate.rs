@@ -71,6 +71,10 @@ pub struct GenerateArgs {
     /// Write the final latents (before the VAE) as a float32 .npy.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
+    /// Run the whole job this many times and print each run's time (benchmarking a real job:
+    /// the first run warms up); the last run's images are written.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     /// Where to write the PNG; with a batch, image k goes to NAME-k.png.
     #[arg(long)]
     pub out: PathBuf,
@@ -187,14 +191,29 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let cancel = AtomicBool::new(false);
-    let job_started = std::time::Instant::now();
-    // The window shows a preview after every step; time the first one the same way.
-    let mut first_preview_secs = None;
     let parts = JobParts {
         image: image_input.as_ref(),
         hires: hires.as_ref(),
         noise: init_noise.as_ref(),
     };
+    for run in 1..args.repeat {
+        let started = std::time::Instant::now();
+        model.run_job(
+            &request,
+            parts,
+            PreviewOptions::default(),
+            &cancel,
+            &mut |_| {},
+        )?;
+        eprintln!(
+            "run {run} of {}: {:.3} s",
+            args.repeat,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let job_started = std::time::Instant::now();
+    // The window shows a preview after every step; time the first one the same way.
+    let mut first_preview_secs = None;
     let result = model.run_job(
         &request,
         parts,
@@ -212,6 +231,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     );
     bar.finish_and_clear();
     let result = result?;
+    if args.repeat > 1 {
+        eprintln!(
+            "run {} of {}: {:.3} s (job {:.3} s)",
+            args.repeat,
+            args.repeat,
+            job_started.elapsed().as_secs_f64(),
+            result.output.timings.total_secs
+        );
+    }
     let output = result.output;
     let first_request = request;
     let request = result.final_request;

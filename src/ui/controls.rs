@@ -204,29 +204,31 @@ fn init_image_ui(
 /// Outpainting: pixels added on each side of the picture.
 fn outpaint_ui(ui: &mut Ui, options: &mut ImageOptions) {
     let mut outpaint = options.outpaint.unwrap_or_default();
-    egui::CollapsingHeader::new("Outpaint")
-        .default_open(options.outpaint.is_some())
-        .show(ui, |ui| {
-            ui.weak("Extend the canvas and paint the new area");
-            egui::Grid::new("outpaint").num_columns(4).show(ui, |ui| {
-                for (name, value) in [
-                    ("Left", &mut outpaint.left),
-                    ("Top", &mut outpaint.top),
-                    ("Right", &mut outpaint.right),
-                    ("Bottom", &mut outpaint.bottom),
-                ] {
-                    let label = ui.label(name);
-                    ui.add(
-                        egui::DragValue::new(value)
-                            .range(0..=MAX_OUTPAINT_PX)
-                            .speed(8.0)
-                            .suffix(" px"),
-                    )
-                    .labelled_by(label.id);
-                }
+    ui.label("Outpaint: pixels added on each side")
+        .on_hover_text("Extend the canvas and paint the new area");
+    egui::Grid::new("outpaint").num_columns(4).show(ui, |ui| {
+        for (row, pair) in [
+            [("Left", &mut outpaint.left), ("Right", &mut outpaint.right)],
+            [("Top", &mut outpaint.top), ("Bottom", &mut outpaint.bottom)],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for (name, value) in pair {
+                let label = ui.label(name);
+                ui.add(
+                    egui::DragValue::new(value)
+                        .range(0..=MAX_OUTPAINT_PX)
+                        .speed(8.0)
+                        .suffix(" px"),
+                )
+                .labelled_by(label.id);
+            }
+            if row == 0 {
                 ui.end_row();
-            });
-        });
+            }
+        }
+    });
     let any = outpaint.left + outpaint.top + outpaint.right + outpaint.bottom > 0;
     let was = options.outpaint.is_some();
     options.outpaint = any.then_some(outpaint);
