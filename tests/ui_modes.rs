@@ -500,3 +500,102 @@ fn compare_varies_the_strength_of_an_inpainting_job() {
         "the rows are labelled by strength"
     );
 }
+
+/// The real engine behind the window, on the fixture model.
+fn start_real(library: tempfile::TempDir) -> Fixture {
+    use atelier::ui::settings::Settings;
+    let model_dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1/model");
+    let settings = Settings {
+        library_dir: library.path().display().to_string(),
+        model: model_dir.display().to_string(),
+        device: "cpu".into(),
+        prompt: "a red fox".into(),
+        seed: 5,
+        seed_locked: true,
+        steps: 4,
+        width: 64,
+        height: 48,
+        ..Default::default()
+    };
+    let harness = egui_kittest::Harness::builder()
+        .with_size(egui::vec2(1300.0, 820.0))
+        .build_eframe(move |cc| {
+            atelier::ui::AtelierApp::with_settings(
+                &cc.egui_ctx,
+                Box::new(atelier::worker::DiffusionEngine::default()),
+                settings,
+            )
+            .unwrap()
+        });
+    let mut f = Fixture {
+        harness,
+        seen: Default::default(),
+        steps: std::sync::mpsc::sync_channel(1).0,
+        library,
+    };
+    f.wait_for("the fixture model to load", |app| {
+        matches!(app.model, atelier::ui::ModelState::Ready(_))
+    });
+    f
+}
+
+#[test]
+fn the_real_engine_inpaints_and_runs_the_hires_fix_in_the_window() {
+    let mut f = start_real(tempfile::tempdir().unwrap());
+    let outside = tempfile::tempdir().unwrap();
+    open_picture(&mut f, outside.path(), 64, 48);
+    let mask_path = outside.path().join("mask.png");
+    GrayImage::from_fn(64, 48, |x, _| Luma([if x >= 32 { 255 } else { 0 }]))
+        .save(&mask_path)
+        .unwrap();
+    f.harness
+        .state_mut()
+        .apply_for_test(UiCommand::SetMaskFile(mask_path));
+    f.wait_for("the mask", |app| {
+        app.init_image.as_ref().unwrap().mask.is_some()
+    });
+    f.harness.state_mut().settings.image_options.mask_blur = 0.0;
+    f.click("Generate");
+    f.wait_for("the inpainted image", |app| app.shown.is_some());
+    assert!(
+        f.app().frame_stats.first_preview_secs.is_some(),
+        "previews arrived while it denoised"
+    );
+    let shown = f.app().shown.as_ref().unwrap().image.clone();
+    assert_eq!(shown.dimensions(), (64, 48));
+    let picture = f.app().init_image.as_ref().unwrap().image.clone();
+    // The left half is kept exactly (the window keeps the rest of the picture); the right half
+    // is repainted.
+    for (x, y, p) in shown.enumerate_pixels() {
+        if x < 32 {
+            assert_eq!(p, picture.get_pixel(x, y), "kept at ({x}, {y})");
+        }
+    }
+    assert!(
+        shown
+            .enumerate_pixels()
+            .filter(|(x, _, _)| *x >= 32)
+            .any(|(x, y, p)| p != picture.get_pixel(x, y)),
+        "the masked half is repainted"
+    );
+    // The hires fix: 64x48, then 96x72; the progress counts both passes.
+    f.click("Clear");
+    f.click("Hires fix");
+    f.harness.state_mut().settings.hires.scale = 1.5;
+    f.harness.state_mut().settings.hires.strength = 0.5;
+    f.click("Generate");
+    let most_steps = std::cell::Cell::new(0);
+    f.wait_for("the hires image", |app| {
+        if let Some(running) = &app.running {
+            most_steps.set(most_steps.get().max(running.total_steps));
+        }
+        app.running.is_none()
+            && app
+                .shown
+                .as_ref()
+                .is_some_and(|s| s.image.dimensions() == (96, 72))
+    });
+    assert_eq!(most_steps.get(), 6, "4 steps, then 2 at strength 0.5");
+    assert_eq!(f.app().shown.as_ref().unwrap().request.width, 96);
+}
