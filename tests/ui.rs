@@ -3,29 +3,21 @@
 
 mod window;
 
-use std::sync::mpsc::sync_channel;
-use std::sync::{Arc, Mutex};
-
 use atelier::engine::pipeline::GenerationRequest;
 use atelier::ui::settings::Settings;
 use atelier::ui::{AtelierApp, ModelState};
 use egui::Role;
-use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use image::{Rgb, RgbImage};
-use window::{Fixture, Seen, settings, start, start_with_library};
+use window::{settings, start, start_real, start_with_library};
 
 #[test]
 fn generate_sends_exactly_the_panel_parameters() {
     let mut f = start(settings(), false, false, None);
     assert_eq!(f.seen.lock().unwrap().loads, vec!["fake/model".to_string()]);
     f.type_prompt("a red fox in the snow");
-    f.harness
-        .get_by_role_and_label(Role::Slider, "Steps")
-        .set_value_accesskit(12.0);
-    f.harness
-        .get_by_role_and_label(Role::Slider, "Guidance")
-        .set_value_accesskit(5.5);
+    f.set_slider("Steps", 12.0);
+    f.set_slider("Guidance", 5.5);
     f.harness.get_by_label("Seed").set_value_accesskit(777.0);
     f.harness.step();
     f.harness.step();
@@ -275,39 +267,7 @@ fn studio_snapshot() {
 fn real_engine_generates_into_the_window() {
     let model_dir =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1/model");
-    let library = tempfile::tempdir().unwrap();
-    let settings = Settings {
-        library_dir: library.path().display().to_string(),
-        model: model_dir.display().to_string(),
-        device: "cpu".into(),
-        prompt: "a red fox".into(),
-        seed: 5,
-        seed_locked: true,
-        steps: 3,
-        width: 64,
-        height: 48,
-        vae_preview_every: 2,
-        ..Default::default()
-    };
-    let harness = Harness::builder()
-        .with_size(egui::vec2(1300.0, 820.0))
-        .build_eframe(move |cc| {
-            AtelierApp::with_settings(
-                &cc.egui_ctx,
-                Box::new(atelier::worker::DiffusionEngine::default()),
-                settings,
-            )
-            .unwrap()
-        });
-    let mut f = Fixture {
-        harness,
-        seen: Arc::new(Mutex::new(Seen::default())),
-        steps: sync_channel(1).0,
-        library,
-    };
-    f.wait_for("the fixture model to load", |app| {
-        matches!(app.model, ModelState::Ready(_))
-    });
+    let mut f = start_real(tempfile::tempdir().unwrap(), 3);
     assert!(
         f.harness.query_by_label("3 / 75 tokens").is_some(),
         "real token count"
@@ -595,9 +555,7 @@ fn image_to_image_from_a_file_or_from_the_result() {
             .query_by_role_and_label(Role::Slider, "Denoising strength")
             .is_some()
     );
-    f.harness
-        .get_by_role_and_label(Role::Slider, "Denoising strength")
-        .set_value_accesskit(0.4);
+    f.set_slider("Denoising strength", 0.4);
     f.harness.step();
     f.harness.step();
     f.click("Generate");

@@ -9,7 +9,7 @@ use atelier::ui::UiCommand;
 use egui::{Event, Modifiers, PointerButton, Pos2, Rect, Role, Vec2};
 use egui_kittest::kittest::Queryable;
 use image::{GrayImage, Luma, Rgb, RgbImage};
-use window::{Fixture, settings, start};
+use window::{Fixture, settings, start, start_real};
 
 /// A picture outside the library folder (which the gallery indexes), given to the Studio tab.
 fn open_picture(f: &mut Fixture, folder: &std::path::Path, width: u32, height: u32) {
@@ -115,9 +115,7 @@ fn painting_a_mask_brush_eraser_undo_invert_clear_zoom_and_pan() {
     assert!(f.jobs().is_empty());
 
     f.click("Edit mask…");
-    f.harness
-        .get_by_role_and_label(Role::Slider, "Brush size")
-        .set_value_accesskit(6.0);
+    f.set_slider("Brush size", 6.0);
     f.harness.step();
     assert_eq!(f.app().mask_editor.brush_radius_px, 6.0);
     // A stroke along the middle, from x 20 to x 180.
@@ -217,9 +215,7 @@ fn each_modes_controls_reach_the_job() {
     let outside = tempfile::tempdir().unwrap();
     open_picture(&mut f, outside.path(), 64, 48);
     // Image to image: strength and resize mode.
-    f.harness
-        .get_by_role_and_label(Role::Slider, "Denoising strength")
-        .set_value_accesskit(0.55);
+    f.set_slider("Denoising strength", 0.55);
     f.harness.step();
     pick(&mut f, "Resize mode", "Crop and resize");
     f.click("Use its size");
@@ -245,15 +241,11 @@ fn each_modes_controls_reach_the_job() {
     f.wait_for("the mask", |app| {
         app.init_image.as_ref().unwrap().mask.is_some()
     });
-    f.harness
-        .get_by_role_and_label(Role::Slider, "Mask blur")
-        .set_value_accesskit(9.0);
+    f.set_slider("Mask blur", 9.0);
     f.harness.step();
     pick(&mut f, "Masked content", "latent noise");
     f.click("Only masked");
-    f.harness
-        .get_by_role_and_label(Role::Slider, "Masked area padding")
-        .set_value_accesskit(12.0);
+    f.set_slider("Masked area padding", 12.0);
     f.harness.step();
     f.click("Generate");
     f.wait_for_jobs(2);
@@ -306,15 +298,9 @@ fn each_modes_controls_reach_the_job() {
     // The hires fix, for text to image only.
     f.click("Clear");
     f.click("Hires fix");
-    f.harness
-        .get_by_role_and_label(Role::Slider, "Upscale by")
-        .set_value_accesskit(1.5);
-    f.harness
-        .get_by_role_and_label(Role::Slider, "Hires strength")
-        .set_value_accesskit(0.45);
-    f.harness
-        .get_by_role_and_label(Role::Slider, "Hires steps")
-        .set_value_accesskit(3.0);
+    f.set_slider("Upscale by", 1.5);
+    f.set_slider("Hires strength", 0.45);
+    f.set_slider("Hires steps", 3.0);
     f.harness.step();
     pick(&mut f, "Upscaler", "Lanczos");
     f.click("Generate");
@@ -361,9 +347,7 @@ fn the_gallery_keeps_the_mask_and_use_these_settings_restores_the_inpainting() {
     let stroke = [screen_of(&f, 10.0, 10.0), screen_of(&f, 50.0, 30.0)];
     drag(&mut f, PointerButton::Primary, &stroke);
     f.click("Done");
-    f.harness
-        .get_by_role_and_label(Role::Slider, "Mask blur")
-        .set_value_accesskit(2.0);
+    f.set_slider("Mask blur", 2.0);
     f.harness.step();
     let painted = f
         .app()
@@ -501,48 +485,9 @@ fn compare_varies_the_strength_of_an_inpainting_job() {
     );
 }
 
-/// The real engine behind the window, on the fixture model.
-fn start_real(library: tempfile::TempDir) -> Fixture {
-    use atelier::ui::settings::Settings;
-    let model_dir =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1/model");
-    let settings = Settings {
-        library_dir: library.path().display().to_string(),
-        model: model_dir.display().to_string(),
-        device: "cpu".into(),
-        prompt: "a red fox".into(),
-        seed: 5,
-        seed_locked: true,
-        steps: 4,
-        width: 64,
-        height: 48,
-        ..Default::default()
-    };
-    let harness = egui_kittest::Harness::builder()
-        .with_size(egui::vec2(1300.0, 820.0))
-        .build_eframe(move |cc| {
-            atelier::ui::AtelierApp::with_settings(
-                &cc.egui_ctx,
-                Box::new(atelier::worker::DiffusionEngine::default()),
-                settings,
-            )
-            .unwrap()
-        });
-    let mut f = Fixture {
-        harness,
-        seen: Default::default(),
-        steps: std::sync::mpsc::sync_channel(1).0,
-        library,
-    };
-    f.wait_for("the fixture model to load", |app| {
-        matches!(app.model, atelier::ui::ModelState::Ready(_))
-    });
-    f
-}
-
 #[test]
 fn the_real_engine_inpaints_and_runs_the_hires_fix_in_the_window() {
-    let mut f = start_real(tempfile::tempdir().unwrap());
+    let mut f = start_real(tempfile::tempdir().unwrap(), 4);
     let outside = tempfile::tempdir().unwrap();
     open_picture(&mut f, outside.path(), 64, 48);
     let mask_path = outside.path().join("mask.png");

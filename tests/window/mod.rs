@@ -247,6 +247,14 @@ impl Fixture {
         }
     }
 
+    /// Sets the slider labelled `label` as a screen reader would, and draws a frame.
+    pub fn set_slider(&mut self, label: &str, value: f64) {
+        self.harness
+            .get_by_role_and_label(egui::Role::Slider, label)
+            .set_value_accesskit(value);
+        self.harness.step();
+    }
+
     pub fn jobs(&self) -> Vec<GenerationRequest> {
         self.seen.lock().unwrap().jobs.clone()
     }
@@ -256,4 +264,43 @@ impl Fixture {
         self.wait_for_jobs(count);
         check(self.jobs().last().unwrap());
     }
+}
+
+/// The real engine behind the window, on the fixture model.
+pub fn start_real(library: tempfile::TempDir, steps: usize) -> Fixture {
+    let model_dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1/model");
+    let settings = Settings {
+        library_dir: library.path().display().to_string(),
+        model: model_dir.display().to_string(),
+        device: "cpu".into(),
+        prompt: "a red fox".into(),
+        seed: 5,
+        seed_locked: true,
+        steps,
+        width: 64,
+        height: 48,
+        vae_preview_every: 2,
+        ..Default::default()
+    };
+    let harness = Harness::builder()
+        .with_size(egui::vec2(1300.0, 820.0))
+        .build_eframe(move |cc| {
+            AtelierApp::with_settings(
+                &cc.egui_ctx,
+                Box::new(atelier::worker::DiffusionEngine::default()),
+                settings,
+            )
+            .unwrap()
+        });
+    let mut f = Fixture {
+        harness,
+        seen: Default::default(),
+        steps: sync_channel(1).0,
+        library,
+    };
+    f.wait_for("the fixture model to load", |app| {
+        matches!(app.model, ModelState::Ready(_))
+    });
+    f
 }
