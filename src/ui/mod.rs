@@ -8,6 +8,7 @@ mod dialogs;
 mod events;
 pub mod gallery;
 pub mod mask_editor;
+mod mode_controls;
 pub mod queue;
 pub mod settings;
 
