@@ -32,6 +32,8 @@ use gallery::GalleryView;
 use queue::JobQueue;
 use settings::Settings;
 
+pub use commands::UiCommand;
+
 /// The window's tabs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Tab {
@@ -42,100 +44,6 @@ pub enum Tab {
     Gallery,
     /// Samplers side by side.
     Compare,
-}
-
-/// What the panels ask for; applied once at the end of the frame.
-#[derive(Debug, Clone, PartialEq)]
-pub enum UiCommand {
-    /// Queue jobs with the current parameters.
-    Generate,
-    /// Stop the running job.
-    Cancel,
-    /// Remove a queued job.
-    RemoveQueued(JobId),
-    /// Move a queued job by an offset.
-    MoveQueued(JobId, isize),
-    /// Load a model (folder or repo id).
-    LoadModel(String),
-    /// Ask for a model folder.
-    OpenFolder,
-    /// Save the shown image.
-    SaveAs,
-    /// Copy the shown image's seed.
-    CopySeed,
-    /// Copy the shown image's prompt.
-    CopyPrompt,
-    /// Draw a random seed.
-    RandomSeed,
-    /// Hide the error banner.
-    DismissError,
-    /// Show another tab.
-    SwitchTab(Tab),
-    /// Open (or close) an image's details in the gallery.
-    SelectImage(Option<i64>),
-    /// Ask for a gallery thumbnail.
-    RequestThumbnail(String),
-    /// Fill the prompt panel with a gallery image's parameters.
-    UseSettings(i64),
-    /// Take a gallery image's seed (locked).
-    UseSeed(i64),
-    /// Mark or unmark a favourite.
-    SetFavourite(i64, bool),
-    /// Move a gallery image to the trash.
-    DeleteImage(i64),
-    /// Bring the last deleted image back.
-    UndoDelete,
-    /// Show the library folder in the file manager.
-    OpenGalleryFolder,
-    /// Save a copy of a gallery image elsewhere.
-    ExportImage(i64),
-    /// Ask for PNGs to import.
-    ImportDialog,
-    /// Import these PNGs.
-    ImportFiles(Vec<std::path::PathBuf>),
-    /// Re-read every PNG of the library.
-    RebuildGallery,
-    /// Open the library folder the settings name.
-    OpenLibrary,
-    /// Queue the comparison the Compare tab describes.
-    RunComparison,
-    /// Stop the comparison's remaining cells.
-    CancelComparison,
-    /// Save the comparison grid as one PNG.
-    SaveGrid,
-    /// Show a comparison cell large (or go back to the grid).
-    EnlargeCell(Option<usize>),
-    /// Reopen a saved comparison from the gallery.
-    OpenComparison(String),
-    /// Take a gallery image's settings to the Compare tab.
-    CompareFromImage(i64),
-    /// Ask for a picture to start from (image to image).
-    OpenInitImage,
-    /// Start from this picture file (image to image).
-    SetInitImage(std::path::PathBuf),
-    /// Start from the shown result ("Send to img2img").
-    UseResultAsInit,
-    /// Back to text to image.
-    ClearInitImage,
-    /// Start from a picture and mask kept in the library (a gallery image's inputs).
-    RestoreInput {
-        /// The picture.
-        image: std::path::PathBuf,
-        /// The mask, if it had one.
-        mask: Option<std::path::PathBuf>,
-    },
-    /// Show the mask painter over the picture (a blank mask if there is none).
-    OpenMaskEditor,
-    /// Back from the mask painter to the image.
-    CloseMaskEditor,
-    /// Ask for a mask file (black and white, or a picture with transparency).
-    OpenMaskFile,
-    /// Use this file as the mask.
-    SetMaskFile(std::path::PathBuf),
-    /// Drop the mask: image to image again.
-    RemoveMask,
-    /// Set the job's size to the picture's (rounded to what the model takes).
-    UsePictureSize,
 }
 
 /// Where the model stands.
