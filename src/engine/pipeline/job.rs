@@ -490,6 +490,7 @@ impl StableDiffusion {
                 let mut images = Vec::new();
                 let mut latents = Vec::new();
                 let mut last = None;
+                let mut timings = Timings::default();
                 for (k, image) in first.images.iter().enumerate() {
                     let item = GenerationRequest {
                         seed: second.seed.wrapping_add(k as u64),
@@ -512,6 +513,10 @@ impl StableDiffusion {
                     let mut output = self.generate_with(&item, &input, preview, cancel, on_step)?;
                     images.append(&mut output.images);
                     latents.push(output.latents.clone());
+                    timings.text_encoding_secs += output.timings.text_encoding_secs;
+                    timings.denoising_secs += output.timings.denoising_secs;
+                    timings.decode_secs += output.timings.decode_secs;
+                    timings.total_secs += output.timings.total_secs;
                     last = Some(output);
                 }
                 let mut output = last.ok_or_else(|| {
@@ -519,6 +524,8 @@ impl StableDiffusion {
                 })?;
                 output.images = images;
                 output.latents = Tensor::cat(&latents, 0)?;
+                // Every image's pass, then the first pass before them.
+                output.timings = timings;
                 output.timings.total_secs += first.timings.total_secs;
                 Ok(output)
             }
