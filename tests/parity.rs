@@ -41,7 +41,7 @@ fn token_ids_match_transformers() {
 }
 
 #[test]
-fn long_prompts_report_dropped_tokens() {
+fn long_prompts_are_encoded_in_chunks_not_truncated() {
     let model = load_model("sd1");
     let expected = Expected::load("sd1");
     let long = expected.meta["tokens"]
@@ -52,8 +52,31 @@ fn long_prompts_report_dropped_tokens() {
         .expect("a long prompt in the fixture");
     let prompt = long["prompt"].as_str().expect("prompt");
     let untruncated = long["untruncated_len"].as_u64().expect("len") as usize;
+    let chunks = model.prompt_chunks(prompt).expect("chunks");
+    let tokens: usize = chunks[0]
+        .iter()
+        .map(|chunk| {
+            chunk.tokens[1..]
+                .iter()
+                .take_while(|&&t| t != chunk.tokens[76])
+                .count()
+        })
+        .sum();
+    assert_eq!(tokens, untruncated - 2, "every token is kept");
     let embeddings = model.encode_prompt(prompt).expect("encode");
-    assert_eq!(embeddings.dropped_tokens, untruncated - 77);
+    assert_eq!(embeddings.context.dims3().unwrap().1, 77 * chunks[0].len());
+    // The first chunk alone is what diffusers encodes (it truncates to it).
+    let first = embeddings.context.narrow(1, 0, 77).unwrap();
+    let alone = model
+        .encode_prompt(
+            &prompt
+                .split_whitespace()
+                .take(75)
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+        .expect("encode");
+    assert!(relative_error(&first, &alone.context) < 1e-6);
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub mod npy;
 pub mod pipeline;
 pub mod preview;
 pub mod profile;
+pub mod prompt_syntax;
 pub mod random;
 pub mod source;
 pub mod tokenizer;

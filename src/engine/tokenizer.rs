@@ -10,6 +10,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::error::{EngineError, Result};
+use super::prompt_syntax::{ChunkTokens, PromptChunk, chunk_prompt, parse_prompt_attention};
 use super::source::ModelFiles;
 
 const BOS: &str = "<|startoftext|>";
@@ -33,6 +34,8 @@ pub struct ClipTokenizer {
     bos_id: u32,
     eos_id: u32,
     pad_id: u32,
+    /// `,` as a word of its own (A1111 breaks long prompts after commas).
+    comma_id: Option<u32>,
     max_length: usize,
 }
 
@@ -68,6 +71,7 @@ impl ClipTokenizer {
             bos_id: id(config.bos_token.as_deref().unwrap_or(BOS))?,
             eos_id: id(config.eos_token.as_deref().unwrap_or(EOS))?,
             pad_id: id(&pad_token)?,
+            comma_id: tokenizer.token_to_id(",</w>"),
             // Room for the start and end tokens and one more; CLIP's 77 at most.
             max_length: config
                 .model_max_length
@@ -89,6 +93,32 @@ impl ClipTokenizer {
             .encode(prompt, false)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The prompt as A1111 reads it: emphasis parsed, `BREAK`s honoured, in chunks of
+    /// `max_length - 2` tokens, each with start and end tokens and padding as this tokenizer pads
+    /// (after the end token); and the token count (for the prompt box).
+    pub fn chunks(&self, prompt: &str) -> Result<(Vec<PromptChunk>, usize)> {
+        let ids = ChunkTokens {
+            bos: self.bos_id,
+            eos: self.eos_id,
+            comma: self.comma_id,
+            chunk_length: self.max_length - 2,
+        };
+        let (mut chunks, count) = chunk_prompt(&parse_prompt_attention(prompt), ids, |text| {
+            self.prompt_tokens(text)
+        })?;
+        if self.pad_id != self.eos_id {
+            // SD 2.x pads with its own token after the end token (A1111's `id_pad`).
+            for chunk in &mut chunks {
+                if let Some(end) = chunk.tokens.iter().position(|&t| t == self.eos_id) {
+                    for token in &mut chunk.tokens[end + 1..] {
+                        *token = self.pad_id;
+                    }
+                }
+            }
+        }
+        Ok((chunks, count))
     }
 
     /// Start token, the prompt (truncated to fit), end token, padding to `max_length`.

@@ -180,17 +180,21 @@ fn prompts_ui(ui: &mut Ui, settings: &mut Settings, model: &ModelState) {
             .desired_rows(if negative { 2 } else { 4 })
             .desired_width(f32::INFINITY);
         ui.add(editor).labelled_by(label_response.id);
-        if let Some((count, limit)) = counter.as_ref().map(|(f, limit)| (f(text), *limit)) {
-            let summary = format!("{count} / {limit} tokens");
-            if count > limit {
-                ui.colored_label(
-                    ui.visuals().warn_fg_color,
-                    format!("{summary}: the last {} will be dropped", count - limit),
-                );
-            } else {
-                ui.weak(summary);
-            }
+        if let Some((count, chunk)) = counter.as_ref().map(|(f, chunk)| (f(text), *chunk)) {
+            ui.weak(token_summary(count, chunk));
         }
+    }
+}
+
+/// "12 / 75 tokens", or with more than one chunk "92 / 150 tokens (2 chunks)", as A1111 counts
+/// them: every chunk of `chunk` tokens is encoded on its own, nothing is dropped.
+pub fn token_summary(count: usize, chunk: usize) -> String {
+    let chunk = chunk.max(1);
+    let chunks = count.max(1).div_ceil(chunk);
+    if chunks > 1 {
+        format!("{count} / {} tokens ({chunks} chunks)", chunks * chunk)
+    } else {
+        format!("{count} / {chunk} tokens")
     }
 }
 

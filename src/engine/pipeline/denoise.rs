@@ -194,15 +194,9 @@ impl StableDiffusion {
 
     /// Encodes the prompts into what the UNet reads at every step, for the whole batch.
     fn condition(&self, request: &GenerationRequest) -> Result<Conditioning> {
-        let mut warnings = Vec::new();
+        let warnings = Vec::new();
         let batch = request.batch_size;
         let positive = self.encode_prompt(&request.prompt)?;
-        if positive.dropped_tokens > 0 {
-            warnings.push(format!(
-                "the prompt is longer than the text encoder takes: its last {} tokens were dropped",
-                positive.dropped_tokens
-            ));
-        }
         // LCM-distilled UNets take the guidance scale as an embedding and run without
         // classifier-free guidance (as LatentConsistencyModelPipeline does).
         let guidance_embedding = match self.unet.guidance_embedding_dim() {
@@ -216,14 +210,7 @@ impl StableDiffusion {
         };
         let guided = request.guidance_scale > 1.0 && guidance_embedding.is_none();
         let negative = if guided {
-            let negative = self.encode_negative_prompt(&request.negative_prompt, &positive)?;
-            if negative.dropped_tokens > 0 {
-                warnings.push(format!(
-                    "the negative prompt is too long: its last {} tokens were dropped",
-                    negative.dropped_tokens
-                ));
-            }
-            Some(negative)
+            Some(self.encode_negative_prompt(&request.negative_prompt, &positive)?)
         } else {
             None
         };
@@ -234,13 +221,21 @@ impl StableDiffusion {
         let mut contexts = Vec::new();
         let mut pooled = Vec::new();
         for embeddings in negative.iter().chain(std::iter::once(&positive)) {
-            contexts.push(repeat(&embeddings.context)?);
+            contexts.push(repeat(&embeddings.context)?.to_dtype(self.dtype)?);
             if let Some(p) = &embeddings.pooled {
                 pooled.push(repeat(p)?);
             }
         }
-        let context = Tensor::cat(&contexts, 0)?.to_dtype(self.dtype)?;
-        let model_batch = context.dim(0)?;
+        let model_batch = batch * contexts.len();
+        let context = match &contexts[..] {
+            // Prompts of different chunk counts: the UNet runs on each with its own length, as
+            // A1111 does by default (padding them would change the image).
+            [negative, positive] if negative.dim(1)? != positive.dim(1)? => Context::Separate {
+                negative: negative.clone(),
+                positive: positive.clone(),
+            },
+            _ => Context::Batched(Tensor::cat(&contexts, 0)?),
+        };
         let added = if self.unet.needs_added_conditions() {
             let text_embeds = Tensor::cat(&pooled, 0)?;
             let (h, w) = (request.height as f32, request.width as f32);
@@ -299,16 +294,37 @@ impl StableDiffusion {
                 scaled
             }
             .to_dtype(self.dtype)?;
-            let prediction = self
-                .unet
-                .forward_with_guidance(
+            let prediction = match &conditioning.context {
+                Context::Batched(context) => self.unet.forward_with_guidance(
                     &model_input,
                     timestep,
-                    &conditioning.context,
+                    context,
                     conditioning.added.as_ref(),
                     conditioning.guidance_embedding.as_ref(),
-                )?
-                .to_dtype(DType::F32)?;
+                )?,
+                Context::Separate { negative, positive } => {
+                    let half = |t: &Tensor, part: usize| t.narrow(0, part * batch, batch);
+                    let mut halves = Vec::with_capacity(2);
+                    for (part, context) in [negative, positive].into_iter().enumerate() {
+                        let added = match &conditioning.added {
+                            Some(added) => Some(AddedConditions {
+                                text_embeds: half(&added.text_embeds, part)?,
+                                time_ids: half(&added.time_ids, part)?,
+                            }),
+                            None => None,
+                        };
+                        halves.push(self.unet.forward_with_guidance(
+                            &half(&model_input, part)?,
+                            timestep,
+                            context,
+                            added.as_ref(),
+                            conditioning.guidance_embedding.as_ref(),
+                        )?);
+                    }
+                    Tensor::cat(&halves, 0)?
+                }
+            }
+            .to_dtype(DType::F32)?;
             let guided_prediction = if conditioning.guided {
                 let uncond = prediction.narrow(0, 0, batch)?;
                 let cond = prediction.narrow(0, batch, batch)?;
@@ -350,11 +366,24 @@ impl StableDiffusion {
     }
 }
 
+/// The text embeddings the UNet reads.
+enum Context {
+    /// `(model batch, tokens, width)`: the negative prompt's rows first when guided.
+    Batched(Tensor),
+    /// A negative prompt and a prompt of different lengths (chunk counts), each `(batch,
+    /// tokens, width)`: two UNet evaluations per step.
+    Separate {
+        /// The negative prompt's.
+        negative: Tensor,
+        /// The prompt's.
+        positive: Tensor,
+    },
+}
+
 /// What the UNet reads besides the latents, the same at every step.
 struct Conditioning {
-    /// Text embeddings, `(model batch, tokens, width)`: the negative prompt's rows first when
-    /// guided.
-    context: Tensor,
+    /// Text embeddings.
+    context: Context,
     /// SDXL's pooled text and size conditioning.
     added: Option<AddedConditions>,
     /// LCM-distilled UNets' guidance-scale embedding.

@@ -2,35 +2,37 @@
 
 use std::sync::Arc;
 
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Tensor};
 
 use super::{ModelFamily, StableDiffusion};
 use crate::engine::error::Result;
+use crate::engine::prompt_syntax::PromptChunk;
 
 /// Conditioning for the UNet, for one prompt.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeddings {
-    /// `(1, 77, width)` per-token context.
+    /// `(1, 77 * chunks, width)` per-token context: each 75-token chunk of the prompt encoded on
+    /// its own, as A1111 does.
     pub context: Tensor,
-    /// `(1, pooled_width)` pooled text (SDXL only).
+    /// `(1, pooled_width)` pooled text of the first chunk (SDXL only).
     pub pooled: Option<Tensor>,
-    /// Prompt tokens dropped because the prompt was longer than the encoder takes.
-    pub dropped_tokens: usize,
 }
 
 impl StableDiffusion {
-    /// Prompt tokens the text encoder takes, without the start and end tokens (75 for CLIP).
+    /// Prompt tokens in one chunk, without the start and end tokens (75 for CLIP).
     pub fn max_prompt_tokens(&self) -> usize {
         self.text_encoders[0].tokenizer.max_length() - 2
     }
 
-    /// A thread-safe counter of prompt tokens (the first tokenizer's), for the prompt box.
+    /// A thread-safe counter of prompt tokens as A1111 counts them (emphasis syntax left out,
+    /// chunks padded after a comma or `BREAK`), for the prompt box.
     pub fn token_counter(&self) -> Arc<dyn Fn(&str) -> usize + Send + Sync> {
         let tokenizer = self.text_encoders[0].tokenizer.clone();
-        Arc::new(move |prompt: &str| tokenizer.prompt_tokens(prompt).map_or(0, |t| t.len()))
+        Arc::new(move |prompt: &str| tokenizer.chunks(prompt).map_or(0, |(_, count)| count))
     }
 
-    /// Tokenizes `prompt` with every tokenizer of the model.
+    /// Tokenizes `prompt` with every tokenizer of the model as transformers does (plain text,
+    /// truncated to one chunk): what diffusers' pipelines feed their text encoders.
     pub fn tokenize(&self, prompt: &str) -> Result<Vec<Vec<u32>>> {
         self.text_encoders
             .iter()
@@ -38,33 +40,51 @@ impl StableDiffusion {
             .collect()
     }
 
-    /// Encodes one prompt as the diffusers pipeline of this family does.
+    /// Tokenizes `prompt` with every tokenizer of the model as A1111 does: its chunks (token ids
+    /// and weights), which [`StableDiffusion::encode_prompt`] encodes.
+    pub fn prompt_chunks(&self, prompt: &str) -> Result<Vec<Vec<PromptChunk>>> {
+        self.text_encoders
+            .iter()
+            .map(|part| Ok(part.tokenizer.chunks(prompt)?.0))
+            .collect()
+    }
+
+    /// Encodes one prompt as A1111 does (emphasis, `BREAK`, no truncation: 75-token chunks,
+    /// each encoded on its own, weighted, and concatenated); a prompt without emphasis that fits
+    /// one chunk gives exactly what diffusers' pipeline of this family gives.
     pub fn encode_prompt(&self, prompt: &str) -> Result<PromptEmbeddings> {
         let mut contexts = Vec::with_capacity(self.text_encoders.len());
         let mut pooled = None;
-        let mut dropped_tokens = 0;
         for part in &self.text_encoders {
-            let tokens = part.tokenizer.tokenize(prompt)?;
-            dropped_tokens = dropped_tokens.max(tokens.dropped_tokens);
-            let encoding = part.encoder.encode(&[tokens.ids], &self.device)?;
-            match self.family {
-                ModelFamily::Sdxl => {
-                    contexts.push(encoding.penultimate_hidden_state);
-                    pooled = Some(encoding.pooled);
-                }
-                ModelFamily::Sd1 | ModelFamily::Sd2 => contexts.push(encoding.last_hidden_state),
+            let (chunks, _) = part.tokenizer.chunks(prompt)?;
+            let mut encoded = Vec::with_capacity(chunks.len());
+            for (index, chunk) in chunks.iter().enumerate() {
+                let encoding = part
+                    .encoder
+                    .encode(std::slice::from_ref(&chunk.tokens), &self.device)?;
+                let hidden = match self.family {
+                    ModelFamily::Sdxl => {
+                        if index == 0 {
+                            pooled = Some(encoding.pooled);
+                        }
+                        encoding.penultimate_hidden_state
+                    }
+                    ModelFamily::Sd1 | ModelFamily::Sd2 => encoding.last_hidden_state,
+                };
+                encoded.push(emphasize(&hidden, &chunk.weights)?);
             }
+            contexts.push(if encoded.len() == 1 {
+                encoded.remove(0)
+            } else {
+                Tensor::cat(&encoded, 1)?
+            });
         }
         let context = if contexts.len() == 1 {
             contexts.remove(0)
         } else {
             Tensor::cat(&contexts, D::Minus1)?
         };
-        Ok(PromptEmbeddings {
-            context,
-            pooled,
-            dropped_tokens,
-        })
+        Ok(PromptEmbeddings { context, pooled })
     }
 
     /// The negative conditioning: zeros for SDXL models that ask for it when the prompt is empty.
@@ -74,6 +94,8 @@ impl StableDiffusion {
         positive: &PromptEmbeddings,
     ) -> Result<PromptEmbeddings> {
         if negative_prompt.is_empty() && self.force_zeros_for_empty_prompt {
+            // The prompt's shape, as diffusers zeroes it (zero keys and values attend to
+            // nothing, so its length does not change the image; equal lengths batch together).
             return Ok(PromptEmbeddings {
                 context: positive.context.zeros_like()?,
                 pooled: positive
@@ -81,9 +103,24 @@ impl StableDiffusion {
                     .as_ref()
                     .map(Tensor::zeros_like)
                     .transpose()?,
-                dropped_tokens: 0,
             });
         }
         self.encode_prompt(negative_prompt)
     }
+}
+
+/// A1111's "Original" emphasis: every token's hidden state multiplied by its weight, then the
+/// whole chunk rescaled so that its mean is what it was before. Unchanged when every weight is 1.
+fn emphasize(hidden: &Tensor, weights: &[f32]) -> Result<Tensor> {
+    if weights.iter().all(|&w| w == 1.0) {
+        return Ok(hidden.clone());
+    }
+    let dtype = hidden.dtype();
+    let hidden = hidden.to_dtype(DType::F32)?;
+    let original_mean = hidden.mean_all()?.to_scalar::<f32>()?;
+    let weights = Tensor::from_slice(weights, (1, weights.len(), 1), hidden.device())?;
+    let weighted = hidden.broadcast_mul(&weights)?;
+    let new_mean = weighted.mean_all()?.to_scalar::<f32>()?;
+    let rescaled = (weighted * f64::from(original_mean / new_mean))?;
+    Ok(rescaled.to_dtype(dtype)?)
 }
