@@ -175,14 +175,30 @@ fn prompts_ui(ui: &mut Ui, settings: &mut Settings, model: &ModelState) {
         } else {
             &mut settings.prompt
         };
+        let mut layouter = |ui: &Ui, buffer: &dyn egui::TextBuffer, wrap_width: f32| {
+            let job =
+                super::prompt_highlight::prompt_layout_job(buffer.as_str(), ui.style(), wrap_width);
+            ui.fonts_mut(|fonts| fonts.layout_job(job))
+        };
         let editor = egui::TextEdit::multiline(text)
             .hint_text(hint)
             .desired_rows(if negative { 2 } else { 4 })
-            .desired_width(f32::INFINITY);
+            .desired_width(f32::INFINITY)
+            .layouter(&mut layouter);
         ui.add(editor).labelled_by(label_response.id);
         if let Some((count, chunk)) = counter.as_ref().map(|(f, chunk)| (f(text), *chunk)) {
             ui.weak(token_summary(count, chunk));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_token_summary_counts_chunks() {
+        assert_eq!(super::token_summary(0, 75), "0 / 75 tokens");
+        assert_eq!(super::token_summary(75, 75), "75 / 75 tokens");
+        assert_eq!(super::token_summary(92, 75), "92 / 150 tokens (2 chunks)");
     }
 }
 
