@@ -192,16 +192,6 @@ fn prompts_ui(ui: &mut Ui, settings: &mut Settings, model: &ModelState) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_token_summary_counts_chunks() {
-        assert_eq!(super::token_summary(0, 75), "0 / 75 tokens");
-        assert_eq!(super::token_summary(75, 75), "75 / 75 tokens");
-        assert_eq!(super::token_summary(92, 75), "92 / 150 tokens (2 chunks)");
-    }
-}
-
 /// "12 / 75 tokens", or with more than one chunk "92 / 150 tokens (2 chunks)", as A1111 counts
 /// them: every chunk of `chunk` tokens is encoded on its own, nothing is dropped.
 pub fn token_summary(count: usize, chunk: usize) -> String {
@@ -394,4 +384,14 @@ fn settings_ui(ui: &mut Ui, settings: &mut Settings, commands: &mut Vec<UiComman
             commands.push(UiCommand::OpenLibrary);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_token_summary_counts_chunks() {
+        assert_eq!(super::token_summary(0, 75), "0 / 75 tokens");
+        assert_eq!(super::token_summary(75, 75), "75 / 75 tokens");
+        assert_eq!(super::token_summary(92, 75), "92 / 150 tokens (2 chunks)");
+    }
 }
