@@ -68,9 +68,9 @@ kill $app; app=""
 sleep 1
 
 # Outpainting: 64 pixels more on the left and the right, at the canvas' size.
-start_app --outpaint 64,0,64,0 --size 192x96 --steps 10
+start_app --outpaint 64,0,64,0 --size 128x64 --steps 10
 generate
-sleep 40                                   # 10 steps at 192x96 (the fixture's VAE halves, not eighths)
+sleep 30                                   # 10 steps at 128x64 (the fixture's VAE halves, not eighths)
 import -window root screenshots/outpainted.png
 kill $app; app=""
 echo "saved screenshots/img2img.png mask-painted.png inpainted.png outpainted.png"

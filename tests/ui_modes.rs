@@ -509,6 +509,10 @@ fn the_real_engine_inpaints_and_runs_the_hires_fix_in_the_window() {
     );
     let shown = f.app().shown.as_ref().unwrap().image.clone();
     assert_eq!(shown.dimensions(), (64, 48));
+    assert!(
+        f.harness.query_by_label_contains("· 3 steps in").is_some(),
+        "4 steps at strength 0.75 run 3, and the status says 3"
+    );
     let picture = f.app().init_image.as_ref().unwrap().image.clone();
     // The left half is kept exactly (the window keeps the rest of the picture); the right half
     // is repainted.
@@ -542,5 +546,10 @@ fn the_real_engine_inpaints_and_runs_the_hires_fix_in_the_window() {
                 .is_some_and(|s| s.image.dimensions() == (96, 72))
     });
     assert_eq!(most_steps.get(), 6, "4 steps, then 2 at strength 0.5");
+    assert!(
+        f.harness
+            .query_by_label_contains("hires fix, 6 steps over both passes")
+            .is_some()
+    );
     assert_eq!(f.app().shown.as_ref().unwrap().request.width, 96);
 }

@@ -138,18 +138,29 @@ pub fn canvas_ui(
     if let Some(shown) = studio.shown.as_ref().filter(|_| studio.running.is_none()) {
         let r = &shown.request;
         let t = &shown.timings;
+        let steps = shown.steps_run.max(1);
+        let timing = if shown.hires {
+            // The second pass's denoising time alone would say little: the whole job's.
+            format!(
+                "hires fix, {steps} steps over both passes, total {}",
+                format_secs(t.total_secs)
+            )
+        } else {
+            format!(
+                "{steps} steps in {} ({:.2} s/step), total {}",
+                format_secs(t.denoising_secs),
+                t.denoising_secs / steps as f64,
+                format_secs(t.total_secs)
+            )
+        };
         ui.weak(format!(
-            "seed {} · {} steps · {} · guidance {} · {}x{} · {} steps in {} ({:.2} s/step), total {}",
+            "seed {} · {} steps · {} · guidance {} · {}x{} · {timing}",
             r.seed,
             r.steps,
             r.scheduler.display_name(),
             r.guidance_scale,
             r.width,
             r.height,
-            r.steps,
-            format_secs(t.denoising_secs),
-            t.denoising_secs / r.steps.max(1) as f64,
-            format_secs(t.total_secs)
         ));
     }
     match texture {

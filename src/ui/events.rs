@@ -162,7 +162,7 @@ impl AtelierApp {
                         comparison,
                     );
                 }
-                if let (Some(_), Some(image)) = (running, output.images.into_iter().next()) {
+                if let (Some(running), Some(image)) = (running, output.images.into_iter().next()) {
                     let texture =
                         ctx.load_texture("result", color_image(&image), TextureOptions::LINEAR);
                     self.shown = Some(ShownImage {
@@ -174,6 +174,8 @@ impl AtelierApp {
                             _ => String::new(),
                         },
                         timings: output.timings,
+                        steps_run: running.total_steps,
+                        hires: running.job.hires.is_some(),
                     });
                 }
             }

@@ -93,6 +93,10 @@ pub struct ShownImage {
     pub model_name: String,
     /// Where the time went.
     pub timings: Timings,
+    /// Steps the job ran (fewer than the request's from a picture; both passes of a hires fix).
+    pub steps_run: usize,
+    /// Whether a hires fix's second pass made it.
+    pub hires: bool,
 }
 
 /// The picture image to image starts from.
