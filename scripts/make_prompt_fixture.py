@@ -40,6 +40,9 @@ PROMPTS = [
     "time: 5pm (clock: 1.5 ) end:1.2) [[faint]]",
 ]
 
+# Prompts also encoded with clip skip 2 and 3 (SD 1.x; A1111 leaves SD 2.x and SDXL alone).
+CLIP_SKIP_PROMPTS = [0, 1, 7]
+
 # The attention grammar's tokens, tried in this order at every position.
 LEXEME = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
@@ -123,12 +126,19 @@ def chunks(tokenizer, prompt):
     return done
 
 
-def encode(encoder, tokenizer, prompt, penultimate):
+def encode(encoder, tokenizer, prompt, penultimate, clip_skip=1):
     outputs, pooled = [], None
     for index, (ids, weights) in enumerate(chunks(tokenizer, prompt)):
         with torch.no_grad():
             out = encoder(torch.tensor([ids]), output_hidden_states=True)
-        z = out.hidden_states[-2] if penultimate else out.last_hidden_state
+        if penultimate:
+            z = out.hidden_states[-2]
+        elif clip_skip > 1:
+            # A1111's "CLIP stop at last layers": that hidden state, then the final layer norm.
+            final_norm = next(m for name, m in encoder.named_modules() if name.endswith("final_layer_norm"))
+            z = final_norm(out.hidden_states[-clip_skip])
+        else:
+            z = out.last_hidden_state
         if index == 0 and hasattr(out, "text_embeds"):
             pooled = out.text_embeds
         before = z.mean()
@@ -162,7 +172,13 @@ def main():
             if family == "sdxl":
                 tensors[f"{family}/{i}/pooled"] = pooled.contiguous()
             counts.append(len(chunks(loaded[0][1], prompt)))
+            if family == "sd1" and i in CLIP_SKIP_PROMPTS:
+                encoder, tokenizer = loaded[0]
+                for skip in (2, 3):
+                    z, _ = encode(encoder, tokenizer, prompt, penultimate=False, clip_skip=skip)
+                    tensors[f"{family}/{i}/clip_skip_{skip}"] = z.contiguous()
         meta["families"][family] = {"chunks": counts}
+    meta["clip_skip_prompts"] = CLIP_SKIP_PROMPTS
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else FIXTURES
     save_file(tensors, out / "prompts.safetensors")
     (out / "prompts.json").write_text(json.dumps(meta, indent=1))

@@ -495,3 +495,32 @@ fn compare_makes_a_grid_of_the_engines_images_and_keeps_the_cells() {
         "{stderr}"
     );
 }
+
+#[test]
+fn clip_skip_changes_the_image_and_is_recorded_as_a1111_writes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, skipped) = (dir.path().join("plain.png"), dir.path().join("skip.png"));
+    generate_sd1(&plain, &["--seed", "3"]);
+    generate_sd1(&skipped, &["--seed", "3", "--clip-skip", "2"]);
+    let parameters = |path: &std::path::Path| {
+        A1111Parameters::parse(&read_png_text(path).unwrap()["parameters"])
+    };
+    assert_eq!(parameters(&plain).get("Clip skip"), None);
+    assert_eq!(parameters(&skipped).get("Clip skip"), Some("2"));
+    let (a, b) = (
+        image::open(&plain).unwrap().to_rgb8(),
+        image::open(&skipped).unwrap().to_rgb8(),
+    );
+    assert_ne!(a, b, "clip skip 2 reads another layer");
+    // The fixture's text encoder has 3 layers: 4 is refused before anything runs.
+    let output = atelier()
+        .args(["generate", "--model"])
+        .arg(model_dir("sd1"))
+        .args(["--prompt", "a fox", "--steps", "3", "--device", "cpu"])
+        .args(["--clip-skip", "4", "--out"])
+        .arg(dir.path().join("no.png"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("clip skip must be from 1 to 3"));
+}

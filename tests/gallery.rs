@@ -423,6 +423,15 @@ fn a1111_img2img_inpainting_and_hires_keys_are_read_and_written() {
     ] {
         assert_eq!(written.get(key), Some(value), "{key}");
     }
+    // Clip skip, read, written back and applied.
+    let skipped = ImageMetadata::from_a1111(&A1111Parameters::parse(
+        "a barn\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512, Clip skip: 2",
+    ));
+    assert_eq!(skipped.clip_skip, Some(2));
+    assert_eq!(skipped.to_a1111().get("Clip skip"), Some("2"));
+    let mut request = GenerationRequest::default();
+    skipped.apply_to(&mut request);
+    assert_eq!(request.clip_skip, 2);
     // Plain img2img: a strength and no mask keys.
     let img2img = ImageMetadata::from_a1111(&A1111Parameters::parse(
         "a barn\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512, Denoising strength: 0.45",

@@ -49,3 +49,34 @@ fn prompt_embeddings_match_a1111s_algorithm() {
         }
     }
 }
+
+#[test]
+fn clip_skip_reads_an_earlier_layer_through_the_final_norm() {
+    let (tensors, meta) = fixture();
+    let prompts: Vec<String> = serde_json::from_value(meta["prompts"].clone()).unwrap();
+    let which: Vec<usize> = serde_json::from_value(meta["clip_skip_prompts"].clone()).unwrap();
+    let model = load_model("sd1");
+    for i in which {
+        for skip in [2, 3] {
+            let ours = model.encode_prompt_with(&prompts[i], skip).unwrap();
+            let want = &tensors[&format!("sd1/{i}/clip_skip_{skip}")];
+            let error = relative_error(&ours.context, want);
+            check(
+                error < 1e-5,
+                &format!(
+                    "clip skip {skip} on {:?}: relative error {error:.2e}",
+                    prompts[i]
+                ),
+            );
+        }
+    }
+    // Beyond the encoder's layers (the fixture has 3) is refused, not clamped.
+    assert!(model.encode_prompt_with("a fox", 4).is_err());
+    // SD 2.x and SDXL read their penultimate layer whatever clip skip says (A1111's default).
+    for family in ["sd2", "sdxl"] {
+        let model = load_model(family);
+        let plain = model.encode_prompt("a fox").unwrap();
+        let skipped = model.encode_prompt_with("a fox", 2).unwrap();
+        assert_eq!(relative_error(&plain.context, &skipped.context), 0.0);
+    }
+}

@@ -385,6 +385,19 @@ fn the_gallery_keeps_the_mask_and_use_these_settings_restores_the_inpainting() {
         metadata.mask_image.as_ref().unwrap(),
     );
     assert_eq!(image::open(&kept).unwrap().to_luma8(), painted);
+    // The detail panel says how it was made.
+    f.click("Gallery");
+    f.harness
+        .state_mut()
+        .apply_for_test(UiCommand::SelectImage(Some(entry.id)));
+    f.wait_for("the detail panel", |app| app.gallery.full_image.is_some());
+    assert!(
+        f.harness
+            .query_by_label_contains("inpainting, strength 0.75")
+            .is_some()
+    );
+    assert!(f.harness.query_by_label_contains("blur 2 px").is_some());
+    f.click("Studio");
     // Back to text to image, then Use these settings brings the picture and its mask back.
     f.click("Clear");
     assert!(f.app().init_image.is_none());

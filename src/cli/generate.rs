@@ -55,6 +55,10 @@ pub struct GenerateArgs {
     /// DDIM's eta: 0 is deterministic, 1 as noisy as DDPM (other samplers ignore it).
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
+    /// A1111's clip skip: read the text encoder's hidden state this many layers from the end
+    /// (1: the last; SD 1.x models; SD 2.x and SDXL read their penultimate layer regardless).
+    #[arg(long, default_value_t = 1)]
+    pub clip_skip: usize,
     /// cpu, cuda, metal or auto.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -167,6 +171,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         scheduler,
         sigmas: sampler.sigmas,
         eta: args.eta,
+        clip_skip: args.clip_skip,
     };
     model.validate(&request)?;
     if init_noise.is_none() {

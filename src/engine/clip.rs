@@ -145,6 +145,29 @@ impl ClipTextEncoder {
 
     /// Encodes rows of token ids (each `max_position_embeddings` long).
     pub fn encode(&self, token_ids: &[Vec<u32>], device: &Device) -> Result<TextEncoding> {
+        self.encode_skipping(token_ids, device, 1)
+    }
+
+    /// Layers the encoder has.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Encodes as A1111's clip skip does: `skip` 1 is [`ClipTextEncoder::encode`]; N stops
+    /// N - 1 layers before the end, and the final layer norm applies to that hidden state (the
+    /// last hidden state and the pooled output are then the stopped encoder's).
+    pub fn encode_skipping(
+        &self,
+        token_ids: &[Vec<u32>],
+        device: &Device,
+        skip: usize,
+    ) -> Result<TextEncoding> {
+        if skip == 0 || skip > self.layers.len() {
+            return Err(EngineError::InvalidParameter(format!(
+                "clip skip must be from 1 to {} (the text encoder's layers), got {skip}",
+                self.layers.len()
+            )));
+        }
         let batch = token_ids.len();
         let len = token_ids.first().map_or(0, Vec::len);
         if batch == 0 || len == 0 || len > self.config.max_position_embeddings {
@@ -163,8 +186,8 @@ impl ClipTextEncoder {
         let mask = causal_mask(len, device)?;
         let heads = self.config.num_attention_heads;
         let mut penultimate = xs.clone();
-        let layer_count = self.layers.len();
-        for (i, layer) in self.layers.iter().enumerate() {
+        let layer_count = self.layers.len() + 1 - skip;
+        for (i, layer) in self.layers[..layer_count].iter().enumerate() {
             if i + 1 == layer_count {
                 penultimate = xs.clone();
             }

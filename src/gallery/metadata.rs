@@ -51,6 +51,11 @@ impl A1111Parameters {
                 "Size".to_string(),
                 format!("{}x{}", request.width, request.height),
             ),
+        ]);
+        if request.clip_skip > 1 {
+            pairs.push(("Clip skip".into(), request.clip_skip.to_string()));
+        }
+        pairs.extend([
             ("Model".to_string(), model_name.to_string()),
             (
                 "Version".to_string(),

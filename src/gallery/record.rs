@@ -130,6 +130,8 @@ pub struct ImageMetadata {
     /// How the init picture was worked on (resize mode, mask blur, masked content, "only
     /// masked", outpainting); `None` for text to image.
     pub image_options: Option<ImageOptions>,
+    /// A1111's clip skip, when not 1.
+    pub clip_skip: Option<usize>,
     /// The hires fix's second pass, if it had one (the size and steps above are the first
     /// pass's, as A1111 writes them).
     pub hires: Option<HiresFix>,
@@ -183,6 +185,7 @@ impl ImageMetadata {
             mask_image: None,
             inpainted: false,
             image_options: None,
+            clip_skip: (request.clip_skip > 1).then_some(request.clip_skip),
             hires: None,
         }
     }
@@ -240,6 +243,9 @@ impl ImageMetadata {
             pairs.push(("Seed".into(), seed.to_string()));
         }
         pairs.push(("Size".into(), format!("{}x{}", self.width, self.height)));
+        if let Some(clip_skip) = self.clip_skip.filter(|&n| n > 1) {
+            pairs.push(("Clip skip".into(), clip_skip.to_string()));
+        }
         let mut modes = A1111Parameters::default();
         match (&self.image_options, &self.hires) {
             (Some(options), _) => modes.push_image_options(options, self.is_inpainting()),
@@ -320,6 +326,10 @@ impl ImageMetadata {
             mask_image: None,
             inpainted: parameters.get("Mask blur").is_some(),
             image_options: image_options_from_a1111(parameters),
+            clip_skip: parameters
+                .get("Clip skip")
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|&n| (2..=24).contains(&n)),
             hires: hires_from_a1111(parameters),
         }
     }
@@ -385,6 +395,7 @@ impl ImageMetadata {
             None => {}
         }
         request.eta = self.eta.unwrap_or(0.0);
+        request.clip_skip = self.clip_skip.unwrap_or(1);
         skipped
     }
 }

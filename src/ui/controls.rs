@@ -367,6 +367,14 @@ fn settings_ui(ui: &mut Ui, settings: &mut Settings, commands: &mut Vec<UiComman
         }
     });
     ui.horizontal(|ui| {
+        let label = ui.label("Clip skip");
+        ui.add(egui::DragValue::new(&mut settings.clip_skip).range(1..=12))
+            .labelled_by(label.id)
+            .on_hover_text(
+                "A1111's \"CLIP stop at last layers\": 2 reads the text encoder one layer before its end (SD 1.x models)",
+            );
+    });
+    ui.horizontal(|ui| {
         ui.label("Full VAE preview every");
         ui.add(egui::DragValue::new(&mut settings.vae_preview_every).range(0..=50));
         ui.label("steps (0: fast preview only)");

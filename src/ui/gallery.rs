@@ -447,6 +447,46 @@ fn detail_ui(ui: &mut Ui, view: &GalleryView, commands: &mut Vec<UiCommand>) {
                     row("Guidance", guidance.to_string());
                 }
                 row("Size", format!("{} x {}", m.width, m.height));
+                if let Some(clip_skip) = m.clip_skip {
+                    row("Clip skip", clip_skip.to_string());
+                }
+                if let Some(options) = &m.image_options {
+                    let mode = if options.outpaint.is_some() {
+                        "outpainting"
+                    } else if m.is_inpainting() {
+                        "inpainting"
+                    } else {
+                        "image to image"
+                    };
+                    row("Mode", format!("{mode}, strength {}", options.strength));
+                    if m.is_inpainting() {
+                        row(
+                            "Mask",
+                            format!(
+                                "blur {} px, {}{}",
+                                options.mask_blur,
+                                options.masked_content.display_name(),
+                                options
+                                    .only_masked_padding
+                                    .map_or(String::new(), |p| format!(", only masked ({p} px)"))
+                            ),
+                        );
+                    }
+                }
+                if let Some(hires) = &m.hires {
+                    row(
+                        "Hires fix",
+                        format!(
+                            "x{} at strength {}, {} steps, {}",
+                            hires.scale,
+                            hires.strength,
+                            hires
+                                .steps
+                                .map_or("same".to_string(), |steps| steps.to_string()),
+                            hires.upscaler.display_name()
+                        ),
+                    );
+                }
                 if let Some(t) = &m.timings {
                     row(
                         "Time",

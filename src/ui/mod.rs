@@ -328,6 +328,7 @@ impl AtelierApp {
             } else {
                 0.0
             },
+            clip_skip: s.clip_skip.max(1),
         }
     }
 

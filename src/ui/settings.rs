@@ -46,6 +46,8 @@ pub struct Settings {
     /// How a picture is worked on (strength, resize mode, mask blur, masked content, "only
     /// masked", outpainting).
     pub image_options: crate::engine::pipeline::ImageOptions,
+    /// A1111's clip skip (1: the text encoder's last layer).
+    pub clip_skip: usize,
     /// Whether text to image runs the hires fix's second pass.
     pub hires_enabled: bool,
     /// The hires fix's settings.
@@ -77,6 +79,7 @@ impl Default for Settings {
                 keep_unmasked: true,
                 ..Default::default()
             },
+            clip_skip: 1,
             hires_enabled: false,
             hires: Default::default(),
         }

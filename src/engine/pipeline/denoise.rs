@@ -42,6 +42,13 @@ impl StableDiffusion {
                 )));
             }
         }
+        let layers = self.text_encoders[0].encoder.layer_count();
+        if request.clip_skip == 0 || request.clip_skip > layers {
+            return Err(EngineError::InvalidParameter(format!(
+                "clip skip must be from 1 to {layers} (the text encoder's layers), got {}",
+                request.clip_skip
+            )));
+        }
         if request.batch_size == 0 || request.batch_size > 64 {
             return Err(EngineError::InvalidParameter(format!(
                 "batch size must be between 1 and 64, got {}",
@@ -196,7 +203,7 @@ impl StableDiffusion {
     fn condition(&self, request: &GenerationRequest) -> Result<Conditioning> {
         let warnings = Vec::new();
         let batch = request.batch_size;
-        let positive = self.encode_prompt(&request.prompt)?;
+        let positive = self.encode_prompt_with(&request.prompt, request.clip_skip)?;
         // LCM-distilled UNets take the guidance scale as an embedding and run without
         // classifier-free guidance (as LatentConsistencyModelPipeline does).
         let guidance_embedding = match self.unet.guidance_embedding_dim() {
@@ -210,7 +217,11 @@ impl StableDiffusion {
         };
         let guided = request.guidance_scale > 1.0 && guidance_embedding.is_none();
         let negative = if guided {
-            Some(self.encode_negative_prompt(&request.negative_prompt, &positive)?)
+            Some(self.encode_negative_prompt_with(
+                &request.negative_prompt,
+                &positive,
+                request.clip_skip,
+            )?)
         } else {
             None
         };

@@ -53,15 +53,28 @@ impl StableDiffusion {
     /// each encoded on its own, weighted, and concatenated); a prompt without emphasis that fits
     /// one chunk gives exactly what diffusers' pipeline of this family gives.
     pub fn encode_prompt(&self, prompt: &str) -> Result<PromptEmbeddings> {
+        self.encode_prompt_with(prompt, 1)
+    }
+
+    /// [`StableDiffusion::encode_prompt`] with A1111's clip skip: SD 1.x reads the hidden state
+    /// `clip_skip` layers from the end through the final layer norm; SD 2.x and SDXL read their
+    /// penultimate layer whatever it says, as A1111 does with its default settings.
+    pub fn encode_prompt_with(&self, prompt: &str, clip_skip: usize) -> Result<PromptEmbeddings> {
+        let skip = match self.family {
+            ModelFamily::Sd1 => clip_skip,
+            ModelFamily::Sd2 | ModelFamily::Sdxl => 1,
+        };
         let mut contexts = Vec::with_capacity(self.text_encoders.len());
         let mut pooled = None;
         for part in &self.text_encoders {
             let (chunks, _) = part.tokenizer.chunks(prompt)?;
             let mut encoded = Vec::with_capacity(chunks.len());
             for (index, chunk) in chunks.iter().enumerate() {
-                let encoding = part
-                    .encoder
-                    .encode(std::slice::from_ref(&chunk.tokens), &self.device)?;
+                let encoding = part.encoder.encode_skipping(
+                    std::slice::from_ref(&chunk.tokens),
+                    &self.device,
+                    skip,
+                )?;
                 let hidden = match self.family {
                     ModelFamily::Sdxl => {
                         if index == 0 {
@@ -93,6 +106,16 @@ impl StableDiffusion {
         negative_prompt: &str,
         positive: &PromptEmbeddings,
     ) -> Result<PromptEmbeddings> {
+        self.encode_negative_prompt_with(negative_prompt, positive, 1)
+    }
+
+    /// [`StableDiffusion::encode_negative_prompt`] with A1111's clip skip.
+    pub fn encode_negative_prompt_with(
+        &self,
+        negative_prompt: &str,
+        positive: &PromptEmbeddings,
+        clip_skip: usize,
+    ) -> Result<PromptEmbeddings> {
         if negative_prompt.is_empty() && self.force_zeros_for_empty_prompt {
             // The prompt's shape, as diffusers zeroes it (zero keys and values attend to
             // nothing, so its length does not change the image; equal lengths batch together).
@@ -105,7 +128,7 @@ impl StableDiffusion {
                     .transpose()?,
             });
         }
-        self.encode_prompt(negative_prompt)
+        self.encode_prompt_with(negative_prompt, clip_skip)
     }
 }
 

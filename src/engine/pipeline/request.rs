@@ -163,6 +163,10 @@ pub struct GenerationRequest {
     /// DDIM's eta: 0 is deterministic DDIM, 1 adds as much noise as DDPM (other samplers
     /// ignore it).
     pub eta: f64,
+    /// A1111's clip skip ("CLIP stop at last layers"): 1 reads the text encoder's last layer, N
+    /// the hidden state N layers from the end (then the final layer norm). SD 1.x only, as in
+    /// A1111's default settings: SD 2.x and SDXL always read their penultimate layer.
+    pub clip_skip: usize,
 }
 
 impl Default for GenerationRequest {
@@ -179,6 +183,7 @@ impl Default for GenerationRequest {
             scheduler: SchedulerKind::Euler,
             sigmas: SigmaSchedule::Default,
             eta: 0.0,
+            clip_skip: 1,
         }
     }
 }

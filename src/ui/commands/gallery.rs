@@ -23,6 +23,7 @@ impl AtelierApp {
         s.scheduler = request.scheduler.id().to_string();
         s.sigma_schedule = request.sigmas;
         s.eta = request.eta;
+        s.clip_skip = request.clip_skip;
         let metadata = &entry.metadata;
         // The modes: the picture's settings, or the hires fix (the size and steps above are its
         // first pass's).
