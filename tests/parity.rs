@@ -220,6 +220,7 @@ fn full_runs_match_diffusers() {
                 scheduler: sampler.kind,
                 sigmas: sampler.sigmas,
                 eta: 0.0,
+                clip_skip: 1,
             };
             let output = model
                 .generate(
