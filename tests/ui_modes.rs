@@ -210,6 +210,37 @@ fn painting_a_mask_brush_eraser_undo_invert_clear_zoom_and_pan() {
 }
 
 #[test]
+fn a_picture_wider_than_the_gpu_takes_is_shown_scaled_and_painted_at_full_size() {
+    let mut f = start(settings(), false, false, None);
+    let outside = tempfile::tempdir().unwrap();
+    // Wider than any GPU texture (8192, or egui's default 2048): shown scaled, never a panic.
+    let max_side = f.harness.ctx.input(|input| input.max_texture_side);
+    assert!(max_side < 9000, "the harness allows {max_side}");
+    open_picture(&mut f, outside.path(), 9000, 60);
+    f.click("Paint mask…");
+    let stroke = [screen_of(&f, 4000.0, 30.0), screen_of(&f, 5000.0, 30.0)];
+    drag(&mut f, PointerButton::Primary, &stroke);
+    assert_eq!(
+        mask_pixel(&f, 4500, 30),
+        255,
+        "the mask keeps the picture's resolution"
+    );
+    assert_eq!(mask_pixel(&f, 3000, 30), 0);
+    assert_eq!(
+        f.app()
+            .init_image
+            .as_ref()
+            .unwrap()
+            .mask
+            .as_ref()
+            .unwrap()
+            .mask()
+            .dimensions(),
+        (9000, 60)
+    );
+}
+
+#[test]
 fn each_modes_controls_reach_the_job() {
     let mut f = start(settings(), false, false, None);
     let outside = tempfile::tempdir().unwrap();

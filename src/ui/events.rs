@@ -5,7 +5,7 @@ use image::RgbImage;
 
 use super::compare::CellState;
 use super::dialogs::DialogResult;
-use super::{AtelierApp, ModelState, RunningJob, ShownImage, color_image};
+use super::{AtelierApp, ModelState, RunningJob, ShownImage, load_fitted_texture};
 use crate::engine::pipeline::Timings;
 use crate::gallery::library::now_unix;
 use crate::gallery::record::ImageMetadata;
@@ -72,7 +72,7 @@ impl AtelierApp {
                 } else {
                     TextureOptions::LINEAR
                 };
-                let texture = ctx.load_texture("gallery-full", color_image(&image), options);
+                let texture = load_fitted_texture(ctx, "gallery-full", &image, options);
                 self.gallery.full_image = Some((id, texture));
             }
             GalleryEvent::Comparison { entries, images } => {
@@ -115,16 +115,17 @@ impl AtelierApp {
                 {
                     cell.state = CellState::Running(update.steps_done, update.total_steps);
                     if let Some(preview) = &update.preview {
-                        cell.preview = Some(ctx.load_texture(
+                        cell.preview = Some(load_fitted_texture(
+                            ctx,
                             format!("compare-preview-{index}"),
-                            color_image(preview),
+                            preview,
                             TextureOptions::LINEAR,
                         ));
                     }
                 }
                 if let Some(preview) = update.preview {
                     let texture =
-                        ctx.load_texture("preview", color_image(&preview), TextureOptions::LINEAR);
+                        load_fitted_texture(ctx, "preview", &preview, TextureOptions::LINEAR);
                     self.preview = Some(texture);
                     if let Some((pressed_id, pressed_at)) = self.generate_pressed_at
                         && pressed_id == id
@@ -164,7 +165,7 @@ impl AtelierApp {
                 }
                 if let (Some(running), Some(image)) = (running, output.images.into_iter().next()) {
                     let texture =
-                        ctx.load_texture("result", color_image(&image), TextureOptions::LINEAR);
+                        load_fitted_texture(ctx, "result", &image, TextureOptions::LINEAR);
                     self.shown = Some(ShownImage {
                         image,
                         texture,
@@ -276,9 +277,10 @@ impl AtelierApp {
         for ready in thumbnails {
             self.gallery.thumbnails_requested.remove(&ready.file);
             if let Ok(image) = ready.image {
-                let texture = ctx.load_texture(
+                let texture = load_fitted_texture(
+                    ctx,
                     format!("thumb-{}", ready.file),
-                    color_image(&image),
+                    &image,
                     TextureOptions::LINEAR,
                 );
                 self.gallery.thumbnails.insert(ready.file, texture);

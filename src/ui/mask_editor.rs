@@ -20,6 +20,9 @@ pub struct MaskLayer {
     pub source: String,
     overlay: Option<TextureHandle>,
     overlay_stale: bool,
+    /// The region a stroke changed since the overlay was last updated `(x0, y0, x1, y1)`,
+    /// exclusive ends: only it is sent to the GPU again.
+    dirty: Option<(u32, u32, u32, u32)>,
 }
 
 impl MaskLayer {
@@ -36,6 +39,7 @@ impl MaskLayer {
             source,
             overlay: None,
             overlay_stale: true,
+            dirty: None,
         }
     }
 
@@ -90,6 +94,13 @@ impl MaskLayer {
         let min_y = (from.y.min(to.y) - radius).floor().max(0.0) as u32;
         let max_x = ((from.x.max(to.x) + radius).ceil().max(0.0) as u32).min(width);
         let max_y = ((from.y.max(to.y) + radius).ceil().max(0.0) as u32).min(height);
+        if min_x >= max_x || min_y >= max_y {
+            return;
+        }
+        self.dirty = Some(match self.dirty {
+            Some((x0, y0, x1, y1)) => (x0.min(min_x), y0.min(min_y), x1.max(max_x), y1.max(max_y)),
+            None => (min_x, min_y, max_x, max_y),
+        });
         let segment = to - from;
         let length_sq = segment.length_sq();
         for y in min_y..max_y {
@@ -106,7 +117,6 @@ impl MaskLayer {
                 }
             }
         }
-        self.overlay_stale = true;
     }
 
     /// Swaps what is repainted and what is kept.
@@ -127,29 +137,93 @@ impl MaskLayer {
         self.overlay_stale = true;
     }
 
-    /// The mask as a translucent red layer on the GPU (remade after a change).
-    fn overlay(&mut self, ctx: &egui::Context) -> &TextureHandle {
-        if self.overlay_stale || self.overlay.is_none() {
-            let (width, height) = self.mask.dimensions();
-            let pixels = self
-                .mask
-                .pixels()
-                .map(|p| {
-                    Color32::from_rgba_unmultiplied(230, 40, 40, (p[0] as u32 * 150 / 255) as u8)
-                })
-                .collect();
-            let image = egui::ColorImage::new([width as usize, height as usize], pixels);
+    /// The overlay's size for a GPU whose textures are at most `max_side` pixels a side: the
+    /// mask's own, or scaled down to fit (the mask itself keeps the picture's resolution).
+    fn overlay_size(&self, max_side: usize) -> (u32, u32) {
+        display_size(self.mask.dimensions(), max_side)
+    }
+
+    /// The overlay's pixels in `(x0, y0)..(x1, y1)` (overlay coordinates, `size` the overlay's
+    /// size) as a translucent red layer, each from the mask pixel under it.
+    fn overlay_pixels(
+        &self,
+        (x0, y0, x1, y1): (u32, u32, u32, u32),
+        size: (u32, u32),
+    ) -> egui::ColorImage {
+        let (width, height) = self.mask.dimensions();
+        let (sx, sy) = (width as f64 / size.0 as f64, height as f64 / size.1 as f64);
+        let mut pixels = Vec::with_capacity(((x1 - x0) * (y1 - y0)) as usize);
+        for y in y0..y1 {
+            let my = (((y as f64 + 0.5) * sy) as u32).min(height - 1);
+            for x in x0..x1 {
+                let mx = (((x as f64 + 0.5) * sx) as u32).min(width - 1);
+                let alpha = (self.mask.get_pixel(mx, my)[0] as u32 * 150 / 255) as u8;
+                pixels.push(Color32::from_rgba_unmultiplied(230, 40, 40, alpha));
+            }
+        }
+        egui::ColorImage::new([(x1 - x0) as usize, (y1 - y0) as usize], pixels)
+    }
+
+    /// The mask as a translucent red layer on the GPU: made whole after undo, invert or clear,
+    /// and only the region a stroke touched after painting (a large picture stays smooth).
+    fn overlay(&mut self, ctx: &egui::Context) -> egui::TextureId {
+        let size = self.overlay_size(ctx.input(|input| input.max_texture_side));
+        let whole = self.overlay_stale
+            || self
+                .overlay
+                .as_ref()
+                .is_none_or(|t| t.size() != [size.0 as usize, size.1 as usize]);
+        let (width, height) = self.mask.dimensions();
+        let region = if whole {
+            Some((0, 0, size.0, size.1))
+        } else {
+            // The stroke's region in overlay pixels, grown to whole pixels.
+            self.dirty.map(|(x0, y0, x1, y1)| {
+                let (fx, fy) = (size.0 as f64 / width as f64, size.1 as f64 / height as f64);
+                (
+                    (x0 as f64 * fx).floor() as u32,
+                    (y0 as f64 * fy).floor() as u32,
+                    ((x1 as f64 * fx).ceil() as u32).min(size.0),
+                    ((y1 as f64 * fy).ceil() as u32).min(size.1),
+                )
+            })
+        };
+        if let Some(region) = region.filter(|(x0, y0, x1, y1)| x0 < x1 && y0 < y1) {
+            let image = self.overlay_pixels(region, size);
             match &mut self.overlay {
+                Some(texture) if !whole => texture.set_partial(
+                    [region.0 as usize, region.1 as usize],
+                    image,
+                    TextureOptions::NEAREST,
+                ),
                 Some(texture) => texture.set(image, TextureOptions::NEAREST),
                 None => {
                     self.overlay =
                         Some(ctx.load_texture("mask-overlay", image, TextureOptions::NEAREST))
                 }
             }
-            self.overlay_stale = false;
         }
-        self.overlay.as_ref().expect("made above")
+        self.overlay_stale = false;
+        self.dirty = None;
+        self.overlay
+            .as_ref()
+            .map_or(egui::TextureId::default(), TextureHandle::id)
     }
+}
+
+/// `(width, height)` scaled down, keeping its aspect ratio, so that neither side exceeds
+/// `max_side` (a GPU's largest texture); unchanged when it fits.
+pub fn display_size((width, height): (u32, u32), max_side: usize) -> (u32, u32) {
+    let max_side = max_side.max(1) as f64;
+    let longest = width.max(height) as f64;
+    if longest <= max_side {
+        return (width, height);
+    }
+    let scale = max_side / longest;
+    (
+        ((width as f64 * scale).floor() as u32).max(1),
+        ((height as f64 * scale).floor() as u32).max(1),
+    )
 }
 
 /// The painter's tools and view.
@@ -326,7 +400,7 @@ pub fn mask_editor_ui(ui: &mut Ui, init: &mut InitImageView, view: &mut MaskEdit
     painter.rect_filled(space, 0.0, ui.visuals().extreme_bg_color);
     let uv = Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0));
     painter.image(init.texture.id(), rect, uv, Color32::WHITE);
-    let overlay = mask.overlay(ui.ctx()).id();
+    let overlay = mask.overlay(ui.ctx());
     painter.image(overlay, rect, uv, Color32::WHITE);
     if let Some(pointer) = response.hover_pos() {
         let color = if view.erasing {
@@ -377,6 +451,25 @@ mod tests {
         assert!(layer.is_empty());
         layer.paint(Pos2::new(15.0, 15.0), Pos2::new(60.0, 60.0), 8.0, false);
         assert_eq!(layer.mask().get_pixel(19, 19)[0], 255);
+    }
+
+    #[test]
+    fn a_stroke_on_a_large_picture_sends_only_its_region_again() {
+        let ctx = egui::Context::default();
+        let mut layer = MaskLayer::blank(4000, 3000);
+        layer.overlay(&ctx);
+        assert_eq!(layer.dirty, None);
+        layer.paint(Pos2::new(100.0, 100.0), Pos2::new(140.0, 100.0), 8.0, false);
+        layer.paint(Pos2::new(140.0, 100.0), Pos2::new(150.0, 120.0), 8.0, false);
+        assert_eq!(layer.dirty, Some((92, 92, 158, 128)));
+        // The test context's textures are at most 2048 a side: the overlay is 2048 x 1536 and
+        // the stroke's region maps to it.
+        assert_eq!(layer.overlay_size(2048), (2048, 1536));
+        layer.overlay(&ctx);
+        assert_eq!((layer.dirty, layer.overlay_stale), (None, false));
+        // Invert changes every pixel: the whole layer is sent.
+        layer.invert();
+        assert!(layer.overlay_stale);
     }
 
     #[test]

@@ -419,6 +419,25 @@ fn color_image(image: &RgbImage) -> ColorImage {
     )
 }
 
+/// Uploads `image` as a texture, scaled down (aspect kept) when a side exceeds what the GPU
+/// takes: a 10,000-pixel photo must not stop the window. Widgets size images by their own
+/// numbers, so only sharpness is lost, never layout.
+fn load_fitted_texture(
+    ctx: &egui::Context,
+    name: impl Into<String>,
+    image: &RgbImage,
+    options: egui::TextureOptions,
+) -> TextureHandle {
+    let max_side = ctx.input(|input| input.max_texture_side);
+    let (width, height) = mask_editor::display_size(image.dimensions(), max_side);
+    if (width, height) == image.dimensions() {
+        return ctx.load_texture(name, color_image(image), options);
+    }
+    let smaller =
+        image::imageops::resize(image, width, height, image::imageops::FilterType::Triangle);
+    ctx.load_texture(name, color_image(&smaller), options)
+}
+
 impl eframe::App for AtelierApp {
     fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
         // Shortcuts before any text box can take the keys.

@@ -9,7 +9,7 @@ use image::RgbImage;
 use crate::engine::pipeline::PreviewOptions;
 use crate::gallery::worker::GalleryCommand;
 use crate::ui::compare::{self, CellState};
-use crate::ui::{AtelierApp, ModelState, Tab, UiCommand, color_image};
+use crate::ui::{AtelierApp, ModelState, Tab, UiCommand, load_fitted_texture};
 use crate::worker::{Job, JobId};
 
 impl AtelierApp {
@@ -34,9 +34,10 @@ impl AtelierApp {
         };
         let cell = self.compare.cells.get_mut(index)?;
         if let Some(image) = output.images.first() {
-            let texture = ctx.load_texture(
+            let texture = load_fitted_texture(
+                ctx,
                 format!("compare-cell-{index}"),
-                color_image(image),
+                image,
                 TextureOptions::LINEAR,
             );
             cell.image = Some((image.clone(), texture));
@@ -199,9 +200,10 @@ impl AtelierApp {
             let cell = &mut self.compare.cells[index];
             match file.and_then(|f| by_file.remove(&f)) {
                 Some(image) => {
-                    let texture = ctx.load_texture(
+                    let texture = load_fitted_texture(
+                        ctx,
                         format!("compare-cell-{index}"),
-                        color_image(&image),
+                        &image,
                         TextureOptions::LINEAR,
                     );
                     cell.image = Some((image, texture));

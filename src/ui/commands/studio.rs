@@ -10,7 +10,7 @@ use crate::engine::pipeline::{DeviceChoice, ImageJob, PreviewOptions};
 use crate::ui::dialogs::{DialogResult, LoadedInput};
 use crate::ui::mask_editor::MaskLayer;
 use crate::ui::{AtelierApp, ModelState, RunningJob, UiCommand, random_seed};
-use crate::ui::{InitImageView, color_image};
+use crate::ui::{InitImageView, load_fitted_texture};
 use crate::worker::{Command, Job, SendError};
 
 impl AtelierApp {
@@ -261,11 +261,7 @@ impl AtelierApp {
         name: String,
         mask: Option<GrayImage>,
     ) {
-        let texture = ctx.load_texture(
-            "init-image",
-            color_image(&image),
-            egui::TextureOptions::LINEAR,
-        );
+        let texture = load_fitted_texture(ctx, "init-image", &image, egui::TextureOptions::LINEAR);
         let (width, height) = image.dimensions();
         let mask = mask.map(|mask| {
             MaskLayer::from_mask(
