@@ -4,6 +4,7 @@ mod bench;
 pub mod compare;
 pub mod gallery;
 mod generate;
+pub mod models;
 pub mod modes;
 pub mod schedulers;
 
@@ -123,6 +124,8 @@ pub enum Command {
     Schedulers(schedulers::SchedulersArgs),
     /// The gallery on the command line: list, search, rebuild, import, bench.
     Gallery(gallery::GalleryArgs),
+    /// Model files: `models scan DIR` tells what each holds (family, variant, size, hash).
+    Models(models::ModelsArgs),
     /// A grid of the same prompt under several samplers (and steps, guidance, seeds or prompt
     /// variants down the rows), saved as one labelled PNG.
     Compare(compare::CompareArgs),
@@ -137,6 +140,7 @@ pub fn main() -> ExitCode {
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Schedulers(args)) => schedulers::run(args),
         Some(Command::Gallery(args)) => gallery::run(args),
+        Some(Command::Models(args)) => models::run(args),
         Some(Command::Compare(args)) => compare::run(args),
     };
     match result {

@@ -3,6 +3,7 @@
 //! Nothing here knows about the window; the UI and the CLI drive it through [`pipeline`].
 
 pub mod bench;
+pub mod checkpoint;
 pub mod clip;
 pub mod config;
 #[cfg(feature = "cuda")]

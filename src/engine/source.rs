@@ -43,6 +43,16 @@ impl ModelSource {
         if path.is_dir() {
             return Ok(ModelSource::Folder(path.to_path_buf()));
         }
+        if path.is_file() {
+            // A single file: say what it is, and that only folders load so far.
+            let info = super::checkpoint::inspect(path)?;
+            return Err(EngineError::Unsupported(format!(
+                "{} is a single-file checkpoint ({}); Atelier loads diffusers folders and Hub \
+                 repo ids so far, single files are coming (issue 12)",
+                path.display(),
+                info.summary()
+            )));
+        }
         let looks_like_repo = spec.split('/').count() == 2
             && !spec.starts_with('.')
             && !spec.starts_with('/')
