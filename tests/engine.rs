@@ -217,6 +217,38 @@ fn long_prompts_and_different_lengths_generate_without_truncation() {
     r.prompt = vec!["fox"; 75].join(" ");
     let first_chunk_only = run(&r);
     assert!(relative_error(&long.latents, &first_chunk_only.latents) > 1e-4);
+    // SDXL too, with its pooled text and size conditioning split between the two evaluations;
+    // a negative prompt as long as the prompt batches them together again.
+    let xl = load_model("sdxl");
+    let mut r = request(1);
+    r.width = 64;
+    r.height = 64;
+    r.prompt = vec!["fox"; 100].join(" ");
+    r.negative_prompt = "blurry".into();
+    let generate = |r: &GenerationRequest| {
+        xl.generate(
+            r,
+            None,
+            PreviewOptions::default(),
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap()
+    };
+    let separate = generate(&r);
+    assert!(all_finite(&separate.latents));
+    r.negative_prompt = format!("blurry BREAK {}", vec!["owl"; 10].join(" "));
+    let batched = generate(&r);
+    assert!(relative_error(&separate.latents, &batched.latents) > 1e-6);
+}
+
+fn all_finite(t: &Tensor) -> bool {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite())
 }
 
 fn copy_dir(from: &Path, to: &Path) {
