@@ -237,7 +237,7 @@ fn long_prompts_and_different_lengths_generate_without_truncation() {
     };
     let separate = generate(&r);
     assert!(all_finite(&separate.latents));
-    r.negative_prompt = format!("blurry BREAK {}", vec!["owl"; 10].join(" "));
+    r.negative_prompt = format!("blurry BREAK {}", ["owl"; 10].join(" "));
     let batched = generate(&r);
     assert!(relative_error(&separate.latents, &batched.latents) > 1e-6);
 }
