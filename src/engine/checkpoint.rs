@@ -56,8 +56,9 @@ pub struct CheckpointInfo {
     pub inpainting: bool,
     /// The cross-attention width (768, 1024, 2048, 1280), when the UNet has one.
     pub context_width: Option<usize>,
-    /// `Some(true)` when the file carries SDXL's `v_pred` marker; `None` when it does not say
-    /// (v-prediction is not in the weights: a sidecar `.yaml` or the artist says).
+    /// Whether the model predicts v: from the sidecar `.yaml` beside the file (A1111's
+    /// convention, `parameterization: "v"`), else `Some(true)` for SDXL's `v_pred` marker;
+    /// `None` when nothing says (the weights do not tell).
     pub v_prediction: Option<bool>,
     /// Whether the VAE is baked in.
     pub has_vae: bool,
@@ -141,7 +142,24 @@ pub fn inspect(path: &Path) -> Result<CheckpointInfo> {
         .map_err(|e| bad(e.to_string()))?;
     let header: serde_json::Map<String, Value> = serde_json::from_slice(&header)
         .map_err(|e| bad(format!("not a safetensors header: {e}")))?;
-    Ok(classify(&header, file_bytes))
+    let mut info = classify(&header, file_bytes);
+    if let Some(v_prediction) = sidecar_v_prediction(path) {
+        info.v_prediction = Some(v_prediction);
+    }
+    Ok(info)
+}
+
+/// What the original inference config beside a checkpoint (`model.yaml` for
+/// `model.safetensors`, A1111's convention) says of the prediction: its `parameterization`
+/// (`"v"` or `"eps"`); `None` without a sidecar or the key.
+pub fn sidecar_v_prediction(path: &Path) -> Option<bool> {
+    let yaml = path.with_extension("yaml");
+    let text = std::fs::read_to_string(&yaml).ok()?;
+    text.lines().find_map(|line| {
+        let value = line.trim().strip_prefix("parameterization:")?;
+        let value = value.split('#').next()?.trim().trim_matches(['"', '\'']);
+        Some(value == "v")
+    })
 }
 
 /// Tells the family and variant from a header's keys and shapes.
