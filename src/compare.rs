@@ -201,8 +201,9 @@ impl Cell {
     /// or for a picture the share its strength repaints, as diffusers' `get_timesteps` counts).
     pub fn model_evaluations(&self) -> usize {
         let steps = match self.strength {
-            Some(strength) => ((self.request.steps as f64 * strength) as usize)
-                .clamp(1, self.request.steps.max(1)),
+            Some(strength) => {
+                crate::schedulers::steps_for_strength(self.request.steps, strength).max(1)
+            }
             None => self.request.steps,
         };
         self.request.scheduler.model_evaluations(steps)

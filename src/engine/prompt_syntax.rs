@@ -78,9 +78,10 @@ fn next_lexeme(text: &str, at: usize) -> (Lexeme<'_>, usize) {
     }
 }
 
-/// `:\s*([+-]?[.\d]+)\s*\)` at the start of `text`: the weight and the match's length in bytes.
-/// A number Python's `float` would refuse (`1.2.3`) is no weight: the text stays text.
-fn weight_close(text: &str) -> Option<(f64, usize)> {
+/// `:\s*([+-]?[.\d]+)\s*\)` at the start of `text`: the weight and the match's length in bytes
+/// (the closing bracket included). A number Python's `float` would refuse (`1.2.3`) is no
+/// weight: the text stays text.
+pub fn weight_close(text: &str) -> Option<(f64, usize)> {
     let bytes = text.as_bytes();
     let is_space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c);
     let mut i = 1;
@@ -111,16 +112,13 @@ fn weight_close(text: &str) -> Option<(f64, usize)> {
 
 /// Splits on `BREAK` as a word, with the whitespace around it (`\s*\bBREAK\b\s*`).
 fn split_breaks(text: &str) -> Vec<&str> {
-    let is_word = |c: char| c.is_alphanumeric() || c == '_';
     let mut parts = Vec::new();
     let mut part_start = 0;
     let mut search = 0;
     while let Some(found) = text[search..].find("BREAK") {
         let at = search + found;
         let end = at + "BREAK".len();
-        let before_ok = text[..at].chars().next_back().is_none_or(|c| !is_word(c));
-        let after_ok = text[end..].chars().next().is_none_or(|c| !is_word(c));
-        if before_ok && after_ok {
+        if is_break_at(text, at) {
             // The whitespace before it (back to the part's start) and after it go too.
             let cut_start = text[part_start..at]
                 .trim_end_matches(char::is_whitespace)
@@ -136,6 +134,15 @@ fn split_breaks(text: &str) -> Vec<&str> {
     }
     parts.push(&text[part_start..]);
     parts
+}
+
+/// Whether `BREAK` at byte `at` of `text` is a word of its own (`\bBREAK\b`).
+pub fn is_break_at(text: &str, at: usize) -> bool {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let end = at + "BREAK".len();
+    text[at..].starts_with("BREAK")
+        && text[..at].chars().next_back().is_none_or(|c| !is_word(c))
+        && text[end..].chars().next().is_none_or(|c| !is_word(c))
 }
 
 /// A1111's `parse_prompt_attention`: the prompt as pieces of text with weights, runs of equal

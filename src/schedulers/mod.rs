@@ -137,8 +137,13 @@ pub fn at_index<T: Copy>(values: &[T], index: usize) -> Result<T> {
 /// timesteps of a scheduler of `order`, as diffusers' `get_timesteps` computes it: the last
 /// `int(steps * strength)` steps run.
 pub fn first_index_for_strength(steps: usize, strength: f64, order: usize) -> usize {
-    let init_steps = ((steps as f64 * strength) as usize).min(steps);
-    steps.saturating_sub(init_steps) * order
+    steps.saturating_sub(steps_for_strength(steps, strength)) * order
+}
+
+/// The steps a run of `steps` at denoising `strength` keeps (diffusers' `int(steps *
+/// strength)`, at most `steps`; 0 when the strength is too low to run any).
+pub fn steps_for_strength(steps: usize, strength: f64) -> usize {
+    ((steps as f64 * strength) as usize).min(steps)
 }
 
 /// The samplers Atelier knows, by the ids the CLI and metadata use

@@ -4,6 +4,8 @@
 use egui::text::{LayoutJob, TextFormat};
 use egui::{Color32, FontId};
 
+use crate::engine::prompt_syntax::{is_break_at, weight_close};
+
 /// What a stretch of the prompt is, for its colour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PromptSpan {
@@ -40,7 +42,7 @@ pub fn prompt_spans<'a>(prompt: &'a str) -> Vec<(PromptSpan, &'a str)> {
             }
             b'(' | b')' | b'[' | b']' => Some((PromptSpan::Bracket, i + 1)),
             b':' => weight_end(prompt, i).map(|end| (PromptSpan::Weight, end)),
-            b'B' if is_break_word(prompt, i) => Some((PromptSpan::Break, i + "BREAK".len())),
+            b'B' if is_break_at(prompt, i) => Some((PromptSpan::Break, i + "BREAK".len())),
             _ => None,
         };
         match special {
@@ -57,24 +59,12 @@ pub fn prompt_spans<'a>(prompt: &'a str) -> Vec<(PromptSpan, &'a str)> {
     spans
 }
 
-/// The end of `:number` (spaces allowed) when a `)` follows it.
+/// The end of `:number` (spaces allowed) when a `)` follows it, as the prompt parser reads a
+/// weight: the closing bracket is left for its own span.
 fn weight_end(prompt: &str, colon: usize) -> Option<usize> {
-    let rest = &prompt[colon + 1..];
-    let trimmed = rest.trim_start();
-    let number = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
-        .unwrap_or(trimmed.len());
-    if number == 0 || !trimmed[number..].trim_start().starts_with(')') {
-        return None;
-    }
-    Some(colon + 1 + (rest.len() - trimmed.len()) + number)
-}
-
-fn is_break_word(prompt: &str, at: usize) -> bool {
-    let is_word = |c: char| c.is_alphanumeric() || c == '_';
-    prompt[at..].starts_with("BREAK")
-        && prompt[..at].chars().next_back().is_none_or(|c| !is_word(c))
-        && prompt[at + 5..].chars().next().is_none_or(|c| !is_word(c))
+    let (_, length) = weight_close(&prompt[colon..])?;
+    let close = colon + length - 1;
+    Some(colon + prompt[colon..close].trim_end().len())
 }
 
 /// The prompt laid out with its syntax coloured, wrapped at `wrap_width`.

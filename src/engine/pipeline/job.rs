@@ -85,12 +85,7 @@ impl ImageJob {
         options: ImageOptions,
     ) -> Result<Self> {
         let invalid = |message: String| Err(EngineError::InvalidParameter(message));
-        if !(options.strength > 0.0 && options.strength <= 1.0) {
-            return invalid(format!(
-                "the denoising strength must be above 0 and at most 1, got {}",
-                options.strength
-            ));
-        }
+        check_strength(options.strength)?;
         if !(options.mask_blur >= 0.0 && options.mask_blur <= MAX_MASK_BLUR) {
             return invalid(format!(
                 "the mask blur must be between 0 and {MAX_MASK_BLUR} pixels, got {}",
@@ -151,14 +146,10 @@ impl ImageJob {
 
     /// The same picture and mask at another strength (a comparison's rows).
     pub fn with_strength(&self, strength: f64) -> Result<Self> {
-        Self::new(
-            self.image.clone(),
-            self.mask.clone(),
-            ImageOptions {
-                strength,
-                ..self.options
-            },
-        )
+        check_strength(strength)?;
+        let mut job = self.clone();
+        job.options.strength = strength;
+        Ok(job)
     }
 
     /// Whether a region is repainted (inpainting or outpainting) rather than the whole picture.
@@ -248,6 +239,17 @@ impl ImageJob {
             .iter()
             .map(|image| paste_back(&original, image, (0, 0, w, h), &feathered))
             .collect()
+    }
+}
+
+/// Refuses a denoising strength outside (0, 1].
+fn check_strength(strength: f64) -> Result<()> {
+    if strength > 0.0 && strength <= 1.0 {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidParameter(format!(
+            "the denoising strength must be above 0 and at most 1, got {strength}"
+        )))
     }
 }
 
@@ -385,7 +387,9 @@ impl StableDiffusion {
         };
         // Steps counted over both passes: the second pass's are estimated until it starts.
         let second_steps = match (&second, parts.hires) {
-            (Some(second), Some(hires)) => late_start_steps(second.steps, hires.strength),
+            (Some(second), Some(hires)) => {
+                crate::schedulers::steps_for_strength(second.steps, hires.strength).max(1)
+            }
             _ => 0,
         };
         let mut first_total = 0;
@@ -531,10 +535,4 @@ impl StableDiffusion {
             }
         }
     }
-}
-
-/// Steps a pass of `steps` runs from `strength` (diffusers' `get_timesteps`, before a
-/// second-order sampler's extra evaluations).
-fn late_start_steps(steps: usize, strength: f64) -> usize {
-    ((steps as f64 * strength) as usize).min(steps).max(1)
 }
