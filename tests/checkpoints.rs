@@ -200,7 +200,7 @@ fn models_scan_lists_a_folder_and_model_files_say_what_they_are() {
     assert!(!stdout.contains("notes.txt"));
     let hash = atelier::gallery::worker::file_hash(&sdxl).unwrap();
     assert!(stdout.contains(&format!("[{hash}]")), "{stdout}");
-    // `generate --model FILE` says what the file is instead of "no such folder".
+    // `generate --model FILE` with a file that lacks parts says what is missing.
     let output = atelier()
         .args(["generate", "--prompt", "a fox", "--out"])
         .arg(dir.path().join("out.png"))
@@ -210,5 +210,8 @@ fn models_scan_lists_a_folder_and_model_files_say_what_they_are() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("single-file checkpoint (SDXL"), "{stderr}");
+    assert!(
+        stderr.contains("no text encoders baked in (SDXL needs 2)"),
+        "{stderr}"
+    );
 }

@@ -60,7 +60,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let loaded;
     let (target, label, native) = match (&args.model, &args.random_weights) {
         (Some(spec), None) => {
-            loaded = super::generate::load_model(spec, &args.device)?;
+            loaded = super::generate::load_model(spec, &args.device, &Default::default())?;
             let native = loaded.native_size().unwrap_or(512);
             (loaded.bench_target(), loaded.name().to_string(), native)
         }

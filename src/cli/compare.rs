@@ -16,9 +16,12 @@ use crate::schedulers::Sampler;
 /// Arguments of `atelier compare`.
 #[derive(Debug, Args)]
 pub struct CompareArgs {
-    /// A diffusers model folder, or a Hugging Face repo id.
+    /// A diffusers model folder, a single-file checkpoint, or a Hugging Face repo id.
     #[arg(long)]
     pub model: String,
+    /// VAE and prediction overrides.
+    #[command(flatten)]
+    pub overrides: super::generate::ModelOverrides,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,
@@ -158,7 +161,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     if args.strengths.is_some() && image.is_none() {
         bail!("--strengths needs --init-image (the picture every cell works on)");
     }
-    let model = super::generate::load_model(&args.model, &args.device)?;
+    let model = super::generate::load_model(&args.model, &args.device, &args.overrides)?;
     let plan = plan_from_args(
         &args,
         model.default_size_for(image.as_ref()),

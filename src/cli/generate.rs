@@ -17,14 +17,18 @@ use crate::engine::pipeline::{
 };
 use crate::engine::source::{LoadProgress, ModelSource};
 use crate::gallery::metadata::{A1111Parameters, PARAMETERS_KEYWORD};
-use crate::schedulers::Sampler;
+use crate::schedulers::{Prediction, Sampler};
 
 /// Arguments of `atelier generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A diffusers model folder, or a Hugging Face repo id such as stabilityai/sd-turbo.
+    /// A diffusers model folder, a single-file checkpoint (.safetensors, the original layout
+    /// that A1111 and ComfyUI read), or a Hugging Face repo id such as stabilityai/sd-turbo.
     #[arg(long)]
     pub model: String,
+    /// VAE and prediction overrides.
+    #[command(flatten)]
+    pub overrides: ModelOverrides,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,
@@ -84,6 +88,27 @@ pub struct GenerateArgs {
     pub out: PathBuf,
 }
 
+/// What the model's own files say, overridden.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ModelOverrides {
+    /// A VAE in place of the model's: a single .safetensors (vae-ft-mse, sdxl-vae-fp16-fix, ...)
+    /// or a diffusers VAE folder.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// What the model predicts, when its files do not say it right: epsilon or v.
+    #[arg(long, value_parser = parse_prediction)]
+    pub prediction: Option<Prediction>,
+}
+
+/// `epsilon` (or `eps`) or `v` (or `v_prediction`).
+pub fn parse_prediction(text: &str) -> Result<Prediction, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "epsilon" | "eps" => Ok(Prediction::Epsilon),
+        "v" | "v_prediction" | "v-prediction" => Ok(Prediction::VPrediction),
+        other => Err(format!("unknown prediction {other:?}: epsilon or v")),
+    }
+}
+
 fn random_seed() -> u64 {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -93,7 +118,11 @@ fn random_seed() -> u64 {
 }
 
 /// Loads a model with a progress display on stderr.
-pub fn load_model(spec: &str, device: &str) -> anyhow::Result<StableDiffusion> {
+pub fn load_model(
+    spec: &str,
+    device: &str,
+    overrides: &ModelOverrides,
+) -> anyhow::Result<StableDiffusion> {
     let source = ModelSource::parse(spec)?;
     let device = super::open_device(device)?;
     let bar = ProgressBar::new_spinner();
@@ -117,6 +146,8 @@ pub fn load_model(spec: &str, device: &str) -> anyhow::Result<StableDiffusion> {
     });
     let mut options = LoadOptions::new(device);
     options.progress = Some(progress);
+    options.vae = overrides.vae.clone();
+    options.prediction = overrides.prediction;
     let model =
         StableDiffusion::load(source, options).with_context(|| format!("cannot load model {spec}"));
     bar.finish_and_clear();
@@ -152,7 +183,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let image_input = args.image.load()?;
     let hires = args.hires.load(image_input.is_some())?;
-    let model = load_model(&args.model, &args.device)?;
+    let model = load_model(&args.model, &args.device, &args.overrides)?;
     // With an init image and no size, its own size (rounded down to what the model takes).
     let (default_width, default_height) = model.default_size_for(image_input.as_ref());
     let seed = args.seed.unwrap_or_else(random_seed);

@@ -23,5 +23,6 @@ pub mod source;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod weights;
 
 pub use error::{EngineError, Result};

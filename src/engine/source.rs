@@ -34,6 +34,8 @@ pub enum ModelSource {
     Folder(PathBuf),
     /// A Hugging Face Hub repo id such as `stabilityai/sd-turbo`.
     Hub(String),
+    /// A single-file checkpoint (`.safetensors` in the original CompVis/SGM layout).
+    File(PathBuf),
 }
 
 impl ModelSource {
@@ -44,14 +46,19 @@ impl ModelSource {
             return Ok(ModelSource::Folder(path.to_path_buf()));
         }
         if path.is_file() {
-            // A single file: say what it is, and that only folders load so far.
+            // A single file: refuse pickles and families Atelier does not run, by name.
+            if let Some(refused) = super::checkpoint::refuse_pickle(path) {
+                return Err(refused);
+            }
             let info = super::checkpoint::inspect(path)?;
-            return Err(EngineError::Unsupported(format!(
-                "{} is a single-file checkpoint ({}); Atelier loads diffusers folders and Hub \
-                 repo ids so far, single files are coming (issue 12)",
-                path.display(),
-                info.summary()
-            )));
+            if !info.family.runs() {
+                return Err(EngineError::Unsupported(format!(
+                    "{} is {}; Atelier runs SD 1.x, SD 2.x and SDXL checkpoints",
+                    path.display(),
+                    info.summary()
+                )));
+            }
+            return Ok(ModelSource::File(path.to_path_buf()));
         }
         let looks_like_repo = spec.split('/').count() == 2
             && !spec.starts_with('.')
@@ -74,6 +81,10 @@ impl ModelSource {
     pub fn display_name(&self) -> String {
         match self {
             ModelSource::Hub(repo) => repo.clone(),
+            ModelSource::File(path) => path
+                .file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.display().to_string()),
             ModelSource::Folder(path) => path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -122,6 +133,8 @@ impl ModelFiles {
                 Ok(path.is_file().then_some(path))
             }
             ModelSource::Hub(repo) => hub_get(repo, relative, self.progress.as_ref()),
+            // A single file holds no other files.
+            ModelSource::File(_) => Ok(None),
         }
     }
 
@@ -165,6 +178,10 @@ impl ModelFiles {
             ModelSource::Folder(root) => EngineError::MissingFile {
                 what: what.to_string(),
                 path: root.join(relative),
+            },
+            ModelSource::File(path) => EngineError::MissingFile {
+                what: what.to_string(),
+                path: path.clone(),
             },
             ModelSource::Hub(repo) => EngineError::Download {
                 repo: repo.clone(),

@@ -43,7 +43,7 @@ impl ClipTokenizer {
     /// Loads the tokenizer in `folder` (e.g. `tokenizer_2`) of a model.
     pub fn load(files: &ModelFiles, folder: &str) -> Result<Self> {
         let config = read_tokenizer_config(files, folder)?;
-        let mut tokenizer = match files.optional(&format!("{folder}/tokenizer.json"))? {
+        let tokenizer = match files.optional(&format!("{folder}/tokenizer.json"))? {
             Some(path) => {
                 Tokenizer::from_file(&path).map_err(|e| EngineError::bad_file(&path, e))?
             }
@@ -55,26 +55,56 @@ impl ClipTokenizer {
             }
         };
         let pad_token = config.pad_token.unwrap_or_else(|| EOS.to_string());
+        Self::from_parts(
+            tokenizer,
+            folder,
+            &pad_token,
+            config.bos_token.as_deref().unwrap_or(BOS),
+            config.eos_token.as_deref().unwrap_or(EOS),
+            config.model_max_length,
+        )
+    }
+
+    /// The tokenizer of a single-file checkpoint's text encoder, from the CLIP vocabulary that
+    /// ships inside Atelier: `pad` is what pads after the end token (`<|endoftext|>` for OpenAI's
+    /// CLIP ViT-L, `!` for OpenCLIP's ViT-H and bigG, as their diffusers repos configure them).
+    pub fn bundled(pad: &str) -> Result<Self> {
+        let tokenizer = from_bundled_vocabulary()?;
+        Self::from_parts(
+            tokenizer,
+            "the bundled CLIP vocabulary",
+            pad,
+            BOS,
+            EOS,
+            None,
+        )
+    }
+
+    fn from_parts(
+        mut tokenizer: Tokenizer,
+        what: &str,
+        pad_token: &str,
+        bos_token: &str,
+        eos_token: &str,
+        model_max_length: Option<usize>,
+    ) -> Result<Self> {
         // transformers registers the pad token as a special token: SD 2.x's "!" pad token
         // means every "!" in a prompt is tokenized on its own.
         tokenizer
-            .add_special_tokens([AddedToken::from(pad_token.as_str(), true)])
+            .add_special_tokens([AddedToken::from(pad_token, true)])
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let id = |token: &str| {
             tokenizer.token_to_id(token).ok_or_else(|| {
-                EngineError::Tokenizer(format!(
-                    "{folder}: token {token:?} is not in the vocabulary"
-                ))
+                EngineError::Tokenizer(format!("{what}: token {token:?} is not in the vocabulary"))
             })
         };
         Ok(Self {
-            bos_id: id(config.bos_token.as_deref().unwrap_or(BOS))?,
-            eos_id: id(config.eos_token.as_deref().unwrap_or(EOS))?,
-            pad_id: id(&pad_token)?,
+            bos_id: id(bos_token)?,
+            eos_id: id(eos_token)?,
+            pad_id: id(pad_token)?,
             comma_id: tokenizer.token_to_id(",</w>"),
             // Room for the start and end tokens and one more; CLIP's 77 at most.
-            max_length: config
-                .model_max_length
+            max_length: model_max_length
                 .filter(|&n| (3..=77).contains(&n))
                 .unwrap_or(77),
             tokenizer,
@@ -200,8 +230,6 @@ struct TokenizerConfigResolved {
 
 /// Builds the pipeline transformers' `CLIPTokenizer` builds from the two files.
 fn from_vocab_and_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
-    let tokenizer_error =
-        |e: Box<dyn std::error::Error + Send + Sync>| EngineError::Tokenizer(e.to_string());
     let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
         .continuing_subword_prefix(String::new())
         .end_of_word_suffix("</w>".into())
@@ -209,6 +237,89 @@ fn from_vocab_and_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
         .fuse_unk(false)
         .build()
         .map_err(|e| EngineError::bad_file(vocab, e))?;
+    clip_pipeline(bpe)
+}
+
+/// CLIP's vocabulary and merges as OpenAI and OpenCLIP ship them (`bpe_simple_vocab_16e6.txt.gz`),
+/// inside Atelier: a single-file checkpoint carries no tokenizer.
+const BUNDLED_BPE_GZ: &[u8] = include_bytes!("../../assets/clip/bpe_simple_vocab_16e6.txt.gz");
+
+/// Merges CLIP uses from the BPE file (its first line is a version header).
+const CLIP_MERGES: usize = 49152 - 256 - 2;
+
+/// GPT-2's reversible map from bytes to printable characters, in vocabulary order.
+fn bytes_to_unicode() -> Vec<char> {
+    let mut bytes: Vec<u32> = (u32::from('!')..=u32::from('~'))
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = bytes.clone();
+    let mut extra = 0;
+    for b in 0..256 {
+        if !bytes.contains(&b) {
+            bytes.push(b);
+            chars.push(256 + extra);
+            extra += 1;
+        }
+    }
+    chars.into_iter().filter_map(char::from_u32).collect()
+}
+
+/// A BPE vocabulary (token per id) and its merges (pairs, in priority order).
+pub type VocabAndMerges = (Vec<String>, Vec<(String, String)>);
+
+/// The vocabulary and merges of the bundled BPE file, ids as transformers' `vocab.json` numbers them.
+pub fn bundled_vocab_and_merges() -> Result<VocabAndMerges> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(BUNDLED_BPE_GZ)
+        .read_to_string(&mut text)
+        .map_err(|e| EngineError::Tokenizer(format!("the bundled CLIP vocabulary: {e}")))?;
+    let merges: Vec<(String, String)> = text
+        .lines()
+        .skip(1)
+        .take(CLIP_MERGES)
+        .filter_map(|line| {
+            let (left, right) = line.split_once(' ')?;
+            Some((left.to_string(), right.to_string()))
+        })
+        .collect();
+    if merges.len() != CLIP_MERGES {
+        return Err(EngineError::Tokenizer(format!(
+            "the bundled CLIP vocabulary has {} merges, not {CLIP_MERGES}",
+            merges.len()
+        )));
+    }
+    let bytes: Vec<String> = bytes_to_unicode().into_iter().map(String::from).collect();
+    let mut vocab = bytes.clone();
+    vocab.extend(bytes.iter().map(|b| format!("{b}</w>")));
+    vocab.extend(merges.iter().map(|(left, right)| format!("{left}{right}")));
+    vocab.extend([BOS.to_string(), EOS.to_string()]);
+    Ok((vocab, merges))
+}
+
+fn from_bundled_vocabulary() -> Result<Tokenizer> {
+    let (vocab, merges) = bundled_vocab_and_merges()?;
+    let vocab: tokenizers::models::bpe::Vocab = vocab
+        .into_iter()
+        .enumerate()
+        .map(|(id, token)| (token, id as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .continuing_subword_prefix(String::new())
+        .end_of_word_suffix("</w>".into())
+        .unk_token(EOS.into())
+        .fuse_unk(false)
+        .build()
+        .map_err(|e| EngineError::Tokenizer(format!("the bundled CLIP vocabulary: {e}")))?;
+    clip_pipeline(bpe)
+}
+
+/// The normalizer, pre-tokenizer and special tokens of transformers' `CLIPTokenizer` around `bpe`.
+fn clip_pipeline(bpe: BPE) -> Result<Tokenizer> {
+    let tokenizer_error =
+        |e: Box<dyn std::error::Error + Send + Sync>| EngineError::Tokenizer(e.to_string());
     let mut tokenizer = Tokenizer::new(bpe);
     let normalizer = NormalizerSequence::new(vec![
         NFC.into(),
@@ -237,4 +348,59 @@ fn from_vocab_and_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
         .add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
         .map_err(tokenizer_error)?;
     Ok(tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/sd1/model/tokenizer")
+            .join(name)
+    }
+
+    #[test]
+    fn the_bundled_vocabulary_is_transformers_clip_vocabulary() {
+        let (vocab, merges) = bundled_vocab_and_merges().expect("bundled vocabulary");
+        let text = std::fs::read_to_string(fixture("vocab.json")).expect("fixture vocab");
+        let reference: std::collections::HashMap<String, u32> =
+            serde_json::from_str(&text).expect("vocab json");
+        assert_eq!(vocab.len(), reference.len());
+        for (id, token) in vocab.iter().enumerate() {
+            assert_eq!(reference.get(token), Some(&(id as u32)), "{token}");
+        }
+        let text = std::fs::read_to_string(fixture("merges.txt")).expect("fixture merges");
+        let reference: Vec<&str> = text.lines().skip(1).filter(|l| !l.is_empty()).collect();
+        assert_eq!(merges.len(), reference.len());
+        for ((left, right), line) in merges.iter().zip(&reference) {
+            assert_eq!(format!("{left} {right}"), *line);
+        }
+    }
+
+    #[test]
+    fn the_bundled_tokenizer_tokenizes_as_the_folder_one() {
+        let bundled = ClipTokenizer::bundled(EOS).expect("bundled tokenizer");
+        let folder = from_vocab_and_merges(&fixture("vocab.json"), &fixture("merges.txt"))
+            .expect("folder tokenizer");
+        for prompt in [
+            "a photo of an astronaut riding a horse, 8k!!",
+            "Ünïcödé café — naïve 東京 🐱",
+        ] {
+            let ids = folder
+                .encode(prompt, false)
+                .expect("encode")
+                .get_ids()
+                .to_vec();
+            assert_eq!(
+                bundled.prompt_tokens(prompt).expect("encode"),
+                ids,
+                "{prompt}"
+            );
+        }
+        let open_clip = ClipTokenizer::bundled("!").expect("bundled tokenizer");
+        let chunk = &open_clip.chunks("hi").expect("chunks").0[0];
+        assert_eq!(chunk.tokens[3], open_clip.pad_id, "OpenCLIP pads with !");
+        assert_eq!(open_clip.pad_id, 0);
+    }
 }

@@ -479,6 +479,15 @@ pub enum Prediction {
 }
 
 impl Prediction {
+    /// The name diffusers' configs give it (`prediction_type`).
+    pub fn config_name(self) -> &'static str {
+        match self {
+            Prediction::Epsilon => "epsilon",
+            Prediction::VPrediction => "v_prediction",
+            Prediction::Sample => "sample",
+        }
+    }
+
     /// The clean sample predicted by `model_output` at noise level `sigma`, for the k-diffusion
     /// style samplers whose latents carry noise of standard deviation `sigma`.
     pub fn x0_at_sigma(self, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {

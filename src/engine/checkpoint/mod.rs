@@ -1,7 +1,8 @@
 //! Single-file checkpoints as artists download them (the original CompVis/A1111 layout in one
 //! `.safetensors`): what a file is, read from its header alone (keys and tensor shapes, as
-//! diffusers' single-file loader tells them apart), without reading the weights. Loading them is
-//! still to come; knowing the family lets every message say what the file is.
+//! diffusers' single-file loader tells them apart), without reading the weights; the key map
+//! ([`keys`]) and the architecture ([`architecture`]) that load them, and the sidecar config
+//! ([`original_config`]).
 
 use std::io::Read;
 use std::path::Path;
@@ -9,6 +10,10 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::error::{EngineError, Result};
+
+pub mod architecture;
+pub mod keys;
+pub mod original_config;
 
 /// The largest safetensors header read (a real checkpoint's is a few hundred KiB).
 const MAX_HEADER_BYTES: u64 = 64 << 20;
@@ -33,6 +38,17 @@ pub enum CheckpointFamily {
 }
 
 impl CheckpointFamily {
+    /// Whether Atelier runs checkpoints of this family.
+    pub fn runs(self) -> bool {
+        matches!(
+            self,
+            CheckpointFamily::Sd1
+                | CheckpointFamily::Sd2
+                | CheckpointFamily::Sdxl
+                | CheckpointFamily::SdxlRefiner
+        )
+    }
+
     /// The name artists know.
     pub fn display_name(self) -> &'static str {
         match self {
@@ -150,16 +166,12 @@ pub fn inspect(path: &Path) -> Result<CheckpointInfo> {
 }
 
 /// What the original inference config beside a checkpoint (`model.yaml` for
-/// `model.safetensors`, A1111's convention) says of the prediction: its `parameterization`
-/// (`"v"` or `"eps"`); `None` without a sidecar or the key.
+/// `model.safetensors`, A1111's convention) says of the prediction; `None` without a sidecar, a
+/// readable one, or the key.
 pub fn sidecar_v_prediction(path: &Path) -> Option<bool> {
-    let yaml = path.with_extension("yaml");
-    let text = std::fs::read_to_string(&yaml).ok()?;
-    text.lines().find_map(|line| {
-        let value = line.trim().strip_prefix("parameterization:")?;
-        let value = value.split('#').next()?.trim().trim_matches(['"', '\'']);
-        Some(value == "v")
-    })
+    original_config::OriginalConfig::beside(path)
+        .ok()?
+        .v_prediction
 }
 
 /// Tells the family and variant from a header's keys and shapes.

@@ -32,7 +32,7 @@ impl StableDiffusion {
         if let Some(encoder) = self.vae_encoder.get() {
             return Ok(encoder);
         }
-        let vb = super::load::var_builder(&self.vae_weights, self.vae_dtype, &self.device)?;
+        let vb = self.vae_weights.var_builder(self.vae_dtype, &self.device)?;
         let encoder = VaeEncoder::new(self.vae.config(), vb)?;
         // Another thread may have built it meanwhile: either copy is the same.
         Ok(self.vae_encoder.get_or_init(|| encoder))

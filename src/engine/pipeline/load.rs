@@ -3,8 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
+use candle_core::DType;
 use serde::de::DeserializeOwned;
 
 use super::{LoadOptions, ModelFamily, StableDiffusion, TextEncoderPart, default_dtype};
@@ -17,85 +16,78 @@ use crate::engine::source::{LoadProgress, ModelFiles, ModelSource};
 use crate::engine::tokenizer::ClipTokenizer;
 use crate::engine::unet::UNet;
 use crate::engine::vae::VaeDecoder;
+use crate::engine::weights::ComponentWeights;
 
 /// Reads a component's `config.json` and checks every value before a model is built from it.
-fn read_json<T: DeserializeOwned + CheckedConfig>(path: &Path) -> Result<T> {
+pub(super) fn read_json<T: DeserializeOwned + CheckedConfig>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::bad_file(path, e))?;
     let config: T = serde_json::from_str(&text).map_err(|e| EngineError::bad_file(path, e))?;
     config.check().map_err(|e| EngineError::bad_file(path, e))?;
     Ok(config)
 }
 
-pub(super) fn var_builder(
-    path: &Path,
-    dtype: DType,
-    device: &Device,
-) -> Result<VarBuilder<'static>> {
-    // SAFETY: the weights file is memory-mapped read-only; Atelier never writes model files,
-    // and a file changed underneath us by another program is outside what we can guard against.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
-        .map_err(|e| EngineError::bad_file(path, e))
+/// One text encoder, ready to build.
+pub(super) struct TextEncoderSpec {
+    /// `text_encoder` or `text_encoder_2` (for messages).
+    pub name: &'static str,
+    pub config: ClipTextConfig,
+    pub weights: ComponentWeights,
+    pub tokenizer: ClipTokenizer,
+}
+
+/// Every component of a model, described and located, before anything is built.
+pub(super) struct ModelSpec {
+    pub name: String,
+    pub text_encoders: Vec<TextEncoderSpec>,
+    pub unet: (UNetConfig, ComponentWeights),
+    pub vae: (VaeConfig, ComponentWeights),
+    pub scheduler_config: SchedulerConfig,
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 impl StableDiffusion {
-    /// Loads every component of the model at `source` from its own config.
+    /// Loads every component of the model at `source` from its own config (a diffusers folder
+    /// or repo), or from the shapes of a single-file checkpoint.
     pub fn load(source: ModelSource, options: LoadOptions) -> Result<Self> {
-        if let ModelSource::Folder(root) = &source
-            && !root.is_dir()
-        {
-            return Err(EngineError::MissingFile {
-                what: "model folder".into(),
-                path: root.clone(),
-            });
+        let mut spec = match &source {
+            ModelSource::File(path) => super::load_file::describe(path, &options)?,
+            _ => describe_diffusers(source, &options)?,
+        };
+        if let Some(vae) = &options.vae {
+            let scaling_factor = spec.vae.0.scaling_factor;
+            spec.vae = super::load_file::vae_override(vae, scaling_factor)?;
         }
-        let files = ModelFiles::new(source, options.progress.clone());
+        if let Some(prediction) = options.prediction {
+            spec.scheduler_config.prediction_type = Some(prediction.config_name().into());
+        }
+        Self::build(spec, &options)
+    }
+
+    fn build(spec: ModelSpec, options: &LoadOptions) -> Result<Self> {
+        let report = |component: &str| {
+            if let Some(progress) = &options.progress {
+                progress(LoadProgress::Loading {
+                    component: component.into(),
+                });
+            }
+        };
         let device = options.device.clone();
         let dtype = options.dtype.unwrap_or_else(|| default_dtype(&device));
-        let prefer_fp16 = dtype != DType::F32;
-        // Every diffusers repo on the Hub has a model_index.json; a local folder may lack one.
-        let index_path = match files.source() {
-            ModelSource::Hub(_) => Some(files.required("model_index.json", "pipeline index")?),
-            ModelSource::Folder(_) => files.optional("model_index.json")?,
-        };
-        let index: ModelIndex = match index_path {
-            Some(path) => read_json(&path)?,
-            None => ModelIndex::default(),
-        };
-        let scheduler_config: SchedulerConfig =
-            match files.optional("scheduler/scheduler_config.json")? {
-                Some(path) => read_json(&path)?,
-                None => SchedulerConfig::sd15(),
-            };
-
         let mut text_encoders = Vec::new();
-        for (tokenizer_dir, encoder_dir) in [
-            ("tokenizer", "text_encoder"),
-            ("tokenizer_2", "text_encoder_2"),
-        ] {
-            let config_name = format!("{encoder_dir}/config.json");
-            // Without a model_index.json, assume the one text encoder of SD 1.x/2.x.
-            let wanted = index.has_component(encoder_dir)
-                || (encoder_dir == "text_encoder" && index.components.is_empty());
-            if !wanted {
-                continue;
-            }
-            files.report(LoadProgress::Loading {
-                component: encoder_dir.into(),
-            });
-            let config: ClipTextConfig =
-                read_json(&files.required(&config_name, "text encoder config")?)?;
-            let weights = files.weights(encoder_dir, "model", prefer_fp16)?;
-            let encoder = ClipTextEncoder::new(config, var_builder(&weights, dtype, &device)?)?;
-            let tokenizer = ClipTokenizer::load(&files, tokenizer_dir)?;
+        for part in spec.text_encoders {
+            report(part.name);
+            let encoder =
+                ClipTextEncoder::new(part.config, part.weights.var_builder(dtype, &device)?)?;
             let positions = encoder.config().max_position_embeddings;
-            if positions < tokenizer.max_length() {
+            if positions < part.tokenizer.max_length() {
                 return Err(EngineError::Unsupported(format!(
-                    "{encoder_dir} has {positions} positions but its tokenizer makes {} tokens",
-                    tokenizer.max_length()
+                    "{} has {positions} positions but its tokenizer makes {} tokens",
+                    part.name,
+                    part.tokenizer.max_length()
                 )));
             }
             text_encoders.push(TextEncoderPart {
-                tokenizer: Arc::new(tokenizer),
+                tokenizer: Arc::new(part.tokenizer),
                 encoder,
             });
         }
@@ -105,13 +97,9 @@ impl StableDiffusion {
             ));
         }
 
-        files.report(LoadProgress::Loading {
-            component: "unet".into(),
-        });
-        let unet_config: UNetConfig =
-            read_json(&files.required("unet/config.json", "UNet config")?)?;
-        let unet_weights = files.weights("unet", "diffusion_pytorch_model", prefer_fp16)?;
-        let unet = UNet::new(unet_config, var_builder(&unet_weights, dtype, &device)?)?;
+        report("unet");
+        let (unet_config, unet_weights) = spec.unet;
+        let unet = UNet::new(unet_config, unet_weights.var_builder(dtype, &device)?)?;
 
         let family = if unet.needs_added_conditions() || text_encoders.len() > 1 {
             ModelFamily::Sdxl
@@ -121,10 +109,8 @@ impl StableDiffusion {
             ModelFamily::Sd1
         };
 
-        files.report(LoadProgress::Loading {
-            component: "vae".into(),
-        });
-        let vae_config: VaeConfig = read_json(&files.required("vae/config.json", "VAE config")?)?;
+        report("vae");
+        let (vae_config, vae_weights) = spec.vae;
         // SDXL's VAE overflows in f16; its config says so with force_upcast. Like diffusers, only
         // the SDXL pipeline heeds it: SD 1.x/2.x configs default it to true yet decode in f16.
         let vae_dtype =
@@ -133,8 +119,7 @@ impl StableDiffusion {
             } else {
                 dtype
             };
-        let vae_weights = files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?;
-        let mut vae = VaeDecoder::new(vae_config, var_builder(&vae_weights, vae_dtype, &device)?)?;
+        let mut vae = VaeDecoder::new(vae_config, vae_weights.var_builder(vae_dtype, &device)?)?;
         // Upcast from f16: TF32 convolutions, as diffusers' f32 decode gets from cuDNN.
         vae.allow_tf32_convolutions(vae_dtype != dtype);
 
@@ -149,7 +134,7 @@ impl StableDiffusion {
             )));
         }
         Ok(Self {
-            name: files.source().display_name(),
+            name: spec.name,
             family,
             device,
             dtype,
@@ -157,11 +142,77 @@ impl StableDiffusion {
             unet,
             vae,
             vae_dtype,
-            scheduler_config,
-            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
+            scheduler_config: spec.scheduler_config,
+            force_zeros_for_empty_prompt: spec.force_zeros_for_empty_prompt,
             unet_weights,
             vae_weights,
             vae_encoder: std::sync::OnceLock::new(),
         })
     }
+}
+
+/// Reads a diffusers folder's or repo's configs and finds its weights.
+fn describe_diffusers(source: ModelSource, options: &LoadOptions) -> Result<ModelSpec> {
+    if let ModelSource::Folder(root) = &source
+        && !root.is_dir()
+    {
+        return Err(EngineError::MissingFile {
+            what: "model folder".into(),
+            path: root.clone(),
+        });
+    }
+    let files = ModelFiles::new(source, options.progress.clone());
+    let dtype = options
+        .dtype
+        .unwrap_or_else(|| default_dtype(&options.device));
+    let prefer_fp16 = dtype != DType::F32;
+    // Every diffusers repo on the Hub has a model_index.json; a local folder may lack one.
+    let index_path = match files.source() {
+        ModelSource::Hub(_) => Some(files.required("model_index.json", "pipeline index")?),
+        _ => files.optional("model_index.json")?,
+    };
+    let index: ModelIndex = match index_path {
+        Some(path) => read_json(&path)?,
+        None => ModelIndex::default(),
+    };
+    let scheduler_config: SchedulerConfig =
+        match files.optional("scheduler/scheduler_config.json")? {
+            Some(path) => read_json(&path)?,
+            None => SchedulerConfig::sd15(),
+        };
+
+    let mut text_encoders = Vec::new();
+    for (tokenizer_dir, encoder_dir) in [
+        ("tokenizer", "text_encoder"),
+        ("tokenizer_2", "text_encoder_2"),
+    ] {
+        let config_name = format!("{encoder_dir}/config.json");
+        // Without a model_index.json, assume the one text encoder of SD 1.x/2.x.
+        let wanted = index.has_component(encoder_dir)
+            || (encoder_dir == "text_encoder" && index.components.is_empty());
+        if !wanted {
+            continue;
+        }
+        let config: ClipTextConfig =
+            read_json(&files.required(&config_name, "text encoder config")?)?;
+        let weights = files.weights(encoder_dir, "model", prefer_fp16)?;
+        text_encoders.push(TextEncoderSpec {
+            name: encoder_dir,
+            config,
+            weights: ComponentWeights::File(weights),
+            tokenizer: ClipTokenizer::load(&files, tokenizer_dir)?,
+        });
+    }
+    let unet_config: UNetConfig = read_json(&files.required("unet/config.json", "UNet config")?)?;
+    let unet_weights = files.weights("unet", "diffusion_pytorch_model", prefer_fp16)?;
+    let vae_config: VaeConfig = read_json(&files.required("vae/config.json", "VAE config")?)?;
+    let vae_weights = files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?;
+    Ok(ModelSpec {
+        name: files.source().display_name(),
+        text_encoders,
+        unet: (unet_config, ComponentWeights::File(unet_weights)),
+        vae: (vae_config, ComponentWeights::File(vae_weights)),
+        scheduler_config,
+        force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
+    })
 }

@@ -9,6 +9,7 @@ mod decode;
 mod denoise;
 mod job;
 mod load;
+mod load_file;
 mod modes;
 mod prompt;
 mod request;
@@ -23,6 +24,7 @@ use super::config::SchedulerConfig;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
 use super::vae::{VaeDecoder, VaeEncoder};
+use super::weights::ComponentWeights;
 
 pub use decode::tensor_to_images;
 pub use job::{HiresFix, ImageJob, ImageOptions, JobParts, JobResult, MAX_MASK_BLUR};
@@ -50,17 +52,18 @@ pub struct StableDiffusion {
     vae_dtype: DType,
     scheduler_config: SchedulerConfig,
     force_zeros_for_empty_prompt: bool,
-    unet_weights: std::path::PathBuf,
+    unet_weights: ComponentWeights,
     /// The VAE's weights, read again for the encoder the first time an image is encoded.
-    vae_weights: std::path::PathBuf,
+    vae_weights: ComponentWeights,
     /// Built on first use: text-to-image never pays for it.
     vae_encoder: std::sync::OnceLock<VaeEncoder>,
 }
 
 impl StableDiffusion {
-    /// The UNet's weights file (hashed for the images' metadata).
+    /// The UNet's weights file (hashed for the images' metadata): a single file's whole
+    /// checkpoint, as A1111 hashes it.
     pub fn unet_weights(&self) -> &Path {
-        &self.unet_weights
+        self.unet_weights.path()
     }
 
     /// The model's name (repo id or folder name).
@@ -112,6 +115,13 @@ impl StableDiffusion {
     /// The model's scheduler config.
     pub fn scheduler_config(&self) -> &SchedulerConfig {
         &self.scheduler_config
+    }
+
+    /// What the model predicts (its scheduler config's, after any override); epsilon when the
+    /// config names something unknown (the scheduler will refuse it when it is built).
+    pub fn prediction(&self) -> crate::schedulers::Prediction {
+        crate::schedulers::Prediction::from_config(&self.scheduler_config)
+            .unwrap_or(crate::schedulers::Prediction::Epsilon)
     }
 
     /// Pixels per latent cell along each side.

@@ -116,6 +116,10 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Hears about downloads and components being read.
     pub progress: Option<LoadProgressFn>,
+    /// A VAE in place of the model's (a diffusers VAE folder or a single `.safetensors`).
+    pub vae: Option<std::path::PathBuf>,
+    /// What the model predicts, overriding its config (or a single file's detection).
+    pub prediction: Option<crate::schedulers::Prediction>,
 }
 
 impl LoadOptions {
@@ -125,6 +129,8 @@ impl LoadOptions {
             device,
             dtype: None,
             progress: None,
+            vae: None,
+            prediction: None,
         }
     }
 }
