@@ -250,10 +250,23 @@ impl StableDiffusion {
         let added = if self.unet.needs_added_conditions() {
             let text_embeds = Tensor::cat(&pooled, 0)?;
             let (h, w) = (request.height as f32, request.width as f32);
-            let ids = [h, w, 0.0, 0.0, h, w];
-            let time_ids = Tensor::new(&ids, &self.device)?
-                .unsqueeze(0)?
-                .repeat((model_batch, 1))?;
+            let time_ids = if self.time_id_count() == Some(5) {
+                // The SDXL refiner: original size, crop, aesthetic score (diffusers' defaults:
+                // 6 for the prompt, 2.5 for the negative prompt).
+                let ids: Vec<f32> = (0..contexts.len())
+                    .flat_map(|part| {
+                        let last = part + 1 == contexts.len();
+                        let score = if last { 6.0 } else { 2.5 };
+                        std::iter::repeat_n([h, w, 0.0, 0.0, score], batch).flatten()
+                    })
+                    .collect();
+                Tensor::from_vec(ids, (model_batch, 5), &self.device)?
+            } else {
+                let ids = [h, w, 0.0, 0.0, h, w];
+                Tensor::new(&ids, &self.device)?
+                    .unsqueeze(0)?
+                    .repeat((model_batch, 1))?
+            };
             Some(AddedConditions {
                 text_embeds,
                 time_ids,

@@ -124,6 +124,19 @@ impl StableDiffusion {
             .unwrap_or(crate::schedulers::Prediction::Epsilon)
     }
 
+    /// How many size/crop/score ids SDXL's added embedding reads: 6 for the base, 5 for the
+    /// refiner (no target size, an aesthetic score); `None` for UNets without one.
+    pub fn time_id_count(&self) -> Option<usize> {
+        let config = self.unet.config();
+        let width = config.addition_time_embed_dim.filter(|&w| w > 0)?;
+        let input = config.projection_class_embeddings_input_dim?;
+        let pooled = self.text_encoders.last().map(|part| {
+            let config = part.encoder.config();
+            config.projection_dim.unwrap_or(config.hidden_size)
+        })?;
+        Some(input.checked_sub(pooled)? / width)
+    }
+
     /// Pixels per latent cell along each side.
     pub fn vae_scale_factor(&self) -> usize {
         self.vae.config().scale_factor()
