@@ -11,7 +11,7 @@ use image::RgbImage;
 use crate::engine::EngineError;
 use crate::engine::pipeline::{
     DeviceChoice, GenerationRequest, HiresFix, ImageJob, JobParts, LoadOptions, ModelFamily,
-    PreviewOptions, StableDiffusion, Timings,
+    ModelOverrides, PreviewOptions, StableDiffusion, Timings,
 };
 use crate::engine::source::{LoadProgress, LoadProgressFn, ModelSource};
 
@@ -50,6 +50,8 @@ pub enum Command {
         model: String,
         /// Where to run it.
         device: DeviceChoice,
+        /// What the artist overrides of the model's own files (VAE, prediction).
+        overrides: ModelOverrides,
     },
     /// Run a job.
     Generate(Box<Job>),
@@ -76,6 +78,8 @@ pub struct ModelInfo {
     pub token_counter: TokenCounter,
     /// The UNet weights file, hashed for the gallery's metadata (none for fake engines).
     pub weights_path: Option<std::path::PathBuf>,
+    /// The VAE chosen in place of the model's (its file name), if any.
+    pub vae: Option<String>,
 }
 
 /// An error for the window: what happened and what to do next.
@@ -92,7 +96,7 @@ impl UserError {
     pub fn from_engine(error: &EngineError) -> Self {
         let hint = match error {
             EngineError::Download { .. } => {
-                "Offline? Choose a local model folder with \"Open folder…\", or check the repo id."
+                "Offline? Choose a local model with \"Folder…\" or \"File…\", or check the repo id."
             }
             EngineError::MissingFile { .. } | EngineError::BadFile { .. } => {
                 "Choose a folder in the diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/)."
@@ -187,6 +191,7 @@ pub trait Engine: Send + 'static {
         &mut self,
         model: &str,
         device: DeviceChoice,
+        overrides: &ModelOverrides,
         progress: LoadProgressFn,
     ) -> Result<ModelInfo, EngineError>;
     /// Runs a job, calling `on_step` after every step, and stopping when `job.cancel` is set.
@@ -208,6 +213,7 @@ impl Engine for DiffusionEngine {
         &mut self,
         model: &str,
         device: DeviceChoice,
+        overrides: &ModelOverrides,
         progress: LoadProgressFn,
     ) -> Result<ModelInfo, EngineError> {
         // Free the old model first: two SDXL models may not fit together.
@@ -215,6 +221,7 @@ impl Engine for DiffusionEngine {
         let source = ModelSource::parse(model)?;
         let mut options = LoadOptions::new(device.open()?);
         options.progress = Some(progress);
+        options.overrides = overrides.clone();
         let loaded = StableDiffusion::load(source, options)?;
         let info = ModelInfo {
             model: model.to_string(),
@@ -226,6 +233,7 @@ impl Engine for DiffusionEngine {
             max_prompt_tokens: loaded.max_prompt_tokens(),
             token_counter: loaded.token_counter(),
             weights_path: Some(loaded.unet_weights().to_path_buf()),
+            vae: overrides.vae_name(),
         };
         self.model = Some(loaded);
         Ok(info)
@@ -366,14 +374,18 @@ fn worker_loop(
     };
     while let Ok(command) = commands.recv() {
         match command {
-            Command::LoadModel { model, device } => {
+            Command::LoadModel {
+                model,
+                device,
+                overrides,
+            } => {
                 let progress_events = events.clone();
                 let progress_wake = wake.clone();
                 let progress: LoadProgressFn = Arc::new(move |event: LoadProgress| {
                     let _ = progress_events.try_send(Event::Loading(event));
                     progress_wake();
                 });
-                let event = match engine.load(&model, device, progress) {
+                let event = match engine.load(&model, device, &overrides, progress) {
                     Ok(info) => Event::ModelLoaded(info),
                     Err(error) => Event::LoadFailed {
                         model,

@@ -425,10 +425,19 @@ fn a1111_img2img_inpainting_and_hires_keys_are_read_and_written() {
     }
     // Clip skip, read, written back and applied.
     let skipped = ImageMetadata::from_a1111(&A1111Parameters::parse(
-        "a barn\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512, Clip skip: 2",
+        "a barn\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512, Clip skip: 2, \
+         VAE: vae-ft-mse-840000-ema-pruned.safetensors",
     ));
     assert_eq!(skipped.clip_skip, Some(2));
     assert_eq!(skipped.to_a1111().get("Clip skip"), Some("2"));
+    assert_eq!(
+        skipped.vae.as_deref(),
+        Some("vae-ft-mse-840000-ema-pruned.safetensors")
+    );
+    assert_eq!(
+        skipped.to_a1111().get("VAE"),
+        Some("vae-ft-mse-840000-ema-pruned.safetensors")
+    );
     let mut request = GenerationRequest::default();
     skipped.apply_to(&mut request);
     assert_eq!(request.clip_skip, 2);

@@ -132,7 +132,7 @@ fn a_vae_file_overrides_the_baked_in_vae() {
     let (tensors, runs) = fixture();
     let run = runs.iter().find(|r| r["key"] == "sd1_euler").unwrap();
     let model = load("sd1.safetensors", |options| {
-        options.vae = Some(folder().join("vae.safetensors"))
+        options.overrides.vae = Some(folder().join("vae.safetensors"))
     });
     let output = model
         .generate(
@@ -153,11 +153,11 @@ fn a_vae_file_overrides_the_baked_in_vae() {
 #[test]
 fn the_prediction_override_beats_the_sidecar() {
     let model = load("sd2-v.safetensors", |options| {
-        options.prediction = Some(Prediction::Epsilon)
+        options.overrides.prediction = Some(Prediction::Epsilon)
     });
     assert_eq!(model.prediction(), Prediction::Epsilon);
     let model = load("sd1.safetensors", |options| {
-        options.prediction = Some(Prediction::VPrediction)
+        options.overrides.prediction = Some(Prediction::VPrediction)
     });
     assert_eq!(model.prediction(), Prediction::VPrediction);
 }
@@ -203,7 +203,7 @@ fn bad_single_files_get_clear_messages() {
     );
     // A missing VAE override.
     let mut options = LoadOptions::new(Device::Cpu);
-    options.vae = Some(dir.path().join("missing-vae.safetensors"));
+    options.overrides.vae = Some(dir.path().join("missing-vae.safetensors"));
     let message =
         StableDiffusion::load(ModelSource::File(folder().join("sd1.safetensors")), options)
             .err()
@@ -221,7 +221,7 @@ fn bad_single_files_get_clear_messages() {
     )
     .unwrap();
     let mut options = LoadOptions::new(Device::Cpu);
-    options.vae = Some(not_vae);
+    options.overrides.vae = Some(not_vae);
     let message =
         StableDiffusion::load(ModelSource::File(folder().join("sd1.safetensors")), options)
             .err()
@@ -252,6 +252,10 @@ fn the_cli_generates_from_a_single_file_with_overrides() {
     );
     let written = image::open(&out).unwrap();
     assert_eq!((written.width(), written.height()), (32, 32));
+    let text = atelier::gallery::png_read::read_text_bounded(&out).unwrap();
+    let parameters = format!("{text:?}");
+    assert!(parameters.contains("Model: sd2-v"), "{parameters}");
+    assert!(parameters.contains("VAE: vae.safetensors"), "{parameters}");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_atelier"))
         .args([
             "generate",

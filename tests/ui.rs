@@ -143,7 +143,7 @@ fn a_model_that_cannot_load_explains_itself() {
             .query_by_label_contains("choose a local model folder")
             .is_some()
             || f.harness
-                .query_by_label_contains("Choose a local model folder")
+                .query_by_label_contains("Choose a local model with")
                 .is_some()
     );
     // Generate without a model says what to do instead of doing nothing.
@@ -613,5 +613,41 @@ fn image_to_image_from_a_file_or_from_the_result() {
             .unwrap()
             .message
             .contains("notes.png")
+    );
+}
+
+#[test]
+fn model_options_override_the_prediction_and_remember_it_per_model() {
+    let mut f = start(settings(), false, false, None);
+    f.click("Model options");
+    f.harness
+        .get_by_role_and_label(egui::accesskit::Role::ComboBox, "Predicts")
+        .click();
+    f.harness.step();
+    f.harness.step();
+    f.harness.get_by_label("v").click();
+    for _ in 0..4 {
+        f.harness.step();
+    }
+    f.wait_for("the model to reload", |app| {
+        !matches!(app.model, ModelState::Loading { .. })
+    });
+    let seen = f.seen.lock().unwrap();
+    assert_eq!(seen.loads, vec!["fake/model".to_string(); 2]);
+    assert_eq!(seen.load_overrides[0], Default::default());
+    assert_eq!(
+        seen.load_overrides[1].prediction,
+        Some(atelier::schedulers::Prediction::VPrediction)
+    );
+    drop(seen);
+    let remembered = &f.app().settings.model_overrides["fake/model"];
+    assert_eq!(
+        remembered.prediction,
+        Some(atelier::schedulers::Prediction::VPrediction)
+    );
+    assert!(
+        f.harness
+            .query_by_label("Model options (overridden)")
+            .is_some()
     );
 }

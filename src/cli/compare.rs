@@ -21,7 +21,7 @@ pub struct CompareArgs {
     pub model: String,
     /// VAE and prediction overrides.
     #[command(flatten)]
-    pub overrides: super::generate::ModelOverrides,
+    pub overrides: super::generate::OverrideArgs,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::modes::{HiresArgs, ImageInputArgs};
 use crate::engine::npy::read_f32_npy;
 use crate::engine::pipeline::{
-    GenerationRequest, JobParts, LoadOptions, PreviewOptions, StableDiffusion,
+    GenerationRequest, JobParts, LoadOptions, ModelOverrides, PreviewOptions, StableDiffusion,
 };
 use crate::engine::source::{LoadProgress, ModelSource};
 use crate::gallery::metadata::{A1111Parameters, PARAMETERS_KEYWORD};
@@ -28,7 +28,7 @@ pub struct GenerateArgs {
     pub model: String,
     /// VAE and prediction overrides.
     #[command(flatten)]
-    pub overrides: ModelOverrides,
+    pub overrides: OverrideArgs,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,
@@ -90,7 +90,7 @@ pub struct GenerateArgs {
 
 /// What the model's own files say, overridden.
 #[derive(Debug, Clone, Default, Args)]
-pub struct ModelOverrides {
+pub struct OverrideArgs {
     /// A VAE in place of the model's: a single .safetensors (vae-ft-mse, sdxl-vae-fp16-fix, ...)
     /// or a diffusers VAE folder.
     #[arg(long)]
@@ -121,7 +121,7 @@ fn random_seed() -> u64 {
 pub fn load_model(
     spec: &str,
     device: &str,
-    overrides: &ModelOverrides,
+    overrides: &OverrideArgs,
 ) -> anyhow::Result<StableDiffusion> {
     let source = ModelSource::parse(spec)?;
     let device = super::open_device(device)?;
@@ -146,8 +146,10 @@ pub fn load_model(
     });
     let mut options = LoadOptions::new(device);
     options.progress = Some(progress);
-    options.vae = overrides.vae.clone();
-    options.prediction = overrides.prediction;
+    options.overrides = ModelOverrides {
+        vae: overrides.vae.clone(),
+        prediction: overrides.prediction,
+    };
     let model =
         StableDiffusion::load(source, options).with_context(|| format!("cannot load model {spec}"));
     bar.finish_and_clear();
@@ -301,6 +303,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ..request.clone()
         };
         let mut parameters = A1111Parameters::for_request(&item_request, model.name());
+        if let Some(vae) = (ModelOverrides {
+            vae: args.overrides.vae.clone(),
+            prediction: None,
+        })
+        .vae_name()
+        {
+            parameters.pairs.push(("VAE".into(), vae));
+        }
         if let Some(noise) = &args.init_noise {
             // The noise came from a file, not from the seed: say so instead.
             let name = noise

@@ -132,6 +132,8 @@ pub struct ImageMetadata {
     pub image_options: Option<ImageOptions>,
     /// A1111's clip skip, when not 1.
     pub clip_skip: Option<usize>,
+    /// The VAE chosen in place of the model's (file name, A1111's `VAE`); `None`: baked in.
+    pub vae: Option<String>,
     /// The hires fix's second pass, if it had one (the size and steps above are the first
     /// pass's, as A1111 writes them).
     pub hires: Option<HiresFix>,
@@ -186,6 +188,7 @@ impl ImageMetadata {
             inpainted: false,
             image_options: None,
             clip_skip: (request.clip_skip > 1).then_some(request.clip_skip),
+            vae: None,
             hires: None,
         }
     }
@@ -265,6 +268,9 @@ impl ImageMetadata {
         if !self.model.is_empty() {
             pairs.push(("Model".into(), self.model.clone()));
         }
+        if let Some(vae) = &self.vae {
+            pairs.push(("VAE".into(), vae.clone()));
+        }
         if !self.app_version.is_empty() {
             pairs.push(("Version".into(), self.app_version.clone()));
         }
@@ -330,6 +336,11 @@ impl ImageMetadata {
                 .get("Clip skip")
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .filter(|&n| (2..=24).contains(&n)),
+            vae: parameters
+                .get("VAE")
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_string),
             hires: hires_from_a1111(parameters),
         }
     }

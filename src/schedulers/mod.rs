@@ -468,7 +468,8 @@ impl Sampler {
 }
 
 /// What the model predicts, from `prediction_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Prediction {
     /// The added noise.
     Epsilon,

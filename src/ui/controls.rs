@@ -97,17 +97,28 @@ fn model_ui(
             })
             .response
             .labelled_by(model_heading.id);
-        if ui.button("Open folder…").clicked() {
+        if ui
+            .button("Folder…")
+            .on_hover_text("A diffusers model folder")
+            .clicked()
+        {
             commands.push(UiCommand::OpenFolder);
+        }
+        if ui
+            .button("File…")
+            .on_hover_text("A single-file checkpoint (.safetensors), as A1111 and ComfyUI use")
+            .clicked()
+        {
+            commands.push(UiCommand::OpenModelFile);
         }
     });
     ui.horizontal(|ui| {
         let field = egui::TextEdit::singleline(model_input)
-            .hint_text("folder or owner/repo")
+            .hint_text("folder, .safetensors or owner/repo")
             .desired_width(262.0);
-        let response = ui
-            .add(field)
-            .on_hover_text("A diffusers folder or a Hugging Face repo id");
+        let response = ui.add(field).on_hover_text(
+            "A diffusers folder, a single-file checkpoint or a Hugging Face repo id",
+        );
         let submitted = response.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
         if (ui.button("Load").clicked() || submitted) && !model_input.trim().is_empty() {
             commands.push(UiCommand::LoadModel(model_input.trim().to_string()));
@@ -158,6 +169,7 @@ fn model_ui(
             ui.colored_label(ui.visuals().error_fg_color, "Could not load this model.");
         }
     }
+    super::model_options::model_options_ui(ui, settings, commands);
 }
 
 fn prompts_ui(ui: &mut Ui, settings: &mut Settings, model: &ModelState) {

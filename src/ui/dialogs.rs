@@ -4,7 +4,10 @@ use super::{AtelierApp, ModelState};
 
 /// What a dialog thread sends back.
 pub(super) enum DialogResult {
+    /// A model: a diffusers folder or a single-file checkpoint.
     Folder(std::path::PathBuf),
+    /// A VAE for the current model.
+    Vae(std::path::PathBuf),
     Saved(std::path::PathBuf),
     SaveFailed(String),
     Import(Vec<std::path::PathBuf>),

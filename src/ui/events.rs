@@ -207,9 +207,13 @@ impl AtelierApp {
         final_request: &crate::engine::pipeline::GenerationRequest,
         comparison: Option<crate::gallery::record::ComparisonRef>,
     ) {
-        let (model, weights) = match &self.model {
-            ModelState::Ready(info) => (info.name.clone(), info.weights_path.clone()),
-            _ => (String::new(), None),
+        let (model, weights, vae) = match &self.model {
+            ModelState::Ready(info) => (
+                info.name.clone(),
+                info.weights_path.clone(),
+                info.vae.clone(),
+            ),
+            _ => (String::new(), None, None),
         };
         for (k, image) in images.iter().enumerate() {
             let mut request = final_request.clone();
@@ -217,6 +221,7 @@ impl AtelierApp {
             let mut metadata =
                 ImageMetadata::for_generation(&request, &model, None, timings, now_unix());
             metadata.comparison = comparison.clone();
+            metadata.vae = vae.clone();
             metadata.set_modes(running.job.image.as_ref(), running.job.hires.as_ref());
             if running.job.hires.is_some() {
                 // Redoing it starts from the first pass's size and steps.
@@ -241,6 +246,16 @@ impl AtelierApp {
         while let Ok(result) = self.dialog_receiver.try_recv() {
             match result {
                 DialogResult::Folder(folder) => self.load_model(folder.display().to_string()),
+                DialogResult::Vae(vae) => {
+                    let mut overrides = self
+                        .settings
+                        .model_overrides
+                        .get(&self.settings.model)
+                        .cloned()
+                        .unwrap_or_default();
+                    overrides.vae = Some(vae);
+                    self.set_model_overrides(overrides);
+                }
                 DialogResult::Saved(path) => {
                     self.warnings = vec![format!("saved {}", path.display())]
                 }

@@ -9,6 +9,7 @@ mod events;
 pub mod gallery;
 pub mod mask_editor;
 mod mode_controls;
+mod model_options;
 mod prompt_highlight;
 pub mod queue;
 pub mod settings;

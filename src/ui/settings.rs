@@ -52,6 +52,9 @@ pub struct Settings {
     pub hires_enabled: bool,
     /// The hires fix's settings.
     pub hires: crate::engine::pipeline::HiresFix,
+    /// What the artist overrides of each model's own files (VAE, prediction), by model.
+    pub model_overrides:
+        std::collections::BTreeMap<String, crate::engine::pipeline::ModelOverrides>,
 }
 
 impl Default for Settings {
@@ -82,6 +85,7 @@ impl Default for Settings {
             clip_skip: 1,
             hires_enabled: false,
             hires: Default::default(),
+            model_overrides: Default::default(),
         }
     }
 }

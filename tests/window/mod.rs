@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use atelier::engine::EngineError;
 use atelier::engine::pipeline::{
-    DeviceChoice, GenerationRequest, HiresFix, ImageJob, ModelFamily, Timings,
+    DeviceChoice, GenerationRequest, HiresFix, ImageJob, ModelFamily, ModelOverrides, Timings,
 };
 use atelier::engine::source::{LoadProgress, LoadProgressFn};
 use atelier::ui::settings::Settings;
@@ -23,6 +23,8 @@ use image::{Rgb, RgbImage};
 #[derive(Default)]
 pub struct Seen {
     pub loads: Vec<String>,
+    /// What each load overrode of the model's files.
+    pub load_overrides: Vec<ModelOverrides>,
     pub jobs: Vec<GenerationRequest>,
     /// Each job's init image size and strength (image to image), `None` for text to image.
     pub inits: Vec<Option<((u32, u32), f64)>>,
@@ -45,9 +47,13 @@ impl Engine for FakeEngine {
         &mut self,
         model: &str,
         _device: DeviceChoice,
+        overrides: &ModelOverrides,
         progress: LoadProgressFn,
     ) -> Result<ModelInfo, EngineError> {
-        self.seen.lock().unwrap().loads.push(model.to_string());
+        let mut seen = self.seen.lock().unwrap();
+        seen.loads.push(model.to_string());
+        seen.load_overrides.push(overrides.clone());
+        drop(seen);
         progress(LoadProgress::Loading {
             component: "unet".into(),
         });
@@ -68,6 +74,7 @@ impl Engine for FakeEngine {
             max_prompt_tokens: 75,
             token_counter: Arc::new(|prompt: &str| prompt.split_whitespace().count()),
             weights_path: None,
+            vae: overrides.vae_name(),
         })
     }
 

@@ -53,11 +53,11 @@ impl StableDiffusion {
             ModelSource::File(path) => super::load_file::describe(path, &options)?,
             _ => describe_diffusers(source, &options)?,
         };
-        if let Some(vae) = &options.vae {
+        if let Some(vae) = &options.overrides.vae {
             let scaling_factor = spec.vae.0.scaling_factor;
             spec.vae = super::load_file::vae_override(vae, scaling_factor)?;
         }
-        if let Some(prediction) = options.prediction {
+        if let Some(prediction) = options.overrides.prediction {
             spec.scheduler_config.prediction_type = Some(prediction.config_name().into());
         }
         Self::build(spec, &options)

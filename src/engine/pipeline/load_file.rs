@@ -56,7 +56,7 @@ pub(super) fn describe(path: &Path, options: &LoadOptions) -> Result<ModelSpec> 
     }
     let original = OriginalConfig::beside(path)?;
     let file = MappedFile::open(path)?;
-    let v_prediction = match options.prediction {
+    let v_prediction = match options.overrides.prediction {
         Some(prediction) => prediction == Prediction::VPrediction,
         None => match original.v_prediction.or(info.v_prediction) {
             Some(v) => v,
@@ -94,7 +94,7 @@ pub(super) fn describe(path: &Path, options: &LoadOptions) -> Result<ModelSpec> 
                 keys: keys.into(),
             },
         ),
-        None if options.vae.is_some() => {
+        None if options.overrides.vae.is_some() => {
             // Replaced by the override before anything is built; its scale is the model's.
             let scale = architecture::scaling_factor(info.family, &original);
             let placeholder: VaeConfig = serde_json::from_value(serde_json::json!({

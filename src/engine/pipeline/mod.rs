@@ -31,8 +31,8 @@ pub use job::{HiresFix, ImageJob, ImageOptions, JobParts, JobResult, MAX_MASK_BL
 pub use modes::JobInput;
 pub use prompt::PromptEmbeddings;
 pub use request::{
-    DeviceChoice, GenerationOutput, GenerationRequest, LoadOptions, ModelFamily, PreviewOptions,
-    StepProgress, Timings, default_dtype,
+    DeviceChoice, GenerationOutput, GenerationRequest, LoadOptions, ModelFamily, ModelOverrides,
+    PreviewOptions, StepProgress, Timings, default_dtype,
 };
 
 struct TextEncoderPart {

@@ -116,10 +116,36 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Hears about downloads and components being read.
     pub progress: Option<LoadProgressFn>,
-    /// A VAE in place of the model's (a diffusers VAE folder or a single `.safetensors`).
+    /// What the model's own files say, overridden (VAE, prediction).
+    pub overrides: ModelOverrides,
+}
+
+/// What an artist overrides of a model's own files, remembered per model by the window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ModelOverrides {
+    /// A VAE in place of the model's (a diffusers VAE folder or a single `.safetensors`);
+    /// `None`: the baked-in one.
     pub vae: Option<std::path::PathBuf>,
     /// What the model predicts, overriding its config (or a single file's detection).
     pub prediction: Option<crate::schedulers::Prediction>,
+}
+
+impl ModelOverrides {
+    /// Whether nothing is overridden.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// The VAE's file or folder name, as A1111's `VAE` metadata names it.
+    pub fn vae_name(&self) -> Option<String> {
+        let vae = self.vae.as_ref()?;
+        Some(
+            vae.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| vae.display().to_string()),
+        )
+    }
 }
 
 impl LoadOptions {
@@ -129,8 +155,7 @@ impl LoadOptions {
             device,
             dtype: None,
             progress: None,
-            vae: None,
-            prediction: None,
+            overrides: ModelOverrides::default(),
         }
     }
 }

@@ -24,6 +24,12 @@ pub enum UiCommand {
     LoadModel(String),
     /// Ask for a model folder.
     OpenFolder,
+    /// Ask for a single-file checkpoint.
+    OpenModelFile,
+    /// Ask for a VAE file for the current model.
+    ChooseVae,
+    /// Override the current model's VAE or prediction (remembered per model), and reload it.
+    SetModelOverrides(crate::engine::pipeline::ModelOverrides),
     /// Save the shown image.
     SaveAs,
     /// Copy the shown image's seed.
@@ -114,6 +120,9 @@ impl UiCommand {
             | MoveQueued(..)
             | LoadModel(_)
             | OpenFolder
+            | OpenModelFile
+            | ChooseVae
+            | SetModelOverrides(_)
             | SaveAs
             | CopySeed
             | CopyPrompt

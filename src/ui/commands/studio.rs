@@ -16,9 +16,16 @@ use crate::worker::{Command, Job, SendError};
 impl AtelierApp {
     pub(in crate::ui) fn load_model(&mut self, model: String) {
         let device = DeviceChoice::parse(&self.settings.device).unwrap_or(DeviceChoice::Auto);
+        let overrides = self
+            .settings
+            .model_overrides
+            .get(&model)
+            .cloned()
+            .unwrap_or_default();
         match self.worker.send(Command::LoadModel {
             model: model.clone(),
             device,
+            overrides,
         }) {
             Ok(()) => {
                 self.settings.model = model.clone();
@@ -31,6 +38,25 @@ impl AtelierApp {
         }
     }
 
+    /// Remembers what the artist overrides of the current model and reloads it with that.
+    pub(in crate::ui) fn set_model_overrides(
+        &mut self,
+        overrides: crate::engine::pipeline::ModelOverrides,
+    ) {
+        let model = self.settings.model.clone();
+        if model.is_empty() {
+            return;
+        }
+        if overrides.is_empty() {
+            self.settings.model_overrides.remove(&model);
+        } else {
+            self.settings
+                .model_overrides
+                .insert(model.clone(), overrides);
+        }
+        self.load_model(model);
+    }
+
     pub(in crate::ui) fn generate(&mut self) {
         if !matches!(
             self.model,
@@ -38,7 +64,7 @@ impl AtelierApp {
         ) {
             self.show_error(
                 "No model is loaded.",
-                "Choose a model in the picker on the left (a preset, a recent one, or \"Open folder…\").",
+                "Choose a model in the picker on the left (a preset, a recent one, \"Folder…\" or \"File…\").",
             );
             return;
         }
@@ -160,6 +186,21 @@ impl AtelierApp {
                     .pick_folder()
                     .map(DialogResult::Folder)
             }),
+            UiCommand::OpenModelFile => self.spawn_dialog(ctx, "open-model-file", || {
+                rfd::FileDialog::new()
+                    .set_title("Choose a checkpoint (.safetensors)")
+                    .add_filter("Checkpoint", &["safetensors", "ckpt"])
+                    .pick_file()
+                    .map(DialogResult::Folder)
+            }),
+            UiCommand::ChooseVae => self.spawn_dialog(ctx, "choose-vae", || {
+                rfd::FileDialog::new()
+                    .set_title("Choose a VAE (.safetensors)")
+                    .add_filter("VAE", &["safetensors"])
+                    .pick_file()
+                    .map(DialogResult::Vae)
+            }),
+            UiCommand::SetModelOverrides(overrides) => self.set_model_overrides(overrides),
             UiCommand::SaveAs => self.save_as(ctx),
             UiCommand::CopySeed => {
                 if let Some(shown) = &self.shown {

@@ -1,0 +1,93 @@
+//! The model's options under the picker: a VAE in place of the baked-in one and what the model
+//! predicts, remembered per model (single files do not always say it right).
+
+use egui::Ui;
+
+use super::UiCommand;
+use super::settings::Settings;
+use crate::engine::pipeline::ModelOverrides;
+use crate::schedulers::Prediction;
+
+/// "VAE: baked in [Choose…]" and "Predicts: auto/epsilon/v" for the current model; a change
+/// reloads the model with it.
+pub(super) fn model_options_ui(ui: &mut Ui, settings: &Settings, commands: &mut Vec<UiCommand>) {
+    if settings.model.is_empty() {
+        return;
+    }
+    let overrides = settings
+        .model_overrides
+        .get(&settings.model)
+        .cloned()
+        .unwrap_or_default();
+    let title = if overrides.is_empty() {
+        "Model options".to_string()
+    } else {
+        "Model options (overridden)".to_string()
+    };
+    egui::CollapsingHeader::new(title)
+        .id_salt("model-options")
+        .show(ui, |ui| {
+            ui.horizontal(|ui| {
+                ui.label("VAE");
+                match overrides.vae_name() {
+                    Some(name) => {
+                        ui.label(name).on_hover_text(
+                            overrides
+                                .vae
+                                .as_ref()
+                                .map(|v| v.display().to_string())
+                                .unwrap_or_default(),
+                        );
+                        if ui.button("Baked in").clicked() {
+                            commands.push(UiCommand::SetModelOverrides(ModelOverrides {
+                                vae: None,
+                                ..overrides.clone()
+                            }));
+                        }
+                    }
+                    None => {
+                        ui.weak("baked in");
+                    }
+                }
+                if ui
+                    .button("Choose…")
+                    .on_hover_text("A VAE file (vae-ft-mse, sdxl-vae-fp16-fix, …) for this model")
+                    .clicked()
+                {
+                    commands.push(UiCommand::ChooseVae);
+                }
+            });
+            ui.horizontal(|ui| {
+                let label = ui.label("Predicts");
+                let name = |p: Option<Prediction>| match p {
+                    None => "auto",
+                    Some(Prediction::Epsilon) => "epsilon",
+                    Some(Prediction::VPrediction) => "v",
+                    Some(Prediction::Sample) => "sample",
+                };
+                let mut chosen = overrides.prediction;
+                egui::ComboBox::from_id_salt("model-prediction")
+                    .selected_text(name(chosen))
+                    .show_ui(ui, |ui| {
+                        for option in [
+                            None,
+                            Some(Prediction::Epsilon),
+                            Some(Prediction::VPrediction),
+                        ] {
+                            ui.selectable_value(&mut chosen, option, name(option));
+                        }
+                    })
+                    .response
+                    .labelled_by(label.id)
+                    .on_hover_text(
+                        "auto: the model's config, a sidecar .yaml, or a guess from the weights",
+                    );
+                if chosen != overrides.prediction {
+                    commands.push(UiCommand::SetModelOverrides(ModelOverrides {
+                        prediction: chosen,
+                        ..overrides.clone()
+                    }));
+                }
+            });
+        });
+}
