@@ -58,9 +58,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dtype = default_dtype(&device);
     let random;
     let loaded;
+    let mut load_secs = None;
     let (target, label, native) = match (&args.model, &args.random_weights) {
         (Some(spec), None) => {
+            let started = std::time::Instant::now();
             loaded = super::generate::load_model(spec, &args.device, &Default::default())?;
+            // Every weight is on the device once its copy returns; synchronise to be sure.
+            loaded.device().synchronize()?;
+            load_secs = Some(started.elapsed().as_secs_f64());
             let native = loaded.native_size().unwrap_or(512);
             (loaded.bench_target(), loaded.name().to_string(), native)
         }
@@ -114,6 +119,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "height": options.height,
             "unet_batch": options.batch_size * if options.guidance { 2 } else { 1 },
             "vae_dtype": format!("{:?}", target.vae_dtype),
+            "load_secs": load_secs,
             "report": report,
         });
         println!("{value}");
@@ -126,6 +132,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             options.height,
             options.batch_size * if options.guidance { 2 } else { 1 }
         );
+        if let Some(secs) = load_secs {
+            println!(
+                "model load      {:>10.2} s   (files to device, every component)",
+                secs
+            );
+        }
         println!("text encoding   {:>10.1} ms", report.text_encoding_ms);
         println!(
             "UNet step       {:>10.1} ms  ({:.2} it/s)",
