@@ -455,6 +455,6 @@ mod tests {
             message: "offline".into(),
         });
         assert!(offline.message.contains("model_index.json"));
-        assert!(offline.hint.contains("local model folder"));
+        assert!(offline.hint.contains("Choose a local model"));
     }
 }

@@ -9,8 +9,10 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod extra_networks;
 pub mod fused;
 pub mod init_image;
+pub mod lora;
 pub mod nn;
 pub mod noise;
 pub mod npy;

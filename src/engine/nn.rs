@@ -38,13 +38,17 @@ impl Linear {
         let weights: Vec<&Tensor> = layers.iter().map(|l| l.0.weight()).collect();
         let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.0.bias()).collect();
         let bias = match biases {
-            Some(biases) => Some(Tensor::cat(&biases, 0)?),
+            Some(biases) => {
+                let stacked = Tensor::cat(&biases, 0)?;
+                super::weights::note_stacked(&biases, &stacked);
+                Some(stacked)
+            }
             None => None,
         };
-        Ok(Linear(candle_nn::Linear::new(
-            Tensor::cat(&weights, 0)?,
-            bias,
-        )))
+        let weight = Tensor::cat(&weights, 0)?;
+        // A LoRA must still find each weight, now rows of the stacked one.
+        super::weights::note_stacked(&weights, &weight);
+        Ok(Linear(candle_nn::Linear::new(weight, bias)))
     }
 }
 

@@ -135,7 +135,9 @@ impl ClipTokenizer {
             comma: self.comma_id,
             chunk_length: self.max_length - 2,
         };
-        let (mut chunks, count) = chunk_prompt(&parse_prompt_attention(prompt), ids, |text| {
+        // `<lora:…>` and other extra-network tags are not text (A1111 cuts them out first).
+        let prompt = super::extra_networks::strip(prompt);
+        let (mut chunks, count) = chunk_prompt(&parse_prompt_attention(&prompt), ids, |text| {
             self.prompt_tokens(text)
         })?;
         if self.pad_id != self.eos_id {

@@ -223,3 +223,194 @@ impl SimpleBackend for RenamedTensors {
         self.keys.contains_key(name)
     }
 }
+
+/// Where a model's weight lives once built: the tensor a module holds, or a block of rows of
+/// a tensor that stacks several weights (q, k and v in one GEMM).
+#[derive(Debug, Clone)]
+pub struct WeightSlot {
+    /// The tensor the module holds (shared storage: writing into it changes the model).
+    pub tensor: Tensor,
+    /// `(first row, rows)` of this weight inside `tensor`, when stacked.
+    pub rows: Option<(usize, usize)>,
+}
+
+impl WeightSlot {
+    /// The weight's current values (a copy).
+    pub fn read(&self) -> Result<Tensor> {
+        Ok(match self.rows {
+            Some((first, rows)) => self.tensor.narrow(0, first, rows)?.contiguous()?,
+            None => self.tensor.copy()?,
+        })
+    }
+
+    /// Overwrites the weight in place with `values` (its shape, any type: converted).
+    pub fn write(&self, values: &Tensor) -> Result<()> {
+        let values = values
+            .to_device(self.tensor.device())?
+            .to_dtype(self.tensor.dtype())?
+            .contiguous()?;
+        let offset = self.rows.map_or(0, |(first, _)| first);
+        self.tensor.slice_set(&values, 0, offset)?;
+        Ok(())
+    }
+
+    /// The weight's shape.
+    pub fn shape(&self) -> Vec<usize> {
+        let mut dims = self.tensor.dims().to_vec();
+        if let Some((_, rows)) = self.rows {
+            dims[0] = rows;
+        }
+        dims
+    }
+}
+
+/// Every weight a model's modules hold, by its diffusers name (`unet.down_blocks.0...weight`),
+/// recorded while the model is built: what a LoRA changes in place.
+#[derive(Debug, Clone, Default)]
+pub struct WeightTable {
+    slots: HashMap<String, WeightSlot>,
+}
+
+impl WeightTable {
+    /// The weight named `name`.
+    pub fn get(&self, name: &str) -> Option<&WeightSlot> {
+        self.slots.get(name)
+    }
+
+    /// Every name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.slots.keys().map(String::as_str)
+    }
+
+    /// How many weights.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Adds every weight of `other`.
+    pub fn extend(&mut self, other: WeightTable) {
+        self.slots.extend(other.slots);
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// The table being recorded on this thread (a model is built on one thread).
+struct Recording {
+    prefix: String,
+    table: WeightTable,
+    names_by_id: HashMap<candle_core::TensorId, String>,
+}
+
+thread_local! {
+    static RECORDING: std::cell::RefCell<Option<Recording>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Records, while `build` runs on this thread, every weight read through a builder made by
+/// [`recording`] under `prefix` (`unet.`); returns what `build` returned and the table.
+pub fn record<T>(prefix: &str, build: impl FnOnce() -> Result<T>) -> Result<(T, WeightTable)> {
+    RECORDING.with(|r| {
+        *r.borrow_mut() = Some(Recording {
+            prefix: prefix.to_string(),
+            table: WeightTable::default(),
+            names_by_id: HashMap::new(),
+        })
+    });
+    let built = build();
+    let recorded = RECORDING.with(|r| r.borrow_mut().take());
+    let table = recorded.map(|r| r.table).unwrap_or_default();
+    Ok((built?, table))
+}
+
+fn note_loaded(name: &str, tensor: &Tensor) {
+    RECORDING.with(|r| {
+        if let Some(recording) = r.borrow_mut().as_mut() {
+            let full = format!("{}{name}", recording.prefix);
+            recording.names_by_id.insert(tensor.id(), full.clone());
+            recording.table.slots.insert(
+                full,
+                WeightSlot {
+                    tensor: tensor.clone(),
+                    rows: None,
+                },
+            );
+        }
+    });
+}
+
+/// Tells the recording that `parts` now live stacked by rows in `stacked` (called where a
+/// module concatenates weights, so that a LoRA still finds each of them).
+pub fn note_stacked(parts: &[&Tensor], stacked: &Tensor) {
+    RECORDING.with(|r| {
+        if let Some(recording) = r.borrow_mut().as_mut() {
+            let mut first = 0;
+            for part in parts {
+                let rows = part.dims().first().copied().unwrap_or(0);
+                if let Some(name) = recording.names_by_id.get(&part.id()).cloned() {
+                    recording.names_by_id.insert(stacked.id(), name.clone());
+                    recording.table.slots.insert(
+                        name,
+                        WeightSlot {
+                            tensor: stacked.clone(),
+                            rows: Some((first, rows)),
+                        },
+                    );
+                }
+                first += rows;
+            }
+        }
+    });
+}
+
+/// A builder over `builder`'s weights that notes every tensor it hands out in the recording
+/// of this thread (if one is running).
+pub fn recording(builder: VarBuilder<'static>) -> VarBuilder<'static> {
+    let dtype = builder.dtype();
+    let device = builder.device().clone();
+    VarBuilder::from_backend(Box::new(Recorder { inner: builder }), dtype, device)
+}
+
+struct Recorder {
+    inner: VarBuilder<'static>,
+}
+
+impl SimpleBackend for Recorder {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .inner
+            .get(shape, name)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        note_loaded(name, &tensor);
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .inner
+            .get_unchecked(name)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        note_loaded(name, &tensor);
+        Ok(tensor)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}

@@ -119,6 +119,97 @@ fn unet_name(key: &str, layers_per_block: usize) -> Option<String> {
     None
 }
 
+/// The original (SGM) name of a diffusers UNet module path (`down_blocks.1.attentions.0.proj_in`
+/// -> `input_blocks.4.1.proj_in`), as kohya names SDXL LoRAs; `up_attention` says which up
+/// blocks have attention (their upsampler moves one slot on).
+pub fn unet_original_path(
+    path: &str,
+    layers_per_block: usize,
+    up_attention: &[bool],
+) -> Option<String> {
+    let group = layers_per_block + 1;
+    let resnet = |rest: &str| -> String {
+        let (part, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        let renamed = match part {
+            "norm1" => "in_layers.0",
+            "conv1" => "in_layers.2",
+            "norm2" => "out_layers.0",
+            "conv2" => "out_layers.3",
+            "time_emb_proj" => "emb_layers.1",
+            "conv_shortcut" => "skip_connection",
+            other => other,
+        };
+        if tail.is_empty() {
+            renamed.to_string()
+        } else {
+            format!("{renamed}.{tail}")
+        }
+    };
+    for (new, old) in [
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("conv_in", "input_blocks.0.0"),
+        ("conv_norm_out", "out.0"),
+        ("conv_out", "out.2"),
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("add_embedding.linear_2", "label_emb.0.2"),
+    ] {
+        if path == new {
+            return Some(old.to_string());
+        }
+    }
+    let parts: Vec<&str> = path.splitn(5, '.').collect();
+    let number = |i: usize| parts.get(i)?.parse::<usize>().ok();
+    match parts.first().copied()? {
+        "down_blocks" => {
+            let block = number(1)?;
+            match *parts.get(2)? {
+                "downsamplers" => Some(format!("input_blocks.{}.0.op", (block + 1) * group)),
+                kind => {
+                    let index = 1 + block * group + number(3)?;
+                    let rest = parts.get(4).copied().unwrap_or("");
+                    Some(match kind {
+                        "resnets" => format!("input_blocks.{index}.0.{}", resnet(rest)),
+                        "attentions" => format!("input_blocks.{index}.1.{rest}"),
+                        _ => return None,
+                    })
+                }
+            }
+        }
+        "mid_block" => {
+            let index = number(2)?;
+            let rest = parts.get(3..)?.join(".");
+            match *parts.get(1)? {
+                "resnets" => Some(format!("middle_block.{}.{}", 2 * index, resnet(&rest))),
+                "attentions" => Some(format!("middle_block.1.{rest}")),
+                _ => None,
+            }
+        }
+        "up_blocks" => {
+            let block = number(1)?;
+            match *parts.get(2)? {
+                "upsamplers" => {
+                    let slot = if *up_attention.get(block)? { 2 } else { 1 };
+                    Some(format!(
+                        "output_blocks.{}.{slot}.conv",
+                        block * group + group - 1
+                    ))
+                }
+                kind => {
+                    let index = block * group + number(3)?;
+                    let rest = parts.get(4).copied().unwrap_or("");
+                    Some(match kind {
+                        "resnets" => format!("output_blocks.{index}.0.{}", resnet(rest)),
+                        "attentions" => format!("output_blocks.{index}.1.{rest}"),
+                        _ => return None,
+                    })
+                }
+            }
+        }
+        _ => None,
+    }
+}
+
 /// The UNet's keys (`model.diffusion_model.*`; EMA copies ignored, as diffusers and A1111 do).
 pub fn unet(keys: &[String]) -> KeyMap {
     let unet_keys: Vec<&str> = under(keys, UNET_PREFIX).collect();
@@ -378,6 +469,35 @@ mod tests {
             Some("add_embedding.linear_2.weight")
         );
         assert_eq!(map.len(), 10, "EMA keys are not the model's");
+    }
+
+    #[test]
+    fn original_names_invert_the_conversion() {
+        let lpb = 2;
+        let up_attention = [true, true, false];
+        for key in [
+            "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+            "input_blocks.3.0.op",
+            "input_blocks.5.0.in_layers.2",
+            "input_blocks.4.0.skip_connection",
+            "middle_block.1.proj_in",
+            "middle_block.2.out_layers.3",
+            "output_blocks.2.2.conv",
+            "output_blocks.8.1.conv",
+            "output_blocks.7.0.emb_layers.1",
+            "output_blocks.1.1.transformer_blocks.1.ff.net.0.proj",
+            "time_embed.0",
+            "label_emb.0.2",
+            "out.2",
+        ] {
+            let diffusers = unet_name(&format!("{key}.weight"), lpb).expect(key);
+            let path = diffusers.strip_suffix(".weight").unwrap();
+            assert_eq!(
+                unet_original_path(path, lpb, &up_attention).as_deref(),
+                Some(key),
+                "{path}"
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::engine::source::{LoadProgress, ModelFiles, ModelSource};
 use crate::engine::tokenizer::ClipTokenizer;
 use crate::engine::unet::UNet;
 use crate::engine::vae::VaeDecoder;
-use crate::engine::weights::ComponentWeights;
+use crate::engine::weights::{ComponentWeights, WeightTable, record, recording};
 
 /// Reads a component's `config.json` and checks every value before a model is built from it.
 pub(super) fn read_json<T: DeserializeOwned + CheckedConfig>(path: &Path) -> Result<T> {
@@ -74,10 +74,14 @@ impl StableDiffusion {
         let device = options.device.clone();
         let dtype = options.dtype.unwrap_or_else(|| default_dtype(&device));
         let mut text_encoders = Vec::new();
+        let mut weights = WeightTable::default();
         for part in spec.text_encoders {
             report(part.name);
-            let encoder =
-                ClipTextEncoder::new(part.config, part.weights.var_builder(dtype, &device)?)?;
+            let vb = recording(part.weights.var_builder(dtype, &device)?);
+            let (encoder, table) = record(&format!("{}.", part.name), || {
+                ClipTextEncoder::new(part.config, vb)
+            })?;
+            weights.extend(table);
             let positions = encoder.config().max_position_embeddings;
             if positions < part.tokenizer.max_length() {
                 return Err(EngineError::Unsupported(format!(
@@ -99,7 +103,9 @@ impl StableDiffusion {
 
         report("unet");
         let (unet_config, unet_weights) = spec.unet;
-        let unet = UNet::new(unet_config, unet_weights.var_builder(dtype, &device)?)?;
+        let vb = recording(unet_weights.var_builder(dtype, &device)?);
+        let (unet, table) = record("unet.", || UNet::new(unet_config, vb))?;
+        weights.extend(table);
 
         let family = if unet.needs_added_conditions() || text_encoders.len() > 1 {
             ModelFamily::Sdxl
@@ -147,6 +153,8 @@ impl StableDiffusion {
             unet_weights,
             vae_weights,
             vae_encoder: std::sync::OnceLock::new(),
+            weights,
+            loras: Default::default(),
         })
     }
 }

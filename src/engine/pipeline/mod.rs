@@ -10,6 +10,7 @@ mod denoise;
 mod job;
 mod load;
 mod load_file;
+mod lora;
 mod modes;
 mod prompt;
 mod request;
@@ -24,7 +25,7 @@ use super::config::SchedulerConfig;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
 use super::vae::{VaeDecoder, VaeEncoder};
-use super::weights::ComponentWeights;
+use super::weights::{ComponentWeights, WeightTable};
 
 pub use decode::tensor_to_images;
 pub use job::{HiresFix, ImageJob, ImageOptions, JobParts, JobResult, MAX_MASK_BLUR};
@@ -57,6 +58,10 @@ pub struct StableDiffusion {
     vae_weights: ComponentWeights,
     /// Built on first use: text-to-image never pays for it.
     vae_encoder: std::sync::OnceLock<VaeEncoder>,
+    /// The text encoders' and UNet's weights by name, for LoRAs to change in place.
+    weights: WeightTable,
+    /// The LoRAs merged into `weights` now, and the originals they changed.
+    loras: crate::engine::lora::AppliedLoras,
 }
 
 impl StableDiffusion {
