@@ -4,6 +4,7 @@ pub mod cli;
 pub mod compare;
 pub mod engine;
 pub mod gallery;
+pub mod models_folders;
 pub mod schedulers;
 pub mod ui;
 pub mod worker;

@@ -40,6 +40,8 @@ pub struct Job {
     pub image: Option<ImageJob>,
     /// The hires fix's second pass (text to image only).
     pub hires: Option<HiresFix>,
+    /// Where the prompt's `<lora:name:w>` tags find their files.
+    pub lora_folders: Vec<std::path::PathBuf>,
 }
 
 /// What the UI asks for.
@@ -130,6 +132,8 @@ pub struct JobOutput {
     pub warnings: Vec<String>,
     /// The last pass's parameters (a hires fix's size and steps).
     pub final_request: GenerationRequest,
+    /// The LoRAs merged for this job: name and A1111 short hash (`Lora hashes`).
+    pub loras: Vec<(String, String)>,
 }
 
 /// One step's news, as the engine reports it.
@@ -206,6 +210,7 @@ pub trait Engine: Send + 'static {
 #[derive(Default)]
 pub struct DiffusionEngine {
     model: Option<StableDiffusion>,
+    loras: crate::engine::lora::LoraCache,
 }
 
 impl Engine for DiffusionEngine {
@@ -244,9 +249,20 @@ impl Engine for DiffusionEngine {
         job: &Job,
         on_step: &mut dyn FnMut(StepUpdate),
     ) -> Result<JobOutput, EngineError> {
-        let model = self.model.as_ref().ok_or_else(|| {
+        let model = self.model.as_mut().ok_or_else(|| {
             EngineError::InvalidParameter("no model is loaded; choose one first".into())
         })?;
+        // The prompt's LoRAs, merged (or the last job's taken off) before the job runs.
+        let (loras, mut lora_warnings) =
+            self.loras
+                .resolve(&job.request.prompt, &job.lora_folders, &[])?;
+        let report = model.set_loras(&loras)?;
+        lora_warnings.extend(report.warnings);
+        let applied: Vec<(String, String)> = loras
+            .iter()
+            .map(|l| (l.file.name.clone(), l.file.hash.clone()))
+            .collect();
+        let model = &*model;
         let parts = JobParts {
             image: job.image.as_ref(),
             hires: job.hires.as_ref(),
@@ -264,11 +280,13 @@ impl Engine for DiffusionEngine {
                 preview: preview.map(downsample),
             });
         })?;
+        lora_warnings.extend(result.output.warnings);
         Ok(JobOutput {
             images: result.output.images,
             timings: result.output.timings,
-            warnings: result.output.warnings,
+            warnings: lora_warnings,
             final_request: result.final_request,
+            loras: applied,
         })
     }
 }

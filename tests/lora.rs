@@ -207,3 +207,55 @@ fn keys_that_match_nothing_are_reported() {
     let error = LoraFile::open(&not_lora).unwrap_err().to_string();
     assert!(error.contains("not a LoRA"), "{error}");
 }
+
+#[test]
+fn the_cli_applies_loras_from_flags_and_tags_and_records_their_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    // An A1111 layout: the tag finds models/Lora/<name>.safetensors in a subfolder.
+    let webui = dir.path().join("webui");
+    std::fs::create_dir_all(webui.join("models/Lora/styles")).unwrap();
+    std::fs::copy(
+        folder().join("sd1-loha.safetensors"),
+        webui.join("models/Lora/styles/ink.safetensors"),
+    )
+    .unwrap();
+    let out = dir.path().join("fox.png");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_atelier"))
+        .args(["generate", "--prompt", "a fox <lora:ink:0.5> <lora:gone:1>"])
+        .args([
+            "--steps", "2", "--width", "32", "--height", "32", "--device", "cpu",
+        ])
+        .arg("--model")
+        .arg(model_dir("sd1"))
+        .arg("--lora")
+        .arg(format!(
+            "{}:-0.3",
+            folder().join("sd1-kohya.safetensors").display()
+        ))
+        .arg("--lora-dir")
+        .arg(&webui)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("LoRA sd1-kohya:"), "{stderr}");
+    assert!(stderr.contains("LoRA ink:"), "{stderr}");
+    assert!(
+        stderr.contains("<lora:gone>: no gone.safetensors"),
+        "{stderr}"
+    );
+    let text = atelier::gallery::png_read::read_text_bounded(&out).unwrap();
+    let parameters = text.chunks["parameters"].clone();
+    let kohya_hash =
+        atelier::engine::lora::addnet_hash(&folder().join("sd1-kohya.safetensors")).unwrap();
+    assert!(
+        parameters.contains(&format!("Lora hashes: \"sd1-kohya: {kohya_hash}, ink: ")),
+        "{parameters}"
+    );
+    assert!(
+        parameters.starts_with("a fox <lora:ink:0.5> <lora:gone:1>"),
+        "{parameters}"
+    );
+}

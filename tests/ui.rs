@@ -651,3 +651,30 @@ fn model_options_override_the_prediction_and_remember_it_per_model() {
             .is_some()
     );
 }
+
+#[test]
+fn the_lora_picker_lists_the_models_folders_and_inserts_a_tag() {
+    let dir = tempfile::tempdir().unwrap();
+    let webui = dir.path().join("stable-diffusion-webui");
+    std::fs::create_dir_all(webui.join("models/Lora/styles")).unwrap();
+    let lora = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/lora/sd1-peft.safetensors");
+    std::fs::copy(&lora, webui.join("models/Lora/styles/inkStyle.safetensors")).unwrap();
+    let mut settings = settings();
+    settings.prompt = "a fox".into();
+    settings.models_folders = vec![webui.display().to_string()];
+    let mut f = start(settings, false, false, None);
+    f.wait_for("the LoRA scan", |app| !app.lora_names.is_empty());
+    assert_eq!(f.app().lora_names, vec!["inkStyle".to_string()]);
+    f.harness
+        .get_by_role_and_label(egui::accesskit::Role::ComboBox, "LoRA")
+        .click();
+    f.harness.step();
+    f.harness.step();
+    f.click("inkStyle");
+    assert_eq!(f.app().settings.prompt, "a fox <lora:inkStyle:1>");
+    f.click("Generate");
+    f.wait_for_jobs(1);
+    let seen = f.seen.lock().unwrap();
+    assert_eq!(seen.lora_folders[0], vec![webui.join("models/Lora")]);
+}

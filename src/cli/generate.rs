@@ -29,6 +29,14 @@ pub struct GenerateArgs {
     /// VAE and prediction overrides.
     #[command(flatten)]
     pub overrides: OverrideArgs,
+    /// A LoRA/LyCORIS file and its weight (FILE or FILE:WEIGHT, weight 1 when left out);
+    /// repeat for several. `<lora:name:w>` in the prompt works too (see --lora-dir).
+    #[arg(long = "lora", value_parser = parse_lora_arg)]
+    pub loras: Vec<(PathBuf, f64)>,
+    /// Where the prompt's `<lora:name:w>` tags find `name.safetensors`: a folder of LoRAs, or
+    /// an A1111 or ComfyUI installation (its models/Lora or models/loras); repeatable.
+    #[arg(long = "lora-dir")]
+    pub lora_dirs: Vec<PathBuf>,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,
@@ -98,6 +106,19 @@ pub struct OverrideArgs {
     /// What the model predicts, when its files do not say it right: epsilon or v.
     #[arg(long, value_parser = parse_prediction)]
     pub prediction: Option<Prediction>,
+}
+
+/// `FILE` or `FILE:WEIGHT` (the weight after the last colon, when it is a number).
+pub fn parse_lora_arg(text: &str) -> Result<(PathBuf, f64), String> {
+    if let Some((file, weight)) = text.rsplit_once(':')
+        && let Ok(weight) = weight.trim().parse::<f64>()
+    {
+        if !weight.is_finite() {
+            return Err(format!("{text}: the weight must be a number"));
+        }
+        return Ok((PathBuf::from(file), weight));
+    }
+    Ok((PathBuf::from(text), 1.0))
 }
 
 /// `epsilon` (or `eps`) or `v` (or `v_prediction`).
@@ -185,7 +206,26 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let image_input = args.image.load()?;
     let hires = args.hires.load(image_input.is_some())?;
-    let model = load_model(&args.model, &args.device, &args.overrides)?;
+    let mut model = load_model(&args.model, &args.device, &args.overrides)?;
+    let lora_folders =
+        crate::models_folders::folders(&args.lora_dirs, crate::models_folders::ModelKind::Lora);
+    let (loras, lora_warnings) = crate::engine::lora::LoraCache::default().resolve(
+        &args.prompt,
+        &lora_folders,
+        &args.loras,
+    )?;
+    let report = model.set_loras(&loras)?;
+    for warning in lora_warnings.iter().chain(&report.warnings) {
+        eprintln!("warning: {warning}");
+    }
+    for (name, modules) in &report.applied {
+        eprintln!("LoRA {name}: {modules} weights changed");
+    }
+    let lora_hashes: Vec<(String, String)> = loras
+        .iter()
+        .map(|l| (l.file.name.clone(), l.file.hash.clone()))
+        .collect();
+    let model = model;
     // With an init image and no size, its own size (rounded down to what the model takes).
     let (default_width, default_height) = model.default_size_for(image_input.as_ref());
     let seed = args.seed.unwrap_or_else(random_seed);
@@ -310,6 +350,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .vae_name()
         {
             parameters.pairs.push(("VAE".into(), vae));
+        }
+        if !lora_hashes.is_empty() {
+            parameters.pairs.push((
+                "Lora hashes".into(),
+                crate::gallery::record::format_name_hashes(&lora_hashes),
+            ));
         }
         if let Some(noise) = &args.init_noise {
             // The noise came from a file, not from the seed: say so instead.

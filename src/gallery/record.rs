@@ -134,6 +134,8 @@ pub struct ImageMetadata {
     pub clip_skip: Option<usize>,
     /// The VAE chosen in place of the model's (file name, A1111's `VAE`); `None`: baked in.
     pub vae: Option<String>,
+    /// The LoRAs merged: name and short hash (A1111's `Lora hashes`).
+    pub lora_hashes: Vec<(String, String)>,
     /// The hires fix's second pass, if it had one (the size and steps above are the first
     /// pass's, as A1111 writes them).
     pub hires: Option<HiresFix>,
@@ -189,6 +191,7 @@ impl ImageMetadata {
             image_options: None,
             clip_skip: (request.clip_skip > 1).then_some(request.clip_skip),
             vae: None,
+            lora_hashes: Vec::new(),
             hires: None,
         }
     }
@@ -271,6 +274,9 @@ impl ImageMetadata {
         if let Some(vae) = &self.vae {
             pairs.push(("VAE".into(), vae.clone()));
         }
+        if !self.lora_hashes.is_empty() {
+            pairs.push(("Lora hashes".into(), format_name_hashes(&self.lora_hashes)));
+        }
         if !self.app_version.is_empty() {
             pairs.push(("Version".into(), self.app_version.clone()));
         }
@@ -336,6 +342,10 @@ impl ImageMetadata {
                 .get("Clip skip")
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .filter(|&n| (2..=24).contains(&n)),
+            lora_hashes: parameters
+                .get("Lora hashes")
+                .map(parse_name_hashes)
+                .unwrap_or_default(),
             vae: parameters
                 .get("VAE")
                 .map(str::trim)
@@ -496,4 +506,24 @@ pub fn sampler_from_a1111(name: &str, schedule_type: Option<&str>) -> Option<Sam
         SigmaSchedule::Default
     };
     Some(Sampler { kind, sigmas })
+}
+
+/// A1111's `name: hash, name2: hash` (its `Lora hashes` and `TI hashes`).
+pub fn format_name_hashes(pairs: &[(String, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(name, hash)| format!("{name}: {hash}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reads `name: hash, name2: hash`; entries without a colon are skipped.
+pub fn parse_name_hashes(text: &str) -> Vec<(String, String)> {
+    text.split(',')
+        .filter_map(|entry| {
+            let (name, hash) = entry.rsplit_once(':')?;
+            Some((name.trim().to_string(), hash.trim().to_string()))
+        })
+        .filter(|(name, _)| !name.is_empty())
+        .collect()
 }

@@ -16,11 +16,13 @@ pub fn controls_ui(
     model_input: &mut String,
     model: &ModelState,
     init_image: Option<&InitImageView>,
+    lora_names: &[String],
     commands: &mut Vec<UiCommand>,
 ) {
     model_ui(ui, settings, model_input, model, commands);
     ui.separator();
     prompts_ui(ui, settings, model);
+    lora_picker_ui(ui, settings, lora_names);
     ui.separator();
     super::mode_controls::init_image_ui(ui, settings, init_image, commands);
     ui.separator();
@@ -202,6 +204,37 @@ fn prompts_ui(ui: &mut Ui, settings: &mut Settings, model: &ModelState) {
             ui.weak(token_summary(count, chunk));
         }
     }
+}
+
+/// "LoRA: Add…" — picking one appends A1111's `<lora:name:1>` tag to the prompt.
+fn lora_picker_ui(ui: &mut Ui, settings: &mut Settings, lora_names: &[String]) {
+    ui.horizontal(|ui| {
+        let label = ui.label("LoRA");
+        if lora_names.is_empty() {
+            ui.weak("none found: add a models folder in Settings");
+            return;
+        }
+        let mut picked = None;
+        egui::ComboBox::from_id_salt("lora-picker")
+            .selected_text("Add to the prompt…")
+            .width(200.0)
+            .show_ui(ui, |ui| {
+                for name in lora_names {
+                    if ui.selectable_label(false, name).clicked() {
+                        picked = Some(name.clone());
+                    }
+                }
+            })
+            .response
+            .labelled_by(label.id)
+            .on_hover_text("Inserts <lora:name:1> (edit the weight in the prompt)");
+        if let Some(name) = picked {
+            if !settings.prompt.is_empty() && !settings.prompt.ends_with(' ') {
+                settings.prompt.push(' ');
+            }
+            settings.prompt.push_str(&format!("<lora:{name}:1>"));
+        }
+    });
 }
 
 /// "12 / 75 tokens", or with more than one chunk "92 / 150 tokens (2 chunks)", as A1111 counts
@@ -391,6 +424,7 @@ fn settings_ui(ui: &mut Ui, settings: &mut Settings, commands: &mut Vec<UiComman
         ui.add(egui::DragValue::new(&mut settings.vae_preview_every).range(0..=50));
         ui.label("steps (0: fast preview only)");
     });
+    models_folders_ui(ui, settings, commands);
     ui.horizontal(|ui| {
         let library_label = ui.label("Library");
         ui.add(
@@ -402,6 +436,35 @@ fn settings_ui(ui: &mut Ui, settings: &mut Settings, commands: &mut Vec<UiComman
         .on_hover_text("The gallery's folder: every image is saved there as a PNG");
         if ui.button("Use").clicked() {
             commands.push(UiCommand::OpenLibrary);
+        }
+    });
+}
+
+/// Settings -> Models folders: A1111 or ComfyUI installations, or plain folders of files.
+fn models_folders_ui(ui: &mut Ui, settings: &mut Settings, commands: &mut Vec<UiCommand>) {
+    ui.label("Models folders").on_hover_text(
+        "An A1111 or ComfyUI installation (or its models folder), or a folder of LoRAs: \
+         <lora:name> tags and the LoRA picker find their files there",
+    );
+    let mut removed = None;
+    for (index, folder) in settings.models_folders.iter().enumerate() {
+        ui.horizontal(|ui| {
+            ui.label(folder);
+            if ui.small_button("Remove").clicked() {
+                removed = Some(index);
+            }
+        });
+    }
+    if let Some(index) = removed {
+        settings.models_folders.remove(index);
+        commands.push(UiCommand::ScanModelsFolders);
+    }
+    ui.horizontal(|ui| {
+        if ui.button("Add folder…").clicked() {
+            commands.push(UiCommand::AddModelsFolder);
+        }
+        if ui.button("Rescan").clicked() {
+            commands.push(UiCommand::ScanModelsFolders);
         }
     });
 }

@@ -8,6 +8,10 @@ pub(super) enum DialogResult {
     Folder(std::path::PathBuf),
     /// A VAE for the current model.
     Vae(std::path::PathBuf),
+    /// A models folder to add to the settings.
+    ModelsFolder(std::path::PathBuf),
+    /// The LoRAs found in the models folders.
+    LoraNames(Vec<String>),
     Saved(std::path::PathBuf),
     SaveFailed(String),
     Import(Vec<std::path::PathBuf>),

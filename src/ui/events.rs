@@ -1,12 +1,10 @@
 //! What arrives from the engine and gallery threads and from dialogs, handled without blocking.
 
 use egui::TextureOptions;
-use image::RgbImage;
 
 use super::compare::CellState;
 use super::dialogs::DialogResult;
 use super::{AtelierApp, ModelState, RunningJob, ShownImage, load_fitted_texture};
-use crate::engine::pipeline::Timings;
 use crate::gallery::library::now_unix;
 use crate::gallery::record::ImageMetadata;
 use crate::gallery::worker::{GalleryCommand, GalleryEvent};
@@ -153,15 +151,9 @@ impl AtelierApp {
                 let running = self.running.take().filter(|r| r.job.id == id);
                 self.preview = None;
                 let comparison = self.compare_cell_finished(ctx, id, &output);
-                self.warnings = output.warnings;
+                self.warnings = output.warnings.clone();
                 if let Some(running) = &running {
-                    self.save_to_gallery(
-                        running,
-                        &output.images,
-                        output.timings,
-                        &output.final_request,
-                        comparison,
-                    );
+                    self.save_to_gallery(running, &output, comparison);
                 }
                 if let (Some(running), Some(image)) = (running, output.images.into_iter().next()) {
                     let texture =
@@ -202,11 +194,11 @@ impl AtelierApp {
     pub(in crate::ui) fn save_to_gallery(
         &mut self,
         running: &RunningJob,
-        images: &[RgbImage],
-        timings: Timings,
-        final_request: &crate::engine::pipeline::GenerationRequest,
+        output: &crate::worker::JobOutput,
         comparison: Option<crate::gallery::record::ComparisonRef>,
     ) {
+        let (images, timings, final_request) =
+            (&output.images, output.timings, &output.final_request);
         let (model, weights, vae) = match &self.model {
             ModelState::Ready(info) => (
                 info.name.clone(),
@@ -222,6 +214,7 @@ impl AtelierApp {
                 ImageMetadata::for_generation(&request, &model, None, timings, now_unix());
             metadata.comparison = comparison.clone();
             metadata.vae = vae.clone();
+            metadata.lora_hashes = output.loras.clone();
             metadata.set_modes(running.job.image.as_ref(), running.job.hires.as_ref());
             if running.job.hires.is_some() {
                 // Redoing it starts from the first pass's size and steps.
@@ -246,6 +239,14 @@ impl AtelierApp {
         while let Ok(result) = self.dialog_receiver.try_recv() {
             match result {
                 DialogResult::Folder(folder) => self.load_model(folder.display().to_string()),
+                DialogResult::ModelsFolder(folder) => {
+                    let folder = folder.display().to_string();
+                    if !self.settings.models_folders.contains(&folder) {
+                        self.settings.models_folders.push(folder);
+                    }
+                    self.scan_models_folders(ctx);
+                }
+                DialogResult::LoraNames(names) => self.lora_names = names,
                 DialogResult::Vae(vae) => {
                     let mut overrides = self
                         .settings

@@ -204,6 +204,8 @@ pub struct AtelierApp {
     pub init_image: Option<InitImageView>,
     /// The mask painter's tools and view.
     pub mask_editor: mask_editor::MaskEditorView,
+    /// LoRAs found in the models folders (file stems, for the picker), scanned off the UI thread.
+    pub lora_names: Vec<String>,
     gallery_handle: Option<GalleryHandle>,
     last_gallery_query: Option<crate::gallery::library::GalleryQuery>,
     next_job_id: JobId,
@@ -242,6 +244,7 @@ impl AtelierApp {
             compare: CompareView::default(),
             init_image: None,
             mask_editor: Default::default(),
+            lora_names: Vec::new(),
             gallery_handle: Some(gallery_handle),
             last_gallery_query: None,
             next_job_id: 1,
@@ -254,6 +257,7 @@ impl AtelierApp {
             app.load_model(model);
         }
         app.open_library();
+        app.scan_models_folders(ctx);
         Ok(app)
     }
 
@@ -373,6 +377,7 @@ impl AtelierApp {
         let settings = &mut self.settings;
         let model_input = &mut self.model_input;
         let init_image = self.init_image.as_ref();
+        let lora_names = &self.lora_names;
         egui::Panel::left("controls")
             .resizable(true)
             .default_size(340.0)
@@ -386,6 +391,7 @@ impl AtelierApp {
                         model_input,
                         studio.model,
                         init_image,
+                        lora_names,
                         commands,
                     )
                 });

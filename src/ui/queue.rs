@@ -126,6 +126,7 @@ mod tests {
             cancel: Arc::new(AtomicBool::new(false)),
             image: None,
             hires: None,
+            lora_folders: Vec::new(),
         }
     }
 

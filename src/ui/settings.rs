@@ -52,6 +52,9 @@ pub struct Settings {
     pub hires_enabled: bool,
     /// The hires fix's settings.
     pub hires: crate::engine::pipeline::HiresFix,
+    /// Folders of models as A1111 or ComfyUI keep them (their root or `models` folder), or
+    /// plain folders of files: LoRAs, checkpoints, VAEs and embeddings are found there.
+    pub models_folders: Vec<String>,
     /// What the artist overrides of each model's own files (VAE, prediction), by model.
     pub model_overrides:
         std::collections::BTreeMap<String, crate::engine::pipeline::ModelOverrides>,
@@ -86,6 +89,7 @@ impl Default for Settings {
             hires_enabled: false,
             hires: Default::default(),
             model_overrides: Default::default(),
+            models_folders: Vec::new(),
         }
     }
 }
@@ -93,6 +97,21 @@ impl Default for Settings {
 impl Settings {
     /// The key under which eframe stores the settings.
     pub const STORAGE_KEY: &'static str = "atelier-settings";
+
+    /// The models folders as paths (empty entries dropped).
+    pub fn models_roots(&self) -> Vec<std::path::PathBuf> {
+        self.models_folders
+            .iter()
+            .map(|f| f.trim())
+            .filter(|f| !f.is_empty())
+            .map(std::path::PathBuf::from)
+            .collect()
+    }
+
+    /// Where `<lora:name>` tags look.
+    pub fn lora_folders(&self) -> Vec<std::path::PathBuf> {
+        crate::models_folders::folders(&self.models_roots(), crate::models_folders::ModelKind::Lora)
+    }
 
     /// Puts `model` first in the recent list (at most 8 entries).
     pub fn remember_model(&mut self, model: &str) {

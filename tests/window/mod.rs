@@ -23,6 +23,8 @@ use image::{Rgb, RgbImage};
 #[derive(Default)]
 pub struct Seen {
     pub loads: Vec<String>,
+    /// Where each job's `<lora:…>` tags were to be looked up.
+    pub lora_folders: Vec<Vec<std::path::PathBuf>>,
     /// What each load overrode of the model's files.
     pub load_overrides: Vec<ModelOverrides>,
     pub jobs: Vec<GenerationRequest>,
@@ -86,6 +88,7 @@ impl Engine for FakeEngine {
         {
             let mut seen = self.seen.lock().unwrap();
             seen.jobs.push(job.request.clone());
+            seen.lora_folders.push(job.lora_folders.clone());
             seen.inits.push(
                 job.image
                     .as_ref()
@@ -136,6 +139,11 @@ impl Engine for FakeEngine {
             },
             warnings: Vec::new(),
             final_request,
+            loras: atelier::engine::extra_networks::lora_tags(&job.request.prompt)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|tag| (tag.name, "0123456789ab".to_string()))
+                .collect(),
         })
     }
 }

@@ -74,6 +74,31 @@ pub struct LoraFile {
     pub modules: Vec<LoraModule>,
     /// Keys of the file that belong to no module Atelier understands (reported, never silent).
     pub unknown_keys: Vec<String>,
+    /// A1111's short hash for `Lora hashes` (the first 12 hex digits of the SHA-256 of the
+    /// tensor data after the header, kohya's "addnet" hash); empty when built in memory.
+    pub hash: String,
+}
+
+/// The "addnet" hash of a safetensors file: SHA-256 of everything after the header, 12 hex.
+pub fn addnet_hash(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |e: std::io::Error| EngineError::bad_file(path, e);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length).map_err(io)?;
+    file.seek(SeekFrom::Start(8 + u64::from_le_bytes(length)))
+        .map_err(io)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file.read(&mut buffer).map_err(io)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hex::encode(hasher.finalize())[..12].to_string())
 }
 
 /// Suffixes of a module's tensors, longest first so that `.lora_down.weight` wins over `.weight`.
@@ -118,7 +143,9 @@ impl LoraFile {
         }
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| EngineError::bad_file(path, e))?;
-        Self::from_tensors(path, tensors)
+        let mut file = Self::from_tensors(path, tensors)?;
+        file.hash = addnet_hash(path)?;
+        Ok(file)
     }
 
     /// Groups a file's tensors into modules.
@@ -208,6 +235,7 @@ impl LoraFile {
             path: path.to_path_buf(),
             modules,
             unknown_keys,
+            hash: String::new(),
         })
     }
 }

@@ -106,6 +106,7 @@ impl AtelierApp {
         };
         self.compare.error = None;
         self.compare.start(plan);
+        let lora_folders = self.settings.lora_folders();
         for (index, (cell, image)) in cells.into_iter().zip(cell_images).enumerate() {
             let id = self.next_job_id;
             self.next_job_id += 1;
@@ -118,6 +119,7 @@ impl AtelierApp {
                 cancel: Arc::new(AtomicBool::new(false)),
                 image,
                 hires: None,
+                lora_folders: lora_folders.clone(),
             });
             self.compare.job_cells.insert(id, index);
         }

@@ -26,6 +26,10 @@ pub enum UiCommand {
     OpenFolder,
     /// Ask for a single-file checkpoint.
     OpenModelFile,
+    /// Ask for a models folder to add.
+    AddModelsFolder,
+    /// List the LoRAs in the models folders again.
+    ScanModelsFolders,
     /// Ask for a VAE file for the current model.
     ChooseVae,
     /// Override the current model's VAE or prediction (remembered per model), and reload it.
@@ -121,6 +125,8 @@ impl UiCommand {
             | LoadModel(_)
             | OpenFolder
             | OpenModelFile
+            | AddModelsFolder
+            | ScanModelsFolders
             | ChooseVae
             | SetModelOverrides(_)
             | SaveAs

@@ -38,6 +38,23 @@ impl AtelierApp {
         }
     }
 
+    /// Lists the LoRAs of the models folders on a thread of its own (folders may be slow
+    /// network drives); the picker shows them when the list arrives.
+    pub(in crate::ui) fn scan_models_folders(&mut self, ctx: &egui::Context) {
+        let roots = self.settings.models_roots();
+        self.spawn_dialog(ctx, "scan-models", move || {
+            let folders =
+                crate::models_folders::folders(&roots, crate::models_folders::ModelKind::Lora);
+            let mut names: Vec<String> = crate::models_folders::files(&folders)
+                .iter()
+                .map(|path| crate::models_folders::stem(path))
+                .collect();
+            names.sort_by_key(|n| n.to_lowercase());
+            names.dedup();
+            Some(DialogResult::LoraNames(names))
+        });
+    }
+
     /// Remembers what the artist overrides of the current model and reloads it with that.
     pub(in crate::ui) fn set_model_overrides(
         &mut self,
@@ -82,6 +99,7 @@ impl AtelierApp {
         if !self.settings.seed_locked {
             self.settings.seed = random_seed();
         }
+        let lora_folders = self.settings.lora_folders();
         for k in 0..self.settings.batch_count.max(1) {
             let id = self.next_job_id;
             self.next_job_id += 1;
@@ -94,6 +112,7 @@ impl AtelierApp {
                 cancel: Arc::new(AtomicBool::new(false)),
                 image: image.clone(),
                 hires,
+                lora_folders: lora_folders.clone(),
             };
             if k == 0 && self.running.is_none() && self.queue.is_empty() {
                 self.generate_pressed_at = Some((id, Instant::now()));
@@ -201,6 +220,13 @@ impl AtelierApp {
                     .map(DialogResult::Vae)
             }),
             UiCommand::SetModelOverrides(overrides) => self.set_model_overrides(overrides),
+            UiCommand::AddModelsFolder => self.spawn_dialog(ctx, "add-models-folder", || {
+                rfd::FileDialog::new()
+                    .set_title("Choose an A1111 or ComfyUI folder, or a folder of models")
+                    .pick_folder()
+                    .map(DialogResult::ModelsFolder)
+            }),
+            UiCommand::ScanModelsFolders => self.scan_models_folders(ctx),
             UiCommand::SaveAs => self.save_as(ctx),
             UiCommand::CopySeed => {
                 if let Some(shown) = &self.shown {
