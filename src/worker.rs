@@ -42,6 +42,8 @@ pub struct Job {
     pub hires: Option<HiresFix>,
     /// Where the prompt's `<lora:name:w>` tags find their files.
     pub lora_folders: Vec<std::path::PathBuf>,
+    /// Where textual inversion embeddings are (their words in a prompt trigger them).
+    pub embedding_folders: Vec<std::path::PathBuf>,
 }
 
 /// What the UI asks for.
@@ -134,6 +136,8 @@ pub struct JobOutput {
     pub final_request: GenerationRequest,
     /// The LoRAs merged for this job: name and A1111 short hash (`Lora hashes`).
     pub loras: Vec<(String, String)>,
+    /// The embeddings the prompts used: name and short hash (`TI hashes`).
+    pub embeddings: Vec<(String, String)>,
 }
 
 /// One step's news, as the engine reports it.
@@ -211,6 +215,7 @@ pub trait Engine: Send + 'static {
 pub struct DiffusionEngine {
     model: Option<StableDiffusion>,
     loras: crate::engine::lora::LoraCache,
+    embeddings: crate::engine::embeddings::EmbeddingCache,
 }
 
 impl Engine for DiffusionEngine {
@@ -262,6 +267,22 @@ impl Engine for DiffusionEngine {
             .iter()
             .map(|l| (l.file.name.clone(), l.file.hash.clone()))
             .collect();
+        let (embeddings, embedding_warnings) = self.embeddings.load_folders(&job.embedding_folders);
+        lora_warnings.extend(embedding_warnings);
+        let left_out = model.set_embeddings(embeddings);
+        let prompts = [
+            job.request.prompt.as_str(),
+            job.request.negative_prompt.as_str(),
+        ];
+        lora_warnings.extend(crate::engine::embeddings::warnings_for_prompts(
+            &left_out, &prompts,
+        ));
+        let mut used_embeddings = model.embeddings_in(&job.request.prompt);
+        for entry in model.embeddings_in(&job.request.negative_prompt) {
+            if !used_embeddings.contains(&entry) {
+                used_embeddings.push(entry);
+            }
+        }
         let model = &*model;
         let parts = JobParts {
             image: job.image.as_ref(),
@@ -287,6 +308,7 @@ impl Engine for DiffusionEngine {
             warnings: lora_warnings,
             final_request: result.final_request,
             loras: applied,
+            embeddings: used_embeddings,
         })
     }
 }

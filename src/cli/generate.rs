@@ -37,6 +37,10 @@ pub struct GenerateArgs {
     /// an A1111 or ComfyUI installation (its models/Lora or models/loras); repeatable.
     #[arg(long = "lora-dir")]
     pub lora_dirs: Vec<PathBuf>,
+    /// A folder of textual inversion embeddings (.safetensors; their file names in a prompt
+    /// trigger them), or an A1111/ComfyUI installation (its embeddings folder); repeatable.
+    #[arg(long = "embeddings")]
+    pub embedding_dirs: Vec<PathBuf>,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,
@@ -225,6 +229,29 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .iter()
         .map(|l| (l.file.name.clone(), l.file.hash.clone()))
         .collect();
+    let embedding_folders = crate::models_folders::folders(
+        &args.embedding_dirs,
+        crate::models_folders::ModelKind::Embedding,
+    );
+    let (embeddings, embedding_warnings) =
+        crate::engine::embeddings::EmbeddingCache::default().load_folders(&embedding_folders);
+    let left_out = model.set_embeddings(embeddings);
+    let prompts = [args.prompt.as_str(), args.negative_prompt.as_str()];
+    for warning in
+        embedding_warnings
+            .iter()
+            .chain(&crate::engine::embeddings::warnings_for_prompts(
+                &left_out, &prompts,
+            ))
+    {
+        eprintln!("warning: {warning}");
+    }
+    let mut ti_hashes = model.embeddings_in(&args.prompt);
+    for entry in model.embeddings_in(&args.negative_prompt) {
+        if !ti_hashes.contains(&entry) {
+            ti_hashes.push(entry);
+        }
+    }
     let model = model;
     // With an init image and no size, its own size (rounded down to what the model takes).
     let (default_width, default_height) = model.default_size_for(image_input.as_ref());
@@ -355,6 +382,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             parameters.pairs.push((
                 "Lora hashes".into(),
                 crate::gallery::record::format_name_hashes(&lora_hashes),
+            ));
+        }
+        if !ti_hashes.is_empty() {
+            parameters.pairs.push((
+                "TI hashes".into(),
+                crate::gallery::record::format_name_hashes(&ti_hashes),
             ));
         }
         if let Some(noise) = &args.init_noise {

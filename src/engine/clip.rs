@@ -162,6 +162,18 @@ impl ClipTextEncoder {
         device: &Device,
         skip: usize,
     ) -> Result<TextEncoding> {
+        self.encode_with(token_ids, device, skip, None)
+    }
+
+    /// [`ClipTextEncoder::encode_skipping`] where ids past the vocabulary stand for rows of
+    /// `extra` `(n, width)` (textual inversion vectors): id `vocab_size + k` reads row `k`.
+    pub fn encode_with(
+        &self,
+        token_ids: &[Vec<u32>],
+        device: &Device,
+        skip: usize,
+        extra: Option<&Tensor>,
+    ) -> Result<TextEncoding> {
         if skip == 0 || skip > self.layers.len() {
             return Err(EngineError::InvalidParameter(format!(
                 "clip skip must be from 1 to {} (the text encoder's layers), got {skip}",
@@ -177,12 +189,35 @@ impl ClipTextEncoder {
             )));
         }
         let flat: Vec<u32> = token_ids.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(flat, (batch, len), device)?;
+        let vocab = self.config.vocab_size as u32;
+        let extra_rows = extra.map_or(0, |e| e.dims()[0]) as u32;
+        if let Some(bad) = flat.iter().find(|&&id| id >= vocab + extra_rows) {
+            return Err(EngineError::InvalidParameter(format!(
+                "token id {bad} is outside the vocabulary ({vocab}) and the embeddings ({extra_rows})"
+            )));
+        }
+        let clamped: Vec<u32> = flat
+            .iter()
+            .map(|&id| if id >= vocab { 0 } else { id })
+            .collect();
+        let ids = Tensor::from_vec(clamped, (batch, len), device)?;
+        let mut token_vectors = self.token_embedding.forward(&ids)?;
+        if let Some(extra) = extra.filter(|_| flat.iter().any(|&id| id >= vocab)) {
+            let width = token_vectors.dim(2)?;
+            let rows: Vec<u32> = flat.iter().map(|&id| id.saturating_sub(vocab)).collect();
+            let rows = Tensor::from_vec(rows, batch * len, device)?;
+            let replacement = extra
+                .to_device(device)?
+                .to_dtype(token_vectors.dtype())?
+                .index_select(&rows, 0)?
+                .reshape((batch, len, width))?;
+            let mask: Vec<u8> = flat.iter().map(|&id| u8::from(id >= vocab)).collect();
+            let mask = Tensor::from_vec(mask, (batch, len, 1), device)?
+                .broadcast_as((batch, len, width))?;
+            token_vectors = mask.where_cond(&replacement, &token_vectors)?;
+        }
         let positions = Tensor::arange(0u32, len as u32, device)?.unsqueeze(0)?;
-        let mut xs = self
-            .token_embedding
-            .forward(&ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mut xs = token_vectors.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(len, device)?;
         let heads = self.config.num_attention_heads;
         let mut penultimate = xs.clone();
@@ -214,7 +249,14 @@ impl ClipTextEncoder {
     /// `eos_token_id == 2`) the highest id, which is end-of-text in CLIP's vocabulary.
     fn eos_position(&self, ids: &[u32]) -> usize {
         if self.config.eos_token_id == 2 {
-            let max = ids.iter().copied().max().unwrap_or(0);
+            // Embedding placeholders (past the vocabulary) are not end-of-text.
+            let vocab = self.config.vocab_size as u32;
+            let max = ids
+                .iter()
+                .copied()
+                .filter(|&id| id < vocab)
+                .max()
+                .unwrap_or(0);
             ids.iter().position(|&id| id == max).unwrap_or(0)
         } else {
             let eos = self.config.eos_token_id as u32;

@@ -8,6 +8,7 @@ pub mod clip;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod embeddings;
 pub mod error;
 pub mod extra_networks;
 pub mod fused;

@@ -129,6 +129,17 @@ impl ClipTokenizer {
     /// `max_length - 2` tokens, each with start and end tokens and padding as this tokenizer pads
     /// (after the end token); and the token count (for the prompt box).
     pub fn chunks(&self, prompt: &str) -> Result<(Vec<PromptChunk>, usize)> {
+        self.chunks_with(prompt, &[])
+    }
+
+    /// [`ClipTokenizer::chunks`] with textual inversion: each embedding's word in the prompt
+    /// becomes its placeholder ids (one per vector), which the text encoder reads from the
+    /// embedding's vectors.
+    pub fn chunks_with(
+        &self,
+        prompt: &str,
+        embeddings: &[super::embeddings::EmbeddingTokens],
+    ) -> Result<(Vec<PromptChunk>, usize)> {
         let ids = ChunkTokens {
             bos: self.bos_id,
             eos: self.eos_id,
@@ -138,7 +149,14 @@ impl ClipTokenizer {
         // `<lora:…>` and other extra-network tags are not text (A1111 cuts them out first).
         let prompt = super::extra_networks::strip(prompt);
         let (mut chunks, count) = chunk_prompt(&parse_prompt_attention(&prompt), ids, |text| {
-            self.prompt_tokens(text)
+            let mut tokens = Vec::new();
+            for piece in super::embeddings::split_at_embeddings(text, embeddings) {
+                match piece {
+                    Ok(text) => tokens.extend(self.prompt_tokens(text)?),
+                    Err(index) => tokens.extend_from_slice(&embeddings[index].ids),
+                }
+            }
+            Ok::<_, EngineError>(tokens)
         })?;
         if self.pad_id != self.eos_id {
             // SD 2.x pads with its own token after the end token (A1111's `id_pad`).

@@ -136,6 +136,8 @@ pub struct ImageMetadata {
     pub vae: Option<String>,
     /// The LoRAs merged: name and short hash (A1111's `Lora hashes`).
     pub lora_hashes: Vec<(String, String)>,
+    /// The embeddings the prompts used: name and short hash (A1111's `TI hashes`).
+    pub ti_hashes: Vec<(String, String)>,
     /// The hires fix's second pass, if it had one (the size and steps above are the first
     /// pass's, as A1111 writes them).
     pub hires: Option<HiresFix>,
@@ -192,6 +194,7 @@ impl ImageMetadata {
             clip_skip: (request.clip_skip > 1).then_some(request.clip_skip),
             vae: None,
             lora_hashes: Vec::new(),
+            ti_hashes: Vec::new(),
             hires: None,
         }
     }
@@ -277,6 +280,9 @@ impl ImageMetadata {
         if !self.lora_hashes.is_empty() {
             pairs.push(("Lora hashes".into(), format_name_hashes(&self.lora_hashes)));
         }
+        if !self.ti_hashes.is_empty() {
+            pairs.push(("TI hashes".into(), format_name_hashes(&self.ti_hashes)));
+        }
         if !self.app_version.is_empty() {
             pairs.push(("Version".into(), self.app_version.clone()));
         }
@@ -344,6 +350,10 @@ impl ImageMetadata {
                 .filter(|&n| (2..=24).contains(&n)),
             lora_hashes: parameters
                 .get("Lora hashes")
+                .map(parse_name_hashes)
+                .unwrap_or_default(),
+            ti_hashes: parameters
+                .get("TI hashes")
                 .map(parse_name_hashes)
                 .unwrap_or_default(),
             vae: parameters

@@ -215,6 +215,7 @@ impl AtelierApp {
             metadata.comparison = comparison.clone();
             metadata.vae = vae.clone();
             metadata.lora_hashes = output.loras.clone();
+            metadata.ti_hashes = output.embeddings.clone();
             metadata.set_modes(running.job.image.as_ref(), running.job.hires.as_ref());
             if running.job.hires.is_some() {
                 // Redoing it starts from the first pass's size and steps.

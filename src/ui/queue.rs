@@ -127,6 +127,7 @@ mod tests {
             image: None,
             hires: None,
             lora_folders: Vec::new(),
+            embedding_folders: Vec::new(),
         }
     }
 

@@ -108,6 +108,14 @@ impl Settings {
             .collect()
     }
 
+    /// Where embeddings are found.
+    pub fn embedding_folders(&self) -> Vec<std::path::PathBuf> {
+        crate::models_folders::folders(
+            &self.models_roots(),
+            crate::models_folders::ModelKind::Embedding,
+        )
+    }
+
     /// Where `<lora:name>` tags look.
     pub fn lora_folders(&self) -> Vec<std::path::PathBuf> {
         crate::models_folders::folders(&self.models_roots(), crate::models_folders::ModelKind::Lora)

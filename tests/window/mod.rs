@@ -144,6 +144,7 @@ impl Engine for FakeEngine {
                 .into_iter()
                 .map(|tag| (tag.name, "0123456789ab".to_string()))
                 .collect(),
+            embeddings: Vec::new(),
         })
     }
 }

@@ -155,6 +155,7 @@ impl StableDiffusion {
             vae_encoder: std::sync::OnceLock::new(),
             weights,
             loras: Default::default(),
+            embeddings: Vec::new(),
         })
     }
 }

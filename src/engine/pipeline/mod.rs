@@ -62,6 +62,8 @@ pub struct StableDiffusion {
     weights: WeightTable,
     /// The LoRAs merged into `weights` now, and the originals they changed.
     loras: crate::engine::lora::AppliedLoras,
+    /// Textual inversions available to prompts.
+    embeddings: Vec<Arc<crate::engine::embeddings::TextualInversion>>,
 }
 
 impl StableDiffusion {

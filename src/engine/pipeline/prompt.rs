@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{D, DType, Tensor};
 
 use super::{ModelFamily, StableDiffusion};
+use crate::engine::embeddings::{EmbeddingTokens, TextualInversion};
 use crate::engine::error::Result;
 use crate::engine::prompt_syntax::PromptChunk;
 
@@ -19,6 +20,107 @@ pub struct PromptEmbeddings {
 }
 
 impl StableDiffusion {
+    /// Makes `embeddings` available to prompts (their words trigger them), replacing the
+    /// previous set; returns, for each that does not fit this model's text encoders (an SD 1.x
+    /// embedding on SDXL, say) and is left out, its name and why.
+    pub fn set_embeddings(
+        &mut self,
+        embeddings: Vec<Arc<TextualInversion>>,
+    ) -> Vec<(String, String)> {
+        let widths: Vec<usize> = self
+            .text_encoders
+            .iter()
+            .map(|part| part.encoder.config().hidden_size)
+            .collect();
+        let mut warnings = Vec::new();
+        self.embeddings = embeddings
+            .into_iter()
+            .filter(|embedding| {
+                let fits = (0..widths.len()).all(|i| embedding.vectors_for(i, &widths).is_some());
+                if !fits {
+                    let theirs: Vec<usize> =
+                        embedding.vectors.iter().map(|v| v.dims()[1]).collect();
+                    warnings.push((
+                        embedding.name.clone(),
+                        format!(
+                            "embedding {} has {theirs:?}-wide vectors, this model's text \
+                             encoders take {widths:?}: left out",
+                            embedding.name
+                        ),
+                    ));
+                }
+                fits
+            })
+            .collect();
+        warnings
+    }
+
+    /// The embeddings whose words a prompt holds (name and short hash, A1111's `TI hashes`).
+    pub fn embeddings_in(&self, prompt: &str) -> Vec<(String, String)> {
+        let (tokens, _, sources) = self.embedding_tokens(0);
+        let mut used = Vec::new();
+        for piece in crate::engine::embeddings::split_at_embeddings(
+            &crate::engine::extra_networks::strip(prompt),
+            &tokens,
+        ) {
+            if let Err(index) = piece {
+                let embedding = &self.embeddings[sources[index]];
+                let entry = (embedding.name.clone(), embedding.hash.clone());
+                if !used.contains(&entry) {
+                    used.push(entry);
+                }
+            }
+        }
+        used
+    }
+
+    /// Text encoder `encoder`'s view of the embeddings: their words with placeholder ids past
+    /// its vocabulary, the vectors those ids read, and which embedding each word is.
+    fn embedding_tokens(
+        &self,
+        encoder: usize,
+    ) -> (Vec<EmbeddingTokens>, Option<Tensor>, Vec<usize>) {
+        let Some(part) = self.text_encoders.get(encoder) else {
+            return (Vec::new(), None, Vec::new());
+        };
+        let config = part.encoder.config();
+        let widths: Vec<usize> = self
+            .text_encoders
+            .iter()
+            .map(|part| part.encoder.config().hidden_size)
+            .collect();
+        let mut next = config.vocab_size as u32;
+        let mut tokens = Vec::new();
+        let mut rows = Vec::new();
+        let mut sources = Vec::new();
+        for (source, embedding) in self.embeddings.iter().enumerate() {
+            if let Some(vectors) = embedding.vectors_for(encoder, &widths) {
+                sources.push(source);
+                let n = vectors.dims()[0] as u32;
+                tokens.push(EmbeddingTokens {
+                    word: embedding.name.to_lowercase(),
+                    ids: (next..next + n).collect(),
+                });
+                rows.push(vectors.clone());
+                next += n;
+            }
+        }
+        // Longer words first, so that "ink-style" wins over "ink".
+        let order: Vec<usize> = {
+            let mut order: Vec<usize> = (0..tokens.len()).collect();
+            order.sort_by_key(|&i| std::cmp::Reverse(tokens[i].word.len()));
+            order
+        };
+        let tokens = order.iter().map(|&i| tokens[i].clone()).collect();
+        let sources = order.iter().map(|&i| sources[i]).collect();
+        let extra = (!rows.is_empty())
+            .then(|| Tensor::cat(&rows, 0))
+            .transpose()
+            .ok()
+            .flatten();
+        (tokens, extra, sources)
+    }
+
     /// Prompt tokens in one chunk, without the start and end tokens (75 for CLIP).
     pub fn max_prompt_tokens(&self) -> usize {
         self.text_encoders[0].tokenizer.max_length() - 2
@@ -66,14 +168,16 @@ impl StableDiffusion {
         };
         let mut contexts = Vec::with_capacity(self.text_encoders.len());
         let mut pooled = None;
-        for part in &self.text_encoders {
-            let (chunks, _) = part.tokenizer.chunks(prompt)?;
+        for (encoder_index, part) in self.text_encoders.iter().enumerate() {
+            let (embedding_tokens, extra, _) = self.embedding_tokens(encoder_index);
+            let (chunks, _) = part.tokenizer.chunks_with(prompt, &embedding_tokens)?;
             let mut encoded = Vec::with_capacity(chunks.len());
             for (index, chunk) in chunks.iter().enumerate() {
-                let encoding = part.encoder.encode_skipping(
+                let encoding = part.encoder.encode_with(
                     std::slice::from_ref(&chunk.tokens),
                     &self.device,
                     skip,
+                    extra.as_ref(),
                 )?;
                 let hidden = match self.family {
                     ModelFamily::Sdxl => {

@@ -107,6 +107,7 @@ impl AtelierApp {
         self.compare.error = None;
         self.compare.start(plan);
         let lora_folders = self.settings.lora_folders();
+        let embedding_folders = self.settings.embedding_folders();
         for (index, (cell, image)) in cells.into_iter().zip(cell_images).enumerate() {
             let id = self.next_job_id;
             self.next_job_id += 1;
@@ -120,6 +121,7 @@ impl AtelierApp {
                 image,
                 hires: None,
                 lora_folders: lora_folders.clone(),
+                embedding_folders: embedding_folders.clone(),
             });
             self.compare.job_cells.insert(id, index);
         }

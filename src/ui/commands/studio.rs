@@ -100,6 +100,7 @@ impl AtelierApp {
             self.settings.seed = random_seed();
         }
         let lora_folders = self.settings.lora_folders();
+        let embedding_folders = self.settings.embedding_folders();
         for k in 0..self.settings.batch_count.max(1) {
             let id = self.next_job_id;
             self.next_job_id += 1;
@@ -113,6 +114,7 @@ impl AtelierApp {
                 image: image.clone(),
                 hires,
                 lora_folders: lora_folders.clone(),
+                embedding_folders: embedding_folders.clone(),
             };
             if k == 0 && self.running.is_none() && self.queue.is_empty() {
                 self.generate_pressed_at = Some((id, Instant::now()));
