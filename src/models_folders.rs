@@ -136,3 +136,58 @@ mod tests {
         assert_eq!(stem(&loras[0]), "ink");
     }
 }
+
+/// A checkpoint found in a models folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointEntry {
+    /// The file.
+    pub path: PathBuf,
+    /// Its path under the checkpoints folder (`styles/someModelXL_v9.safetensors`).
+    pub name: String,
+    /// Family, variant, type and size ("SDXL, inpainting, f16, …, 6.94 GB"), or why it cannot
+    /// be read.
+    pub summary: String,
+    /// Whether Atelier runs it.
+    pub runs: bool,
+}
+
+/// What the models folders hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelsScan {
+    /// LoRA names (file stems), sorted.
+    pub loras: Vec<String>,
+    /// Checkpoints, sorted by name.
+    pub checkpoints: Vec<CheckpointEntry>,
+}
+
+/// Lists the LoRAs and checkpoints under `roots` (checkpoints read from their headers only).
+pub fn scan(roots: &[PathBuf]) -> ModelsScan {
+    let mut loras: Vec<String> = files(&folders(roots, ModelKind::Lora))
+        .iter()
+        .map(|path| stem(path))
+        .collect();
+    loras.sort_by_key(|n| n.to_lowercase());
+    loras.dedup();
+    let mut checkpoints = Vec::new();
+    for folder in folders(roots, ModelKind::Checkpoint) {
+        for path in files(std::slice::from_ref(&folder)) {
+            let name = path
+                .strip_prefix(&folder)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            let (summary, runs) = match crate::engine::checkpoint::inspect(&path) {
+                Ok(info) => (info.summary(), info.family.runs()),
+                Err(error) => (error.to_string(), false),
+            };
+            checkpoints.push(CheckpointEntry {
+                path,
+                name,
+                summary,
+                runs,
+            });
+        }
+    }
+    checkpoints.sort_by_key(|c| c.name.to_lowercase());
+    ModelsScan { loras, checkpoints }
+}

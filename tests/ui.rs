@@ -664,8 +664,8 @@ fn the_lora_picker_lists_the_models_folders_and_inserts_a_tag() {
     settings.prompt = "a fox".into();
     settings.models_folders = vec![webui.display().to_string()];
     let mut f = start(settings, false, false, None);
-    f.wait_for("the LoRA scan", |app| !app.lora_names.is_empty());
-    assert_eq!(f.app().lora_names, vec!["inkStyle".to_string()]);
+    f.wait_for("the LoRA scan", |app| !app.models_scan.loras.is_empty());
+    assert_eq!(f.app().models_scan.loras, vec!["inkStyle".to_string()]);
     f.harness
         .get_by_role_and_label(egui::accesskit::Role::ComboBox, "LoRA")
         .click();
@@ -677,4 +677,68 @@ fn the_lora_picker_lists_the_models_folders_and_inserts_a_tag() {
     f.wait_for_jobs(1);
     let seen = f.seen.lock().unwrap();
     assert_eq!(seen.lora_folders[0], vec![webui.join("models/Lora")]);
+}
+
+#[test]
+fn the_model_picker_lists_the_models_folders_checkpoints_searchably() {
+    let dir = tempfile::tempdir().unwrap();
+    let comfy = dir.path().join("ComfyUI");
+    std::fs::create_dir_all(comfy.join("models/checkpoints/sd1")).unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (from, to) in [
+        ("single-file/sd1.safetensors", "sd1/tinyOne.safetensors"),
+        ("single-file/sdxl.safetensors", "tinyXL.safetensors"),
+        ("single-file/vae.safetensors", "notAModel.safetensors"),
+    ] {
+        std::fs::copy(
+            fixtures.join(from),
+            comfy.join("models/checkpoints").join(to),
+        )
+        .unwrap();
+    }
+    let mut settings = settings();
+    settings.models_folders = vec![comfy.display().to_string()];
+    let mut f = start(settings, false, false, None);
+    f.wait_for("the models scan", |app| {
+        app.models_scan.checkpoints.len() == 3
+    });
+    let scan = f.app().models_scan.checkpoints.clone();
+    assert_eq!(scan[1].name, "sd1/tinyOne.safetensors");
+    assert!(
+        scan[1].summary.starts_with("SD 1.x, f16"),
+        "{}",
+        scan[1].summary
+    );
+    assert!(
+        !scan[0].runs,
+        "the VAE is listed, not loadable: {}",
+        scan[0].summary
+    );
+    f.harness
+        .get_by_role_and_label(egui::accesskit::Role::ComboBox, "Model")
+        .click();
+    f.harness.step();
+    f.harness.step();
+    assert!(f.harness.query_by_label("tinyXL.safetensors").is_some());
+    let search = f.harness.get_by_label("Search models");
+    search.focus();
+    search.type_text("sdxl");
+    f.harness.step();
+    f.harness.step();
+    assert!(
+        f.harness
+            .query_by_label("sd1/tinyOne.safetensors")
+            .is_none()
+    );
+    assert!(f.harness.query_by_label("tinyXL.safetensors").is_some());
+    // Picking one loads it.
+    f.click("tinyXL.safetensors");
+    f.wait_for("the model to load", |app| {
+        !matches!(app.model, ModelState::Loading { .. })
+    });
+    let path = comfy.join("models/checkpoints/tinyXL.safetensors");
+    assert_eq!(
+        f.seen.lock().unwrap().loads.last().unwrap(),
+        &path.display().to_string()
+    );
 }

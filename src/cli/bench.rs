@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Precision of the random-weight VAE (f16 or f32; default: f32 where the config upcasts).
     #[arg(long, requires = "random_weights")]
     pub vae_dtype: Option<String>,
+    /// LoRAs to merge into the --model before timing (FILE or FILE:WEIGHT, repeatable): the
+    /// time to apply them is printed, and the step timing is with them on.
+    #[arg(long = "lora", value_parser = super::generate::parse_lora_arg, requires = "model")]
+    pub loras: Vec<(std::path::PathBuf, f64)>,
     /// Leave out the random-weight text encoders (random embeddings instead), as diffusers'
     /// SDXL benchmark does: their weights then do not count in the peak memory.
     #[arg(long, requires = "random_weights")]
@@ -59,13 +63,38 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let random;
     let loaded;
     let mut load_secs = None;
+    let mut lora_secs = None;
     let (target, label, native) = match (&args.model, &args.random_weights) {
         (Some(spec), None) => {
             let started = std::time::Instant::now();
-            loaded = super::generate::load_model(spec, &args.device, &Default::default())?;
+            let mut model = super::generate::load_model(spec, &args.device, &Default::default())?;
             // Every weight is on the device once its copy returns; synchronise to be sure.
-            loaded.device().synchronize()?;
+            model.device().synchronize()?;
             load_secs = Some(started.elapsed().as_secs_f64());
+            if !args.loras.is_empty() {
+                let mut cache = crate::engine::lora::LoraCache::default();
+                let loras = args
+                    .loras
+                    .iter()
+                    .map(|(path, weight)| {
+                        Ok(crate::engine::lora::LoraWeight::new(
+                            cache.get(path)?,
+                            *weight,
+                        ))
+                    })
+                    .collect::<crate::engine::Result<Vec<_>>>()?;
+                let started = std::time::Instant::now();
+                let report = model.set_loras(&loras)?;
+                model.device().synchronize()?;
+                lora_secs = Some(started.elapsed().as_secs_f64());
+                for (name, weights) in &report.applied {
+                    eprintln!("LoRA {name}: {weights} weights changed");
+                }
+                for warning in &report.warnings {
+                    eprintln!("warning: {warning}");
+                }
+            }
+            loaded = model;
             let native = loaded.native_size().unwrap_or(512);
             (loaded.bench_target(), loaded.name().to_string(), native)
         }
@@ -120,6 +149,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "unet_batch": options.batch_size * if options.guidance { 2 } else { 1 },
             "vae_dtype": format!("{:?}", target.vae_dtype),
             "load_secs": load_secs,
+            "lora_apply_secs": lora_secs,
             "report": report,
         });
         println!("{value}");
@@ -136,6 +166,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             println!(
                 "model load      {:>10.2} s   (files to device, every component)",
                 secs
+            );
+        }
+        if let Some(secs) = lora_secs {
+            println!(
+                "LoRAs applied   {:>10.1} ms  ({} merged into the weights)",
+                secs * 1e3,
+                args.loras.len()
             );
         }
         println!("text encoding   {:>10.1} ms", report.text_encoding_ms);

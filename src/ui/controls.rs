@@ -16,13 +16,13 @@ pub fn controls_ui(
     model_input: &mut String,
     model: &ModelState,
     init_image: Option<&InitImageView>,
-    lora_names: &[String],
+    models_scan: &crate::models_folders::ModelsScan,
     commands: &mut Vec<UiCommand>,
 ) {
-    model_ui(ui, settings, model_input, model, commands);
+    model_ui(ui, settings, model_input, model, models_scan, commands);
     ui.separator();
     prompts_ui(ui, settings, model);
-    lora_picker_ui(ui, settings, lora_names);
+    lora_picker_ui(ui, settings, &models_scan.loras);
     ui.separator();
     super::mode_controls::init_image_ui(ui, settings, init_image, commands);
     ui.separator();
@@ -52,6 +52,7 @@ fn model_ui(
     settings: &mut Settings,
     model_input: &mut String,
     model: &ModelState,
+    models_scan: &crate::models_folders::ModelsScan,
     commands: &mut Vec<UiCommand>,
 ) {
     let model_heading = ui.heading("Model");
@@ -64,6 +65,7 @@ fn model_ui(
         egui::ComboBox::from_id_salt("model-picker")
             .selected_text(current)
             .width(200.0)
+            .height(520.0)
             .show_ui(ui, |ui| {
                 for preset in MODEL_PRESETS {
                     if ui
@@ -96,6 +98,7 @@ fn model_ui(
                         }
                     }
                 }
+                checkpoints_ui(ui, settings, &models_scan.checkpoints, commands);
             })
             .response
             .labelled_by(model_heading.id);
@@ -206,6 +209,52 @@ fn prompts_ui(ui: &mut Ui, settings: &mut Settings, model: &ModelState) {
     }
 }
 
+/// The models folders' checkpoints in the model picker, with a search field: name, family,
+/// variant and size; files Atelier does not run are listed greyed with the reason.
+fn checkpoints_ui(
+    ui: &mut Ui,
+    settings: &Settings,
+    checkpoints: &[crate::models_folders::CheckpointEntry],
+    commands: &mut Vec<UiCommand>,
+) {
+    if checkpoints.is_empty() {
+        return;
+    }
+    ui.separator();
+    ui.weak("Models folders");
+    let filter_id = egui::Id::unique("atelier-checkpoint-filter");
+    let mut filter: String = ui.data_mut(|d| d.get_temp(filter_id).unwrap_or_default());
+    ui.horizontal(|ui| {
+        let label = ui.label("Search models");
+        ui.add(
+            egui::TextEdit::singleline(&mut filter)
+                .hint_text("name or family")
+                .desired_width(120.0),
+        )
+        .labelled_by(label.id)
+        .on_hover_text("Filter by name or family (\"xl inpaint\")");
+    });
+    ui.data_mut(|d| d.insert_temp(filter_id, filter.clone()));
+    let words: Vec<String> = filter.split_whitespace().map(str::to_lowercase).collect();
+    for entry in checkpoints {
+        let haystack = format!("{} {}", entry.name, entry.summary).to_lowercase();
+        if !words.iter().all(|w| haystack.contains(w)) {
+            continue;
+        }
+        let path = entry.path.display().to_string();
+        let label = ui
+            .add_enabled(
+                entry.runs,
+                egui::Button::selectable(settings.model == path, &entry.name),
+            )
+            .on_hover_text(&entry.summary)
+            .on_disabled_hover_text(&entry.summary);
+        if label.clicked() {
+            commands.push(UiCommand::LoadModel(path));
+        }
+    }
+}
+
 /// "LoRA: Add…" — picking one appends A1111's `<lora:name:1>` tag to the prompt.
 fn lora_picker_ui(ui: &mut Ui, settings: &mut Settings, lora_names: &[String]) {
     ui.horizontal(|ui| {
@@ -218,6 +267,7 @@ fn lora_picker_ui(ui: &mut Ui, settings: &mut Settings, lora_names: &[String]) {
         egui::ComboBox::from_id_salt("lora-picker")
             .selected_text("Add to the prompt…")
             .width(200.0)
+            .height(400.0)
             .show_ui(ui, |ui| {
                 for name in lora_names {
                     if ui.selectable_label(false, name).clicked() {

@@ -10,8 +10,8 @@ pub(super) enum DialogResult {
     Vae(std::path::PathBuf),
     /// A models folder to add to the settings.
     ModelsFolder(std::path::PathBuf),
-    /// The LoRAs found in the models folders.
-    LoraNames(Vec<String>),
+    /// What the models folders hold.
+    ModelsScan(crate::models_folders::ModelsScan),
     Saved(std::path::PathBuf),
     SaveFailed(String),
     Import(Vec<std::path::PathBuf>),

@@ -247,7 +247,7 @@ impl AtelierApp {
                     }
                     self.scan_models_folders(ctx);
                 }
-                DialogResult::LoraNames(names) => self.lora_names = names,
+                DialogResult::ModelsScan(scan) => self.models_scan = scan,
                 DialogResult::Vae(vae) => {
                     let mut overrides = self
                         .settings

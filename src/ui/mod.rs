@@ -204,8 +204,9 @@ pub struct AtelierApp {
     pub init_image: Option<InitImageView>,
     /// The mask painter's tools and view.
     pub mask_editor: mask_editor::MaskEditorView,
-    /// LoRAs found in the models folders (file stems, for the picker), scanned off the UI thread.
-    pub lora_names: Vec<String>,
+    /// The LoRAs and checkpoints found in the models folders (for the pickers), scanned off
+    /// the UI thread.
+    pub models_scan: crate::models_folders::ModelsScan,
     gallery_handle: Option<GalleryHandle>,
     last_gallery_query: Option<crate::gallery::library::GalleryQuery>,
     next_job_id: JobId,
@@ -244,7 +245,7 @@ impl AtelierApp {
             compare: CompareView::default(),
             init_image: None,
             mask_editor: Default::default(),
-            lora_names: Vec::new(),
+            models_scan: Default::default(),
             gallery_handle: Some(gallery_handle),
             last_gallery_query: None,
             next_job_id: 1,
@@ -377,7 +378,7 @@ impl AtelierApp {
         let settings = &mut self.settings;
         let model_input = &mut self.model_input;
         let init_image = self.init_image.as_ref();
-        let lora_names = &self.lora_names;
+        let models_scan = &self.models_scan;
         egui::Panel::left("controls")
             .resizable(true)
             .default_size(340.0)
@@ -391,7 +392,7 @@ impl AtelierApp {
                         model_input,
                         studio.model,
                         init_image,
-                        lora_names,
+                        models_scan,
                         commands,
                     )
                 });

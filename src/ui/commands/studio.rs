@@ -38,20 +38,14 @@ impl AtelierApp {
         }
     }
 
-    /// Lists the LoRAs of the models folders on a thread of its own (folders may be slow
+    /// Lists the LoRAs and checkpoints of the models folders on a thread of its own (folders may be slow
     /// network drives); the picker shows them when the list arrives.
     pub(in crate::ui) fn scan_models_folders(&mut self, ctx: &egui::Context) {
         let roots = self.settings.models_roots();
         self.spawn_dialog(ctx, "scan-models", move || {
-            let folders =
-                crate::models_folders::folders(&roots, crate::models_folders::ModelKind::Lora);
-            let mut names: Vec<String> = crate::models_folders::files(&folders)
-                .iter()
-                .map(|path| crate::models_folders::stem(path))
-                .collect();
-            names.sort_by_key(|n| n.to_lowercase());
-            names.dedup();
-            Some(DialogResult::LoraNames(names))
+            Some(DialogResult::ModelsScan(crate::models_folders::scan(
+                &roots,
+            )))
         });
     }
 
