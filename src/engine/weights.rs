@@ -235,10 +235,13 @@ pub struct WeightSlot {
 }
 
 impl WeightSlot {
-    /// The weight's current values (a copy).
+    /// The weight's current values, in storage of their own (never a view of the model's
+    /// tensor, which later writes change).
     pub fn read(&self) -> Result<Tensor> {
         Ok(match self.rows {
-            Some((first, rows)) => self.tensor.narrow(0, first, rows)?.contiguous()?,
+            // A block of rows of a contiguous tensor is itself contiguous: `contiguous()` would
+            // share the storage. `affine(1, 0)` makes a compact copy, exactly.
+            Some((first, rows)) => self.tensor.narrow(0, first, rows)?.affine(1.0, 0.0)?,
             None => self.tensor.copy()?,
         })
     }
@@ -412,5 +415,53 @@ impl SimpleBackend for Recorder {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.inner.contains_tensor(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stacked_weight_is_read_as_a_copy_and_written_in_place() {
+        let device = Device::Cpu;
+        let q = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &device).expect("q");
+        let k = Tensor::new(&[[5f32, 6.0], [7.0, 8.0]], &device).expect("k");
+        let (stacked, table) = record("unet.", || {
+            note_loaded("q.weight", &q);
+            note_loaded("k.weight", &k);
+            let stacked = Tensor::cat(&[&q, &k], 0)?;
+            note_stacked(&[&q, &k], &stacked);
+            Ok(stacked)
+        })
+        .expect("recorded");
+        let slot = table.get("unet.k.weight").expect("k is recorded");
+        assert_eq!(slot.rows, Some((2, 2)));
+        let original = slot.read().expect("read");
+        slot.write(&Tensor::new(&[[0f32, 0.0], [0.0, 1.0]], &device).expect("values"))
+            .expect("write");
+        assert_eq!(
+            stacked.to_vec2::<f32>().expect("stacked"),
+            vec![
+                vec![1.0, 2.0],
+                vec![3.0, 4.0],
+                vec![0.0, 0.0],
+                vec![0.0, 1.0]
+            ]
+        );
+        // The copy read before is not a view of the stacked tensor.
+        assert_eq!(
+            original.to_vec2::<f32>().expect("original"),
+            vec![vec![5.0, 6.0], vec![7.0, 8.0]]
+        );
+        slot.write(&original).expect("restore");
+        assert_eq!(
+            stacked
+                .narrow(0, 2, 2)
+                .expect("rows")
+                .to_vec2::<f32>()
+                .expect("k"),
+            k.to_vec2::<f32>().expect("k")
+        );
     }
 }

@@ -276,7 +276,7 @@ pub struct LoraReport {
 pub struct AppliedLoras {
     /// `(file, UNet weight, text encoder weight)` of each, in order.
     pub active: Vec<(PathBuf, f64, f64)>,
-    /// Weight name to its value before any LoRA (on the CPU).
+    /// Weight name to its value before any LoRA (on the model's device).
     pub originals: std::collections::HashMap<String, Tensor>,
 }
 

@@ -1,10 +1,12 @@
 //! LoRAs merged into the loaded model's weights in place, and taken out again exactly: the
-//! weights a set changes are copied first, and restored before the next set is merged, so the
-//! model is never read from disk again and runs at its own speed with LoRAs on.
+//! weights a set changes are copied first (on the model's device: copying them to the host one
+//! by one made merging two full SDXL LoRAs take 5-12 s instead of 0.35 s on an H200), and
+//! restored before the next set is merged, so the model is never read from disk again and runs
+//! at its own speed with LoRAs on. The price is memory: each changed weight once more.
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use super::StableDiffusion;
 use crate::engine::error::{EngineError, Result};
@@ -128,9 +130,7 @@ impl StableDiffusion {
                 };
                 let current = slot.read()?;
                 if !self.loras.originals.contains_key(&name) {
-                    self.loras
-                        .originals
-                        .insert(name.clone(), current.to_device(&Device::Cpu)?);
+                    self.loras.originals.insert(name.clone(), current.clone());
                 }
                 let delta = module.delta(&slot.shape(), &device)?;
                 let merged = (current.to_dtype(DType::F32)? + (delta * weight)?)?;
