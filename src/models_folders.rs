@@ -158,6 +158,8 @@ pub struct ModelsScan {
     pub loras: Vec<String>,
     /// Checkpoints, sorted by name.
     pub checkpoints: Vec<CheckpointEntry>,
+    /// VAE files.
+    pub vaes: Vec<PathBuf>,
 }
 
 /// Lists the LoRAs and checkpoints under `roots` (checkpoints read from their headers only).
@@ -189,5 +191,9 @@ pub fn scan(roots: &[PathBuf]) -> ModelsScan {
         }
     }
     checkpoints.sort_by_key(|c| c.name.to_lowercase());
-    ModelsScan { loras, checkpoints }
+    ModelsScan {
+        loras,
+        checkpoints,
+        vaes: files(&folders(roots, ModelKind::Vae)),
+    }
 }

@@ -742,3 +742,71 @@ fn the_model_picker_lists_the_models_folders_checkpoints_searchably() {
         &path.display().to_string()
     );
 }
+
+#[test]
+fn use_these_settings_brings_back_the_vae_and_names_missing_loras() {
+    let dir = tempfile::tempdir().unwrap();
+    let webui = dir.path().join("webui");
+    std::fs::create_dir_all(webui.join("models/Lora")).unwrap();
+    std::fs::create_dir_all(webui.join("models/VAE")).unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    std::fs::copy(
+        fixtures.join("lora/sd1-peft.safetensors"),
+        webui.join("models/Lora/inkStyle.safetensors"),
+    )
+    .unwrap();
+    let vae = webui.join("models/VAE/vae-ft-mse.safetensors");
+    std::fs::copy(fixtures.join("single-file/vae.safetensors"), &vae).unwrap();
+    let mut settings = settings();
+    settings.models_folders = vec![webui.display().to_string()];
+    let mut f = start(settings, false, false, None);
+    f.wait_for("the models scan", |app| !app.models_scan.vaes.is_empty());
+    f.click("Gallery");
+    f.wait_for("the empty gallery", |app| app.gallery.root.is_some());
+    let png = dir.path().join("a1111.png");
+    atelier::gallery::metadata::write_png(
+        &png,
+        &RgbImage::from_pixel(8, 8, Rgb([4, 5, 6])),
+        &[(
+            "parameters",
+            "a fox <lora:inkStyle:0.6> <lora:gone:1>\nSteps: 20, Sampler: Euler, Seed: 9, \
+             Size: 8x8, Clip skip: 2, VAE: vae-ft-mse.safetensors, \
+             Lora hashes: \"inkStyle: 0123456789ab, gone: ba9876543210\"",
+        )],
+    )
+    .unwrap();
+    f.harness
+        .state_mut()
+        .apply_for_test(atelier::ui::UiCommand::ImportFiles(vec![png]));
+    f.wait_for("the import", |app| app.gallery.entries.len() == 1);
+    let entry = f.app().gallery.entries[0].clone();
+    assert_eq!(entry.metadata.lora_hashes.len(), 2);
+    f.harness
+        .state_mut()
+        .apply_for_test(atelier::ui::UiCommand::UseSettings(entry.id));
+    f.wait_for("the model to reload", |app| {
+        !matches!(app.model, ModelState::Loading { .. })
+    });
+    let app = f.app();
+    assert_eq!(
+        app.settings.prompt,
+        "a fox <lora:inkStyle:0.6> <lora:gone:1>"
+    );
+    assert_eq!(app.settings.clip_skip, 2);
+    assert_eq!(
+        app.settings.model_overrides["fake/model"].vae.as_deref(),
+        Some(vae.as_path())
+    );
+    let warnings = app.warnings.join("\n");
+    assert!(
+        warnings.contains("LoRA gone (not in the models folders)"),
+        "{warnings}"
+    );
+    assert!(!warnings.contains("inkStyle"), "{warnings}");
+    f.wait_for("the reload", |_| true);
+    let seen = f.seen.lock().unwrap();
+    assert_eq!(
+        seen.load_overrides.last().unwrap().vae.as_deref(),
+        Some(vae.as_path())
+    );
+}

@@ -52,6 +52,33 @@ impl AtelierApp {
                 None
             }
         };
+        // LoRAs come back with the prompt's tags; say which the models folders lack. The VAE
+        // comes back when the models folders have a file of that name.
+        for tag in
+            crate::engine::extra_networks::lora_tags(&self.settings.prompt).unwrap_or_default()
+        {
+            if !self.models_scan.loras.contains(&tag.name) {
+                skipped.push(format!("LoRA {} (not in the models folders)", tag.name));
+            }
+        }
+        let vae_override = match &metadata.vae {
+            Some(name) => {
+                let found = self
+                    .models_scan
+                    .vaes
+                    .iter()
+                    .find(|path| {
+                        path.file_name()
+                            .is_some_and(|f| f.to_string_lossy() == *name)
+                    })
+                    .cloned();
+                if found.is_none() {
+                    skipped.push(format!("VAE {name} (not in the models folders)"));
+                }
+                found
+            }
+            None => None,
+        };
         let init = kept(&metadata.init_image, "init image", &mut skipped);
         let mask = kept(&metadata.mask_image, "mask", &mut skipped);
         if metadata.image_options.is_some() && metadata.init_image.is_none() {
@@ -64,6 +91,18 @@ impl AtelierApp {
         match init {
             Some(image) => self.apply_studio(ctx, UiCommand::RestoreInput { image, mask }),
             None => self.init_image = None,
+        }
+        if let Some(vae) = vae_override {
+            let mut overrides = self
+                .settings
+                .model_overrides
+                .get(&self.settings.model)
+                .cloned()
+                .unwrap_or_default();
+            if overrides.vae.as_ref() != Some(&vae) {
+                overrides.vae = Some(vae);
+                self.set_model_overrides(overrides);
+            }
         }
         self.tab = Tab::Studio;
     }
