@@ -149,6 +149,8 @@ pub struct CheckpointEntry {
     pub summary: String,
     /// Whether Atelier runs it.
     pub runs: bool,
+    /// A1111's AutoV2 hash, when one was computed before (the picker does not read whole files).
+    pub hash: Option<String>,
 }
 
 /// What the models folders hold.
@@ -171,6 +173,7 @@ pub fn scan(roots: &[PathBuf]) -> ModelsScan {
     loras.sort_by_key(|n| n.to_lowercase());
     loras.dedup();
     let mut checkpoints = Vec::new();
+    let hashes = crate::gallery::hash_cache::HashCache::open_default();
     for folder in folders(roots, ModelKind::Checkpoint) {
         for path in files(std::slice::from_ref(&folder)) {
             let name = path
@@ -183,6 +186,7 @@ pub fn scan(roots: &[PathBuf]) -> ModelsScan {
                 Err(error) => (error.to_string(), false),
             };
             checkpoints.push(CheckpointEntry {
+                hash: hashes.cached(&path),
                 path,
                 name,
                 summary,

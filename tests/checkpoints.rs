@@ -215,3 +215,50 @@ fn models_scan_lists_a_folder_and_model_files_say_what_they_are() {
         "{stderr}"
     );
 }
+
+#[test]
+fn models_list_reads_an_a1111_installation() {
+    let dir = tempfile::tempdir().unwrap();
+    let webui = dir.path().join("webui");
+    for sub in [
+        "models/Stable-diffusion",
+        "models/Lora",
+        "models/VAE",
+        "embeddings",
+    ] {
+        std::fs::create_dir_all(webui.join(sub)).unwrap();
+    }
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (from, to) in [
+        (
+            "single-file/sd2-v.safetensors",
+            "models/Stable-diffusion/tiny2.safetensors",
+        ),
+        (
+            "single-file/sd2-v.yaml",
+            "models/Stable-diffusion/tiny2.yaml",
+        ),
+        ("lora/sd1-loha.safetensors", "models/Lora/ink.safetensors"),
+        ("single-file/vae.safetensors", "models/VAE/mse.safetensors"),
+        (
+            "embeddings/inkStyle.safetensors",
+            "embeddings/inkStyle.safetensors",
+        ),
+    ] {
+        std::fs::copy(fixtures.join(from), webui.join(to)).unwrap();
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_atelier"))
+        .args(["models", "list"])
+        .arg(&webui)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("tiny2.safetensors: SD 2.x, v-prediction, bf16"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("LoRAs (1): ink"), "{stdout}");
+    assert!(stdout.contains("VAEs (1): mse"), "{stdout}");
+    assert!(stdout.contains("embeddings (1): inkStyle"), "{stdout}");
+}

@@ -17,6 +17,14 @@ pub struct ModelsArgs {
 /// The `models` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
+    /// List what models folders hold, as the window's Settings -> Models folders reads them:
+    /// an A1111 installation (models/Stable-diffusion, models/Lora, models/VAE, embeddings), a
+    /// ComfyUI one (models/checkpoints, loras, vae, embeddings), or a plain folder.
+    List {
+        /// The folders.
+        #[arg(required = true)]
+        folders: Vec<PathBuf>,
+    },
     /// List the model files in a folder (and its subfolders, as A1111's and ComfyUI's models
     /// folders nest them) with their family, variant and size.
     Scan {
@@ -61,12 +69,50 @@ fn model_files(folder: &Path, depth: usize, found: &mut Vec<PathBuf>) -> std::io
 /// Runs `atelier models`.
 pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     match args.command {
+        ModelsCommand::List { folders } => {
+            use crate::models_folders::{ModelKind, files, folders as kind_folders, scan};
+            let missing: Vec<String> = folders
+                .iter()
+                .filter(|f| !f.is_dir())
+                .map(|f| f.display().to_string())
+                .collect();
+            if !missing.is_empty() {
+                anyhow::bail!("not folders: {}", missing.join(", "));
+            }
+            let found = scan(&folders);
+            println!("checkpoints ({}):", found.checkpoints.len());
+            for entry in &found.checkpoints {
+                let hash = entry
+                    .hash
+                    .as_ref()
+                    .map(|h| format!("  [{h}]"))
+                    .unwrap_or_default();
+                println!("  {}: {}{hash}", entry.name, entry.summary);
+            }
+            println!("LoRAs ({}): {}", found.loras.len(), found.loras.join(", "));
+            let names = |kind| -> Vec<String> {
+                files(&kind_folders(&folders, kind))
+                    .iter()
+                    .map(|p| crate::models_folders::stem(p))
+                    .collect()
+            };
+            let vaes = names(ModelKind::Vae);
+            println!("VAEs ({}): {}", vaes.len(), vaes.join(", "));
+            let embeddings = names(ModelKind::Embedding);
+            println!(
+                "embeddings ({}): {}",
+                embeddings.len(),
+                embeddings.join(", ")
+            );
+            Ok(())
+        }
         ModelsCommand::Scan { folder, hash } => {
             if !folder.is_dir() {
                 anyhow::bail!("{} is not a folder", folder.display());
             }
             let mut files = Vec::new();
             model_files(&folder, 0, &mut files)?;
+            let mut hashes = crate::gallery::hash_cache::HashCache::open_default();
             if files.is_empty() {
                 println!(
                     "no model files (.safetensors, .ckpt) in {}",
@@ -87,7 +133,7 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                     },
                 };
                 let hash = if hash {
-                    match crate::gallery::worker::file_hash(&path) {
+                    match hashes.hash(&path) {
                         Ok(hash) => format!("  [{hash}]"),
                         Err(error) => format!("  [no hash: {error}]"),
                     }

@@ -1,5 +1,6 @@
 //! Storage of images and their metadata: a folder of PNGs, indexed in SQLite.
 
+pub mod hash_cache;
 pub mod import;
 mod index;
 pub mod library;

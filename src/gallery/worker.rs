@@ -1,7 +1,6 @@
 //! The gallery's threads: one owns the library (saving, searching, importing, deleting), one
 //! makes thumbnails. The window talks to them through channels and never waits.
 
-use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -222,7 +221,7 @@ struct GalleryThread {
     library: Option<Library>,
     events: SyncSender<GalleryEvent>,
     wake: Wake,
-    hashes: HashMap<PathBuf, String>,
+    hashes: super::hash_cache::HashCache,
     last_deleted: Option<DeletedImage>,
 }
 
@@ -232,7 +231,7 @@ impl GalleryThread {
             library: None,
             events,
             wake,
-            hashes: HashMap::new(),
+            hashes: super::hash_cache::HashCache::open_default(),
             last_deleted: None,
         }
     }
@@ -289,12 +288,7 @@ impl GalleryThread {
                     }
                 }
                 if let Some(weights) = weights {
-                    if !self.hashes.contains_key(&weights)
-                        && let Ok(hash) = file_hash(&weights)
-                    {
-                        self.hashes.insert(weights.clone(), hash);
-                    }
-                    metadata.model_hash = self.hashes.get(&weights).cloned();
+                    metadata.model_hash = self.hashes.hash(&weights).ok();
                 }
                 let entry = self
                     .library()?

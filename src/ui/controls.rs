@@ -242,13 +242,17 @@ fn checkpoints_ui(
             continue;
         }
         let path = entry.path.display().to_string();
+        let hover = match &entry.hash {
+            Some(hash) => format!("{}\nhash {hash}", entry.summary),
+            None => entry.summary.clone(),
+        };
         let label = ui
             .add_enabled(
                 entry.runs,
                 egui::Button::selectable(settings.model == path, &entry.name),
             )
-            .on_hover_text(&entry.summary)
-            .on_disabled_hover_text(&entry.summary);
+            .on_hover_text(&hover)
+            .on_disabled_hover_text(&hover);
         if label.clicked() {
             commands.push(UiCommand::LoadModel(path));
         }
