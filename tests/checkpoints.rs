@@ -211,7 +211,7 @@ fn models_scan_lists_a_folder_and_model_files_say_what_they_are() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("no text encoders baked in (SDXL needs 2)"),
+        stderr.contains("no text encoders baked in: choose where SDXL text encoders come from"),
         "{stderr}"
     );
 }

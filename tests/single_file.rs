@@ -273,3 +273,116 @@ fn the_cli_generates_from_a_single_file_with_overrides() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("epsilon or v"));
 }
+
+/// A copy of a fixture file without the tensors whose keys start with `prefix`.
+fn without(file: &str, prefix: &str, dir: &std::path::Path) -> PathBuf {
+    let tensors = candle_core::safetensors::load(folder().join(file), &Device::Cpu).unwrap();
+    let kept: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .filter(|(key, _)| !key.starts_with(prefix))
+        .collect();
+    let path = dir.join(file);
+    candle_core::safetensors::save(&kept, &path).unwrap();
+    path
+}
+
+#[test]
+fn a_file_without_its_vae_loads_with_one_chosen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = without("sd1.safetensors", "first_stage_model.", dir.path());
+    let info = atelier::engine::checkpoint::inspect(&path).unwrap();
+    assert!(!info.has_vae && info.has_text_encoders);
+    let error = StableDiffusion::load(
+        ModelSource::File(path.clone()),
+        LoadOptions::new(Device::Cpu),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(error.contains("no VAE baked in"), "{error}");
+    // With the VAE file it loads, and decodes as the override test's reference does.
+    let (tensors, runs) = fixture();
+    let run = runs.iter().find(|r| r["key"] == "sd1_euler").unwrap();
+    let mut options = LoadOptions::new(test_device());
+    options.dtype = Some(test_dtype());
+    options.overrides.vae = Some(folder().join("vae.safetensors"));
+    let model = StableDiffusion::load(ModelSource::File(path), options).unwrap();
+    let output = model
+        .generate(
+            &request_of(run),
+            Some(&tensors["sd1_euler_noise"]),
+            PreviewOptions::default(),
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_close(
+        "latents",
+        &output.latents,
+        &tensors["sd1_euler_latents"],
+        1e-3,
+    );
+    let difference = max_pixel_difference(&output.images[0], &tensors["sd1_vae_override_image"]);
+    check(
+        difference <= 2.0,
+        &format!("pixels differ by {difference}/255"),
+    );
+}
+
+#[test]
+fn a_unet_only_file_takes_its_text_encoders_from_another_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = without("sdxl.safetensors", "conditioner.", dir.path());
+    // The sidecar says the family (the tiny UNet's widths cannot).
+    std::fs::copy(folder().join("sdxl.yaml"), dir.path().join("sdxl.yaml")).unwrap();
+    let source = ModelSource::parse(path.to_str().unwrap()).unwrap();
+    let error = StableDiffusion::load(source.clone(), LoadOptions::new(Device::Cpu))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("no text encoders baked in"), "{error}");
+    assert!(error.contains("--text-encoders"), "{error}");
+    // From a checkpoint of the same family: the same model as the whole file.
+    let (tensors, runs) = fixture();
+    let run = runs.iter().find(|r| r["key"] == "sdxl_euler").unwrap();
+    let mut options = LoadOptions::new(test_device());
+    options.dtype = Some(test_dtype());
+    options.overrides.text_encoders = Some(folder().join("sdxl.safetensors"));
+    let model = StableDiffusion::load(source.clone(), options).unwrap();
+    let output = model
+        .generate(
+            &request_of(run),
+            Some(&tensors["sdxl_euler_noise"]),
+            PreviewOptions::default(),
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_close(
+        "sdxl without text encoders",
+        &output.latents,
+        &tensors["sdxl_euler_latents"],
+        1e-3,
+    );
+    // Another family's text encoders are refused, saying why.
+    let mut options = LoadOptions::new(Device::Cpu);
+    options.overrides.text_encoders = Some(folder().join("sd1.safetensors"));
+    let error = StableDiffusion::load(source, options)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("is SD 1.x, not SDXL"), "{error}");
+    // From a diffusers folder (the SD 1.x fixture's encoder for an SD 1.x UNet).
+    let sd1 = without("sd1.safetensors", "cond_stage_model.", dir.path());
+    std::fs::write(
+        dir.path().join("sd1.yaml"),
+        "model:\n  params:\n    cond_stage_config:\n      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder\n",
+    )
+    .unwrap();
+    let mut options = LoadOptions::new(Device::Cpu);
+    options.overrides.text_encoders = Some(common::model_dir("sd1"));
+    let model = StableDiffusion::load(ModelSource::File(sd1), options).unwrap();
+    assert_eq!(model.family(), ModelFamily::Sd1);
+    let encoded = model.encode_prompt("a fox").unwrap();
+    assert_eq!(encoded.context.dims(), &[1, 77, 16]);
+}

@@ -110,6 +110,10 @@ pub struct OverrideArgs {
     /// What the model predicts, when its files do not say it right: epsilon or v.
     #[arg(long, value_parser = parse_prediction)]
     pub prediction: Option<Prediction>,
+    /// For a single file without text encoders: where they come from (a diffusers folder or a
+    /// checkpoint of the same family).
+    #[arg(long)]
+    pub text_encoders: Option<PathBuf>,
 }
 
 /// `FILE` or `FILE:WEIGHT` (the weight after the last colon, when it is a number).
@@ -174,6 +178,7 @@ pub fn load_model(
     options.overrides = ModelOverrides {
         vae: overrides.vae.clone(),
         prediction: overrides.prediction,
+        text_encoders: overrides.text_encoders.clone(),
     };
     let model =
         StableDiffusion::load(source, options).with_context(|| format!("cannot load model {spec}"));
@@ -372,7 +377,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let mut parameters = A1111Parameters::for_request(&item_request, model.name());
         if let Some(vae) = (ModelOverrides {
             vae: args.overrides.vae.clone(),
-            prediction: None,
+            ..Default::default()
         })
         .vae_name()
         {

@@ -50,7 +50,15 @@ impl ModelSource {
             if let Some(refused) = super::checkpoint::refuse_pickle(path) {
                 return Err(refused);
             }
-            let info = super::checkpoint::inspect(path)?;
+            let mut info = super::checkpoint::inspect(path)?;
+            if info.context_width.is_some()
+                && let Ok(original) =
+                    super::checkpoint::original_config::OriginalConfig::beside(path)
+                && let Some(family) = original.family
+                && !info.family.runs()
+            {
+                info.family = family;
+            }
             if !info.family.runs() {
                 return Err(EngineError::Unsupported(format!(
                     "{} is {}; Atelier runs SD 1.x, SD 2.x and SDXL checkpoints",

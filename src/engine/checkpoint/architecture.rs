@@ -116,8 +116,8 @@ fn text_encoder_config(shapes: &Shapes, map: &KeyMap, act: &str) -> DescribeResu
     )
 }
 
-/// The text encoders of a checkpoint of `family`.
-fn text_encoders(
+/// The text encoders of a checkpoint of `family` (none when it has none baked in).
+pub fn text_encoders(
     keys: &[String],
     shapes: &Shapes,
     family: CheckpointFamily,
@@ -162,12 +162,11 @@ fn text_encoders(
         other => return Err(format!("Atelier does not run {}", other.display_name())),
     };
     let found = encoders.iter().flatten().count();
-    if found != encoders.len() {
+    if found != 0 && found != encoders.len() {
         return Err(format!(
-            "the checkpoint has no text encoders baked in ({} needs {}); Atelier cannot load \
-             a UNet-only file yet",
-            family.display_name(),
-            encoders.len()
+            "the checkpoint has {found} of the {} text encoders {} needs",
+            encoders.len(),
+            family.display_name()
         ));
     }
     Ok(encoders.into_iter().flatten().collect())
@@ -372,15 +371,20 @@ pub fn scaling_factor(family: CheckpointFamily, original: &OriginalConfig) -> f6
     })
 }
 
-/// Describes every component of a checkpoint.
+/// Describes every component of a checkpoint; `pooled_width` is that of the text encoders
+/// that come from elsewhere when none are baked in (SDXL's added embedding needs it).
 pub fn plan(
     keys: &[String],
     shapes: &Shapes,
     info: &CheckpointInfo,
     original: &OriginalConfig,
+    pooled_width: Option<usize>,
 ) -> DescribeResult<SingleFilePlan> {
     let text_encoders = text_encoders(keys, shapes, info.family, original)?;
-    let pooled_width = text_encoders.last().and_then(|e| e.config.projection_dim);
+    let pooled_width = text_encoders
+        .last()
+        .and_then(|e| e.config.projection_dim)
+        .or(pooled_width);
     let unet = unet_config(keys, shapes, info, original, pooled_width)?;
     let vae = if info.has_vae {
         let scale = scaling_factor(info.family, original);

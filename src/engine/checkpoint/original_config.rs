@@ -31,6 +31,10 @@ pub struct OriginalConfig {
     pub num_head_channels: Option<usize>,
     /// Which hidden state the (first) text encoder hands on: `last` or `penultimate`.
     pub text_layer: Option<String>,
+    /// The family its text conditioning names (`FrozenCLIPEmbedder`: SD 1.x,
+    /// `FrozenOpenCLIPEmbedder`: SD 2.x, an SGM conditioner with CLIP-L and OpenCLIP: SDXL, with
+    /// OpenCLIP alone: the refiner), for files whose keys cannot tell (no text encoders inside).
+    pub family: Option<super::CheckpointFamily>,
     /// Width of each of SDXL's size/crop embeddings (`outdim` of the conditioner's
     /// timestep embedders).
     pub time_id_width: Option<usize>,
@@ -87,6 +91,27 @@ impl OriginalConfig {
         let text_layer = params["cond_stage_config"]["params"]["layer"]
             .as_str()
             .map(str::to_string);
+        let targets: Vec<&str> = embedders
+            .iter()
+            .filter_map(|e| e["target"].as_str())
+            .collect();
+        let family = match params["cond_stage_config"]["target"].as_str() {
+            Some(t) if t.ends_with("FrozenOpenCLIPEmbedder") => Some(super::CheckpointFamily::Sd2),
+            Some(t) if t.ends_with("FrozenCLIPEmbedder") => Some(super::CheckpointFamily::Sd1),
+            _ if targets.iter().any(|t| t.ends_with("FrozenCLIPEmbedder")) => {
+                Some(super::CheckpointFamily::Sdxl)
+            }
+            _ if targets
+                .iter()
+                .any(|t| t.ends_with("FrozenOpenCLIPEmbedder2")) =>
+            {
+                Some(super::CheckpointFamily::SdxlRefiner)
+            }
+            _ if !matches!(params["network_config"], Yaml::BadValue) => {
+                Some(super::CheckpointFamily::Sdxl)
+            }
+            _ => None,
+        };
         Ok(Self {
             path: None,
             v_prediction: v_from_parameterization.or(v_from_denoiser),
@@ -97,6 +122,7 @@ impl OriginalConfig {
             num_heads: positive(&unet["num_heads"]),
             num_head_channels: positive(&unet["num_head_channels"]),
             text_layer,
+            family,
             time_id_width: embedders
                 .iter()
                 .find_map(|embedder| positive(&embedder["params"]["outdim"])),
@@ -140,6 +166,10 @@ model:
         assert_eq!(config.num_head_channels, Some(64));
         assert_eq!(config.num_heads, None, "-1 means unset");
         assert_eq!(config.text_layer.as_deref(), Some("penultimate"));
+        assert_eq!(
+            config.family,
+            Some(crate::engine::checkpoint::CheckpointFamily::Sd2)
+        );
     }
 
     #[test]
@@ -181,6 +211,10 @@ model:
         assert_eq!(config.scale_factor, Some(0.13025));
         assert_eq!(config.num_head_channels, Some(64));
         assert_eq!(config.time_id_width, Some(256));
+        assert_eq!(
+            config.family,
+            Some(crate::engine::checkpoint::CheckpointFamily::Sdxl)
+        );
     }
 
     #[test]

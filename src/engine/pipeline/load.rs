@@ -190,6 +190,27 @@ fn describe_diffusers(source: ModelSource, options: &LoadOptions) -> Result<Mode
             None => SchedulerConfig::sd15(),
         };
 
+    let text_encoders = diffusers_text_encoders(&files, &index, prefer_fp16)?;
+    let unet_config: UNetConfig = read_json(&files.required("unet/config.json", "UNet config")?)?;
+    let unet_weights = files.weights("unet", "diffusion_pytorch_model", prefer_fp16)?;
+    let vae_config: VaeConfig = read_json(&files.required("vae/config.json", "VAE config")?)?;
+    let vae_weights = files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?;
+    Ok(ModelSpec {
+        name: files.source().display_name(),
+        text_encoders,
+        unet: (unet_config, ComponentWeights::File(unet_weights)),
+        vae: (vae_config, ComponentWeights::File(vae_weights)),
+        scheduler_config,
+        force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
+    })
+}
+
+/// The text encoders (and tokenizers) of a diffusers folder or repo, as its index lists them.
+pub(super) fn diffusers_text_encoders(
+    files: &ModelFiles,
+    index: &ModelIndex,
+    prefer_fp16: bool,
+) -> Result<Vec<TextEncoderSpec>> {
     let mut text_encoders = Vec::new();
     for (tokenizer_dir, encoder_dir) in [
         ("tokenizer", "text_encoder"),
@@ -212,16 +233,5 @@ fn describe_diffusers(source: ModelSource, options: &LoadOptions) -> Result<Mode
             tokenizer: ClipTokenizer::load(&files, tokenizer_dir)?,
         });
     }
-    let unet_config: UNetConfig = read_json(&files.required("unet/config.json", "UNet config")?)?;
-    let unet_weights = files.weights("unet", "diffusion_pytorch_model", prefer_fp16)?;
-    let vae_config: VaeConfig = read_json(&files.required("vae/config.json", "VAE config")?)?;
-    let vae_weights = files.weights("vae", "diffusion_pytorch_model", prefer_fp16)?;
-    Ok(ModelSpec {
-        name: files.source().display_name(),
-        text_encoders,
-        unet: (unet_config, ComponentWeights::File(unet_weights)),
-        vae: (vae_config, ComponentWeights::File(vae_weights)),
-        scheduler_config,
-        force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
-    })
+    Ok(text_encoders)
 }

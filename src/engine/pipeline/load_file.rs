@@ -46,7 +46,15 @@ pub(super) fn describe(path: &Path, options: &LoadOptions) -> Result<ModelSpec> 
     if let Some(refused) = checkpoint::refuse_pickle(path) {
         return Err(refused);
     }
+    let original = OriginalConfig::beside(path)?;
     let mut info = checkpoint::inspect(path)?;
+    if info.family == CheckpointFamily::Unknown
+        && info.context_width.is_some()
+        && let Some(family) = original.family
+    {
+        // A UNet without its text encoders: the sidecar says the family.
+        info.family = family;
+    }
     if !info.family.runs() {
         return Err(EngineError::Unsupported(format!(
             "{} is {}; Atelier runs SD 1.x, SD 2.x and SDXL checkpoints",
@@ -54,7 +62,6 @@ pub(super) fn describe(path: &Path, options: &LoadOptions) -> Result<ModelSpec> 
             info.summary()
         )));
     }
-    let original = OriginalConfig::beside(path)?;
     let file = MappedFile::open(path)?;
     let v_prediction = match options.overrides.prediction {
         Some(prediction) => prediction == Prediction::VPrediction,
@@ -67,25 +74,32 @@ pub(super) fn describe(path: &Path, options: &LoadOptions) -> Result<ModelSpec> 
     let shapes = file.shapes();
     let mut keys: Vec<String> = shapes.keys().cloned().collect();
     keys.sort();
-    let plan: SingleFilePlan = architecture::plan(&keys, &shapes, &info, &original)
+    let baked = architecture::text_encoders(&keys, &shapes, info.family, &original)
+        .map_err(|message| EngineError::bad_file(path, message))?;
+    let external = match (baked.is_empty(), &options.overrides.text_encoders) {
+        (false, _) => None,
+        (true, Some(source)) => Some(text_encoders_from(source, info.family, options)?),
+        (true, None) => {
+            return Err(EngineError::Unsupported(format!(
+                "{} has no text encoders baked in: choose where {} text encoders come from \
+                 (--text-encoders: a diffusers folder or a checkpoint of the same family)",
+                path.display(),
+                info.family.display_name()
+            )));
+        }
+    };
+    let pooled_width = external.as_ref().and_then(|specs| {
+        specs
+            .last()
+            .map(|s| s.config.projection_dim.unwrap_or(s.config.hidden_size))
+    });
+    let plan: SingleFilePlan = architecture::plan(&keys, &shapes, &info, &original, pooled_width)
         .map_err(|message| EngineError::bad_file(path, message))?;
 
-    let text_encoders = plan
-        .text_encoders
-        .into_iter()
-        .zip(["text_encoder", "text_encoder_2"])
-        .map(|(encoder, name)| {
-            Ok(TextEncoderSpec {
-                name,
-                config: encoder.config,
-                weights: ComponentWeights::Renamed {
-                    file: file.clone(),
-                    keys: encoder.keys.into(),
-                },
-                tokenizer: ClipTokenizer::bundled(encoder.pad_token)?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let text_encoders = match external {
+        Some(specs) => specs,
+        None => encoder_specs(plan.text_encoders, &file)?,
+    };
     let vae = match plan.vae {
         Some((config, keys)) => (
             config,
@@ -141,6 +155,77 @@ pub(super) fn describe(path: &Path, options: &LoadOptions) -> Result<ModelSpec> 
         // SDXL base zeroes an empty negative prompt (its diffusers repo and A1111 both do).
         force_zeros_for_empty_prompt: info.family == CheckpointFamily::Sdxl,
     })
+}
+
+/// The text encoders of one single file, read from it under transformers' names.
+fn encoder_specs(
+    plans: Vec<architecture::TextEncoderPlan>,
+    file: &MappedFile,
+) -> Result<Vec<TextEncoderSpec>> {
+    plans
+        .into_iter()
+        .zip(["text_encoder", "text_encoder_2"])
+        .map(|(encoder, name)| {
+            Ok(TextEncoderSpec {
+                name,
+                config: encoder.config,
+                weights: ComponentWeights::Renamed {
+                    file: file.clone(),
+                    keys: encoder.keys.into(),
+                },
+                tokenizer: ClipTokenizer::bundled(encoder.pad_token)?,
+            })
+        })
+        .collect()
+}
+
+/// The text encoders of `source` for a UNet-only file of `family`: a diffusers folder's, or
+/// those baked into another single file of the same family.
+fn text_encoders_from(
+    source: &Path,
+    family: CheckpointFamily,
+    options: &LoadOptions,
+) -> Result<Vec<TextEncoderSpec>> {
+    if source.is_dir() {
+        let files = crate::engine::source::ModelFiles::new(
+            crate::engine::source::ModelSource::Folder(source.to_path_buf()),
+            None,
+        );
+        let index: crate::engine::config::ModelIndex = match files.optional("model_index.json")? {
+            Some(path) => read_json(&path)?,
+            None => Default::default(),
+        };
+        let dtype = options
+            .dtype
+            .unwrap_or_else(|| super::default_dtype(&options.device));
+        return super::load::diffusers_text_encoders(&files, &index, dtype != DType::F32);
+    }
+    if let Some(refused) = checkpoint::refuse_pickle(source) {
+        return Err(refused);
+    }
+    let info = checkpoint::inspect(source)?;
+    if info.family != family {
+        return Err(EngineError::Unsupported(format!(
+            "{} is {}, not {}: its text encoders do not fit",
+            source.display(),
+            info.family.display_name(),
+            family.display_name()
+        )));
+    }
+    let original = OriginalConfig::beside(source)?;
+    let file = MappedFile::open(source)?;
+    let shapes = file.shapes();
+    let mut keys: Vec<String> = shapes.keys().cloned().collect();
+    keys.sort();
+    let plans = architecture::text_encoders(&keys, &shapes, family, &original)
+        .map_err(|message| EngineError::bad_file(source, message))?;
+    if plans.is_empty() {
+        return Err(EngineError::bad_file(
+            source,
+            "it has no text encoders either",
+        ));
+    }
+    encoder_specs(plans, &file)
 }
 
 /// A VAE chosen in place of the model's: a diffusers VAE folder (`config.json` and weights),

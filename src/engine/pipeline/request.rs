@@ -129,6 +129,9 @@ pub struct ModelOverrides {
     pub vae: Option<std::path::PathBuf>,
     /// What the model predicts, overriding its config (or a single file's detection).
     pub prediction: Option<crate::schedulers::Prediction>,
+    /// Where a single file without text encoders takes them from: a diffusers folder or a
+    /// checkpoint of the same family.
+    pub text_encoders: Option<std::path::PathBuf>,
 }
 
 impl ModelOverrides {
