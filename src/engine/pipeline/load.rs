@@ -230,7 +230,7 @@ pub(super) fn diffusers_text_encoders(
             name: encoder_dir,
             config,
             weights: ComponentWeights::File(weights),
-            tokenizer: ClipTokenizer::load(&files, tokenizer_dir)?,
+            tokenizer: ClipTokenizer::load(files, tokenizer_dir)?,
         });
     }
     Ok(text_encoders)
