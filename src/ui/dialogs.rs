@@ -8,6 +8,8 @@ pub(super) enum DialogResult {
     Folder(std::path::PathBuf),
     /// A VAE for the current model.
     Vae(std::path::PathBuf),
+    /// Where the current model's text encoders come from.
+    TextEncoders(std::path::PathBuf),
     /// A models folder to add to the settings.
     ModelsFolder(std::path::PathBuf),
     /// What the models folders hold.

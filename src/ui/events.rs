@@ -248,6 +248,16 @@ impl AtelierApp {
                     self.scan_models_folders(ctx);
                 }
                 DialogResult::ModelsScan(scan) => self.models_scan = scan,
+                DialogResult::TextEncoders(source) => {
+                    let mut overrides = self
+                        .settings
+                        .model_overrides
+                        .get(&self.settings.model)
+                        .cloned()
+                        .unwrap_or_default();
+                    overrides.text_encoders = Some(source);
+                    self.set_model_overrides(overrides);
+                }
                 DialogResult::Vae(vae) => {
                     let mut overrides = self
                         .settings

@@ -58,6 +58,37 @@ pub(super) fn model_options_ui(ui: &mut Ui, settings: &Settings, commands: &mut 
                 }
             });
             ui.horizontal(|ui| {
+                ui.label("Text encoders");
+                match &overrides.text_encoders {
+                    Some(source) => {
+                        let name = source
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_else(|| source.display().to_string());
+                        ui.label(name).on_hover_text(source.display().to_string());
+                        if ui.button("Baked in").clicked() {
+                            commands.push(UiCommand::SetModelOverrides(ModelOverrides {
+                                text_encoders: None,
+                                ..overrides.clone()
+                            }));
+                        }
+                    }
+                    None => {
+                        ui.weak("baked in");
+                    }
+                }
+                if ui
+                    .button("From…")
+                    .on_hover_text(
+                        "For a checkpoint without text encoders: a diffusers folder, or a \
+                         checkpoint of the same family, to take them from",
+                    )
+                    .clicked()
+                {
+                    commands.push(UiCommand::ChooseTextEncoders);
+                }
+            });
+            ui.horizontal(|ui| {
                 let label = ui.label("Predicts");
                 let name = |p: Option<Prediction>| match p {
                     None => "auto",

@@ -82,7 +82,8 @@ pub(super) fn describe(path: &Path, options: &LoadOptions) -> Result<ModelSpec> 
         (true, None) => {
             return Err(EngineError::Unsupported(format!(
                 "{} has no text encoders baked in: choose where {} text encoders come from \
-                 (--text-encoders: a diffusers folder or a checkpoint of the same family)",
+                 (a diffusers folder or a checkpoint of the same family: --text-encoders, or \
+                 Model options -> Text encoders in the window)",
                 path.display(),
                 info.family.display_name()
             )));

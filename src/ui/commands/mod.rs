@@ -32,6 +32,8 @@ pub enum UiCommand {
     ScanModelsFolders,
     /// Ask for a VAE file for the current model.
     ChooseVae,
+    /// Ask where the current (UNet-only) model's text encoders come from.
+    ChooseTextEncoders,
     /// Override the current model's VAE or prediction (remembered per model), and reload it.
     SetModelOverrides(crate::engine::pipeline::ModelOverrides),
     /// Save the shown image.
@@ -128,6 +130,7 @@ impl UiCommand {
             | AddModelsFolder
             | ScanModelsFolders
             | ChooseVae
+            | ChooseTextEncoders
             | SetModelOverrides(_)
             | SaveAs
             | CopySeed

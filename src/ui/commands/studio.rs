@@ -215,6 +215,18 @@ impl AtelierApp {
                     .pick_file()
                     .map(DialogResult::Vae)
             }),
+            UiCommand::ChooseTextEncoders => self.spawn_dialog(ctx, "choose-text-encoders", || {
+                rfd::FileDialog::new()
+                    .set_title("A checkpoint (.safetensors) to take the text encoders from")
+                    .add_filter("Checkpoint", &["safetensors"])
+                    .pick_file()
+                    .or_else(|| {
+                        rfd::FileDialog::new()
+                            .set_title("… or a diffusers model folder")
+                            .pick_folder()
+                    })
+                    .map(DialogResult::TextEncoders)
+            }),
             UiCommand::SetModelOverrides(overrides) => self.set_model_overrides(overrides),
             UiCommand::AddModelsFolder => self.spawn_dialog(ctx, "add-models-folder", || {
                 rfd::FileDialog::new()
