@@ -204,13 +204,7 @@ mod tests {
 /// Embedding files read once and kept while they do not change on disk.
 #[derive(Debug, Default)]
 pub struct EmbeddingCache {
-    files: std::collections::HashMap<
-        PathBuf,
-        (
-            Option<std::time::SystemTime>,
-            std::sync::Arc<TextualInversion>,
-        ),
-    >,
+    files: super::file_cache::FileCache<TextualInversion>,
 }
 
 impl EmbeddingCache {
@@ -256,17 +250,7 @@ impl EmbeddingCache {
     }
 
     fn get(&mut self, path: &Path) -> Result<std::sync::Arc<TextualInversion>> {
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        if let Some((when, embedding)) = self.files.get(path)
-            && *when == modified
-            && modified.is_some()
-        {
-            return Ok(embedding.clone());
-        }
-        let embedding = std::sync::Arc::new(TextualInversion::open(path)?);
-        self.files
-            .insert(path.to_path_buf(), (modified, embedding.clone()));
-        Ok(embedding)
+        self.files.get(path, TextualInversion::open)
     }
 }
 

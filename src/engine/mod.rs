@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod embeddings;
 pub mod error;
 pub mod extra_networks;
+pub mod file_cache;
 pub mod fused;
 pub mod init_image;
 pub mod lora;

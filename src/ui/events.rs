@@ -249,22 +249,12 @@ impl AtelierApp {
                 }
                 DialogResult::ModelsScan(scan) => self.models_scan = scan,
                 DialogResult::TextEncoders(source) => {
-                    let mut overrides = self
-                        .settings
-                        .model_overrides
-                        .get(&self.settings.model)
-                        .cloned()
-                        .unwrap_or_default();
+                    let mut overrides = self.settings.overrides_for(&self.settings.model);
                     overrides.text_encoders = Some(source);
                     self.set_model_overrides(overrides);
                 }
                 DialogResult::Vae(vae) => {
-                    let mut overrides = self
-                        .settings
-                        .model_overrides
-                        .get(&self.settings.model)
-                        .cloned()
-                        .unwrap_or_default();
+                    let mut overrides = self.settings.overrides_for(&self.settings.model);
                     overrides.vae = Some(vae);
                     self.set_model_overrides(overrides);
                 }

@@ -14,11 +14,7 @@ pub(super) fn model_options_ui(ui: &mut Ui, settings: &Settings, commands: &mut 
     if settings.model.is_empty() {
         return;
     }
-    let overrides = settings
-        .model_overrides
-        .get(&settings.model)
-        .cloned()
-        .unwrap_or_default();
+    let overrides = settings.overrides_for(&settings.model);
     let title = if overrides.is_empty() {
         "Model options".to_string()
     } else {

@@ -98,6 +98,11 @@ impl Settings {
     /// The key under which eframe stores the settings.
     pub const STORAGE_KEY: &'static str = "atelier-settings";
 
+    /// What is overridden of `model`'s files (nothing, unless the artist chose something).
+    pub fn overrides_for(&self, model: &str) -> crate::engine::pipeline::ModelOverrides {
+        self.model_overrides.get(model).cloned().unwrap_or_default()
+    }
+
     /// The models folders as paths (empty entries dropped).
     pub fn models_roots(&self) -> Vec<std::path::PathBuf> {
         self.models_folders

@@ -317,26 +317,13 @@ pub fn find(name: &str, folders: &[PathBuf]) -> Option<PathBuf> {
 /// LoRA files read once and kept while they do not change on disk.
 #[derive(Debug, Default)]
 pub struct LoraCache {
-    files: std::collections::HashMap<
-        PathBuf,
-        (Option<std::time::SystemTime>, std::sync::Arc<LoraFile>),
-    >,
+    files: super::file_cache::FileCache<LoraFile>,
 }
 
 impl LoraCache {
     /// The file at `path`, read unless the copy in the cache is current.
     pub fn get(&mut self, path: &Path) -> Result<std::sync::Arc<LoraFile>> {
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        if let Some((when, file)) = self.files.get(path)
-            && *when == modified
-            && modified.is_some()
-        {
-            return Ok(file.clone());
-        }
-        let file = std::sync::Arc::new(LoraFile::open(path)?);
-        self.files
-            .insert(path.to_path_buf(), (modified, file.clone()));
-        Ok(file)
+        self.files.get(path, LoraFile::open)
     }
 
     /// The LoRAs a job asks for: `explicit` ones (`--lora FILE:WEIGHT`) and the prompt's

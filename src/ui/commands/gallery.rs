@@ -93,12 +93,7 @@ impl AtelierApp {
             None => self.init_image = None,
         }
         if let Some(vae) = vae_override {
-            let mut overrides = self
-                .settings
-                .model_overrides
-                .get(&self.settings.model)
-                .cloned()
-                .unwrap_or_default();
+            let mut overrides = self.settings.overrides_for(&self.settings.model);
             if overrides.vae.as_ref() != Some(&vae) {
                 overrides.vae = Some(vae);
                 self.set_model_overrides(overrides);

@@ -16,12 +16,7 @@ use crate::worker::{Command, Job, SendError};
 impl AtelierApp {
     pub(in crate::ui) fn load_model(&mut self, model: String) {
         let device = DeviceChoice::parse(&self.settings.device).unwrap_or(DeviceChoice::Auto);
-        let overrides = self
-            .settings
-            .model_overrides
-            .get(&model)
-            .cloned()
-            .unwrap_or_default();
+        let overrides = self.settings.overrides_for(&model);
         match self.worker.send(Command::LoadModel {
             model: model.clone(),
             device,
