@@ -12,6 +12,9 @@ exactly, then records its runs:
                            `parameterization: "v"` and `num_head_channels` in the sidecar, bf16.
   sdxl.safetensors/.yaml   SDXL: CLIP ViT-L + OpenCLIP bigG, text_time embedding, depth 2
                            transformers, SGM sidecar with `num_head_channels`, f16.
+  sdxl-refiner.safetensors The SDXL refiner: OpenCLIP bigG alone (`conditioner.embedders.0`),
+           /.yaml         five time ids (size, crop, aesthetic score), f16; run through diffusers'
+                          img2img pipeline (its only one) at strength 0.6.
   sd1-inpaint.safetensors  SD 1.x inpainting: 9 input channels, EMA copies beside the weights
                            (`model_ema.*`, ignored as diffusers and A1111 ignore them), f16.
   vae.safetensors          A VAE alone in the original layout (bare keys), other weights than
@@ -37,6 +40,7 @@ from pathlib import Path
 import diffusers
 import diffusers.models.autoencoders.vae as vae_module
 import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as sd_inpaint
+import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as sdxl_img2img
 import numpy as np
 import torch
 from diffusers import (
@@ -45,6 +49,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -284,6 +289,29 @@ SDXL_YAML = """model:
 """
 
 
+REFINER_YAML = """model:
+  target: sgm.models.diffusion.DiffusionEngine
+  params:
+    scale_factor: 0.13025
+    network_config:
+      target: sgm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        adm_in_channels: 72
+        num_classes: sequential
+        num_head_channels: 16
+        context_dim: 32
+    conditioner_config:
+      target: sgm.modules.GeneralConditioner
+      params:
+        emb_models:
+          - input_key: txt
+            target: sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2
+            params:
+              layer: penultimate
+              legacy: False
+"""
+
+
 def build(name):
     """(pipeline in float32, original-layout state dict, sidecar yaml or None, file dtype)."""
     scheduler = DDIMScheduler(**SCHEDULER)
@@ -321,6 +349,21 @@ def build(name):
         state.update(vae_to_ldm(pipe.vae.state_dict(), "first_stage_model."))
         state.update(open_clip_to_ldm(encoder.state_dict(), "cond_stage_model.model.", extra_layer_seed=33))
         return pipe, state, SD2_YAML, torch.bfloat16
+    if name == "sdxl-refiner":
+        model = unet(50, layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                     attention_head_dim=(2, 2), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+                     addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=72)
+        encoder_2 = text_encoder("gelu", 2, True, 51, 32)
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            unet=model, vae=vae(0.13025, 52), text_encoder=None, text_encoder_2=encoder_2, tokenizer=None,
+            tokenizer_2=tokenizer("!"), scheduler=scheduler, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False)
+        state = unet_to_ldm(model.state_dict(), model.config)
+        state.update(vae_to_ldm(pipe.vae.state_dict(), "first_stage_model."))
+        state.update(open_clip_to_ldm(encoder_2.state_dict(), "conditioner.embedders.0.model."))
+        return pipe, state, REFINER_YAML, torch.float16
     assert name == "sdxl"
     model = unet(40, layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=48,
@@ -367,7 +410,7 @@ def main():
     torch.set_grad_enabled(False)
     tensors, runs = {}, []
     work = Path(os.environ.get("FIXTURE_WORK_DIR") or tempfile.mkdtemp())
-    for name in ("sd1", "sd2-v", "sdxl", "sd1-inpaint"):
+    for name in ("sd1", "sd2-v", "sdxl", "sd1-inpaint", "sdxl-refiner"):
         pipe, state, yaml, dtype = build(name)
         path = folder / f"{name}.safetensors"
         save_file(cast(state, dtype), path)
@@ -377,14 +420,15 @@ def main():
         config_dir = work / name
         pipe.save_pretrained(config_dir, safe_serialization=True)
         cls = type(pipe)
+        sdxl_family = name.startswith("sdxl")
         loaded = cls.from_single_file(str(path), config=str(config_dir), torch_dtype=torch.float32,
-                                      local_files_only=True, **({} if name == "sdxl" else dict(safety_checker=None)))
+                                      local_files_only=True, **({} if sdxl_family else dict(safety_checker=None)))
         rounded = cls.from_pretrained(config_dir, torch_dtype=dtype).to(torch.float32)
         for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
             if hasattr(rounded, component) and getattr(rounded, component) is not None:
                 same_weights(getattr(rounded, component), getattr(loaded, component), f"{name} {component}")
         loaded.set_progress_bar_config(disable=True)
-        height, width = (48, 64) if name != "sdxl" else (64, 64)
+        height, width = (64, 64) if sdxl_family else (48, 64)
         for sampler, scheduler_cls in (("euler", EulerDiscreteScheduler), ("ddim", DDIMScheduler)):
             loaded.scheduler = scheduler_cls.from_config(loaded.scheduler.config)
             key = f"{name.replace('-', '_')}_{sampler}"
@@ -392,7 +436,22 @@ def main():
                         num_inference_steps=6, guidance_scale=6.0)
             run = {"key": key, "file": path.name, "sampler": sampler, "steps": 6, "guidance": 6.0,
                    "width": width, "height": height, "prompt": PROMPT, "negative_prompt": NEGATIVE}
-            if name == "sd1-inpaint":
+            if name == "sdxl-refiner":
+                # The refiner's pipeline reworks a picture: size, crop and aesthetic score ids.
+                if sampler == "ddim":
+                    continue
+                gen = torch.Generator().manual_seed(6)
+                image = torch.rand(1, 3, height, width, generator=gen)
+                replay = Replay(8)
+                vae_module.randn_tensor = replay
+                sdxl_img2img.randn_tensor = replay
+                latents = loaded(**args, image=image, strength=0.6, output_type="latent").images
+                tensors[f"{key}_image"] = image
+                for index, draw in enumerate(replay.draws):
+                    tensors[f"{key}_draw{index}"] = draw
+                run["draws"] = len(replay.draws)
+                run["strength"] = 0.6
+            elif name == "sd1-inpaint":
                 if sampler == "ddim":
                     continue
                 gen = torch.Generator().manual_seed(5)

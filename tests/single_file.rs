@@ -1,7 +1,8 @@
 //! Single-file checkpoints against diffusers' `from_single_file` (`tests/fixtures/single-file/`,
 //! written by `scripts/make_single_file_fixture.py`): SD 1.x (f16, no sidecar), SD 2.x 768-v
-//! (bf16, OpenCLIP layout, sidecar `.yaml`), SDXL (f16, SGM sidecar), a 9-channel inpainting
-//! model with EMA copies (f32), and a VAE file in the original layout as an override.
+//! (bf16, OpenCLIP layout, sidecar `.yaml`), SDXL (f16, SGM sidecar), the SDXL refiner (image to
+//! image, five time ids with the aesthetic score), a 9-channel inpainting model with EMA copies,
+//! and a VAE file in the original layout as an override.
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod common;
@@ -62,7 +63,7 @@ fn request_of(run: &serde_json::Value) -> GenerationRequest {
 #[test]
 fn single_files_match_diffusers_from_single_file() {
     let (tensors, runs) = fixture();
-    assert_eq!(runs.len(), 7);
+    assert_eq!(runs.len(), 8);
     let mut models: HashMap<String, StableDiffusion> = HashMap::new();
     for run in &runs {
         let key = run["key"].as_str().unwrap();
@@ -73,6 +74,17 @@ fn single_files_match_diffusers_from_single_file() {
         let request = request_of(run);
         let cancel = AtomicBool::new(false);
         let output = match run.get("draws").and_then(|d| d.as_u64()) {
+            Some(2) if run.get("strength").is_some() => {
+                // The refiner reworks a picture (image to image).
+                let draw = |i: usize| &tensors[&format!("{key}_draw{i}")];
+                let input = JobInput::Image {
+                    pixels: &tensors[&format!("{key}_image")],
+                    strength: run["strength"].as_f64().unwrap(),
+                    sample_noise: Some(draw(0)),
+                    noise: Some(draw(1)),
+                };
+                model.generate_with(&request, &input, Default::default(), &cancel, &mut |_| {})
+            }
             Some(2) => {
                 let draw = |i: usize| &tensors[&format!("{key}_draw{i}")];
                 let input = JobInput::Inpaint {
@@ -119,6 +131,7 @@ fn single_files_match_diffusers_from_single_file() {
         Prediction::VPrediction
     );
     assert_eq!(models["sd1.safetensors"].prediction(), Prediction::Epsilon);
+    assert_eq!(models["sdxl-refiner.safetensors"].time_id_count(), Some(5));
     assert_eq!(models["sd1.safetensors"].name(), "sd1");
     assert_eq!(
         models["sd1.safetensors"].unet_weights(),
