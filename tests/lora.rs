@@ -259,3 +259,45 @@ fn the_cli_applies_loras_from_flags_and_tags_and_records_their_hashes() {
         "{parameters}"
     );
 }
+
+#[test]
+fn diffusers_first_lora_format_names_attention_processors() {
+    // The PEFT fixture's UNet part, renamed to `….processor.to_q_lora.down.weight`.
+    let dir = tempfile::tempdir().unwrap();
+    let tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(folder().join("sd1-peft.safetensors"), &Device::Cpu)
+            .unwrap();
+    let renamed: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(key, tensor)| {
+            let key = key
+                .replace(".lora_A.weight", "_lora.down.weight")
+                .replace(".lora_B.weight", "_lora.up.weight")
+                .replace(".to_out.0_lora", ".to_out_lora");
+            let key = ["to_q", "to_k", "to_v", "to_out"]
+                .iter()
+                .fold(key, |key, p| {
+                    key.replace(&format!(".{p}_lora"), &format!(".processor.{p}_lora"))
+                });
+            (key, tensor)
+        })
+        .collect();
+    assert!(
+        renamed
+            .keys()
+            .any(|k| k.ends_with("attn1.processor.to_out_lora.up.weight"))
+    );
+    let path = dir.path().join("old.safetensors");
+    candle_core::safetensors::save(&renamed, &path).unwrap();
+    let old = LoraFile::open(&path).unwrap();
+    let new = LoraFile::open(&folder().join("sd1-peft.safetensors")).unwrap();
+    let mut model = load_model("sd1");
+    let old_report = model
+        .set_loras(&[LoraWeight::new(Arc::new(old), -0.5)])
+        .unwrap();
+    assert!(old_report.warnings.is_empty(), "{:?}", old_report.warnings);
+    let new_report = model
+        .set_loras(&[LoraWeight::new(Arc::new(new), -0.5)])
+        .unwrap();
+    assert_eq!(old_report.applied[0].1, new_report.applied[0].1);
+}

@@ -108,6 +108,8 @@ const SUFFIXES: &[&str] = &[
     ".lora_mid.weight",
     ".lora.down.weight",
     ".lora.up.weight",
+    "_lora.down.weight",
+    "_lora.up.weight",
     ".lora_A.weight",
     ".lora_B.weight",
     ".hada_w1_a",
@@ -184,9 +186,11 @@ impl LoraFile {
             let kind = if let (Some(down), Some(up)) = (
                 take(".lora_down.weight")
                     .or_else(|| take(".lora.down.weight"))
+                    .or_else(|| take("_lora.down.weight"))
                     .or_else(|| take(".lora_A.weight")),
                 take(".lora_up.weight")
                     .or_else(|| take(".lora.up.weight"))
+                    .or_else(|| take("_lora.up.weight"))
                     .or_else(|| take(".lora_B.weight")),
             ) {
                 LoraKind::LowRank { down, up }

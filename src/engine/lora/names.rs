@@ -68,11 +68,23 @@ impl LoraTargets {
 
     /// The weight a module key names, if any.
     pub fn weight_for(&self, module_key: &str) -> Option<&str> {
-        self.by_key.get(module_key).map(String::as_str).or_else(|| {
-            // PEFT files written by some trainers carry a `base_model.model.` level.
-            let inner = module_key.strip_prefix("base_model.model.")?;
-            self.by_key.get(inner).map(String::as_str)
-        })
+        if let Some(found) = self.by_key.get(module_key) {
+            return Some(found);
+        }
+        // PEFT files written by some trainers carry a `base_model.model.` level.
+        if let Some(inner) = module_key.strip_prefix("base_model.model.")
+            && let Some(found) = self.by_key.get(inner)
+        {
+            return Some(found);
+        }
+        // diffusers' first LoRA format named attention processors:
+        // `unet.….attn1.processor.to_q_lora.down.weight` (module `….processor.to_q`).
+        let old = module_key.replace(".processor.", ".");
+        let old = match old.strip_suffix(".to_out") {
+            Some(head) => format!("{head}.to_out.0"),
+            None => old,
+        };
+        self.by_key.get(&old).map(String::as_str)
     }
 }
 
