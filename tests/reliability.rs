@@ -204,9 +204,23 @@ fn a_kill_during_imports_leaves_every_file_whole() {
     let files = png_files(&source);
     let library = dir.path().join("library");
     std::fs::create_dir_all(&library).unwrap();
-    let mut delay_ms = 137u64;
+    // How long a whole import takes on this machine (into a scratch library), so that the kills
+    // land inside the imports however fast the machine is.
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let started = std::time::Instant::now();
+    let status = atelier()
+        .args(["gallery", "import", "--library"])
+        .arg(&scratch)
+        .args(&files)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let whole = started.elapsed();
     let mut kills = 0;
-    for _ in 0..6 {
+    for attempt in 0..6u32 {
         let mut child = atelier()
             .args(["gallery", "import", "--library"])
             .arg(&library)
@@ -215,8 +229,8 @@ fn a_kill_during_imports_leaves_every_file_whole() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        delay_ms = 60 + (delay_ms * 7919) % 500;
+        // From a tenth to two thirds of the way through, at different points each time.
+        std::thread::sleep(whole.mul_f64(0.1 + 0.11 * f64::from(attempt)));
         if child.try_wait().unwrap().is_none() {
             kills += 1;
         }
