@@ -57,7 +57,7 @@ impl LoraModule {
                         matrix(a, device)?.matmul(&matrix(b, device)?)?,
                         Some(a.dim(1)?),
                     ),
-                    (None, None) => unreachable_factor(&self.key)?,
+                    (None, None) => missing_factor(&self.key)?,
                 };
                 let (w2, rank2) = match (w2, w2ab) {
                     (Some(w2), _) => (w2.to_device(device)?.to_dtype(DType::F32)?, None),
@@ -69,7 +69,7 @@ impl LoraModule {
                         shape.extend_from_slice(&dims[1..]);
                         (product.reshape(shape)?, Some(a.dim(1)?))
                     }
-                    (None, None) => unreachable_factor(&self.key)?,
+                    (None, None) => missing_factor(&self.key)?,
                 };
                 // LyCORIS: the rank of the first low-rank factor scales; whole factors: none.
                 (rank1.or(rank2), kron(&w1, &w2)?)
@@ -97,7 +97,7 @@ impl LoraModule {
     }
 }
 
-fn unreachable_factor<T>(key: &str) -> Result<T> {
+fn missing_factor<T>(key: &str) -> Result<T> {
     Err(EngineError::InvalidParameter(format!(
         "{key}: a LoKr module without its factors"
     )))
