@@ -100,6 +100,18 @@ fn an_embedding_takes_one_position_per_vector() {
     let with = model.encode_prompt("a fox inkStyle").unwrap().context;
     assert_eq!(plain.dims(), with.dims(), "one chunk either way");
     assert!(relative_error(&with, &plain) > 1e-3);
+    // Its first vector alone under the same name encodes differently: both vectors were used.
+    let dir = tempfile::tempdir().unwrap();
+    let ink = TextualInversion::open(&folder().join("inkStyle.safetensors")).unwrap();
+    let first = ink.vectors[0].narrow(0, 0, 1).unwrap();
+    let single = dir.path().join("inkStyle.safetensors");
+    candle_core::safetensors::save(&HashMap::from([("emb_params".to_string(), first)]), &single)
+        .unwrap();
+    model.set_embeddings(vec![std::sync::Arc::new(
+        TextualInversion::open(&single).unwrap(),
+    )]);
+    let one_vector = model.encode_prompt("a fox inkStyle").unwrap().context;
+    assert!(relative_error(&one_vector, &with) > 1e-3);
 }
 
 #[test]

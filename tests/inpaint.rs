@@ -9,8 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use atelier::engine::pipeline::{GenerationRequest, JobInput};
-use atelier::schedulers::SchedulerKind;
+use atelier::engine::pipeline::JobInput;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 
@@ -21,19 +20,6 @@ fn fixture() -> (HashMap<String, Tensor>, Vec<serde_json::Value>) {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("inpaint.json")).unwrap()).unwrap();
     (tensors, meta["runs"].as_array().unwrap().clone())
-}
-
-fn request_of(run: &serde_json::Value) -> GenerationRequest {
-    GenerationRequest {
-        prompt: run["prompt"].as_str().unwrap().into(),
-        negative_prompt: run["negative_prompt"].as_str().unwrap().into(),
-        steps: run["steps"].as_u64().unwrap() as usize,
-        guidance_scale: run["guidance"].as_f64().unwrap(),
-        width: run["width"].as_u64().unwrap() as usize,
-        height: run["height"].as_u64().unwrap() as usize,
-        scheduler: SchedulerKind::parse(run["sampler"].as_str().unwrap()).unwrap(),
-        ..Default::default()
-    }
 }
 
 #[test]

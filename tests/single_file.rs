@@ -13,10 +13,10 @@ use std::sync::atomic::AtomicBool;
 
 use atelier::engine::checkpoint::CheckpointFamily;
 use atelier::engine::pipeline::{
-    GenerationRequest, JobInput, LoadOptions, ModelFamily, PreviewOptions, StableDiffusion,
+    JobInput, LoadOptions, ModelFamily, PreviewOptions, StableDiffusion,
 };
 use atelier::engine::source::ModelSource;
-use atelier::schedulers::{Prediction, SchedulerKind};
+use atelier::schedulers::Prediction;
 use candle_core::{Device, Tensor};
 use common::*;
 
@@ -47,17 +47,21 @@ fn load(file: &str, options: impl FnOnce(&mut LoadOptions)) -> StableDiffusion {
     StableDiffusion::load(source, load_options).unwrap()
 }
 
-fn request_of(run: &serde_json::Value) -> GenerationRequest {
-    GenerationRequest {
-        prompt: run["prompt"].as_str().unwrap().into(),
-        negative_prompt: run["negative_prompt"].as_str().unwrap().into(),
-        steps: run["steps"].as_u64().unwrap() as usize,
-        guidance_scale: run["guidance"].as_f64().unwrap(),
-        width: run["width"].as_u64().unwrap() as usize,
-        height: run["height"].as_u64().unwrap() as usize,
-        scheduler: SchedulerKind::parse(run["sampler"].as_str().unwrap()).unwrap(),
-        ..Default::default()
-    }
+/// Runs a fixture run from its recorded noise.
+fn generate_run(
+    model: &StableDiffusion,
+    run: &serde_json::Value,
+    noise: &Tensor,
+) -> atelier::engine::pipeline::GenerationOutput {
+    model
+        .generate(
+            &request_of(run),
+            Some(noise),
+            PreviewOptions::default(),
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap()
 }
 
 #[test]
@@ -147,15 +151,7 @@ fn a_vae_file_overrides_the_baked_in_vae() {
     let model = load("sd1.safetensors", |options| {
         options.overrides.vae = Some(folder().join("vae.safetensors"))
     });
-    let output = model
-        .generate(
-            &request_of(run),
-            Some(&tensors["sd1_euler_noise"]),
-            PreviewOptions::default(),
-            &AtomicBool::new(false),
-            &mut |_| {},
-        )
-        .unwrap();
+    let output = generate_run(&model, run, &tensors["sd1_euler_noise"]);
     let difference = max_pixel_difference(&output.images[0], &tensors["sd1_vae_override_image"]);
     check(
         difference <= 2.0,
@@ -320,15 +316,7 @@ fn a_file_without_its_vae_loads_with_one_chosen() {
     options.dtype = Some(test_dtype());
     options.overrides.vae = Some(folder().join("vae.safetensors"));
     let model = StableDiffusion::load(ModelSource::File(path), options).unwrap();
-    let output = model
-        .generate(
-            &request_of(run),
-            Some(&tensors["sd1_euler_noise"]),
-            PreviewOptions::default(),
-            &AtomicBool::new(false),
-            &mut |_| {},
-        )
-        .unwrap();
+    let output = generate_run(&model, run, &tensors["sd1_euler_noise"]);
     assert_close(
         "latents",
         &output.latents,
@@ -362,15 +350,7 @@ fn a_unet_only_file_takes_its_text_encoders_from_another_model() {
     options.dtype = Some(test_dtype());
     options.overrides.text_encoders = Some(folder().join("sdxl.safetensors"));
     let model = StableDiffusion::load(source.clone(), options).unwrap();
-    let output = model
-        .generate(
-            &request_of(run),
-            Some(&tensors["sdxl_euler_noise"]),
-            PreviewOptions::default(),
-            &AtomicBool::new(false),
-            &mut |_| {},
-        )
-        .unwrap();
+    let output = generate_run(&model, run, &tensors["sdxl_euler_noise"]);
     assert_close(
         "sdxl without text encoders",
         &output.latents,

@@ -96,6 +96,14 @@ impl MappedFile {
             .collect()
     }
 
+    /// Every key with its shape, and the keys sorted.
+    pub fn shapes_and_keys(&self) -> (HashMap<String, Vec<usize>>, Vec<String>) {
+        let shapes = self.shapes();
+        let mut keys: Vec<String> = shapes.keys().cloned().collect();
+        keys.sort();
+        (shapes, keys)
+    }
+
     /// Loads one tensor as stored (on the CPU, in its own type).
     pub fn load(&self, key: &str) -> Result<Tensor> {
         self.tensors

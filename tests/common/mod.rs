@@ -149,3 +149,19 @@ pub fn max_pixel_difference(ours: &image::RgbImage, reference: &Tensor) -> f32 {
         .to_scalar()
         .unwrap()
 }
+
+/// The request of a fixture run recorded as `{prompt, negative_prompt, steps, guidance, width,
+/// height, sampler}` (the img2img, inpainting and single-file fixtures).
+pub fn request_of(run: &serde_json::Value) -> atelier::engine::pipeline::GenerationRequest {
+    atelier::engine::pipeline::GenerationRequest {
+        prompt: run["prompt"].as_str().unwrap().into(),
+        negative_prompt: run["negative_prompt"].as_str().unwrap().into(),
+        steps: run["steps"].as_u64().unwrap() as usize,
+        guidance_scale: run["guidance"].as_f64().unwrap(),
+        width: run["width"].as_u64().unwrap() as usize,
+        height: run["height"].as_u64().unwrap() as usize,
+        scheduler: atelier::schedulers::SchedulerKind::parse(run["sampler"].as_str().unwrap())
+            .unwrap(),
+        ..Default::default()
+    }
+}

@@ -371,16 +371,17 @@ pub fn scaling_factor(family: CheckpointFamily, original: &OriginalConfig) -> f6
     })
 }
 
-/// Describes every component of a checkpoint; `pooled_width` is that of the text encoders
-/// that come from elsewhere when none are baked in (SDXL's added embedding needs it).
+/// Describes every component of a checkpoint around its `text_encoders` (from
+/// [`text_encoders`]); `pooled_width` is that of the text encoders that come from elsewhere
+/// when none are baked in (SDXL's added embedding needs it).
 pub fn plan(
     keys: &[String],
     shapes: &Shapes,
     info: &CheckpointInfo,
     original: &OriginalConfig,
+    text_encoders: Vec<TextEncoderPlan>,
     pooled_width: Option<usize>,
 ) -> DescribeResult<SingleFilePlan> {
-    let text_encoders = text_encoders(keys, shapes, info.family, original)?;
     let pooled_width = text_encoders
         .last()
         .and_then(|e| e.config.projection_dim)

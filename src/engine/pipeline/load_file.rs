@@ -24,11 +24,15 @@ const SD2_V_PROBE: &str =
 /// Whether a checkpoint predicts v, when neither the override, the sidecar nor a `v_pred` key
 /// says: ComfyUI's test for SD 2.x (a spread-out norm bias in the last attention block of
 /// 768-v models; SD 2.x inpainting models are epsilon), epsilon otherwise.
-fn detect_v_prediction(file: &MappedFile, info: &CheckpointInfo) -> Result<bool> {
+fn detect_v_prediction(
+    file: &MappedFile,
+    shapes: &architecture::Shapes,
+    info: &CheckpointInfo,
+) -> Result<bool> {
     if info.family != CheckpointFamily::Sd2 || info.inpainting {
         return Ok(false);
     }
-    if !file.shapes().contains_key(SD2_V_PROBE) {
+    if !shapes.contains_key(SD2_V_PROBE) {
         return Ok(false);
     }
     let bias = file.load(SD2_V_PROBE)?.to_dtype(DType::F32)?;
@@ -63,17 +67,15 @@ pub(super) fn describe(path: &Path, options: &LoadOptions) -> Result<ModelSpec> 
         )));
     }
     let file = MappedFile::open(path)?;
+    let (shapes, keys) = file.shapes_and_keys();
     let v_prediction = match options.overrides.prediction {
         Some(prediction) => prediction == Prediction::VPrediction,
         None => match original.v_prediction.or(info.v_prediction) {
             Some(v) => v,
-            None => detect_v_prediction(&file, &info)?,
+            None => detect_v_prediction(&file, &shapes, &info)?,
         },
     };
     info.v_prediction = Some(v_prediction);
-    let shapes = file.shapes();
-    let mut keys: Vec<String> = shapes.keys().cloned().collect();
-    keys.sort();
     let baked = architecture::text_encoders(&keys, &shapes, info.family, &original)
         .map_err(|message| EngineError::bad_file(path, message))?;
     let external = match (baked.is_empty(), &options.overrides.text_encoders) {
@@ -94,8 +96,9 @@ pub(super) fn describe(path: &Path, options: &LoadOptions) -> Result<ModelSpec> 
             .last()
             .map(|s| s.config.projection_dim.unwrap_or(s.config.hidden_size))
     });
-    let plan: SingleFilePlan = architecture::plan(&keys, &shapes, &info, &original, pooled_width)
-        .map_err(|message| EngineError::bad_file(path, message))?;
+    let plan: SingleFilePlan =
+        architecture::plan(&keys, &shapes, &info, &original, baked, pooled_width)
+            .map_err(|message| EngineError::bad_file(path, message))?;
 
     let text_encoders = match external {
         Some(specs) => specs,
@@ -215,9 +218,7 @@ fn text_encoders_from(
     }
     let original = OriginalConfig::beside(source)?;
     let file = MappedFile::open(source)?;
-    let shapes = file.shapes();
-    let mut keys: Vec<String> = shapes.keys().cloned().collect();
-    keys.sort();
+    let (shapes, keys) = file.shapes_and_keys();
     let plans = architecture::text_encoders(&keys, &shapes, family, &original)
         .map_err(|message| EngineError::bad_file(source, message))?;
     if plans.is_empty() {
@@ -262,9 +263,7 @@ pub(super) fn vae_override(
         return Err(refused);
     }
     let file = MappedFile::open(path)?;
-    let shapes = file.shapes();
-    let mut keys: Vec<String> = shapes.keys().cloned().collect();
-    keys.sort();
+    let (shapes, keys) = file.shapes_and_keys();
     // A VAE file has bare keys; a whole checkpoint given as a VAE has them under its prefix.
     let prefix = ["", "first_stage_model.", "vae."]
         .into_iter()
