@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod compare;
+pub mod demo_model;
 pub mod engine;
 pub mod gallery;
 pub mod models_folders;

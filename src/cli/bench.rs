@@ -67,7 +67,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (target, label, native) = match (&args.model, &args.random_weights) {
         (Some(spec), None) => {
             let started = std::time::Instant::now();
-            let mut model = super::generate::load_model(spec, &args.device, &Default::default())?;
+            let mut model =
+                super::generate::load_model(Some(spec), &args.device, &Default::default())?;
             // Every weight is on the device once its copy returns; synchronise to be sure.
             model.device().synchronize()?;
             load_secs = Some(started.elapsed().as_secs_f64());

@@ -17,8 +17,9 @@ use crate::schedulers::Sampler;
 #[derive(Debug, Args)]
 pub struct CompareArgs {
     /// A diffusers model folder, a single-file checkpoint, or a Hugging Face repo id.
+    /// Without it: Atelier Shapes, the small model that comes with Atelier.
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// VAE and prediction overrides.
     #[command(flatten)]
     pub overrides: super::generate::OverrideArgs,
@@ -161,7 +162,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     if args.strengths.is_some() && image.is_none() {
         bail!("--strengths needs --init-image (the picture every cell works on)");
     }
-    let model = super::generate::load_model(&args.model, &args.device, &args.overrides)?;
+    let model = super::generate::load_model(args.model.as_deref(), &args.device, &args.overrides)?;
     let plan = plan_from_args(
         &args,
         model.default_size_for(image.as_ref()),

@@ -24,8 +24,9 @@ use crate::schedulers::{Prediction, Sampler};
 pub struct GenerateArgs {
     /// A diffusers model folder, a single-file checkpoint (.safetensors, the original layout
     /// that A1111 and ComfyUI read), or a Hugging Face repo id such as stabilityai/sd-turbo.
+    /// Without it: Atelier Shapes, the small model that comes with Atelier.
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// VAE and prediction overrides.
     #[command(flatten)]
     pub overrides: OverrideArgs,
@@ -148,11 +149,14 @@ fn random_seed() -> u64 {
 
 /// Loads a model with a progress display on stderr.
 pub fn load_model(
-    spec: &str,
+    spec: Option<&str>,
     device: &str,
     overrides: &OverrideArgs,
 ) -> anyhow::Result<StableDiffusion> {
-    let source = ModelSource::parse(spec)?;
+    let source = match spec {
+        Some(spec) => ModelSource::parse(spec)?,
+        None => ModelSource::parse(&crate::demo_model::locate()?.display().to_string())?,
+    };
     let device = super::open_device(device)?;
     let bar = ProgressBar::new_spinner();
     bar.set_style(
@@ -180,8 +184,12 @@ pub fn load_model(
         prediction: overrides.prediction,
         text_encoders: overrides.text_encoders.clone(),
     };
-    let model =
-        StableDiffusion::load(source, options).with_context(|| format!("cannot load model {spec}"));
+    let model = StableDiffusion::load(source, options).with_context(|| {
+        format!(
+            "cannot load model {}",
+            spec.unwrap_or(crate::demo_model::NAME)
+        )
+    });
     bar.finish_and_clear();
     model
 }
@@ -215,7 +223,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let image_input = args.image.load()?;
     let hires = args.hires.load(image_input.is_some())?;
-    let mut model = load_model(&args.model, &args.device, &args.overrides)?;
+    let mut model = load_model(args.model.as_deref(), &args.device, &args.overrides)?;
     let lora_folders =
         crate::models_folders::folders(&args.lora_dirs, crate::models_folders::ModelKind::Lora);
     let (loras, lora_warnings) = crate::engine::lora::LoraCache::default().resolve(

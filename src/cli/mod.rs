@@ -7,6 +7,7 @@ mod generate;
 pub mod models;
 pub mod modes;
 pub mod schedulers;
+pub mod shapes_check;
 
 use std::process::ExitCode;
 
@@ -129,6 +130,10 @@ pub enum Command {
     /// A grid of the same prompt under several samplers (and steps, guidance, seeds or prompt
     /// variants down the rows), saved as one labelled PNG.
     Compare(compare::CompareArgs),
+    /// Does a prompt steer the picture? Generates the validation prompts of Atelier Shapes (or
+    /// reads pictures made of them) and reports the accuracy of colour, background, shape and
+    /// position.
+    ShapesCheck(shapes_check::ShapesCheckArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -142,6 +147,7 @@ pub fn main() -> ExitCode {
         Some(Command::Gallery(args)) => gallery::run(args),
         Some(Command::Models(args)) => models::run(args),
         Some(Command::Compare(args)) => compare::run(args),
+        Some(Command::ShapesCheck(args)) => shapes_check::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -40,7 +40,7 @@ pub fn run(args: SchedulersArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            let config: SchedulerConfig = serde_json::from_str(&text)
+            let config: SchedulerConfig = crate::schedulers::config::from_python_json(&text)
                 .with_context(|| format!("{} is not a scheduler config", path.display()))?;
             config
                 .check()

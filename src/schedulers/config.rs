@@ -201,3 +201,77 @@ impl SchedulerConfig {
         Ok(())
     }
 }
+
+/// Parses a config written by Python's `json` module, which writes `NaN`, `Infinity` and
+/// `-Infinity` bare (diffusers' DPM-Solver configs carry `"lambda_min_clipped": -Infinity`).
+///
+/// Outside strings, infinities become the largest finite `f64` of their sign and `NaN` becomes
+/// `null`; everything else is strict JSON.
+pub fn from_python_json<T: serde::de::DeserializeOwned>(text: &str) -> serde_json::Result<T> {
+    serde_json::from_str(&python_json_to_strict(text))
+}
+
+/// `text` with Python's non-standard number literals replaced (see [`from_python_json`]).
+fn python_json_to_strict(text: &str) -> std::borrow::Cow<'_, str> {
+    if !(text.contains("Infinity") || text.contains("NaN")) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut strict = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            strict.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        let replaced = [
+            ("-Infinity", "-1.7976931348623157e308"),
+            ("Infinity", "1.7976931348623157e308"),
+            ("NaN", "null"),
+        ]
+        .into_iter()
+        .find(|(literal, _)| rest.starts_with(literal));
+        match replaced {
+            Some((literal, value)) => {
+                strict.push_str(value);
+                rest = &rest[literal.len()..];
+            }
+            None => {
+                if c == '"' {
+                    in_string = true;
+                }
+                strict.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    std::borrow::Cow::Owned(strict)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_literals_outside_strings_are_read() {
+        let text = r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity,
+            "a": Infinity, "b": NaN, "note": "NaN and -Infinity \" stay", "beta_start": 0.00085}"#;
+        let value: serde_json::Value = from_python_json(text).expect("parses");
+        assert_eq!(value["lambda_min_clipped"], serde_json::json!(-f64::MAX));
+        assert_eq!(value["a"], serde_json::json!(f64::MAX));
+        assert!(value["b"].is_null());
+        assert_eq!(value["note"], "NaN and -Infinity \" stay");
+        let config: SchedulerConfig = from_python_json(text).expect("a scheduler config");
+        assert_eq!(config.beta_start, Some(0.00085));
+        assert!(from_python_json::<serde_json::Value>("{\"a\": Infinit}").is_err());
+    }
+}

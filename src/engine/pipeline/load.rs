@@ -21,7 +21,8 @@ use crate::engine::weights::{ComponentWeights, WeightTable, record, recording};
 /// Reads a component's `config.json` and checks every value before a model is built from it.
 pub(super) fn read_json<T: DeserializeOwned + CheckedConfig>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::bad_file(path, e))?;
-    let config: T = serde_json::from_str(&text).map_err(|e| EngineError::bad_file(path, e))?;
+    let config: T = crate::schedulers::config::from_python_json(&text)
+        .map_err(|e| EngineError::bad_file(path, e))?;
     config.check().map_err(|e| EngineError::bad_file(path, e))?;
     Ok(config)
 }
