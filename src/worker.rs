@@ -13,7 +13,7 @@ use crate::engine::pipeline::{
     DeviceChoice, GenerationRequest, HiresFix, ImageJob, JobParts, LoadOptions, ModelFamily,
     ModelOverrides, PreviewOptions, StableDiffusion, Timings,
 };
-use crate::engine::source::{LoadProgress, LoadProgressFn, ModelSource};
+use crate::engine::source::{LoadProgress, LoadProgressFn};
 
 /// Identifies a job across the UI and the worker.
 pub type JobId = u64;
@@ -228,7 +228,7 @@ impl Engine for DiffusionEngine {
     ) -> Result<ModelInfo, EngineError> {
         // Free the old model first: two SDXL models may not fit together.
         self.model = None;
-        let source = ModelSource::parse(model)?;
+        let source = crate::demo_model::model_source(model)?;
         let mut options = LoadOptions::new(device.open()?);
         options.progress = Some(progress);
         options.overrides = overrides.clone();

@@ -15,7 +15,7 @@ use crate::engine::npy::read_f32_npy;
 use crate::engine::pipeline::{
     GenerationRequest, JobParts, LoadOptions, ModelOverrides, PreviewOptions, StableDiffusion,
 };
-use crate::engine::source::{LoadProgress, ModelSource};
+use crate::engine::source::LoadProgress;
 use crate::gallery::metadata::{A1111Parameters, PARAMETERS_KEYWORD};
 use crate::schedulers::{Prediction, Sampler};
 
@@ -153,10 +153,7 @@ pub fn load_model(
     device: &str,
     overrides: &OverrideArgs,
 ) -> anyhow::Result<StableDiffusion> {
-    let source = match spec {
-        Some(spec) => ModelSource::parse(spec)?,
-        None => ModelSource::parse(&crate::demo_model::locate()?.display().to_string())?,
-    };
+    let source = crate::demo_model::model_source(spec.unwrap_or(crate::demo_model::MODEL_ID))?;
     let device = super::open_device(device)?;
     let bar = ProgressBar::new_spinner();
     bar.set_style(

@@ -180,6 +180,7 @@ pub fn run_window(args: WindowArgs) -> anyhow::Result<()> {
                 })
                 .unwrap_or_default();
             args.apply(&mut settings);
+            settings.choose_bundled_model_if_none();
             let mut app = crate::ui::AtelierApp::with_settings(&cc.egui_ctx, engine, settings)?;
             if let Some(image) = &args.init_image {
                 app.start_from_picture(&cc.egui_ctx, image.clone(), args.mask.clone());

@@ -11,8 +11,13 @@ pub mod validation;
 
 use std::path::{Path, PathBuf};
 
+use crate::engine::error::EngineError;
+use crate::engine::source::ModelSource;
+
 /// The model's name, as the window shows it.
 pub const NAME: &str = "Atelier Shapes";
+/// How settings and `--model` name the bundled model.
+pub const MODEL_ID: &str = "Atelier Shapes";
 /// The folder name of the model (beside the executable, in the data folder).
 pub const FOLDER_NAME: &str = "atelier-shapes";
 /// What the model draws and how to get a real one, for the window's first start.
@@ -142,12 +147,29 @@ pub fn unpack_into(parent: &Path) -> Result<PathBuf, DemoModelError> {
     Ok(folder)
 }
 
-/// Whether `model` (a model setting or path) is the bundled model.
-pub fn is_demo_model(model: &str) -> bool {
-    model.is_empty()
-        || Path::new(model)
-            .file_name()
-            .is_some_and(|name| name == FOLDER_NAME)
+/// Whether `spec` (a model setting or `--model`) names the bundled model: "Atelier Shapes",
+/// or "atelier-shapes" when no folder of that name is at hand.
+pub fn is_model_id(spec: &str) -> bool {
+    spec == MODEL_ID || (spec.eq_ignore_ascii_case(FOLDER_NAME) && !Path::new(spec).exists())
+}
+
+/// Where to load `spec` from: the bundled model's folder for its id, else what
+/// [`ModelSource::parse`] makes of it.
+pub fn model_source(spec: &str) -> Result<ModelSource, EngineError> {
+    if !is_model_id(spec) {
+        return ModelSource::parse(spec);
+    }
+    match locate() {
+        Ok(folder) => Ok(ModelSource::Folder(folder)),
+        Err(DemoModelError::NoDataFolder) => Err(EngineError::MissingFile {
+            what: "a data folder to unpack Atelier Shapes into".into(),
+            path: PathBuf::from("$XDG_DATA_HOME or $HOME"),
+        }),
+        Err(DemoModelError::Unpack { path, source }) => Err(EngineError::BadFile {
+            path,
+            message: format!("cannot unpack {NAME}: {source}"),
+        }),
+    }
 }
 
 #[cfg(test)]

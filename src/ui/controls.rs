@@ -56,7 +56,11 @@ fn model_ui(
     commands: &mut Vec<UiCommand>,
 ) {
     let model_heading = ui.heading("Model");
+    let bundled = settings.model == crate::demo_model::MODEL_ID;
     let current = match model {
+        ModelState::Ready(_) | ModelState::Loading { .. } if bundled => {
+            crate::demo_model::NAME.to_string()
+        }
         ModelState::Ready(info) => info.name.clone(),
         ModelState::Loading { model, .. } | ModelState::Failed { model } => model.clone(),
         ModelState::Empty => "Choose a model…".into(),
@@ -129,6 +133,13 @@ fn model_ui(
             commands.push(UiCommand::LoadModel(model_input.trim().to_string()));
         }
     });
+    if bundled {
+        egui::CollapsingHeader::new("About Atelier Shapes")
+            .default_open(true)
+            .show(ui, |ui| {
+                ui.label(RichText::new(crate::demo_model::ABOUT).small());
+            });
+    }
     match model {
         ModelState::Empty => {
             ui.weak("No model loaded.");

@@ -126,6 +126,21 @@ impl Settings {
         crate::models_folders::folders(&self.models_roots(), crate::models_folders::ModelKind::Lora)
     }
 
+    /// On a first start (no model chosen yet), choose the model that comes with Atelier, with
+    /// its preset's steps, guidance and size. Returns whether it did.
+    pub fn choose_bundled_model_if_none(&mut self) -> bool {
+        if !self.model.trim().is_empty() {
+            return false;
+        }
+        let preset = MODEL_PRESETS[0];
+        self.model = preset.repo.to_string();
+        self.steps = preset.steps;
+        self.guidance = preset.guidance;
+        self.width = preset.size;
+        self.height = preset.size;
+        true
+    }
+
     /// Puts `model` first in the recent list (at most 8 entries).
     pub fn remember_model(&mut self, model: &str) {
         self.recent_models.retain(|m| m != model);
@@ -149,8 +164,15 @@ pub struct ModelPreset {
     pub size: usize,
 }
 
-/// The presets of the model picker.
+/// The presets of the model picker (the first is the model that comes with Atelier).
 pub const MODEL_PRESETS: &[ModelPreset] = &[
+    ModelPreset {
+        label: "Atelier Shapes (built in)",
+        repo: crate::demo_model::MODEL_ID,
+        steps: 20,
+        guidance: 5.0,
+        size: 128,
+    },
     ModelPreset {
         label: "SD 1.5",
         repo: "stable-diffusion-v1-5/stable-diffusion-v1-5",
