@@ -616,6 +616,33 @@ fn image_to_image_from_a_file_or_from_the_result() {
     );
 }
 
+/// "Send to img2img" in the gallery: the saved picture starts the next job, on the Studio tab.
+#[test]
+fn a_gallery_picture_is_sent_to_image_to_image() {
+    let mut f = start(settings(), false, false, None);
+    f.click("Generate");
+    f.wait_for("the job to finish", |app| app.shown.is_some());
+    f.wait_for("the saved image", |app| app.gallery.entries.len() == 1);
+    let entry = f.app().gallery.entries[0].clone();
+    f.click("Gallery");
+    f.harness
+        .state_mut()
+        .apply_for_test(atelier::ui::UiCommand::SelectImage(Some(entry.id)));
+    f.harness.step();
+    f.harness.step();
+    f.click("Send to img2img");
+    f.wait_for("the picture", |app| app.init_image.is_some());
+    assert_eq!(f.app().tab, atelier::ui::Tab::Studio);
+    let init = f.app().init_image.as_ref().unwrap();
+    assert_eq!(init.name, entry.file);
+    assert_eq!(init.image.dimensions(), (512, 512));
+    f.click("Generate");
+    f.wait_for_jobs(2);
+    let (size, strength) = f.seen.lock().unwrap().inits[1].unwrap();
+    assert_eq!(size, (512, 512));
+    assert!((strength - f.app().settings.image_options.strength).abs() < 1e-9);
+}
+
 #[test]
 fn model_options_override_the_prediction_and_remember_it_per_model() {
     let mut f = start(settings(), false, false, None);

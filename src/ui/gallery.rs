@@ -365,6 +365,13 @@ fn detail_ui(ui: &mut Ui, view: &GalleryView, commands: &mut Vec<UiCommand>) {
                 ui.ctx().copy_text(entry.metadata.prompt.clone());
             }
             if ui
+                .button("Send to img2img")
+                .on_hover_text("Start an image-to-image job from this picture (Studio tab)")
+                .clicked()
+            {
+                commands.push(UiCommand::SendToImg2img(entry.id));
+            }
+            if ui
                 .button("Compare samplers…")
                 .on_hover_text("Take this image's settings to the Compare tab")
                 .clicked()

@@ -121,6 +121,13 @@ impl AtelierApp {
                 }
             }
             UiCommand::UseSettings(id) => self.use_settings(ctx, id),
+            UiCommand::SendToImg2img(id) => {
+                if let (Some(entry), Some(root)) = (self.gallery_entry(id), &self.gallery.root) {
+                    let path = root.join(&entry.file);
+                    self.tab = Tab::Studio;
+                    self.apply_studio(ctx, UiCommand::SetInitImage(path));
+                }
+            }
             UiCommand::UseSeed(id) => {
                 if let Some(seed) = self.gallery_entry(id).and_then(|e| e.metadata.seed) {
                     self.settings.seed = seed;

@@ -86,6 +86,8 @@ pub enum UiCommand {
     OpenComparison(String),
     /// Take a gallery image's settings to the Compare tab.
     CompareFromImage(i64),
+    /// Start an image-to-image job from a gallery image (the picture itself, on the Studio tab).
+    SendToImg2img(i64),
     /// Ask for a picture to start from (image to image).
     OpenInitImage,
     /// Start from this picture file (image to image).
@@ -149,10 +151,9 @@ impl UiCommand {
             | RemoveMask
             | UsePictureSize => Some(Tab::Studio),
             SelectImage(_) | RequestThumbnail(_) | UseSettings(_) | UseSeed(_)
-            | SetFavourite(..) | DeleteImage(_) | UndoDelete | OpenGalleryFolder
-            | ExportImage(_) | ImportDialog | ImportFiles(_) | RebuildGallery | OpenLibrary => {
-                Some(Tab::Gallery)
-            }
+            | SendToImg2img(_) | SetFavourite(..) | DeleteImage(_) | UndoDelete
+            | OpenGalleryFolder | ExportImage(_) | ImportDialog | ImportFiles(_)
+            | RebuildGallery | OpenLibrary => Some(Tab::Gallery),
             RunComparison | CancelComparison | SaveGrid | EnlargeCell(_) | OpenComparison(_)
             | CompareFromImage(_) => Some(Tab::Compare),
             SwitchTab(_) => None,
