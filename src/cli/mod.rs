@@ -61,6 +61,9 @@ pub struct WindowArgs {
     /// With --init-image: outpaint LEFT,TOP,RIGHT,BOTTOM pixels.
     #[arg(long, requires = "init_image", value_parser = parse_outpaint)]
     pub outpaint: Option<crate::engine::init_image::Outpaint>,
+    /// Press Generate as soon as the model has loaded.
+    #[arg(long)]
+    pub generate: bool,
 }
 
 fn parse_outpaint(text: &str) -> Result<crate::engine::init_image::Outpaint, String> {
@@ -182,6 +185,7 @@ pub fn run_window(args: WindowArgs) -> anyhow::Result<()> {
             args.apply(&mut settings);
             settings.choose_bundled_model_if_none();
             let mut app = crate::ui::AtelierApp::with_settings(&cc.egui_ctx, engine, settings)?;
+            app.generate_when_loaded = args.generate;
             if let Some(image) = &args.init_image {
                 app.start_from_picture(&cc.egui_ctx, image.clone(), args.mask.clone());
             }

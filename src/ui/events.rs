@@ -4,7 +4,7 @@ use egui::TextureOptions;
 
 use super::compare::CellState;
 use super::dialogs::DialogResult;
-use super::{AtelierApp, ModelState, RunningJob, ShownImage, load_fitted_texture};
+use super::{AtelierApp, ModelState, RunningJob, ShownImage, UiCommand, load_fitted_texture};
 use crate::gallery::library::now_unix;
 use crate::gallery::record::ImageMetadata;
 use crate::gallery::worker::{GalleryCommand, GalleryEvent};
@@ -96,6 +96,9 @@ impl AtelierApp {
                 self.settings.width = (self.settings.width / multiple).max(1) * multiple;
                 self.settings.height = (self.settings.height / multiple).max(1) * multiple;
                 self.model = ModelState::Ready(info);
+                if std::mem::take(&mut self.generate_when_loaded) {
+                    self.apply(ctx, UiCommand::Generate);
+                }
             }
             Event::LoadFailed { model, error } => {
                 self.model = ModelState::Failed { model };

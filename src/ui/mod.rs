@@ -207,6 +207,8 @@ pub struct AtelierApp {
     /// The LoRAs and checkpoints found in the models folders (for the pickers), scanned off
     /// the UI thread.
     pub models_scan: crate::models_folders::ModelsScan,
+    /// Press Generate once the model has loaded (`atelier --generate`: scripts, screenshots).
+    pub generate_when_loaded: bool,
     gallery_handle: Option<GalleryHandle>,
     last_gallery_query: Option<crate::gallery::library::GalleryQuery>,
     next_job_id: JobId,
@@ -246,6 +248,7 @@ impl AtelierApp {
             init_image: None,
             mask_editor: Default::default(),
             models_scan: Default::default(),
+            generate_when_loaded: false,
             gallery_handle: Some(gallery_handle),
             last_gallery_query: None,
             next_job_id: 1,
