@@ -142,3 +142,63 @@ fn generate_without_a_model_uses_the_bundled_one() {
             .is_file()
     );
 }
+
+/// The live preview of a model with its own VAE shows the picture's colours: the map from
+/// latents to colours is fitted to its VAE, not SD's published one.
+#[test]
+fn the_cheap_preview_shows_the_colours_of_the_picture() {
+    let model = load();
+    let sampler = Sampler::parse("dpmpp-2m").unwrap();
+    let request = GenerationRequest {
+        prompt: "a large yellow star on a blue background".into(),
+        negative_prompt: String::new(),
+        seed: 7,
+        steps: 10,
+        guidance_scale: 5.0,
+        width: 128,
+        height: 128,
+        batch_size: 1,
+        scheduler: sampler.kind,
+        sigmas: sampler.sigmas,
+        eta: 0.0,
+        clip_skip: 1,
+    };
+    let mut last_preview = None;
+    let output = model
+        .generate(
+            &request,
+            None,
+            PreviewOptions::default(),
+            &AtomicBool::new(false),
+            &mut |step| last_preview = Some(model.preview(step.predicted_latents).unwrap()),
+        )
+        .unwrap();
+    let preview = last_preview.unwrap();
+    assert_eq!(preview.dimensions(), (32, 32));
+    let small = image::imageops::resize(
+        &output.images[0],
+        32,
+        32,
+        image::imageops::FilterType::Triangle,
+    );
+    let difference = preview
+        .as_raw()
+        .iter()
+        .zip(small.as_raw())
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .sum::<f64>()
+        / preview.as_raw().len() as f64;
+    eprintln!("preview differs from the picture by {difference:.1} of 255");
+    assert!(
+        difference < 25.0,
+        "preview differs by {difference:.1} of 255"
+    );
+    let reading = analyse(&image::imageops::resize(
+        &preview,
+        128,
+        128,
+        image::imageops::FilterType::Nearest,
+    ));
+    assert_eq!(reading.background, "blue", "{reading:?}");
+    assert_eq!(reading.shape.map(|s| s.colour), Some("yellow"));
+}

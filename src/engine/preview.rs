@@ -24,34 +24,170 @@ const SDXL_LATENT_RGB: [[f32; 3]; 4] = [
 ];
 const SDXL_BIAS: [f32; 3] = [0.1084, -0.0175, -0.0011];
 
-/// Projects the first latent of `latents` `(batch, 4, h, w)` (in the UNet's scaled space) to an
-/// RGB image of `h x w` pixels, then maps [-1, 1] to [0, 255].
-pub fn project_latents(latents: &Tensor, family: ModelFamily) -> Result<RgbImage> {
-    let (_, channels, height, width) = latents.dims4()?;
-    if channels != 4 {
-        return Err(EngineError::Unsupported(format!(
-            "latent previews need 4 latent channels, the model has {channels}"
-        )));
-    }
-    let (factors, bias) = match family {
-        ModelFamily::Sdxl => (&SDXL_LATENT_RGB, &SDXL_BIAS),
-        ModelFamily::Sd1 | ModelFamily::Sd2 => (&SD1_LATENT_RGB, &SD1_BIAS),
-    };
-    let planes: Vec<Vec<f32>> = latents
-        .get(0)?
-        .to_dtype(DType::F32)?
-        .to_device(&candle_core::Device::Cpu)?
-        .flatten_from(1)?
-        .to_vec2()?;
-    let mut image = RgbImage::new(width as u32, height as u32);
-    for (index, pixel) in image.pixels_mut().enumerate() {
-        for (rgb, value) in pixel.0.iter_mut().enumerate() {
-            let mut sum = bias[rgb];
-            for (channel, plane) in planes.iter().enumerate() {
-                sum += plane[index] * factors[channel][rgb];
-            }
-            *value = (((sum + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).round() as u8;
+/// A linear map from the 4 latent channels (in the UNet's scaled space) to RGB in [-1, 1].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatentProjection {
+    /// Rows = latent channels, columns = R, G, B.
+    pub factors: [[f32; 3]; 4],
+    /// Added to each colour.
+    pub bias: [f32; 3],
+}
+
+impl LatentProjection {
+    /// The published map of the VAE that SD 1.x/2.x or SDXL ship with.
+    pub fn published(family: ModelFamily) -> Self {
+        match family {
+            ModelFamily::Sdxl => Self {
+                factors: SDXL_LATENT_RGB,
+                bias: SDXL_BIAS,
+            },
+            ModelFamily::Sd1 | ModelFamily::Sd2 => Self {
+                factors: SD1_LATENT_RGB,
+                bias: SD1_BIAS,
+            },
         }
     }
-    Ok(image)
+
+    /// The least-squares map from `latents` to `colours` (pairs of one latent cell and the
+    /// mean colour of the pixels it encodes, in [-1, 1]); `None` with fewer than 5 pairs or
+    /// latents that do not span 4 dimensions.
+    pub fn fit(latents: &[[f32; 4]], colours: &[[f32; 3]]) -> Option<Self> {
+        if latents.len() < 5 || latents.len() != colours.len() {
+            return None;
+        }
+        // Normal equations of [latent, 1] x = colour, one right-hand side per channel.
+        let mut gram = [[0f64; 5]; 5];
+        let mut rhs = [[0f64; 3]; 5];
+        for (latent, colour) in latents.iter().zip(colours) {
+            let row = [
+                latent[0] as f64,
+                latent[1] as f64,
+                latent[2] as f64,
+                latent[3] as f64,
+                1.0,
+            ];
+            for i in 0..5 {
+                for j in 0..5 {
+                    gram[i][j] += row[i] * row[j];
+                }
+                for c in 0..3 {
+                    rhs[i][c] += row[i] * colour[c] as f64;
+                }
+            }
+        }
+        // Gauss-Jordan elimination with partial pivoting.
+        for column in 0..5 {
+            let pivot = (column..5)
+                .max_by(|a, b| gram[*a][column].abs().total_cmp(&gram[*b][column].abs()))?;
+            if gram[pivot][column].abs() < 1e-9 {
+                return None;
+            }
+            gram.swap(column, pivot);
+            rhs.swap(column, pivot);
+            for row in 0..5 {
+                if row != column {
+                    let ratio = gram[row][column] / gram[column][column];
+                    for k in 0..5 {
+                        gram[row][k] -= ratio * gram[column][k];
+                    }
+                    for c in 0..3 {
+                        rhs[row][c] -= ratio * rhs[column][c];
+                    }
+                }
+            }
+        }
+        let mut factors = [[0f32; 3]; 4];
+        let mut bias = [0f32; 3];
+        for c in 0..3 {
+            for (channel, row) in factors.iter_mut().enumerate() {
+                row[c] = (rhs[channel][c] / gram[channel][channel]) as f32;
+            }
+            bias[c] = (rhs[4][c] / gram[4][4]) as f32;
+        }
+        Some(Self { factors, bias })
+    }
+
+    /// Projects the first latent of `latents` `(batch, 4, h, w)` (in the UNet's scaled space)
+    /// to an RGB image of `h x w` pixels, mapping [-1, 1] to [0, 255].
+    pub fn project(&self, latents: &Tensor) -> Result<RgbImage> {
+        let (_, channels, height, width) = latents.dims4()?;
+        if channels != 4 {
+            return Err(EngineError::Unsupported(format!(
+                "latent previews need 4 latent channels, the model has {channels}"
+            )));
+        }
+        let planes: Vec<Vec<f32>> = latents
+            .get(0)?
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?
+            .flatten_from(1)?
+            .to_vec2()?;
+        let mut image = RgbImage::new(width as u32, height as u32);
+        for (index, pixel) in image.pixels_mut().enumerate() {
+            for (rgb, value) in pixel.0.iter_mut().enumerate() {
+                let mut sum = self.bias[rgb];
+                for (channel, plane) in planes.iter().enumerate() {
+                    sum += plane[index] * self.factors[channel][rgb];
+                }
+                *value = (((sum + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).round() as u8;
+            }
+        }
+        Ok(image)
+    }
+}
+
+/// Projects the first latent of `latents` with the published map of `family`'s VAE.
+pub fn project_latents(latents: &Tensor, family: ModelFamily) -> Result<RgbImage> {
+    LatentProjection::published(family).project(latents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fit_recovers_a_linear_map() {
+        let truth = LatentProjection {
+            factors: [
+                [0.5, -0.2, 0.1],
+                [0.0, 0.3, -0.4],
+                [0.2, 0.2, 0.2],
+                [-0.1, 0.0, 0.6],
+            ],
+            bias: [0.05, -0.1, 0.2],
+        };
+        let latents: Vec<[f32; 4]> = (0..40)
+            .map(|i| {
+                let x = i as f32;
+                [
+                    (x * 0.37).sin(),
+                    (x * 0.91).cos(),
+                    (x * 1.3).sin(),
+                    (x * 0.17).cos(),
+                ]
+            })
+            .collect();
+        let colours: Vec<[f32; 3]> = latents
+            .iter()
+            .map(|l| {
+                let mut c = truth.bias;
+                for (channel, value) in l.iter().enumerate() {
+                    for (rgb, out) in c.iter_mut().enumerate() {
+                        *out += value * truth.factors[channel][rgb];
+                    }
+                }
+                c
+            })
+            .collect();
+        let fitted = LatentProjection::fit(&latents, &colours).expect("a fit");
+        for channel in 0..4 {
+            for rgb in 0..3 {
+                assert!((fitted.factors[channel][rgb] - truth.factors[channel][rgb]).abs() < 1e-4);
+            }
+        }
+        for rgb in 0..3 {
+            assert!((fitted.bias[rgb] - truth.bias[rgb]).abs() < 1e-4);
+        }
+        assert!(LatentProjection::fit(&latents[..3], &colours[..3]).is_none());
+    }
 }

@@ -6,7 +6,7 @@ use image::RgbImage;
 
 use super::StableDiffusion;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::preview::project_latents;
+use crate::engine::preview::LatentProjection;
 use crate::engine::vae::{LatentDistribution, VaeEncoder};
 
 impl StableDiffusion {
@@ -63,7 +63,97 @@ impl StableDiffusion {
 
     /// A cheap preview of predicted latents (first image of the batch).
     pub fn preview(&self, latents: &Tensor) -> Result<RgbImage> {
-        project_latents(latents, self.family)
+        self.preview_projection().project(latents)
+    }
+
+    /// The latent-to-RGB map of previews: the published one for the VAE that SD 1.x/2.x/XL
+    /// ship with (its shape), else one fitted to this VAE by encoding a card of colours.
+    pub fn preview_projection(&self) -> LatentProjection {
+        *self.preview_projection.get_or_init(|| {
+            let config = self.vae.config();
+            if config.block_out_channels == [128, 256, 512, 512] {
+                return LatentProjection::published(self.family);
+            }
+            self.fitted_projection()
+                .unwrap_or_else(|_| LatentProjection::published(self.family))
+        })
+    }
+
+    /// Encodes a test card of 16 colours (4 x 4 blocks of 4 x 4 latent cells) and fits the map
+    /// from each block's inner latent cells to its colour.
+    fn fitted_projection(&self) -> Result<LatentProjection> {
+        const PALETTE: [[f32; 3]; 16] = [
+            [0.0, 0.0, 0.0],
+            [1.0, 1.0, 1.0],
+            [1.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0],
+            [0.0, 0.0, 1.0],
+            [1.0, 1.0, 0.0],
+            [0.0, 1.0, 1.0],
+            [1.0, 0.0, 1.0],
+            [0.5, 0.5, 0.5],
+            [1.0, 0.5, 0.0],
+            [1.0, 0.55, 0.75],
+            [0.45, 0.27, 0.1],
+            [0.5, 0.2, 0.7],
+            [0.1, 0.5, 0.5],
+            [0.25, 0.25, 0.25],
+            [0.8, 0.8, 0.8],
+        ];
+        const BLOCK_CELLS: usize = 4;
+        let factor = self.vae_scale_factor();
+        let cells = 4 * BLOCK_CELLS;
+        let side = cells * factor;
+        let block_of =
+            |cell_x: usize, cell_y: usize| (cell_y / BLOCK_CELLS) * 4 + cell_x / BLOCK_CELLS;
+        let mut pixels = vec![0f32; 3 * side * side];
+        for y in 0..side {
+            for x in 0..side {
+                let colour = PALETTE[block_of(x / factor, y / factor)];
+                for c in 0..3 {
+                    pixels[c * side * side + y * side + x] = colour[c] * 2.0 - 1.0;
+                }
+            }
+        }
+        let pixels = Tensor::from_vec(pixels, (1, 3, side, side), &Device::Cpu)?;
+        let latents = self.scale_latents(&self.encode_pixels(&pixels)?.mean)?;
+        let planes: Vec<Vec<f32>> = latents
+            .get(0)?
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_from(1)?
+            .to_vec2()?;
+        if planes.len() != 4 {
+            return Err(EngineError::Unsupported(
+                "latent previews need 4 latent channels".into(),
+            ));
+        }
+        let mut inputs = Vec::new();
+        let mut colours = Vec::new();
+        for cell_y in 0..cells {
+            for cell_x in 0..cells {
+                // Inner cells only: their pixels are all of one colour.
+                let (inner_x, inner_y) = (cell_x % BLOCK_CELLS, cell_y % BLOCK_CELLS);
+                if inner_x == 0
+                    || inner_y == 0
+                    || inner_x == BLOCK_CELLS - 1
+                    || inner_y == BLOCK_CELLS - 1
+                {
+                    continue;
+                }
+                let index = cell_y * cells + cell_x;
+                inputs.push([
+                    planes[0][index],
+                    planes[1][index],
+                    planes[2][index],
+                    planes[3][index],
+                ]);
+                colours.push(PALETTE[block_of(cell_x, cell_y)].map(|c| c * 2.0 - 1.0));
+            }
+        }
+        LatentProjection::fit(&inputs, &colours).ok_or_else(|| {
+            EngineError::Unsupported("the VAE's latents do not span four dimensions".into())
+        })
     }
 }
 

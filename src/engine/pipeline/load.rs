@@ -154,6 +154,7 @@ impl StableDiffusion {
             unet_weights,
             vae_weights,
             vae_encoder: std::sync::OnceLock::new(),
+            preview_projection: std::sync::OnceLock::new(),
             weights,
             loras: Default::default(),
             embeddings: Vec::new(),

@@ -58,6 +58,8 @@ pub struct StableDiffusion {
     vae_weights: ComponentWeights,
     /// Built on first use: text-to-image never pays for it.
     vae_encoder: std::sync::OnceLock<VaeEncoder>,
+    /// The latent-to-RGB map of cheap previews, chosen (or fitted) at the first preview.
+    preview_projection: std::sync::OnceLock<crate::engine::preview::LatentProjection>,
     /// The text encoders' and UNet's weights by name, for LoRAs to change in place.
     weights: WeightTable,
     /// The LoRAs merged into `weights` now, and the originals they changed.
