@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the real app under Xvfb on a fixture model, drives it with xdotool, and saves screenshots
-# into screenshots/. Then opens a library of 10,000 sample images and scrolls its gallery, for the
+# Runs the real app under Xvfb with Atelier Shapes (the model that comes with Atelier), drives it
+# with xdotool, and saves screenshots into screenshots/. Then opens a library of 10,000 sample images and scrolls its gallery, for the
 # frame times. Needs: apt-get install -y xvfb xdotool imagemagick mesa-vulkan-drivers
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,19 +29,27 @@ start_app() {
 }
 
 : > screenshots/window-stats.txt
-# Seed a few images from other tools into the library, as an artist's folder would have.
+# A library with pictures of Atelier Shapes (the model that comes with Atelier), made on the
+# command line and imported, as an artist's earlier work would be.
+mkdir -p "$home/made"
+index=0
+for prompt in "a large red circle on a green background" "a small white ring at the top right on a black background" \
+  "a large purple triangle on a textured yellow background" "a blue square and an orange star on a white background" \
+  "a large pink star on a gray background" "a green ring on a red to yellow gradient background" \
+  "a large black square on a textured pink background" "a yellow circle and a blue triangle on a brown background" \
+  "a small orange star on a purple background" "a large white circle on a blue to black gradient background"; do
+  index=$((index + 1))
+  ./target/release/atelier generate --device cpu --prompt "$prompt" --seed $((index * 11)) --steps 20 \
+    --scheduler dpmpp-2m --guidance 5 --out "$home/made/$index.png" >/dev/null 2>&1
+done
 mkdir -p "$home/library"
-start_app --model tests/fixtures/sd1/model --device cpu --seed 7 --steps 40 --library "$home/library" \
-  --size 64x48 --prompt "a lighthouse on a cliff at dusk, oil painting"
-sleep 3                                   # the fixture model loads
-# Xvfb has no window manager to give keyboard focus, so click Generate (at a fixed place in
-# the left panel) rather than pressing Ctrl+Enter; the kittest tests cover the shortcut.
-xdotool mousemove 60 535 click 1           # Generate
-sleep 0.3
-xdotool mousemove 60 535 click 1           # and queue a second job
-sleep "${PREVIEW_WAIT_SECS:-3}"            # mid-way through the first job
+./target/release/atelier gallery import --library "$home/library" "$home/made"/*.png >/dev/null
+# A first start (no model chosen): Atelier Shapes opens; --generate presses Generate once it has.
+start_app --device cpu --seed 7 --steps 60 --library "$home/library" --generate \
+  --prompt "a large yellow star on a blue background"
+sleep "${PREVIEW_WAIT_SECS:-3}"            # mid-way through the job: the live preview
 import -window root screenshots/studio-generating.png
-sleep "${RESULT_WAIT_SECS:-20}"            # both jobs finish
+sleep "${RESULT_WAIT_SECS:-12}"            # the job finishes
 import -window root screenshots/studio-result.png
 xdotool mousemove 97 12 click 1            # the Gallery tab
 sleep 1
@@ -66,10 +74,10 @@ kill $app; app=""
 sleep 1
 
 # A comparison made on the command line, reopened in the window from the gallery.
-./target/release/atelier compare --model tests/fixtures/sd1/model --device cpu \
-  --prompt "a lighthouse on a cliff at dusk, oil painting" --scheduler euler,euler-a,dpmpp-2m-karras,unipc,dpm2 \
-  --steps 8,16 --seed 7 --width 64 --height 48 --library "$home/cmp" --out screenshots/compare-grid.png 2>/dev/null
-start_app --model tests/fixtures/sd1/model --device cpu --library "$home/cmp"
+./target/release/atelier compare --device cpu --prompt "a large pink ring on a green background" \
+  --scheduler euler,euler-a,dpmpp-2m-karras,unipc,dpm2 --steps 5,10,20 --seed 7 --guidance 5 \
+  --width 128 --height 128 --library "$home/cmp" --out screenshots/compare-grid.png 2>/dev/null
+start_app --device cpu --library "$home/cmp"
 sleep 3
 xdotool mousemove 97 12 click 1            # the Gallery tab
 sleep 1

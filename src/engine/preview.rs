@@ -51,6 +51,7 @@ impl LatentProjection {
     /// The least-squares map from `latents` to `colours` (pairs of one latent cell and the
     /// mean colour of the pixels it encodes, in [-1, 1]); `None` with fewer than 5 pairs or
     /// latents that do not span 4 dimensions.
+    #[allow(clippy::needless_range_loop)] // matrix elimination reads best with indices
     pub fn fit(latents: &[[f32; 4]], colours: &[[f32; 3]]) -> Option<Self> {
         if latents.len() < 5 || latents.len() != colours.len() {
             return None;
