@@ -83,7 +83,7 @@ xdotool mousemove 97 12 click 1            # the Gallery tab
 sleep 1
 xdotool mousemove 80 175 click 1           # a cell of the comparison
 sleep 1
-xdotool mousemove 1284 149 click 1         # Open comparison
+xdotool mousemove 1400 149 click 1         # Open comparison
 sleep 1.5
 import -window root screenshots/compare.png
 kill $app; app=""
