@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Screenshots of the modes in the real window under Xvfb: image to image, a mask painted with the
-# mouse, the inpainted result, and outpainting, on the fixture model (random weights: the
-# pictures it makes are noise; what the screenshots show is the window's work).
+# mouse, the inpainted result, and outpainting, with Atelier Shapes (the model inside Atelier,
+# opened by its folder so that the window shows no first-start note).
 # Needs: apt-get install -y xvfb xdotool imagemagick mesa-vulkan-drivers
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,16 +16,17 @@ trap cleanup EXIT
 sleep 1
 export DISPLAY=$display HOME=$home XDG_DATA_HOME=$home/data
 
-# The picture to work on: a sky, a sun, a mountain and a red barn.
+# The picture to work on, in the model's own terms: a yellow circle, a green triangle and a red
+# square on a blue background.
 scene=$home/scene.png
-convert -size 256x192 gradient:'#6fa8dc'-'#f6b26b' -fill '#ffd966' -draw "circle 190,55 190,80" \
-  -fill '#38761d' -draw "rectangle 0,140 256,192" -fill '#783f04' -draw "polygon 30,140 75,70 120,140" \
-  -fill '#cc0000' -draw "rectangle 150,110 200,150" "$scene"
+convert -size 256x192 xc:'#234bd7' -fill '#f5dc23' -draw "circle 190,55 190,80" \
+  -fill '#28a53c' -draw "polygon 30,150 75,70 120,150" \
+  -fill '#dc1e23' -draw "rectangle 150,110 200,160" "$scene"
 
 start_app() {
-  ./target/release/atelier --model tests/fixtures/sd1/model --device cpu --seed 7 \
+  ./target/release/atelier --model assets/atelier-shapes --device cpu --seed 7 \
     --library "$home/library" \
-    --prompt "a red barn beside a mountain at sunset, oil painting" --init-image "$scene" "$@" &
+    --prompt "a large white star on a blue background" --init-image "$scene" "$@" &
   app=$!
   for _ in $(seq 100); do
     xdotool search --onlyvisible --name Atelier >/dev/null 2>&1 && break
@@ -34,7 +35,7 @@ start_app() {
   window=$(xdotool search --onlyvisible --name Atelier | head -1)
   xdotool windowsize "$window" 1500 950
   xdotool windowmove "$window" 0 0
-  sleep 3                                  # the fixture model loads
+  sleep 3                                  # the model loads
 }
 generate() { xdotool mousemove 80 894 click 1; }   # the Generate button, below the controls
 
@@ -44,7 +45,7 @@ generate
 sleep 15
 import -window root screenshots/img2img.png
 
-# Paint a mask over the barn with the mouse (the painter shows the picture fitted to the centre).
+# Paint a mask over the red square with the mouse (the painter shows the picture fitted to the centre).
 xdotool mousemove 53 493 click 1           # Paint mask…
 sleep 1
 xdotool mousemove 930 560 mousedown 1
@@ -68,9 +69,9 @@ kill $app; app=""
 sleep 1
 
 # Outpainting: 64 pixels more on the left and the right, at the canvas' size.
-start_app --outpaint 64,0,64,0 --size 128x64 --steps 10
+start_app --outpaint 64,0,64,0 --size 192x96 --steps 20
 generate
-sleep 30                                   # 10 steps at 128x64 (the fixture's VAE halves, not eighths)
+sleep 15
 import -window root screenshots/outpainted.png
 kill $app; app=""
 echo "saved screenshots/img2img.png mask-painted.png inpainted.png outpainted.png"

@@ -6,6 +6,8 @@ pub mod gallery;
 mod generate;
 pub mod models;
 pub mod modes;
+pub mod plot;
+pub mod sampler_steps;
 pub mod schedulers;
 pub mod shapes_check;
 

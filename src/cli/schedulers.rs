@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 
 use crate::schedulers::config::SchedulerConfig;
-use ab_glyph::{FontRef, PxScale};
 use anyhow::Context;
 use clap::Args;
-use image::{Rgb, RgbImage};
-use imageproc::drawing::{draw_filled_circle_mut, draw_line_segment_mut, draw_text_mut, text_size};
+use image::RgbImage;
+
+use super::plot::{LogLogPlot, Series, log_log_plot};
 
 use crate::schedulers::quality::{DataDistribution, QualityRow, quality_map};
 
@@ -29,6 +29,33 @@ pub struct SchedulersArgs {
     /// Also draw the errors as a PNG plot here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// The second view: on a real model (Atelier Shapes unless --model says otherwise), the
+    /// distance of each sampler's picture at 5-50 steps to its own picture at
+    /// --reference-steps.
+    #[arg(long)]
+    pub on_model: bool,
+    /// With --on-model: the model.
+    #[arg(long, requires = "on_model")]
+    pub model: Option<String>,
+    /// With --on-model: the prompt.
+    #[arg(
+        long,
+        requires = "on_model",
+        default_value = "a large yellow star and a small red circle on a textured blue background"
+    )]
+    pub prompt: String,
+    /// With --on-model: the seeds (comma-separated; distances are averaged).
+    #[arg(long, requires = "on_model", value_delimiter = ',', default_values_t = [1u64, 2, 3])]
+    pub seeds: Vec<u64>,
+    /// With --on-model: the guidance scale.
+    #[arg(long, requires = "on_model", default_value_t = 5.0)]
+    pub guidance: f64,
+    /// With --on-model: the steps of the reference picture.
+    #[arg(long, requires = "on_model", default_value_t = 200)]
+    pub reference_steps: usize,
+    /// With --on-model: cpu, cuda, metal or auto.
+    #[arg(long, requires = "on_model", default_value = "auto")]
+    pub device: String,
 }
 
 /// The budgets of model evaluations of the quality map.
@@ -36,6 +63,9 @@ pub const BUDGETS: [usize; 4] = [5, 10, 20, 50];
 
 /// Runs `atelier schedulers`.
 pub fn run(args: SchedulersArgs) -> anyhow::Result<()> {
+    if args.on_model {
+        return run_on_model(&args);
+    }
     let config = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -65,6 +95,49 @@ pub fn run(args: SchedulersArgs) -> anyhow::Result<()> {
     print!("{}", table(&rows));
     if let Some(path) = &args.plot {
         plot(&rows, 0, args.samples)
+            .save(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("plot written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// `atelier schedulers --on-model`: the table (a line per sampler as it finishes) and the plot.
+fn run_on_model(args: &SchedulersArgs) -> anyhow::Result<()> {
+    use super::sampler_steps::{
+        StepsMapOptions, steps_map, steps_plot, steps_table_header, steps_table_line,
+    };
+    if args.seeds.is_empty() {
+        anyhow::bail!("--seeds needs at least one seed");
+    }
+    if args.reference_steps < 60 {
+        anyhow::bail!(
+            "--reference-steps must be at least 60 (more than the 50 steps compared), got {}",
+            args.reference_steps
+        );
+    }
+    let model =
+        super::generate::load_model(args.model.as_deref(), &args.device, &Default::default())?;
+    eprintln!(
+        "{} on {:?}: \"{}\", seeds {:?}, guidance {}",
+        model.name(),
+        model.device().location(),
+        args.prompt,
+        args.seeds,
+        args.guidance
+    );
+    println!("{}", steps_table_header(args.reference_steps));
+    let options = StepsMapOptions {
+        prompt: &args.prompt,
+        seeds: &args.seeds,
+        guidance: args.guidance,
+        reference_steps: args.reference_steps,
+    };
+    let rows = steps_map(&model, &options, |row| {
+        println!("{}", steps_table_line(row))
+    })?;
+    if let Some(path) = &args.plot {
+        steps_plot(&rows, model.name(), args.reference_steps)
             .save(path)
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("plot written to {}", path.display());
@@ -102,184 +175,33 @@ pub fn table(rows: &[QualityRow]) -> String {
     out
 }
 
-/// Sixteen distinguishable colours (Tableau 20, dark and light pairs).
-const PALETTE: [[u8; 3]; 16] = [
-    [31, 119, 180],
-    [255, 127, 14],
-    [44, 160, 44],
-    [214, 39, 40],
-    [148, 103, 189],
-    [140, 86, 75],
-    [227, 119, 194],
-    [127, 127, 127],
-    [188, 189, 34],
-    [23, 190, 207],
-    [174, 199, 232],
-    [255, 187, 120],
-    [152, 223, 138],
-    [255, 152, 150],
-    [197, 176, 213],
-    [0, 0, 0],
-];
-
 /// Draws error (log scale) against model evaluations (log scale) for the default-sigma
 /// samplers, for distribution `which` of [`DataDistribution::standard_pair`].
 pub fn plot(rows: &[QualityRow], which: usize, samples: usize) -> RgbImage {
-    let (width, height) = (1200u32, 760u32);
-    let (left, right, top, bottom) = (90.0f32, 900.0f32, 50.0f32, 690.0f32);
-    let mut image = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
-    let font = FontRef::try_from_slice(epaint_default_fonts::UBUNTU_LIGHT);
-    let Ok(font) = font else {
-        return image;
-    };
-    let black = Rgb([30, 30, 30]);
-    let grey = Rgb([215, 215, 215]);
-    let scale = PxScale::from(17.0);
-    let errors: Vec<f64> = rows
+    let series = rows
         .iter()
-        .flat_map(|r| r.cells.iter().map(move |c| c.1[which]))
-        .filter(|e| *e > 0.0)
+        .filter(|r| r.sampler.sigmas == crate::schedulers::SigmaSchedule::Default)
+        .map(|row| Series {
+            label: row.sampler.kind.display_name().to_string(),
+            points: row
+                .cells
+                .iter()
+                .map(|(used, errors)| (*used as f64, errors[which]))
+                .collect(),
+        })
         .collect();
-    let low = errors
-        .iter()
-        .fold(f64::INFINITY, |m, &e| m.min(e))
-        .log10()
-        .floor()
-        .max(-6.0);
-    let high = errors
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &e| m.max(e))
-        .log10()
-        .ceil()
-        .max(low + 1.0);
-    let (x_low, x_high) = ((4.0f64).log10(), (60.0f64).log10());
-    let to_x =
-        |evals: f64| left + ((evals.log10() - x_low) / (x_high - x_low)) as f32 * (right - left);
-    let to_y = |error: f64| {
-        bottom - ((error.max(1e-12).log10() - low) / (high - low)) as f32 * (bottom - top)
-    };
-    // Grid and labels.
-    let mut decade = low;
-    while decade <= high {
-        let y = to_y(10f64.powf(decade));
-        draw_line_segment_mut(&mut image, (left, y), (right, y), grey);
-        let label = format!("1e{decade}");
-        let (w, h) = text_size(scale, &font, &label);
-        draw_text_mut(
-            &mut image,
-            black,
-            (left as i32) - w as i32 - 8,
-            y as i32 - h as i32 / 2,
-            scale,
-            &font,
-            &label,
-        );
-        decade += 1.0;
-    }
-    for budget in BUDGETS {
-        let x = to_x(budget as f64);
-        draw_line_segment_mut(&mut image, (x, top), (x, bottom), grey);
-        let label = budget.to_string();
-        let (w, _) = text_size(scale, &font, &label);
-        draw_text_mut(
-            &mut image,
-            black,
-            x as i32 - w as i32 / 2,
-            bottom as i32 + 8,
-            scale,
-            &font,
-            &label,
-        );
-    }
+    let name = DataDistribution::standard_pair()[which].0;
     // What sampling noise alone gives: standard errors of the mean (s / sqrt(N)) and of the std
     // (s / sqrt(2N)), relative to s.
     let floor = (1.5 / samples.max(1) as f64).sqrt();
-    let floor_y = to_y(floor);
-    let mut x = left;
-    while x < right {
-        draw_line_segment_mut(
-            &mut image,
-            (x, floor_y),
-            ((x + 8.0).min(right), floor_y),
-            black,
-        );
-        x += 16.0;
-    }
-    draw_text_mut(
-        &mut image,
-        black,
-        left as i32 + 6,
-        floor_y as i32 + 4,
-        scale,
-        &font,
-        &format!("sampling noise of {samples} samples"),
-    );
-    draw_line_segment_mut(&mut image, (left, bottom), (right, bottom), black);
-    draw_line_segment_mut(&mut image, (left, top), (left, bottom), black);
-    let name = DataDistribution::standard_pair()[which].0;
-    let title = format!(
-        "Sampler error vs model evaluations (ideal denoiser, {name} data; lower is better)"
-    );
-    draw_text_mut(
-        &mut image,
-        black,
-        left as i32,
-        14,
-        PxScale::from(21.0),
-        &font,
-        &title,
-    );
-    draw_text_mut(
-        &mut image,
-        black,
-        (left + right) as i32 / 2 - 70,
-        bottom as i32 + 34,
-        scale,
-        &font,
-        "model evaluations",
-    );
-    // One line per default-sigma sampler; colour and marker size tell them apart.
-    let mut legend_y = top as i32;
-    for (i, row) in rows
-        .iter()
-        .filter(|r| r.sampler.sigmas == crate::schedulers::SigmaSchedule::Default)
-        .enumerate()
-    {
-        let colour = Rgb(PALETTE[i % PALETTE.len()]);
-        let radius = 4;
-        let points: Vec<(f32, f32)> = row
-            .cells
-            .iter()
-            .map(|(used, errors)| (to_x(*used as f64), to_y(errors[which])))
-            .collect();
-        for pair in points.windows(2) {
-            draw_line_segment_mut(&mut image, pair[0], pair[1], colour);
-            draw_line_segment_mut(
-                &mut image,
-                (pair[0].0, pair[0].1 + 1.0),
-                (pair[1].0, pair[1].1 + 1.0),
-                colour,
-            );
-        }
-        for &(x, y) in &points {
-            draw_filled_circle_mut(&mut image, (x as i32, y as i32), radius, colour);
-        }
-        draw_filled_circle_mut(
-            &mut image,
-            (right as i32 + 30, legend_y + 9),
-            radius,
-            colour,
-        );
-        draw_text_mut(
-            &mut image,
-            black,
-            right as i32 + 44,
-            legend_y,
-            scale,
-            &font,
-            row.sampler.kind.display_name(),
-        );
-        legend_y += 26;
-    }
-    image
+    log_log_plot(&LogLogPlot {
+        title: format!(
+            "Sampler error vs model evaluations (ideal denoiser, {name} data; lower is better)"
+        ),
+        x_label: "model evaluations".into(),
+        x_ticks: BUDGETS.iter().map(|b| *b as f64).collect(),
+        x_range: (4.0, 60.0),
+        series,
+        reference: Some((floor, format!("sampling noise of {samples} samples"))),
+    })
 }
