@@ -195,6 +195,60 @@ fn schedulers_command_prints_the_quality_map_and_plots_it() {
     assert!(!refused.status.success());
 }
 
+/// The quality map's second view, on a real model: each sampler's distance to its own picture at
+/// the reference steps, falling as the steps grow.
+#[test]
+fn schedulers_on_a_model_measure_the_distance_to_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("steps.png");
+    let output = atelier()
+        .args([
+            "schedulers",
+            "--on-model",
+            "--model",
+            "tests/fixtures/sd1/model",
+            "--samplers",
+            "dpmpp-2m-karras",
+            "--seeds",
+            "3",
+            "--reference-steps",
+            "60",
+            "--device",
+            "cpu",
+            "--plot",
+        ])
+        .arg(&plot)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = String::from_utf8_lossy(&output.stdout);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("dpmpp-2m-karras "))
+        .unwrap_or_else(|| panic!("dpmpp-2m-karras missing:\n{table}"));
+    let distances: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(distances.len(), 6, "{line}");
+    assert!(
+        distances[5] < distances[0],
+        "50 steps should be nearer the 60-step picture than 5: {line}"
+    );
+    let image = image::open(&plot).unwrap();
+    assert!(image.width() > 600 && image.height() > 400);
+    let refused = atelier()
+        .args(["schedulers", "--on-model", "--reference-steps", "10"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+}
+
 #[test]
 fn same_seed_same_image_and_batch_seeds_follow() {
     let dir = tempfile::tempdir().unwrap();

@@ -364,6 +364,43 @@ fn delete_and_undo_filters_and_corrupt_files_in_the_folder() {
     assert_eq!(library.count().unwrap(), 2);
 }
 
+/// Keyset pages: an image saved between two pages (the newest of all) neither shifts nor
+/// repeats the rows of the pages after it.
+#[test]
+fn a_save_between_pages_does_not_shift_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut library, _) = Library::open(dir.path()).unwrap();
+    for seed in 0..30 {
+        library
+            .save(
+                &pixels(seed as u8),
+                &generated("a red fox", seed, SchedulerKind::Euler),
+            )
+            .unwrap();
+    }
+    let query = GalleryQuery::default();
+    let first = library.search_page(&query, None, 10).unwrap();
+    library
+        .save(
+            &pixels(99),
+            &generated("a red fox", 99, SchedulerKind::Euler),
+        )
+        .unwrap();
+    let mut ids: Vec<i64> = first.entries.iter().map(|e| e.id).collect();
+    let mut after = first.last;
+    loop {
+        let page = library.search_page(&query, after, 10).unwrap();
+        if page.entries.is_empty() {
+            break;
+        }
+        after = page.last;
+        ids.extend(page.entries.iter().map(|e| e.id));
+    }
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(ids.len(), 30, "every image of the first search once");
+    assert_eq!(unique.len(), 30);
+}
+
 #[test]
 fn search_over_ten_thousand_images() {
     let dir = tempfile::tempdir().unwrap();
@@ -391,6 +428,45 @@ fn search_over_ten_thousand_images() {
     assert_eq!(dragons.len(), expected);
     let all = library.search(&GalleryQuery::default()).unwrap();
     assert_eq!(all.len(), 10_000);
+    // Pages, one after the other, are the whole result in the same order, for a search and a
+    // filter alike; a limit stops them.
+    for query in [
+        GalleryQuery {
+            text: "dragon".into(),
+            ..Default::default()
+        },
+        GalleryQuery::default(),
+        GalleryQuery {
+            text: "fox".into(),
+            favourites_only: true,
+            ..Default::default()
+        },
+    ] {
+        let whole = library.search(&query).unwrap();
+        let mut paged = Vec::new();
+        let mut after = None;
+        loop {
+            let page = library.search_page(&query, after, 240).unwrap();
+            let done = page.entries.len() < 240;
+            after = page.last;
+            paged.extend(page.entries);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(
+            paged.iter().map(|e| e.id).collect::<Vec<_>>(),
+            whole.iter().map(|e| e.id).collect::<Vec<_>>()
+        );
+    }
+    let limited = library
+        .search(&GalleryQuery {
+            limit: 5000,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(limited.len(), 5000);
+    assert_eq!(limited[..], all[..5000]);
     println!(
         "indexed 10,000 PNGs in {index_secs:.2} s; full-text search in {search_ms:.1} ms ({} hits)",
         dragons.len()

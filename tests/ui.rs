@@ -371,6 +371,41 @@ fn generated_images_are_kept_and_use_these_settings_fills_the_panel() {
     });
 }
 
+/// A large library arrives in pages: the first screenful at once, the rest streamed, and a new
+/// search replaces a stream that has not finished.
+#[test]
+fn a_large_gallery_streams_its_results_in_pages() {
+    let library = tempfile::tempdir().unwrap();
+    atelier::gallery::library::write_sample_library(library.path(), 5000).unwrap();
+    let mut f = start_with_library(settings(), false, false, None, library);
+    f.click("Gallery");
+    f.wait_for("the first page", |app| !app.gallery.entries.is_empty());
+    assert!(f.app().gallery.entries.len() >= atelier::gallery::worker::FIRST_PAGE_ROWS.min(5000));
+    f.wait_for("every image", |app| {
+        app.gallery.complete && app.gallery.entries.len() == 5000
+    });
+    let ids: std::collections::HashSet<i64> =
+        f.app().gallery.entries.iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), 5000, "no image twice");
+    assert!(f.harness.query_by_label_contains("5000 images").is_some());
+    let search = f.harness.get_by_label("Search");
+    search.focus();
+    search.type_text("dragon");
+    f.harness.step();
+    f.harness.step();
+    f.wait_for("the search's results", |app| {
+        app.gallery.complete
+            && !app.gallery.entries.is_empty()
+            && app
+                .gallery
+                .entries
+                .iter()
+                .all(|e| e.metadata.prompt.contains("dragon"))
+    });
+    let dragons = (0..5000).filter(|i| i % 8 == 7 || (i / 8) % 8 == 7).count();
+    assert_eq!(f.app().gallery.entries.len(), dragons);
+}
+
 #[test]
 fn gallery_search_filters_favourites_and_delete_with_undo() {
     let library = tempfile::tempdir().unwrap();

@@ -188,42 +188,67 @@ fn bench(count: usize, keep: Option<PathBuf>) -> anyhow::Result<()> {
             report.added,
             started.elapsed().as_secs_f64()
         );
+        drop(library);
+        let started = Instant::now();
+        let (library, report) = Library::open(&dir)?;
+        println!(
+            "reopen the indexed library ({} PNGs checked against the index, {} added): {:.3} s",
+            library.count()?,
+            report.added,
+            started.elapsed().as_secs_f64()
+        );
+        let first_page = crate::gallery::worker::FIRST_PAGE_ROWS;
+        let text = |text: &str| GalleryQuery {
+            text: text.into(),
+            ..Default::default()
+        };
         let queries = [
-            "dragon",
-            "castle artist4",
-            "portrait city light",
-            "zzz-nothing",
+            ("newest first, no search".to_string(), text("")),
+            ("search \"dragon\"".into(), text("dragon")),
+            ("search \"castle artist4\"".into(), text("castle artist4")),
+            (
+                "search \"portrait city light\"".into(),
+                text("portrait city light"),
+            ),
+            ("search \"zzz-nothing\"".into(), text("zzz-nothing")),
+            (
+                "favourites only (none: every row checked)".into(),
+                GalleryQuery {
+                    favourites_only: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                "a model no image has (every row checked)".into(),
+                GalleryQuery {
+                    model: Some("no-such-model".into()),
+                    ..Default::default()
+                },
+            ),
         ];
-        for text in queries {
-            let mut times = Vec::new();
-            let mut hits = 0;
+        for (name, query) in queries {
+            let median = |mut times: Vec<f64>| {
+                times.sort_by(f64::total_cmp);
+                times[times.len() / 2]
+            };
+            let mut first_times = Vec::new();
+            let mut first_rows = 0;
             for _ in 0..20 {
                 let started = Instant::now();
-                hits = library
-                    .search(&GalleryQuery {
-                        text: text.into(),
-                        ..Default::default()
-                    })?
-                    .len();
-                times.push(started.elapsed().as_secs_f64() * 1e3);
+                first_rows = library.search_page(&query, None, first_page)?.entries.len();
+                first_times.push(started.elapsed().as_secs_f64() * 1e3);
             }
-            times.sort_by(f64::total_cmp);
+            let mut all_times = Vec::new();
+            let mut hits = 0;
+            for _ in 0..3 {
+                let started = Instant::now();
+                hits = library.search(&query)?.len();
+                all_times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
             println!(
-                "search {text:?}: {hits} hits, median {:.2} ms (all rows loaded)",
-                times[times.len() / 2]
-            );
-        }
-        for limit in [200, 0] {
-            let started = Instant::now();
-            let rows = library
-                .search(&GalleryQuery {
-                    limit,
-                    ..Default::default()
-                })?
-                .len();
-            println!(
-                "newest first, {rows} rows: {:.2} ms",
-                started.elapsed().as_secs_f64() * 1e3
+                "{name}: first page ({first_rows} rows) median {:.2} ms; all {hits} rows {:.1} ms",
+                median(first_times),
+                median(all_times)
             );
         }
         Ok(())

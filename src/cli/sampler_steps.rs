@@ -33,9 +33,12 @@ pub struct StepsMapOptions<'a> {
     pub guidance: f64,
     /// Steps of the reference picture.
     pub reference_steps: usize,
+    /// The samplers (empty: every default-sigma sampler but LCM, which is for LCM-distilled
+    /// models).
+    pub samplers: &'a [Sampler],
 }
 
-/// Every default-sigma sampler but LCM (which is for LCM-distilled models) on `model`.
+/// The distances of each sampler of `options` on `model`; `on_row` sees each row as it is done.
 pub fn steps_map(
     model: &StableDiffusion,
     options: &StepsMapOptions<'_>,
@@ -71,15 +74,21 @@ pub fn steps_map(
             .next()
             .context("the engine returned no picture")
     };
-    let mut rows = Vec::new();
-    for &kind in SchedulerKind::ALL {
-        if kind == SchedulerKind::Lcm {
-            continue;
-        }
-        let sampler = Sampler {
+    let every: Vec<Sampler> = SchedulerKind::ALL
+        .iter()
+        .filter(|kind| **kind != SchedulerKind::Lcm)
+        .map(|&kind| Sampler {
             kind,
             sigmas: SigmaSchedule::Default,
-        };
+        })
+        .collect();
+    let samplers = if options.samplers.is_empty() {
+        &every[..]
+    } else {
+        options.samplers
+    };
+    let mut rows = Vec::new();
+    for &sampler in samplers {
         let mut distances = vec![0.0; STEPS.len()];
         for &seed in options.seeds {
             let reference = picture(sampler, options.reference_steps, seed)?;
@@ -109,7 +118,7 @@ pub fn rms_difference(a: &RgbImage, b: &RgbImage) -> f64 {
 
 /// One line per sampler: its distances at each of [`STEPS`].
 pub fn steps_table_line(row: &StepsRow) -> String {
-    let mut line = format!("{:<16}", row.sampler.kind.id());
+    let mut line = format!("{:<16}", row.sampler.id());
     for distance in &row.distances {
         line.push_str(&format!("{distance:>8.2}"));
     }
@@ -140,7 +149,14 @@ pub fn steps_plot(rows: &[StepsRow], model_name: &str, reference_steps: usize) -
         series: rows
             .iter()
             .map(|row| Series {
-                label: row.sampler.kind.display_name().to_string(),
+                label: match row.sampler.sigmas {
+                    SigmaSchedule::Default => row.sampler.kind.display_name().to_string(),
+                    sigmas => format!(
+                        "{} {}",
+                        row.sampler.kind.display_name(),
+                        sigmas.display_name()
+                    ),
+                },
                 points: STEPS
                     .iter()
                     .zip(&row.distances)

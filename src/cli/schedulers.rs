@@ -53,6 +53,9 @@ pub struct SchedulersArgs {
     /// With --on-model: the steps of the reference picture.
     #[arg(long, requires = "on_model", default_value_t = 200)]
     pub reference_steps: usize,
+    /// With --on-model: only these samplers (comma-separated ids; default: all but LCM).
+    #[arg(long, requires = "on_model", value_delimiter = ',')]
+    pub samplers: Vec<String>,
     /// With --on-model: cpu, cuda, metal or auto.
     #[arg(long, requires = "on_model", default_value = "auto")]
     pub device: String,
@@ -116,6 +119,11 @@ fn run_on_model(args: &SchedulersArgs) -> anyhow::Result<()> {
             args.reference_steps
         );
     }
+    let samplers = args
+        .samplers
+        .iter()
+        .map(|id| crate::schedulers::Sampler::parse(id))
+        .collect::<Result<Vec<_>, _>>()?;
     let model =
         super::generate::load_model(args.model.as_deref(), &args.device, &Default::default())?;
     eprintln!(
@@ -132,6 +140,7 @@ fn run_on_model(args: &SchedulersArgs) -> anyhow::Result<()> {
         seeds: &args.seeds,
         guidance: args.guidance,
         reference_steps: args.reference_steps,
+        samplers: &samplers,
     };
     let rows = steps_map(&model, &options, |row| {
         println!("{}", steps_table_line(row))

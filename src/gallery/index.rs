@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS images(
     file_size INTEGER NOT NULL,
     file_mtime INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS images_created ON images(created_unix DESC, id DESC);
+CREATE INDEX IF NOT EXISTS images_created
+    ON images(created_unix DESC, id DESC, favourite, model, scheduler, comparison);
 CREATE INDEX IF NOT EXISTS images_comparison ON images(comparison);
 CREATE VIRTUAL TABLE IF NOT EXISTS images_fts USING fts5(
     prompt, negative_prompt, content='images', content_rowid='id'
@@ -66,8 +67,9 @@ CREATE TRIGGER IF NOT EXISTS images_au AFTER UPDATE OF prompt, negative_prompt O
 END;
 ";
 
-/// The index's schema version (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// The index's schema version (`PRAGMA user_version`). 2: the index of creation times also
+/// holds the filtered columns, so that a page of any filter is read from the index alone.
+const SCHEMA_VERSION: i64 = 2;
 
 /// A path for an SQLite URI (`file:...`): bytes outside the unreserved set percent-encoded.
 fn uri_escape(path: &Path) -> String {

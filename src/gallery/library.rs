@@ -107,6 +107,27 @@ pub struct GalleryQuery {
     pub limit: usize,
 }
 
+/// Rows read per page when a search loads everything.
+pub const SEARCH_PAGE_ROWS: usize = 4096;
+
+/// Where a page of search results ends, in newest-first order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageKey {
+    /// The last row's creation time.
+    pub created_unix: i64,
+    /// The last row's id (ties of creation time are ordered by id).
+    pub id: i64,
+}
+
+/// One page of search results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchPage {
+    /// The rows, newest first.
+    pub entries: Vec<GalleryEntry>,
+    /// Where the next page starts (none when the page is empty).
+    pub last: Option<PageKey>,
+}
+
 /// An image moved to the trash, which [`Library::undo_delete`] puts back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeletedImage {
@@ -431,17 +452,45 @@ impl Library {
         })
     }
 
-    /// The images matching `query`, newest first.
+    /// The images matching `query`, newest first (at most `query.limit`, 0: all).
     pub fn search(&self, query: &GalleryQuery) -> Result<Vec<GalleryEntry>> {
-        let mut sql = String::from(
-            "SELECT images.id, images.file, images.metadata_json, images.favourite FROM images",
-        );
+        let mut entries = Vec::new();
+        let mut after = None;
+        loop {
+            let wanted = match query.limit {
+                0 => SEARCH_PAGE_ROWS,
+                limit => (limit - entries.len()).min(SEARCH_PAGE_ROWS),
+            };
+            let page = self.search_page(query, after, wanted)?;
+            let done = page.entries.len() < wanted;
+            after = page.last;
+            entries.extend(page.entries);
+            if done || (query.limit > 0 && entries.len() >= query.limit) {
+                return Ok(entries);
+            }
+        }
+    }
+
+    /// Up to `rows` images matching `query`, newest first, after the image whose place in that
+    /// order is `after` (none: from the newest). Only the page's rows are read and parsed: the
+    /// ordering runs on the index of creation times (or on the matching ids of a text search),
+    /// so the first screenful of any search comes back in milliseconds at 100,000 images.
+    pub fn search_page(
+        &self,
+        query: &GalleryQuery,
+        after: Option<PageKey>,
+        rows: usize,
+    ) -> Result<SearchPage> {
+        let from = "FROM images";
         let mut conditions: Vec<String> = Vec::new();
         let mut values: Vec<rusqlite::types::Value> = Vec::new();
         let text = text_query(&query.text);
         if let Some(fts) = text.fts {
-            sql.push_str(" JOIN images_fts ON images_fts.rowid = images.id");
-            conditions.push("images_fts MATCH ?".into());
+            // The matches as a set of ids: the rows are then walked newest first on the index
+            // of creation times until a page is full, instead of sorting every match.
+            conditions.push(
+                "images.id IN (SELECT rowid FROM images_fts WHERE images_fts MATCH ?)".into(),
+            );
             values.push(fts.into());
         }
         for substring in text.substrings {
@@ -468,20 +517,48 @@ impl Library {
             conditions.push("images.comparison = ?".into());
             values.push(comparison.clone().into());
         }
-        if !conditions.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&conditions.join(" AND "));
+        if let Some(key) = after {
+            // Keyset paging: rows saved meanwhile do not shift the pages.
+            conditions.push(
+                "(images.created_unix < ? OR (images.created_unix = ? AND images.id < ?))".into(),
+            );
+            values.push(key.created_unix.into());
+            values.push(key.created_unix.into());
+            values.push(key.id.into());
         }
-        sql.push_str(" ORDER BY images.created_unix DESC, images.id DESC");
-        if query.limit > 0 {
-            sql.push_str(" LIMIT ?");
-            values.push(i64::try_from(query.limit).unwrap_or(i64::MAX).into());
-        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
+        // The page's ids first, walking the index of creation times newest first until the
+        // page is full (no sort of every match), then only their rows.
+        let sql = format!(
+            "SELECT images.id, images.file, images.metadata_json, images.favourite, \
+             images.created_unix FROM images WHERE images.id IN (SELECT images.id {from} \
+             INDEXED BY images_created{filter} \
+             ORDER BY images.created_unix DESC, images.id DESC LIMIT ?) \
+             ORDER BY images.created_unix DESC, images.id DESC"
+        );
+        values.push(i64::try_from(rows).unwrap_or(i64::MAX).into());
         let mut statement = self.db.prepare(&sql)?;
+        let mut last = None;
         let entries = statement
-            .query_map(rusqlite::params_from_iter(values), Self::entry_from_row)?
+            .query_map(rusqlite::params_from_iter(values), |row| {
+                let entry = Self::entry_from_row(row)?;
+                Ok((entry, row.get::<_, i64>(4)?))
+            })?
+            .map(|row| {
+                row.map(|(entry, created_unix)| {
+                    last = Some(PageKey {
+                        created_unix,
+                        id: entry.id,
+                    });
+                    entry
+                })
+            })
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(entries)
+        Ok(SearchPage { entries, last })
     }
 
     /// One entry by id.

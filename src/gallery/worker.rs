@@ -11,7 +11,9 @@ use std::time::Instant;
 use image::RgbImage;
 use sha2::{Digest, Sha256};
 
-use super::library::{DeletedImage, GalleryEntry, GalleryQuery, Library, SyncReport, thumbnail};
+use super::library::{
+    DeletedImage, GalleryEntry, GalleryQuery, Library, SEARCH_PAGE_ROWS, SyncReport, thumbnail,
+};
 use super::png_read::decode_rgb_bounded;
 use super::record::ImageMetadata;
 
@@ -64,18 +66,34 @@ pub enum GalleryEvent {
     },
     /// An image was saved.
     Saved(GalleryEntry),
-    /// Search results, newest first.
+    /// The first page of search results, newest first (a screenful and more: the rest
+    /// follows in [`GalleryEvent::MoreResults`]).
     Results {
         /// The query they answer.
         query: GalleryQuery,
         /// The matches.
         entries: Vec<GalleryEntry>,
-        /// Models and samplers in the library (for the filters).
+        /// Whether these are all the matches.
+        complete: bool,
+        /// How long the first page took.
+        search_ms: f64,
+    },
+    /// The next page of a search's results.
+    MoreResults {
+        /// The query they answer.
+        query: GalleryQuery,
+        /// The matches, after those sent before.
+        entries: Vec<GalleryEntry>,
+        /// Whether the search has sent every match now.
+        complete: bool,
+    },
+    /// The models and samplers in the library (for the filters), after each search's first
+    /// page.
+    Filters {
+        /// Models in the library.
         models: Vec<String>,
         /// Samplers in the library.
         schedulers: Vec<String>,
-        /// How long the search took.
-        search_ms: f64,
     },
     /// The library changed: search again.
     Changed,
@@ -125,6 +143,9 @@ pub struct GalleryHandle {
     thumbnail_requests: SyncSender<(PathBuf, String)>,
     thumbnails: Receiver<ThumbnailReady>,
 }
+
+/// Rows of a search's first page: more than any screenful of thumbnails.
+pub const FIRST_PAGE_ROWS: usize = 240;
 
 /// The thumbnail size on disk and in the grid.
 pub const THUMBNAIL_SIDE: u32 = 256;
@@ -243,11 +264,84 @@ impl GalleryThread {
     }
 
     fn run(mut self, commands: Receiver<GalleryCommand>) {
-        while let Ok(command) = commands.recv() {
-            if let Err(message) = self.handle(command) {
+        let mut next = None;
+        loop {
+            let command = match next.take() {
+                Some(command) => command,
+                None => match commands.recv() {
+                    Ok(command) => command,
+                    Err(_) => return,
+                },
+            };
+            let result = match command {
+                GalleryCommand::Search(query) => self.search(query, &commands, &mut next),
+                other => self.handle(other),
+            };
+            if let Err(message) = result {
                 self.emit(GalleryEvent::Failed(message));
             }
         }
+    }
+
+    /// Sends the first page of `query`'s results at once, then the filters, then the rest in
+    /// pages. Other commands that arrive meanwhile are handled between pages; a newer search
+    /// ends this one (it is left in `next`).
+    fn search(
+        &mut self,
+        query: GalleryQuery,
+        commands: &Receiver<GalleryCommand>,
+        next: &mut Option<GalleryCommand>,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let first_rows = match query.limit {
+            0 => FIRST_PAGE_ROWS,
+            limit => limit.min(FIRST_PAGE_ROWS),
+        };
+        let page = self
+            .library()?
+            .search_page(&query, None, first_rows)
+            .map_err(|e| e.to_string())?;
+        let mut sent = page.entries.len();
+        let mut complete = sent < first_rows || (query.limit > 0 && sent >= query.limit);
+        let mut after = page.last;
+        self.emit(GalleryEvent::Results {
+            query: query.clone(),
+            entries: page.entries,
+            complete,
+            search_ms: started.elapsed().as_secs_f64() * 1e3,
+        });
+        let library = self.library()?;
+        let models = library.models().map_err(|e| e.to_string())?;
+        let schedulers = library.schedulers().map_err(|e| e.to_string())?;
+        self.emit(GalleryEvent::Filters { models, schedulers });
+        while !complete {
+            while let Ok(command) = commands.try_recv() {
+                if matches!(command, GalleryCommand::Search(_)) {
+                    *next = Some(command);
+                    return Ok(());
+                }
+                if let Err(message) = self.handle(command) {
+                    self.emit(GalleryEvent::Failed(message));
+                }
+            }
+            let rows = match query.limit {
+                0 => SEARCH_PAGE_ROWS,
+                limit => (limit - sent).min(SEARCH_PAGE_ROWS),
+            };
+            let page = self
+                .library()?
+                .search_page(&query, after, rows)
+                .map_err(|e| e.to_string())?;
+            sent += page.entries.len();
+            complete = page.entries.len() < rows || (query.limit > 0 && sent >= query.limit);
+            after = page.last;
+            self.emit(GalleryEvent::MoreResults {
+                query: query.clone(),
+                entries: page.entries,
+                complete,
+            });
+        }
+        Ok(())
     }
 
     fn library(&mut self) -> Result<&mut Library, String> {
@@ -297,6 +391,7 @@ impl GalleryThread {
                 self.emit(GalleryEvent::Saved(entry));
             }
             GalleryCommand::Search(query) => {
+                // `run` streams searches page by page; here every match goes at once.
                 let started = Instant::now();
                 let library = self.library()?;
                 let entries = library.search(&query).map_err(|e| e.to_string())?;
@@ -306,10 +401,10 @@ impl GalleryThread {
                 self.emit(GalleryEvent::Results {
                     query,
                     entries,
-                    models,
-                    schedulers,
+                    complete: true,
                     search_ms,
                 });
+                self.emit(GalleryEvent::Filters { models, schedulers });
             }
             GalleryCommand::SetFavourite(id, favourite) => {
                 self.library()?

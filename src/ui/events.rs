@@ -26,16 +26,28 @@ impl AtelierApp {
             GalleryEvent::Results {
                 query,
                 entries,
-                models,
-                schedulers,
+                complete,
                 search_ms,
             } => {
                 if self.last_gallery_query.as_ref() == Some(&query) {
                     self.gallery.entries = entries;
-                    self.gallery.models = models;
-                    self.gallery.schedulers = schedulers;
+                    self.gallery.complete = complete;
                     self.gallery.search_ms = search_ms;
                 }
+            }
+            GalleryEvent::MoreResults {
+                query,
+                entries,
+                complete,
+            } => {
+                if self.last_gallery_query.as_ref() == Some(&query) {
+                    self.gallery.entries.extend(entries);
+                    self.gallery.complete = complete;
+                }
+            }
+            GalleryEvent::Filters { models, schedulers } => {
+                self.gallery.models = models;
+                self.gallery.schedulers = schedulers;
             }
             GalleryEvent::Deleted(entry) => {
                 if self.gallery.selected == Some(entry.id) {

@@ -78,8 +78,10 @@ pub struct GalleryView {
     pub models: Vec<String>,
     /// Samplers in the library.
     pub schedulers: Vec<String>,
-    /// The last search's time.
+    /// How long the last search took to its first page.
     pub search_ms: f64,
+    /// Whether every match of the last search has arrived (the rest come in pages).
+    pub complete: bool,
     /// The image whose details are open.
     pub selected: Option<i64>,
     /// The selected image at full size.
@@ -202,7 +204,8 @@ pub fn gallery_ui(ui: &mut Ui, view: &mut GalleryView, commands: &mut Vec<UiComm
         ui.horizontal(|ui| {
             let count = view.entries.len();
             ui.label(format!(
-                "{count} image{} · search {:.1} ms",
+                "{count}{} image{} · first page in {:.1} ms",
+                if view.complete { "" } else { "+" },
                 if count == 1 { "" } else { "s" },
                 view.search_ms
             ));
