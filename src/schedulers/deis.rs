@@ -30,15 +30,25 @@ impl DeisScheduler {
     /// Prepares DEIS for `steps` steps.
     pub fn new(config: &SchedulerConfig, steps: usize, schedule: SigmaSchedule) -> Result<Self> {
         let schedule = schedule.resolve(config);
-        if config.thresholding == Some(true)
-            || config
-                .algorithm_type
-                .as_deref()
-                .is_some_and(|a| a != "deis")
-        {
-            return Err(SchedulerError::Unsupported(
-                "DEIS with thresholding or another algorithm_type".into(),
-            ));
+        if config.thresholding == Some(true) {
+            return Err(SchedulerError::Unsupported("DEIS with thresholding".into()));
+        }
+        // diffusers reads a DPM-Solver config's algorithm and solver types as DEIS's own.
+        match config.algorithm_type.as_deref() {
+            None | Some("deis" | "dpmsolver" | "dpmsolver++") => {}
+            Some(other) => {
+                return Err(SchedulerError::Unsupported(format!(
+                    "DEIS with algorithm_type {other:?}"
+                )));
+            }
+        }
+        match config.solver_type.as_deref() {
+            None | Some("logrho" | "midpoint" | "heun" | "bh1" | "bh2") => {}
+            Some(other) => {
+                return Err(SchedulerError::Unsupported(format!(
+                    "DEIS with solver_type {other:?}"
+                )));
+            }
         }
         let solver_order = config.solver_order.unwrap_or(2);
         if !(1..=3).contains(&solver_order) {
@@ -162,5 +172,42 @@ impl Scheduler for DeisScheduler {
             prev_sample,
             pred_original_sample: pred_x0,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model published with a DPM-Solver config (as many are) runs DEIS as diffusers does:
+    /// `DEISMultistepScheduler.from_config` reads dpmsolver/dpmsolver++ and midpoint as its own.
+    #[test]
+    fn a_dpm_solver_config_configures_deis() {
+        let config = |algorithm: &str, solver: &str| -> SchedulerConfig {
+            serde_json::from_value(serde_json::json!({
+                "_class_name": "DPMSolverMultistepScheduler",
+                "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading",
+                "algorithm_type": algorithm, "solver_type": solver, "solver_order": 2,
+            }))
+            .expect("config")
+        };
+        let own = DeisScheduler::new(&config("deis", "logrho"), 20, SigmaSchedule::Default)
+            .expect("DEIS from its own config");
+        for (algorithm, solver) in [("dpmsolver++", "midpoint"), ("dpmsolver", "heun")] {
+            let from_dpm =
+                DeisScheduler::new(&config(algorithm, solver), 20, SigmaSchedule::Default)
+                    .expect("DEIS from a DPM-Solver config");
+            assert_eq!(from_dpm.timesteps(), own.timesteps());
+        }
+        assert!(
+            DeisScheduler::new(
+                &config("sde-dpmsolver++", "midpoint"),
+                20,
+                SigmaSchedule::Default
+            )
+            .is_err()
+        );
+        assert!(DeisScheduler::new(&config("deis", "euler"), 20, SigmaSchedule::Default).is_err());
     }
 }
