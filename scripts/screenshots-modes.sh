@@ -13,7 +13,7 @@ home=$(mktemp -d)
 app=""
 cleanup() { kill $app "$xvfb" 2>/dev/null || true; rm -rf "$home"; }
 trap cleanup EXIT
-sleep 1
+for _ in $(seq 100); do [ -e /tmp/.X11-unix/X96 ] && break; sleep 0.1; done   # Xvfb is up
 export DISPLAY=$display HOME=$home XDG_DATA_HOME=$home/data
 
 # The picture to work on, in the model's own terms: a yellow circle, a green triangle and a red
@@ -46,7 +46,7 @@ sleep 15
 import -window root screenshots/img2img.png
 
 # Paint a mask over the red square with the mouse (the painter shows the picture fitted to the centre).
-xdotool mousemove 53 493 click 1           # Paint mask…
+xdotool mousemove 52 539 click 1           # Paint mask…
 sleep 1
 xdotool mousemove 930 560 mousedown 1
 for point in "980 560" "1040 560" "1090 560" "1090 610" "1040 610" "980 610" "930 610" \

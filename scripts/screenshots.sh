@@ -12,7 +12,7 @@ home=$(mktemp -d)   # a fresh settings folder: no remembered state
 app=""
 cleanup() { kill $app "$xvfb" 2>/dev/null || true; rm -rf "$home"; }
 trap cleanup EXIT
-sleep 1
+for _ in $(seq 100); do [ -e /tmp/.X11-unix/X95 ] && break; sleep 0.1; done   # Xvfb is up
 export DISPLAY=$display HOME=$home XDG_DATA_HOME=$home/data ATELIER_STATS=1
 
 # Starts the app with the given arguments and sizes its window.
