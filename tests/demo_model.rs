@@ -43,17 +43,14 @@ fn accuracy(model: &StableDiffusion, prompts: &[ValidationPrompt], guided: bool)
             } else {
                 String::new()
             },
-            negative_prompt: String::new(),
             seed: prompt.seed,
             steps: 12,
             guidance_scale: if guided { 5.0 } else { 1.0 },
             width: 128,
             height: 128,
-            batch_size: 1,
             scheduler: sampler.kind,
             sigmas: sampler.sigmas,
-            eta: 0.0,
-            clip_skip: 1,
+            ..Default::default()
         };
         let output = model
             .generate(
@@ -151,17 +148,14 @@ fn the_cheap_preview_shows_the_colours_of_the_picture() {
     let sampler = Sampler::parse("dpmpp-2m").unwrap();
     let request = GenerationRequest {
         prompt: "a large yellow star on a blue background".into(),
-        negative_prompt: String::new(),
         seed: 7,
         steps: 10,
         guidance_scale: 5.0,
         width: 128,
         height: 128,
-        batch_size: 1,
         scheduler: sampler.kind,
         sigmas: sampler.sigmas,
-        eta: 0.0,
-        clip_skip: 1,
+        ..Default::default()
     };
     let mut last_preview = None;
     let output = model

@@ -7,10 +7,8 @@ mod window;
 
 use atelier::demo_model::analyser::analyse;
 use atelier::ui::settings::Settings;
-use atelier::ui::{AtelierApp, ModelState};
-use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
-use window::Fixture;
+use window::start_real_with;
 
 #[test]
 fn a_first_start_opens_the_bundled_model_and_it_draws_what_is_asked() {
@@ -36,25 +34,7 @@ fn a_first_start_opens_the_bundled_model_and_it_draws_what_is_asked() {
         (128, 128, 20)
     );
     settings.steps = 10;
-    let harness = Harness::builder()
-        .with_size(egui::vec2(1300.0, 820.0))
-        .build_eframe(move |cc| {
-            AtelierApp::with_settings(
-                &cc.egui_ctx,
-                Box::new(atelier::worker::DiffusionEngine::default()),
-                settings,
-            )
-            .unwrap()
-        });
-    let mut f = Fixture {
-        harness,
-        seen: Default::default(),
-        steps: std::sync::mpsc::sync_channel(1).0,
-        library,
-    };
-    f.wait_for("Atelier Shapes to load", |app| {
-        matches!(app.model, ModelState::Ready(_))
-    });
+    let mut f = start_real_with(settings, library);
     assert!(
         data.path()
             .join("atelier/models/atelier-shapes/model_index.json")

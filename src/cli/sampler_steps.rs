@@ -49,17 +49,14 @@ pub fn steps_map(
     let picture = |sampler: Sampler, steps: usize, seed: u64| -> anyhow::Result<RgbImage> {
         let request = GenerationRequest {
             prompt: options.prompt.to_string(),
-            negative_prompt: String::new(),
             seed,
             steps,
             guidance_scale: options.guidance,
             width,
             height,
-            batch_size: 1,
             scheduler: sampler.kind,
             sigmas: sampler.sigmas,
-            eta: 0.0,
-            clip_skip: 1,
+            ..Default::default()
         };
         let output = model.generate(
             &request,

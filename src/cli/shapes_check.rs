@@ -98,17 +98,14 @@ pub fn run(args: ShapesCheckArgs) -> anyhow::Result<()> {
                     } else {
                         prompt.prompt.clone()
                     },
-                    negative_prompt: String::new(),
                     seed: prompt.seed,
                     steps: args.steps,
                     guidance_scale: args.guidance,
                     width,
                     height,
-                    batch_size: 1,
                     scheduler: sampler.kind,
                     sigmas: sampler.sigmas,
-                    eta: 0.0,
-                    clip_skip: 1,
+                    ..Default::default()
                 };
                 let noise = match &args.noise {
                     Some(folder) => {

@@ -299,6 +299,12 @@ pub fn start_real(library: tempfile::TempDir, steps: usize) -> Fixture {
         vae_preview_every: 2,
         ..Default::default()
     };
+    start_real_with(settings, library)
+}
+
+/// The real engine behind the window with `settings` (their library is `library`), once the
+/// model has loaded.
+pub fn start_real_with(settings: Settings, library: tempfile::TempDir) -> Fixture {
     let harness = Harness::builder()
         .with_size(egui::vec2(1300.0, 820.0))
         .build_eframe(move |cc| {
@@ -315,7 +321,7 @@ pub fn start_real(library: tempfile::TempDir, steps: usize) -> Fixture {
         steps: sync_channel(1).0,
         library,
     };
-    f.wait_for("the fixture model to load", |app| {
+    f.wait_for("the model to load", |app| {
         matches!(app.model, ModelState::Ready(_))
     });
     f
