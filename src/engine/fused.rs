@@ -136,7 +136,6 @@ impl Conv2d {
 
 /// GroupNorm with affine weights, optionally fused with the activation that follows it.
 #[derive(Debug, Clone)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
     weight: Tensor,
@@ -190,6 +189,24 @@ impl GroupNorm {
                 return match activation {
                     Some(Activation::QuickGelu) => Activation::QuickGelu.apply(&out),
                     _ => Ok(out),
+                };
+            }
+            if xs.device().is_cpu()
+                && xs.dtype() == DType::F32
+                && self.weight.dtype() == DType::F32
+                && self.bias.dtype() == DType::F32
+            {
+                let op = super::cpu_kernels::CpuGroupNormOp {
+                    groups: self.groups,
+                    eps: self.eps,
+                    silu: activation == Some(Activation::Silu),
+                };
+                let out = xs
+                    .contiguous()?
+                    .apply_op3_no_bwd(&self.weight, &self.bias, &op)?;
+                return match activation {
+                    Some(Activation::Silu) | None => Ok(out),
+                    Some(other) => other.apply(&out),
                 };
             }
             let out = self.inner.forward(xs)?;

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod cpu_kernels;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod embeddings;
