@@ -130,7 +130,7 @@ pub fn run(args: ShapesCheckArgs) -> anyhow::Result<()> {
                     .next()
                     .context("the engine returned no picture")?
             }
-            (None, None) => unreachable!("a model is loaded when no pictures are given"),
+            (None, None) => anyhow::bail!("neither a model nor --images to score"),
         };
         if let Some(folder) = &args.save {
             let path = folder.join(&name);
