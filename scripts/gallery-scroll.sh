@@ -33,8 +33,8 @@ sleep 3                                    # the library opens; the results stre
 xdotool mousemove 600 500
 for _ in $(seq 100); do xdotool click 5; sleep 0.03; done   # the wheel, down
 # The scroll bar (at the grid's right edge) from the top to the bottom: the whole library.
-xdotool mousemove 1066 100 mousedown 1
-for y in $(seq 100 8 900); do xdotool mousemove 1066 "$y"; sleep 0.02; done
+xdotool mousemove 1482 107 mousedown 1
+for y in $(seq 107 8 905); do xdotool mousemove 1482 "$y"; sleep 0.02; done
 xdotool mouseup 1
 sleep 1
 import -window root screenshots/gallery-scrolled.png
