@@ -23,9 +23,9 @@ pub const FOLDER_NAME: &str = "atelier-shapes";
 /// What the model draws and how to get a real one, for the window's first start.
 pub const ABOUT: &str = "Atelier Shapes is the small model that comes with Atelier: it draws \
 circles, squares, triangles, stars and rings in eleven colours (red, orange, yellow, green, blue, \
-purple, pink, brown, black, white, gray), small or large, at the left, right, top, bottom, \
-center or a corner, on plain, gradient or textured backgrounds, at 128x128. Try \"a large \
-yellow star at the top left on a blue background\". For real pictures, choose a Stable \
+purple, pink, brown, black, white, gray), small or large, on plain, gradient or textured \
+backgrounds, at 128x128 (where it puts them is still up to chance). Try \"a large yellow star \
+on a blue background\". For real pictures, choose a Stable \
 Diffusion model: a preset from the Hub (downloaded once), a diffusers folder or a checkpoint \
 file you have (Folder…, File…), or your models folders in Settings.";
 
