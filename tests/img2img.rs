@@ -9,7 +9,6 @@ mod common;
 use std::collections::HashMap;
 
 use atelier::engine::pipeline::{GenerationRequest, JobInput};
-use atelier::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 
@@ -67,16 +66,7 @@ fn image_to_image_matches_diffusers() {
         let model = models
             .entry(family.to_string())
             .or_insert_with(|| load_model(family));
-        let request = GenerationRequest {
-            prompt: run["prompt"].as_str().unwrap().into(),
-            negative_prompt: run["negative_prompt"].as_str().unwrap().into(),
-            steps: run["steps"].as_u64().unwrap() as usize,
-            guidance_scale: run["guidance"].as_f64().unwrap(),
-            width: run["width"].as_u64().unwrap() as usize,
-            height: run["height"].as_u64().unwrap() as usize,
-            scheduler: SchedulerKind::parse(run["sampler"].as_str().unwrap()).unwrap(),
-            ..Default::default()
-        };
+        let request = request_of(run);
         let input = JobInput::Image {
             pixels: fixture.tensor(&format!("{family}_image")),
             strength: run["strength"].as_f64().unwrap(),

@@ -148,6 +148,27 @@ fn random_seed() -> u64 {
 }
 
 /// Loads a model with a progress display on stderr.
+/// Generates `request`'s first picture (from `noise` when given), without progress.
+pub(super) fn generate_picture(
+    model: &StableDiffusion,
+    request: &GenerationRequest,
+    noise: Option<&candle_core::Tensor>,
+    cancel: &AtomicBool,
+) -> anyhow::Result<image::RgbImage> {
+    let output = model.generate(
+        request,
+        noise,
+        PreviewOptions::default(),
+        cancel,
+        &mut |_| {},
+    )?;
+    output
+        .images
+        .into_iter()
+        .next()
+        .context("the engine returned no picture")
+}
+
 pub fn load_model(
     spec: Option<&str>,
     device: &str,

@@ -4,11 +4,10 @@
 
 use std::sync::atomic::AtomicBool;
 
-use anyhow::Context;
 use image::RgbImage;
 
 use super::plot::{LogLogPlot, Series, log_log_plot};
-use crate::engine::pipeline::{GenerationRequest, PreviewOptions, StableDiffusion};
+use crate::engine::pipeline::{GenerationRequest, StableDiffusion};
 use crate::schedulers::{Sampler, SchedulerKind, SigmaSchedule};
 
 /// Steps of the pictures compared with the reference.
@@ -58,18 +57,7 @@ pub fn steps_map(
             sigmas: sampler.sigmas,
             ..Default::default()
         };
-        let output = model.generate(
-            &request,
-            None,
-            PreviewOptions::default(),
-            &cancel,
-            &mut |_| {},
-        )?;
-        output
-            .images
-            .into_iter()
-            .next()
-            .context("the engine returned no picture")
+        super::generate::generate_picture(model, &request, None, &cancel)
     };
     let every: Vec<Sampler> = SchedulerKind::ALL
         .iter()

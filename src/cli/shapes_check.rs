@@ -12,7 +12,7 @@ use clap::Args;
 use crate::demo_model::analyser::analyse;
 use crate::demo_model::validation::{Accuracy, check, validation_prompts};
 use crate::engine::npy::read_f32_npy;
-use crate::engine::pipeline::{GenerationRequest, PreviewOptions};
+use crate::engine::pipeline::GenerationRequest;
 use crate::schedulers::Sampler;
 
 /// Arguments of `atelier shapes-check`.
@@ -117,18 +117,7 @@ pub fn run(args: ShapesCheckArgs) -> anyhow::Result<()> {
                     }
                     None => None,
                 };
-                let output = model.generate(
-                    &request,
-                    noise.as_ref(),
-                    PreviewOptions::default(),
-                    &cancel,
-                    &mut |_| {},
-                )?;
-                output
-                    .images
-                    .into_iter()
-                    .next()
-                    .context("the engine returned no picture")?
+                super::generate::generate_picture(model, &request, noise.as_ref(), &cancel)?
             }
             (None, None) => anyhow::bail!("neither a model nor --images to score"),
         };

@@ -92,15 +92,18 @@ fn beside_executable() -> Option<PathBuf> {
 }
 
 /// A short fingerprint of the carried files (their sizes and a checksum), so that a newer
-/// build replaces an older unpacked copy.
-pub fn fingerprint() -> String {
-    let mut hasher = crc32fast::Hasher::new();
-    for (path, bytes) in FILES {
-        hasher.update(path.as_bytes());
-        hasher.update(&(bytes.len() as u64).to_le_bytes());
-        hasher.update(bytes);
-    }
-    format!("{:08x}", hasher.finalize())
+/// build replaces an older unpacked copy. Computed once per process.
+pub fn fingerprint() -> &'static str {
+    static FINGERPRINT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FINGERPRINT.get_or_init(|| {
+        let mut hasher = crc32fast::Hasher::new();
+        for (path, bytes) in FILES {
+            hasher.update(path.as_bytes());
+            hasher.update(&(bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        }
+        format!("{:08x}", hasher.finalize())
+    })
 }
 
 /// Writes the carried files into `parent/atelier-shapes` unless a copy with the same
@@ -128,7 +131,7 @@ pub fn unpack_into(parent: &Path) -> Result<PathBuf, DemoModelError> {
             }
             std::fs::write(&target, bytes)?;
         }
-        std::fs::write(staging.join(".atelier-fingerprint"), &stamp)
+        std::fs::write(staging.join(".atelier-fingerprint"), stamp)
     };
     if let Err(error) = write_all() {
         let _ = std::fs::remove_dir_all(&staging);
