@@ -54,6 +54,13 @@ pub struct BenchArgs {
     /// SDXL benchmark does: their weights then do not count in the peak memory.
     #[arg(long, requires = "random_weights")]
     pub skip_text_encoders: bool,
+    /// Also decode one image of each of these sides (pixels, comma-separated) untiled and in
+    /// tiles: time, peak memory, and the largest difference between the two.
+    #[arg(long, value_delimiter = ',')]
+    pub tiled_decode: Vec<usize>,
+    /// The tile side for --tiled-decode (default: the VAE config's sample_size, as diffusers).
+    #[arg(long)]
+    pub tile_px: Option<usize>,
 }
 
 /// Runs `atelier bench`.
@@ -67,8 +74,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (target, label, native) = match (&args.model, &args.random_weights) {
         (Some(spec), None) => {
             let started = std::time::Instant::now();
-            let mut model =
-                super::generate::load_model(Some(spec), &args.device, &Default::default())?;
+            let mut model = super::generate::load_model(
+                Some(spec),
+                &args.device,
+                &Default::default(),
+                &Default::default(),
+            )?;
             // Every weight is on the device once its copy returns; synchronise to be sure.
             model.device().synchronize()?;
             load_secs = Some(started.elapsed().as_secs_f64());
@@ -140,6 +151,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("width and height must be multiples of {factor}");
     }
     let report = run_bench(&target, options)?;
+    let tiles = crate::engine::vae_tiling::TileSizes::new(
+        args.tile_px.or(target.vae.config().sample_size),
+        factor,
+    );
+    let mut tiled_reports = Vec::new();
+    for &side in &args.tiled_decode {
+        if !side.is_multiple_of(factor) {
+            bail!("--tiled-decode {side}: sides must be multiples of {factor}");
+        }
+        tiled_reports.push(crate::engine::bench::tiled_decode(
+            target.vae,
+            target.vae_dtype,
+            target.device,
+            side,
+            tiles,
+        )?);
+    }
     if args.json {
         let value = serde_json::json!({
             "model": label,
@@ -152,6 +180,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "load_secs": load_secs,
             "lora_apply_secs": lora_secs,
             "report": report,
+            "tiled_decode": tiled_reports,
         });
         println!("{value}");
     } else {
@@ -209,6 +238,37 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             for (name, ms, calls) in profile {
                 println!("  {name:<14}{ms:>10.2} ms in {calls} calls");
             }
+        }
+        let gib = |bytes: Option<u64>| {
+            bytes.map_or("-".to_string(), |b| {
+                format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+            })
+        };
+        for tiled in &tiled_reports {
+            let untiled = match &tiled.untiled_ms {
+                Ok(ms) => format!("{ms:.0} ms, peak {}", gib(tiled.untiled_peak_bytes)),
+                Err(error) => format!("failed: {error}"),
+            };
+            println!(
+                "VAE decode {side}x{side}: untiled {untiled}; {tile}-pixel tiles {ms:.0} ms, peak {peak}; \
+                 difference max {max} / mean {mean} of 255 (diffusers' tiling: {plain_max} / {plain_mean})",
+                side = tiled.side_px,
+                tile = tiled.tile_px,
+                ms = tiled.tiled_ms,
+                peak = gib(tiled.tiled_peak_bytes),
+                max = tiled
+                    .max_difference_8bit
+                    .map_or("-".into(), |d| format!("{d:.0}")),
+                mean = tiled
+                    .mean_difference_8bit
+                    .map_or("-".into(), |d| format!("{d:.2}")),
+                plain_max = tiled
+                    .per_tile_max_difference_8bit
+                    .map_or("-".into(), |d| format!("{d:.0}")),
+                plain_mean = tiled
+                    .per_tile_mean_difference_8bit
+                    .map_or("-".into(), |d| format!("{d:.2}")),
+            );
         }
     }
     Ok(())

@@ -23,6 +23,9 @@ pub struct CompareArgs {
     /// VAE and prediction overrides.
     #[command(flatten)]
     pub overrides: super::generate::OverrideArgs,
+    /// VAE tiling and where the text encoders live.
+    #[command(flatten)]
+    pub memory: super::generate::MemoryArgs,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,
@@ -162,7 +165,12 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     if args.strengths.is_some() && image.is_none() {
         bail!("--strengths needs --init-image (the picture every cell works on)");
     }
-    let model = super::generate::load_model(args.model.as_deref(), &args.device, &args.overrides)?;
+    let model = super::generate::load_model(
+        args.model.as_deref(),
+        &args.device,
+        &args.overrides,
+        &args.memory,
+    )?;
     let plan = plan_from_args(
         &args,
         model.default_size_for(image.as_ref()),

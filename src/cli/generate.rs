@@ -16,6 +16,7 @@ use crate::engine::pipeline::{
     GenerationRequest, JobParts, LoadOptions, ModelOverrides, PreviewOptions, StableDiffusion,
 };
 use crate::engine::source::LoadProgress;
+use crate::engine::vae_tiling::VaeTiling;
 use crate::gallery::metadata::{A1111Parameters, PARAMETERS_KEYWORD};
 use crate::schedulers::{Prediction, Sampler};
 
@@ -30,6 +31,9 @@ pub struct GenerateArgs {
     /// VAE and prediction overrides.
     #[command(flatten)]
     pub overrides: OverrideArgs,
+    /// VAE tiling and where the text encoders live.
+    #[command(flatten)]
+    pub memory: MemoryArgs,
     /// A LoRA/LyCORIS file and its weight (FILE or FILE:WEIGHT, weight 1 when left out);
     /// repeat for several. `<lora:name:w>` in the prompt works too (see --lora-dir).
     #[arg(long = "lora", value_parser = parse_lora_arg)]
@@ -117,6 +121,23 @@ pub struct OverrideArgs {
     pub text_encoders: Option<PathBuf>,
 }
 
+/// What trades speed for GPU memory.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MemoryArgs {
+    /// VAE decode and encode in tiles: auto (only images too large for one pass), on or off.
+    #[arg(long, default_value = "auto", value_parser = parse_vae_tiling)]
+    pub vae_tiling: VaeTiling,
+    /// Keep the text encoders on the CPU (saves their GPU memory, 1.6 GB for SDXL; each prompt
+    /// is encoded on the CPU).
+    #[arg(long)]
+    pub text_encoders_on_cpu: bool,
+}
+
+/// `auto`, `on` or `off`.
+pub fn parse_vae_tiling(text: &str) -> Result<VaeTiling, String> {
+    VaeTiling::parse(text).map_err(|e| e.to_string())
+}
+
 /// `FILE` or `FILE:WEIGHT` (the weight after the last colon, when it is a number).
 pub fn parse_lora_arg(text: &str) -> Result<(PathBuf, f64), String> {
     if let Some((file, weight)) = text.rsplit_once(':')
@@ -173,6 +194,7 @@ pub fn load_model(
     spec: Option<&str>,
     device: &str,
     overrides: &OverrideArgs,
+    memory: &MemoryArgs,
 ) -> anyhow::Result<StableDiffusion> {
     let source = crate::demo_model::model_source(spec.unwrap_or(crate::demo_model::MODEL_ID))?;
     let device = super::open_device(device)?;
@@ -202,6 +224,7 @@ pub fn load_model(
         prediction: overrides.prediction,
         text_encoders: overrides.text_encoders.clone(),
     };
+    options.text_encoders_on_cpu = memory.text_encoders_on_cpu;
     let model = StableDiffusion::load(source, options).with_context(|| {
         format!(
             "cannot load model {}",
@@ -209,7 +232,9 @@ pub fn load_model(
         )
     });
     bar.finish_and_clear();
-    model
+    let model = model?;
+    model.set_vae_tiling(memory.vae_tiling);
+    Ok(model)
 }
 
 fn output_path(out: &Path, index: usize, batch: usize) -> PathBuf {
@@ -241,7 +266,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let image_input = args.image.load()?;
     let hires = args.hires.load(image_input.is_some())?;
-    let mut model = load_model(args.model.as_deref(), &args.device, &args.overrides)?;
+    let mut model = load_model(
+        args.model.as_deref(),
+        &args.device,
+        &args.overrides,
+        &args.memory,
+    )?;
     let lora_folders =
         crate::models_folders::folders(&args.lora_dirs, crate::models_folders::ModelKind::Lora);
     let (loras, lora_warnings) = crate::engine::lora::LoraCache::default().resolve(

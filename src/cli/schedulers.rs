@@ -124,8 +124,12 @@ fn run_on_model(args: &SchedulersArgs) -> anyhow::Result<()> {
         .iter()
         .map(|id| crate::schedulers::Sampler::parse(id))
         .collect::<Result<Vec<_>, _>>()?;
-    let model =
-        super::generate::load_model(args.model.as_deref(), &args.device, &Default::default())?;
+    let model = super::generate::load_model(
+        args.model.as_deref(),
+        &args.device,
+        &Default::default(),
+        &Default::default(),
+    )?;
     eprintln!(
         "{} on {:?}: \"{}\", seeds {:?}, guidance {}",
         model.name(),

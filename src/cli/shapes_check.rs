@@ -76,6 +76,7 @@ pub fn run(args: ShapesCheckArgs) -> anyhow::Result<()> {
             args.model.as_deref(),
             &args.device,
             &Default::default(),
+            &Default::default(),
         )?),
     };
     let mut accuracy = Accuracy::default();

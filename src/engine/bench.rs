@@ -198,3 +198,99 @@ pub fn run(target: &BenchTarget<'_>, options: BenchOptions) -> Result<BenchRepor
         vae_profile,
     })
 }
+
+/// One decode of a large image, untiled and in tiles.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TiledDecodeReport {
+    /// The image's side in pixels.
+    pub side_px: usize,
+    /// The tile side in pixels.
+    pub tile_px: usize,
+    /// Untiled: milliseconds, or why it failed (out of memory, say).
+    pub untiled_ms: std::result::Result<f64, String>,
+    /// Peak GPU memory of the untiled decode (weights included).
+    pub untiled_peak_bytes: Option<u64>,
+    /// In tiles: milliseconds.
+    pub tiled_ms: f64,
+    /// Peak GPU memory of the tiled decode (weights included).
+    pub tiled_peak_bytes: Option<u64>,
+    /// The largest difference between the untiled picture and the tiled one (statistics
+    /// shared across tiles, as Atelier decodes) in 8-bit steps, when both ran.
+    pub max_difference_8bit: Option<f32>,
+    /// The mean difference in 8-bit steps.
+    pub mean_difference_8bit: Option<f32>,
+    /// The same for diffusers' tiling (each tile its own statistics).
+    pub per_tile_max_difference_8bit: Option<f32>,
+    /// The mean for diffusers' tiling.
+    pub per_tile_mean_difference_8bit: Option<f32>,
+}
+
+/// Decodes one seeded `side_px` x `side_px` latent with `vae` untiled and in `tiles`, timing
+/// each and measuring the peak memory and how far apart the two pictures are.
+pub fn tiled_decode(
+    vae: &VaeDecoder,
+    vae_dtype: DType,
+    device: &Device,
+    side_px: usize,
+    tiles: super::vae_tiling::TileSizes,
+) -> Result<TiledDecodeReport> {
+    let factor = vae.config().scale_factor();
+    let cells = side_px / factor;
+    let channels = vae.config().latent_channels;
+    let latents =
+        Tensor::randn(0f32, 1.0, (1, channels, cells, cells), device)?.to_dtype(vae_dtype)?;
+    let to_bytes = |decoded: &Tensor| -> Result<Tensor> {
+        Ok(((decoded.to_dtype(DType::F32)? + 1.0)? * 127.5)?
+            .clamp(0.0, 255.0)?
+            .round()?)
+    };
+    use super::vae_tiling::{TileStatistics, decode_in_tiles};
+    profile::reset_peak_memory(device);
+    let untiled = timed(device, || to_bytes(&vae.decode(&latents)?));
+    let untiled_peak_bytes = profile::peak_memory_bytes(device);
+    // Once untimed (kernels for the tile shapes), then timed.
+    decode_in_tiles(vae, &latents, tiles, TileStatistics::Shared)?;
+    profile::reset_peak_memory(device);
+    let (tiled, tiled_ms) = timed(device, || {
+        to_bytes(&decode_in_tiles(
+            vae,
+            &latents,
+            tiles,
+            TileStatistics::Shared,
+        )?)
+    })?;
+    let tiled_peak_bytes = profile::peak_memory_bytes(device);
+    let per_tile = to_bytes(&decode_in_tiles(
+        vae,
+        &latents,
+        tiles,
+        TileStatistics::PerTile,
+    )?)?;
+    let difference = |a: &Tensor, b: &Tensor| -> Result<(f32, f32)> {
+        let difference = (a - b)?.abs()?;
+        Ok((
+            difference.max_all()?.to_scalar::<f32>()?,
+            difference.mean_all()?.to_scalar::<f32>()?,
+        ))
+    };
+    let (untiled_ms, shared, per_tile) = match untiled {
+        Ok((pixels, ms)) => (
+            Ok(ms),
+            Some(difference(&pixels, &tiled)?),
+            Some(difference(&pixels, &per_tile)?),
+        ),
+        Err(error) => (Err(error.to_string()), None, None),
+    };
+    Ok(TiledDecodeReport {
+        side_px,
+        tile_px: tiles.sample_px,
+        untiled_ms,
+        untiled_peak_bytes,
+        tiled_ms,
+        tiled_peak_bytes,
+        max_difference_8bit: shared.map(|d| d.0),
+        mean_difference_8bit: shared.map(|d| d.1),
+        per_tile_max_difference_8bit: per_tile.map(|d| d.0),
+        per_tile_mean_difference_8bit: per_tile.map(|d| d.1),
+    })
+}

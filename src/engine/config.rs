@@ -228,6 +228,9 @@ pub struct VaeConfig {
     /// Whether the middle blocks have self-attention.
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
+    /// The image side it was trained at: diffusers' tile size when decoding in tiles.
+    #[serde(default, deserialize_with = "first_or_number")]
+    pub sample_size: Option<usize>,
 }
 
 impl VaeConfig {
@@ -516,4 +519,22 @@ impl CheckedConfig for ModelIndex {
     fn check(&self) -> Result<(), String> {
         Ok(())
     }
+}
+
+/// `sample_size` as diffusers writes it: a number, `[height, width]` (the first is taken), or
+/// null.
+fn first_or_number<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<usize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        One(usize),
+        Pair(Vec<usize>),
+    }
+    Ok(match Option::<Size>::deserialize(deserializer)? {
+        Some(Size::One(side)) => Some(side),
+        Some(Size::Pair(sides)) => sides.first().copied(),
+        None => None,
+    })
 }

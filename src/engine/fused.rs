@@ -175,6 +175,17 @@ impl GroupNorm {
     }
 
     fn run(&self, xs: &Tensor, activation: Option<Activation>) -> Result<Tensor> {
+        // In a tiled VAE pass: the statistics of the whole image.
+        if let Some(out) = super::shared_norm::intercept(
+            xs,
+            self.groups,
+            self.eps,
+            &self.weight,
+            &self.bias,
+            activation,
+        )? {
+            return Ok(out);
+        }
         profile::scope("group_norm", xs.device(), || {
             #[cfg(feature = "cuda")]
             if kernels_for(xs.device(), xs.dtype()) && activation != Some(Activation::Gelu) {

@@ -24,10 +24,12 @@ pub mod preview;
 pub mod profile;
 pub mod prompt_syntax;
 pub mod random;
+pub mod shared_norm;
 pub mod source;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vae_tiling;
 pub mod weights;
 
 pub use error::{EngineError, Result};

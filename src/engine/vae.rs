@@ -353,6 +353,12 @@ impl VaeEncoder {
     /// Encodes images in [-1, 1] `(batch, 3, H, W)` into the distribution of their latents
     /// (unscaled: multiply a sample by the config's `scaling_factor` for the UNet).
     pub fn encode(&self, pixels: &Tensor) -> Result<LatentDistribution> {
+        self.distribution(&self.moments(pixels)?)
+    }
+
+    /// The encoder's raw output `(batch, 2 x latent channels, h, w)`: means, then log
+    /// variances (what tiles are blended on, as diffusers does).
+    pub fn moments(&self, pixels: &Tensor) -> Result<Tensor> {
         let mut xs = self.conv_in.forward(pixels)?;
         for block in &self.down_blocks {
             for resnet in &block.resnets {
@@ -371,6 +377,11 @@ impl VaeEncoder {
         if let Some(conv) = &self.quant_conv {
             moments = conv.forward(&moments)?;
         }
+        Ok(moments)
+    }
+
+    /// The distribution that `moments` describe (diffusers' `DiagonalGaussianDistribution`).
+    pub fn distribution(&self, moments: &Tensor) -> Result<LatentDistribution> {
         let mean = moments.narrow(1, 0, self.latent_channels)?;
         let logvar = moments
             .narrow(1, self.latent_channels, self.latent_channels)?

@@ -8,6 +8,10 @@ use super::StableDiffusion;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preview::LatentProjection;
 use crate::engine::vae::{LatentDistribution, VaeEncoder};
+use crate::engine::vae_tiling::{
+    AUTO_TILING_ABOVE_BYTES, TileSizes, TileStatistics, VaeTiling, decode_in_tiles,
+    estimated_untiled_bytes, moments_in_tiles,
+};
 
 impl StableDiffusion {
     /// Decodes latents (in the UNet's scaled space) to RGB images in [0, 1] `(batch, 3, H, W)`.
@@ -17,8 +21,57 @@ impl StableDiffusion {
         if let Some(shift) = config.shift_factor {
             scaled = (scaled + shift)?;
         }
-        let decoded = self.vae.decode(&scaled.to_dtype(self.vae_dtype)?)?;
+        let scaled = scaled.to_dtype(self.vae_dtype)?;
+        let (batch, _, height, width) = scaled.dims4()?;
+        let factor = self.vae_scale_factor();
+        let decoded = if self.tiles_vae(batch, height * factor, width * factor) {
+            decode_in_tiles(
+                &self.vae,
+                &scaled,
+                self.vae_tile_sizes(),
+                TileStatistics::Shared,
+            )?
+        } else {
+            self.vae.decode(&scaled)?
+        };
         Ok(((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0.0, 1.0)?)
+    }
+
+    /// How decodes and encodes choose between tiles and one pass.
+    pub fn vae_tiling(&self) -> VaeTiling {
+        self.vae_tiling.get()
+    }
+
+    /// Chooses how decodes and encodes run from now on.
+    pub fn set_vae_tiling(&self, tiling: VaeTiling) {
+        self.vae_tiling.set(tiling);
+    }
+
+    /// The VAE's tiles (its config's `sample_size`, as diffusers tiles).
+    pub fn vae_tile_sizes(&self) -> TileSizes {
+        TileSizes::new(self.vae.config().sample_size, self.vae_scale_factor())
+    }
+
+    /// Whether a decode or encode of `batch` images of `height_px` x `width_px` goes in tiles.
+    pub fn tiles_vae(&self, batch: usize, height_px: usize, width_px: usize) -> bool {
+        let tile = self.vae_tile_sizes().sample_px;
+        if height_px <= tile && width_px <= tile {
+            return false;
+        }
+        match self.vae_tiling() {
+            VaeTiling::Always => true,
+            VaeTiling::Never => false,
+            VaeTiling::Auto => {
+                let channels = self.vae.config().block_out_channels.first().copied();
+                estimated_untiled_bytes(
+                    batch,
+                    height_px,
+                    width_px,
+                    channels.unwrap_or(128),
+                    self.vae_dtype,
+                ) > AUTO_TILING_ABOVE_BYTES
+            }
+        }
     }
 
     /// Decodes latents to 8-bit RGB images, rounding as diffusers' `numpy_to_pil` does.
@@ -43,11 +96,20 @@ impl StableDiffusion {
     pub fn encode_pixels(&self, pixels: &Tensor) -> Result<LatentDistribution> {
         let encoder = self.vae_encoder()?;
         let pixels = pixels.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
-        let distribution = encoder.encode(&pixels)?;
-        Ok(LatentDistribution {
-            mean: distribution.mean.to_dtype(DType::F32)?,
-            std: distribution.std.to_dtype(DType::F32)?,
-        })
+        let (batch, _, height, width) = pixels.dims4()?;
+        let moments = if self.tiles_vae(batch, height, width) {
+            let factor = self.vae_scale_factor();
+            moments_in_tiles(
+                encoder,
+                &pixels,
+                self.vae_tile_sizes(),
+                factor,
+                TileStatistics::Shared,
+            )?
+        } else {
+            encoder.moments(&pixels)?
+        };
+        encoder.distribution(&moments.to_dtype(DType::F32)?)
     }
 
     /// Latents for the UNet from the VAE's own: `(x - shift) * scaling_factor`, as diffusers'

@@ -74,11 +74,16 @@ impl StableDiffusion {
         };
         let device = options.device.clone();
         let dtype = options.dtype.unwrap_or_else(|| default_dtype(&device));
+        let (encoder_device, encoder_dtype) = if options.text_encoders_on_cpu {
+            (candle_core::Device::Cpu, DType::F32)
+        } else {
+            (device.clone(), dtype)
+        };
         let mut text_encoders = Vec::new();
         let mut weights = WeightTable::default();
         for part in spec.text_encoders {
             report(part.name);
-            let vb = recording(part.weights.var_builder(dtype, &device)?);
+            let vb = recording(part.weights.var_builder(encoder_dtype, &encoder_device)?);
             let (encoder, table) = record(&format!("{}.", part.name), || {
                 ClipTextEncoder::new(part.config, vb)
             })?;
@@ -94,6 +99,7 @@ impl StableDiffusion {
             text_encoders.push(TextEncoderPart {
                 tokenizer: Arc::new(part.tokenizer),
                 encoder,
+                device: encoder_device.clone(),
             });
         }
         if text_encoders.is_empty() {
@@ -155,6 +161,7 @@ impl StableDiffusion {
             vae_weights,
             vae_encoder: std::sync::OnceLock::new(),
             preview_projection: std::sync::OnceLock::new(),
+            vae_tiling: Default::default(),
             weights,
             loras: Default::default(),
             embeddings: Vec::new(),

@@ -117,7 +117,6 @@ impl StableDiffusion {
         }
 
         self.restore_weights()?;
-        let device = self.device.clone();
         for (unet_weight, text_encoder_weight, matched) in plans {
             for (name, module) in matched {
                 let weight = if name.starts_with("unet.") {
@@ -132,7 +131,8 @@ impl StableDiffusion {
                 if !self.loras.originals.contains_key(&name) {
                     self.loras.originals.insert(name.clone(), current.clone());
                 }
-                let delta = module.delta(&slot.shape(), &device)?;
+                // On the weight's own device (text encoders may be kept on the CPU).
+                let delta = module.delta(&slot.shape(), current.device())?;
                 let merged = (current.to_dtype(DType::F32)? + (delta * weight)?)?;
                 slot.write(&merged)?;
             }

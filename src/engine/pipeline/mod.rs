@@ -39,6 +39,8 @@ pub use request::{
 struct TextEncoderPart {
     tokenizer: Arc<ClipTokenizer>,
     encoder: ClipTextEncoder,
+    /// Where it runs: the model's device, or the CPU when its memory is kept for the UNet.
+    device: Device,
 }
 
 /// A loaded Stable Diffusion model.
@@ -60,6 +62,8 @@ pub struct StableDiffusion {
     vae_encoder: std::sync::OnceLock<VaeEncoder>,
     /// The latent-to-RGB map of cheap previews, chosen (or fitted) at the first preview.
     preview_projection: std::sync::OnceLock<crate::engine::preview::LatentProjection>,
+    /// Whether decodes and encodes go tile by tile.
+    vae_tiling: crate::engine::vae_tiling::VaeTilingCell,
     /// The text encoders' and UNet's weights by name, for LoRAs to change in place.
     weights: WeightTable,
     /// The LoRAs merged into `weights` now, and the originals they changed.

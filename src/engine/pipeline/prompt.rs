@@ -175,20 +175,25 @@ impl StableDiffusion {
             for (index, chunk) in chunks.iter().enumerate() {
                 let encoding = part.encoder.encode_with(
                     std::slice::from_ref(&chunk.tokens),
-                    &self.device,
+                    &part.device,
                     skip,
                     extra.as_ref(),
                 )?;
+                // From an encoder kept on the CPU: to the UNet's device and precision.
+                // (No copy when it already is.)
+                let to_model = |t: Tensor| -> Result<Tensor> {
+                    Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
+                };
                 let hidden = match self.family {
                     ModelFamily::Sdxl => {
                         if index == 0 {
-                            pooled = Some(encoding.pooled);
+                            pooled = Some(to_model(encoding.pooled)?);
                         }
                         encoding.penultimate_hidden_state
                     }
                     ModelFamily::Sd1 | ModelFamily::Sd2 => encoding.last_hidden_state,
                 };
-                encoded.push(emphasize(&hidden, &chunk.weights)?);
+                encoded.push(to_model(emphasize(&hidden, &chunk.weights)?)?);
             }
             contexts.push(if encoded.len() == 1 {
                 encoded.remove(0)
