@@ -44,6 +44,8 @@ pub struct Job {
     pub lora_folders: Vec<std::path::PathBuf>,
     /// Where textual inversion embeddings are (their words in a prompt trigger them).
     pub embedding_folders: Vec<std::path::PathBuf>,
+    /// Whether the VAE decodes (and encodes) in tiles.
+    pub vae_tiling: crate::engine::vae_tiling::VaeTiling,
 }
 
 /// What the UI asks for.
@@ -283,6 +285,7 @@ impl Engine for DiffusionEngine {
                 used_embeddings.push(entry);
             }
         }
+        model.set_vae_tiling(job.vae_tiling);
         let model = &*model;
         let parts = JobParts {
             image: job.image.as_ref(),

@@ -216,7 +216,7 @@ fn a_tile_sized_image_is_never_tiled() {
 fn load_f16(family: &str, text_encoders_on_cpu: bool) -> StableDiffusion {
     let mut options = LoadOptions::new(Device::Cpu);
     options.dtype = Some(DType::F16);
-    options.text_encoders_on_cpu = text_encoders_on_cpu;
+    options.overrides.text_encoders_on_cpu = text_encoders_on_cpu;
     StableDiffusion::load(ModelSource::Folder(model_dir(family)), options).unwrap()
 }
 

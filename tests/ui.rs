@@ -715,6 +715,33 @@ fn model_options_override_the_prediction_and_remember_it_per_model() {
 }
 
 #[test]
+fn memory_options_reach_the_engine() {
+    // "Text encoders on the CPU" reloads the model with them kept there, remembered per model;
+    // the VAE tiling setting goes with every job.
+    let mut f = start(settings(), false, false, None);
+    f.click("Model options");
+    f.click("Text encoders on the CPU");
+    let seen = f.seen.clone();
+    f.wait_for("the model to reload", move |app| {
+        seen.lock().unwrap().loads.len() == 2 && !matches!(app.model, ModelState::Loading { .. })
+    });
+    {
+        let seen = f.seen.lock().unwrap();
+        assert_eq!(seen.loads.len(), 2);
+        assert!(!seen.load_overrides[0].text_encoders_on_cpu);
+        assert!(seen.load_overrides[1].text_encoders_on_cpu);
+    }
+    assert!(f.app().settings.model_overrides["fake/model"].text_encoders_on_cpu);
+    f.harness.state_mut().settings.vae_tiling = atelier::engine::vae_tiling::VaeTiling::Always;
+    f.click("Generate");
+    f.wait_for_jobs(1);
+    assert_eq!(
+        f.seen.lock().unwrap().vae_tilings,
+        vec![atelier::engine::vae_tiling::VaeTiling::Always]
+    );
+}
+
+#[test]
 fn the_lora_picker_lists_the_models_folders_and_inserts_a_tag() {
     let dir = tempfile::tempdir().unwrap();
     let webui = dir.path().join("stable-diffusion-webui");

@@ -223,8 +223,8 @@ pub fn load_model(
         vae: overrides.vae.clone(),
         prediction: overrides.prediction,
         text_encoders: overrides.text_encoders.clone(),
+        text_encoders_on_cpu: memory.text_encoders_on_cpu,
     };
-    options.text_encoders_on_cpu = memory.text_encoders_on_cpu;
     let model = StableDiffusion::load(source, options).with_context(|| {
         format!(
             "cannot load model {}",

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong inside the engine, each with a message an artist can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// A tensor operation failed (shape mismatch, out of memory, device error).
-    #[error("tensor error: {0}")]
+    /// A tensor operation failed (shape mismatch, out of memory, device error); running out of
+    /// GPU memory says what to try.
+    #[error("tensor error: {0}{hint}", hint = out_of_memory_hint(.0))]
     Tensor(candle_core::Error),
     /// A model folder or file is not where it should be.
     #[error("{what} not found: {path}")]
@@ -77,6 +78,18 @@ impl From<crate::schedulers::error::SchedulerError> for EngineError {
     }
 }
 
+/// What to try when the GPU ran out of memory (empty for other errors).
+fn out_of_memory_hint(error: &candle_core::Error) -> &'static str {
+    let text = error.to_string().to_ascii_lowercase();
+    if text.contains("out of memory") || text.contains("out_of_memory") {
+        "\nThe GPU ran out of memory. Try: Model options -> Text encoders on the CPU \
+         (--text-encoders-on-cpu), Settings -> VAE tiling: always (--vae-tiling on), a smaller \
+         image or batch, or closing other programs that use the GPU."
+    } else {
+        ""
+    }
+}
+
 impl EngineError {
     /// A [`EngineError::BadFile`] for `path`.
     pub fn bad_file(path: impl Into<PathBuf>, message: impl ToString) -> Self {
@@ -84,5 +97,22 @@ impl EngineError {
             path: path.into(),
             message: message.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_says_what_to_try() {
+        let error = EngineError::from(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ));
+        let text = error.to_string();
+        assert!(text.contains("Text encoders on the CPU"), "{text}");
+        assert!(text.contains("VAE tiling"), "{text}");
+        let other = EngineError::from(candle_core::Error::Msg("shape mismatch".into()));
+        assert_eq!(other.to_string(), "tensor error: shape mismatch");
     }
 }

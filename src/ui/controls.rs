@@ -485,6 +485,29 @@ fn settings_ui(ui: &mut Ui, settings: &mut Settings, commands: &mut Vec<UiComman
             );
     });
     ui.horizontal(|ui| {
+        use crate::engine::vae_tiling::VaeTiling;
+        let label = ui.label("VAE tiling");
+        let name = |tiling: VaeTiling| match tiling {
+            VaeTiling::Auto => "auto",
+            VaeTiling::Always => "always",
+            VaeTiling::Never => "never",
+        };
+        egui::ComboBox::from_id_salt("vae-tiling")
+            .selected_text(name(settings.vae_tiling))
+            .show_ui(ui, |ui| {
+                for tiling in VaeTiling::ALL {
+                    ui.selectable_value(&mut settings.vae_tiling, tiling, name(tiling));
+                }
+            })
+            .response
+            .labelled_by(label.id)
+            .on_hover_text(
+                "Decode (and encode) the image in tiles: the memory it needs stops growing with \
+                 the image. auto: only images too large for one pass (hires fix at 2048x2048); \
+                 always: also smaller ones, when GPU memory is short",
+            );
+    });
+    ui.horizontal(|ui| {
         ui.label("Full VAE preview every");
         ui.add(egui::DragValue::new(&mut settings.vae_preview_every).range(0..=50));
         ui.label("steps (0: fast preview only)");

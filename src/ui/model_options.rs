@@ -1,5 +1,6 @@
-//! The model's options under the picker: a VAE in place of the baked-in one and what the model
-//! predicts, remembered per model (single files do not always say it right).
+//! The model's options under the picker: a VAE in place of the baked-in one, what the model
+//! predicts (single files do not always say it right), and whether its text encoders stay on
+//! the CPU to save GPU memory, remembered per model.
 
 use egui::Ui;
 
@@ -116,5 +117,20 @@ pub(super) fn model_options_ui(ui: &mut Ui, settings: &Settings, commands: &mut 
                     }));
                 }
             });
+            let mut on_cpu = overrides.text_encoders_on_cpu;
+            if ui
+                .checkbox(&mut on_cpu, "Text encoders on the CPU")
+                .on_hover_text(
+                    "When GPU memory is short (SDXL on an 8 GB card): the text encoders stay \
+                     in main memory and run on the CPU, which saves their GPU memory (1.6 GB \
+                     for SDXL) and costs a second or two of CPU time per prompt",
+                )
+                .changed()
+            {
+                commands.push(UiCommand::SetModelOverrides(ModelOverrides {
+                    text_encoders_on_cpu: on_cpu,
+                    ..overrides.clone()
+                }));
+            }
         });
 }

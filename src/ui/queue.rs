@@ -128,6 +128,7 @@ mod tests {
             hires: None,
             lora_folders: Vec::new(),
             embedding_folders: Vec::new(),
+            vae_tiling: Default::default(),
         }
     }
 

@@ -55,6 +55,8 @@ pub struct Settings {
     /// Folders of models as A1111 or ComfyUI keep them (their root or `models` folder), or
     /// plain folders of files: LoRAs, checkpoints, VAEs and embeddings are found there.
     pub models_folders: Vec<String>,
+    /// Whether the VAE decodes and encodes in tiles (auto: only images too large for one pass).
+    pub vae_tiling: crate::engine::vae_tiling::VaeTiling,
     /// What the artist overrides of each model's own files (VAE, prediction), by model.
     pub model_overrides:
         std::collections::BTreeMap<String, crate::engine::pipeline::ModelOverrides>,
@@ -90,6 +92,7 @@ impl Default for Settings {
             hires: Default::default(),
             model_overrides: Default::default(),
             models_folders: Vec::new(),
+            vae_tiling: Default::default(),
         }
     }
 }

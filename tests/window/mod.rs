@@ -34,6 +34,8 @@ pub struct Seen {
     pub images: Vec<Option<ImageJob>>,
     /// Each job's hires fix.
     pub hires: Vec<Option<HiresFix>>,
+    /// Each job's VAE tiling.
+    pub vae_tilings: Vec<atelier::engine::vae_tiling::VaeTiling>,
 }
 
 /// An engine that records its jobs and advances one step per token the test sends.
@@ -96,6 +98,7 @@ impl Engine for FakeEngine {
             );
             seen.images.push(job.image.clone());
             seen.hires.push(job.hires);
+            seen.vae_tilings.push(job.vae_tiling);
         }
         if let Some(message) = &self.fail_generate {
             return Err(EngineError::InvalidParameter(message.clone()));

@@ -74,7 +74,7 @@ impl StableDiffusion {
         };
         let device = options.device.clone();
         let dtype = options.dtype.unwrap_or_else(|| default_dtype(&device));
-        let (encoder_device, encoder_dtype) = if options.text_encoders_on_cpu {
+        let (encoder_device, encoder_dtype) = if options.overrides.text_encoders_on_cpu {
             (candle_core::Device::Cpu, DType::F32)
         } else {
             (device.clone(), dtype)

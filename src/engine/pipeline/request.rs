@@ -116,11 +116,9 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Hears about downloads and components being read.
     pub progress: Option<LoadProgressFn>,
-    /// What the model's own files say, overridden (VAE, prediction).
+    /// What the model's own files say, overridden (VAE, prediction), and where the text
+    /// encoders run.
     pub overrides: ModelOverrides,
-    /// Keep the text encoders on the CPU (in f32) when the model runs on a GPU: their weights
-    /// (1.6 GB for SDXL's two) never take GPU memory; each prompt costs CPU time instead.
-    pub text_encoders_on_cpu: bool,
 }
 
 /// What an artist overrides of a model's own files, remembered per model by the window.
@@ -135,6 +133,11 @@ pub struct ModelOverrides {
     /// Where a single file without text encoders takes them from: a diffusers folder or a
     /// checkpoint of the same family.
     pub text_encoders: Option<std::path::PathBuf>,
+    /// Keep the text encoders on the CPU (in f32) when the model runs on a GPU: their weights
+    /// (1.6 GB for SDXL's two) never take GPU memory; each prompt costs CPU time instead. Not
+    /// a change to the model's files, but remembered with them: a large model needs it where a
+    /// small one does not.
+    pub text_encoders_on_cpu: bool,
 }
 
 impl ModelOverrides {
@@ -162,7 +165,6 @@ impl LoadOptions {
             dtype: None,
             progress: None,
             overrides: ModelOverrides::default(),
-            text_encoders_on_cpu: false,
         }
     }
 }

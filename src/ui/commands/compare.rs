@@ -122,6 +122,7 @@ impl AtelierApp {
                 hires: None,
                 lora_folders: lora_folders.clone(),
                 embedding_folders: embedding_folders.clone(),
+                vae_tiling: self.settings.vae_tiling,
             });
             self.compare.job_cells.insert(id, index);
         }

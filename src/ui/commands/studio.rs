@@ -104,6 +104,7 @@ impl AtelierApp {
                 hires,
                 lora_folders: lora_folders.clone(),
                 embedding_folders: embedding_folders.clone(),
+                vae_tiling: self.settings.vae_tiling,
             };
             if k == 0 && self.running.is_none() && self.queue.is_empty() {
                 self.generate_pressed_at = Some((id, Instant::now()));
