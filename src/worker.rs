@@ -293,10 +293,7 @@ impl Engine for DiffusionEngine {
             noise: None,
         };
         let result = model.run_job(&job.request, parts, job.preview, &job.cancel, &mut |step| {
-            let preview = match step.vae_preview {
-                Some(image) => Some(image),
-                None => model.preview(step.predicted_latents).ok(),
-            };
+            let preview = step.vae_preview.or(step.latent_preview);
             on_step(StepUpdate {
                 steps_done: step.step_index + 1,
                 total_steps: step.total_steps,

@@ -55,6 +55,7 @@ fn callback_reports_every_step() {
                 assert_eq!(step.total_steps, 5);
                 assert_eq!(step.predicted_latents.dims(), &[1, 4, 16, 16]);
                 assert!(step.vae_preview.is_none());
+                assert!(step.latent_preview.is_none(), "not asked for");
                 seen.push((step.step_index, step.timestep));
             },
         )
@@ -64,6 +65,49 @@ fn callback_reports_every_step() {
     // SD 1.x leading spacing with steps_offset 1: 801, 601, ..., 1.
     let timesteps: Vec<f64> = seen.iter().map(|s| s.1).collect();
     assert_eq!(timesteps, vec![801.0, 601.0, 401.0, 201.0, 1.0]);
+}
+
+#[test]
+fn latent_previews_come_with_every_step_and_match_the_projection() {
+    // On the CPU each step's cheap preview comes with that step, computed on the device the
+    // same way as the host projection.
+    let model = load_model("sd1");
+    let mut previews = 0;
+    model
+        .generate(
+            &request(4),
+            None,
+            PreviewOptions {
+                latent_previews: true,
+                ..Default::default()
+            },
+            &AtomicBool::new(false),
+            &mut |step| {
+                let preview = step.latent_preview.expect("a preview with every step");
+                assert_eq!(preview.dimensions(), (16, 16), "one pixel per latent cell");
+                let on_host = model.preview(step.predicted_latents).unwrap();
+                let on_device = model
+                    .preview_projection()
+                    .project_on_device(step.predicted_latents)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<u8>()
+                    .unwrap();
+                let largest = on_host
+                    .as_raw()
+                    .iter()
+                    .zip(&on_device)
+                    .map(|(a, b)| a.abs_diff(*b))
+                    .max()
+                    .unwrap();
+                assert!(largest <= 1, "device projection differs by {largest}");
+                assert_eq!(preview, on_host);
+                previews += 1;
+            },
+        )
+        .unwrap();
+    assert_eq!(previews, 4);
 }
 
 #[test]
@@ -97,6 +141,7 @@ fn vae_previews_come_every_n_steps() {
             None,
             PreviewOptions {
                 vae_decode_every: 2,
+                ..Default::default()
             },
             &AtomicBool::new(false),
             &mut |step| {
@@ -417,4 +462,13 @@ fn progress_counts_model_evaluations() {
     assert!(seen.iter().all(|&(_, total)| total == 7));
     assert_eq!(seen.last(), Some(&(6, 7)));
     assert_eq!(SchedulerKind::Heun.model_evaluations(4), 7);
+}
+
+#[test]
+fn every_fixture_family_warms_up() {
+    // GPUs run this tiny job at load; it must work for every kind of model.
+    for family in ["sd1", "sd2", "sdxl", "lcm", "sd1-inpaint"] {
+        let model = load_model(family);
+        model.warm_up().unwrap_or_else(|e| panic!("{family}: {e}"));
+    }
 }

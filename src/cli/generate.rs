@@ -362,15 +362,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         hires: hires.as_ref(),
         noise: init_noise.as_ref(),
     };
+    // A cheap preview with every step, as the window shows them.
+    let previews = PreviewOptions {
+        latent_previews: true,
+        ..Default::default()
+    };
     for run in 1..args.repeat {
         let started = std::time::Instant::now();
-        model.run_job(
-            &request,
-            parts,
-            PreviewOptions::default(),
-            &cancel,
-            &mut |_| {},
-        )?;
+        model.run_job(&request, parts, previews, &cancel, &mut |_| {})?;
         eprintln!(
             "run {run} of {}: {:.3} s",
             args.repeat,
@@ -378,23 +377,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     let job_started = std::time::Instant::now();
-    // The window shows a preview after every step; time the first one the same way.
     let mut first_preview_secs = None;
-    let result = model.run_job(
-        &request,
-        parts,
-        PreviewOptions::default(),
-        &cancel,
-        &mut |step| {
-            if first_preview_secs.is_none() && model.preview(step.predicted_latents).is_ok() {
+    let mut preview_count = 0;
+    let result = model.run_job(&request, parts, previews, &cancel, &mut |step| {
+        if step.latent_preview.is_some() {
+            preview_count += 1;
+            if first_preview_secs.is_none() {
                 first_preview_secs = Some(job_started.elapsed().as_secs_f64());
             }
-            bar.set_length(step.total_steps as u64);
-            bar.set_position(step.step_index as u64 + 1);
-            let per_sec = (step.step_index + 1) as f64 / step.elapsed_secs.max(1e-9);
-            bar.set_message(format!("{per_sec:.2} it/s"));
-        },
-    );
+        }
+        bar.set_length(step.total_steps as u64);
+        bar.set_position(step.step_index as u64 + 1);
+        let per_sec = (step.step_index + 1) as f64 / step.elapsed_secs.max(1e-9);
+        bar.set_message(format!("{per_sec:.2} it/s"));
+    });
     bar.finish_and_clear();
     let result = result?;
     if args.repeat > 1 {
@@ -490,7 +486,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         timings.decode_secs
     );
     if let Some(secs) = first_preview_secs {
-        eprintln!("first preview after {secs:.3} s");
+        eprintln!("first preview after {secs:.3} s ({preview_count} previews)");
     }
     Ok(())
 }

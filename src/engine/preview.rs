@@ -137,6 +137,102 @@ impl LatentProjection {
     }
 }
 
+impl LatentProjection {
+    /// [`Self::project`]'s pixels computed where `latents` are: `(h, w, 3)` bytes, contiguous,
+    /// still on the device (nothing waits for the GPU).
+    pub fn project_on_device(&self, latents: &Tensor) -> Result<Tensor> {
+        let (_, channels, height, width) = latents.dims4()?;
+        if channels != 4 {
+            return Err(EngineError::Unsupported(format!(
+                "latent previews need 4 latent channels, the model has {channels}"
+            )));
+        }
+        let device = latents.device();
+        let factors: Vec<f32> = self.factors.iter().flatten().copied().collect();
+        let factors = Tensor::from_vec(factors, (4, 3), device)?;
+        let bias = Tensor::from_vec(self.bias.to_vec(), (1, 3), device)?;
+        // (h * w, 4) x (4, 3) + bias, then [-1, 1] to [0, 255] rounded as `project` does.
+        let cells = latents
+            .get(0)?
+            .to_dtype(DType::F32)?
+            .reshape((4, height * width))?
+            .t()?
+            .contiguous()?;
+        let rgb = cells.matmul(&factors)?.broadcast_add(&bias)?;
+        let bytes = (((rgb + 1.0)? * 127.5)?.clamp(0.0, 255.0)?.round()?).to_dtype(DType::U8)?;
+        Ok(bytes.reshape((height, width, 3))?)
+    }
+}
+
+/// A cheap preview on its way from the GPU: the projection and the copy to the host are queued
+/// behind the step that made it, and [`PendingPreview::finish`] waits only for that copy (the
+/// steps queued since keep the GPU busy). On the CPU it is ready at once.
+pub enum PendingPreview {
+    /// Already an image (CPU, Metal).
+    Ready(RgbImage),
+    /// Queued on the CUDA stream.
+    #[cfg(feature = "cuda")]
+    Copying {
+        /// The copy into page-locked memory.
+        copy: super::cuda::HostCopy,
+        /// Image width.
+        width: u32,
+        /// Image height.
+        height: u32,
+    },
+}
+
+impl PendingPreview {
+    /// Starts the preview of `latents`' first image; on CUDA, into `buffer` (page-locked host
+    /// memory to reuse, from [`PendingPreview::finish`]) when it is large enough.
+    pub fn start(
+        projection: &LatentProjection,
+        latents: &Tensor,
+        buffer: Option<PreviewBuffer>,
+    ) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if latents.device().is_cuda() {
+            let (_, _, height, width) = latents.dims4()?;
+            let bytes = projection.project_on_device(latents)?;
+            let copy = super::cuda::HostCopy::start(&bytes, buffer.map(|b| b.0))?;
+            return Ok(PendingPreview::Copying {
+                copy,
+                width: width as u32,
+                height: height as u32,
+            });
+        }
+        let _ = buffer;
+        Ok(PendingPreview::Ready(projection.project(latents)?))
+    }
+
+    /// Whether it is an image already (no waiting).
+    pub fn is_ready(&self) -> bool {
+        matches!(self, PendingPreview::Ready(_))
+    }
+
+    /// The image, once its copy is done, and the buffer to reuse.
+    pub fn finish(self) -> Result<(RgbImage, Option<PreviewBuffer>)> {
+        match self {
+            PendingPreview::Ready(image) => Ok((image, None)),
+            #[cfg(feature = "cuda")]
+            PendingPreview::Copying {
+                copy,
+                width,
+                height,
+            } => {
+                let (bytes, buffer) = copy.finish()?;
+                let image = RgbImage::from_raw(width, height, bytes).ok_or_else(|| {
+                    EngineError::Unsupported("preview has an unexpected size".into())
+                })?;
+                Ok((image, Some(PreviewBuffer(buffer))))
+            }
+        }
+    }
+}
+
+/// Page-locked host memory that previews are copied into, reused from step to step.
+pub struct PreviewBuffer(#[cfg(feature = "cuda")] super::cuda::PinnedBytes);
+
 /// Projects the first latent of `latents` with the published map of `family`'s VAE.
 pub fn project_latents(latents: &Tensor, family: ModelFamily) -> Result<RgbImage> {
     LatentProjection::published(family).project(latents)

@@ -852,3 +852,57 @@ impl CustomOp3 for FlashAttentionOp {
         ))
     }
 }
+
+/// Page-locked host bytes (reused: allocating them costs far more than a copy).
+pub struct PinnedBytes(candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u8>);
+
+/// A copy of a byte tensor to the host, queued on its device's stream: nothing waits for it
+/// until [`HostCopy::finish`].
+pub struct HostCopy {
+    buffer: PinnedBytes,
+    len: usize,
+    /// Kept alive until the copy is done.
+    _source: Tensor,
+}
+
+impl HostCopy {
+    /// Queues the copy of `bytes` (contiguous u8 on a CUDA device) into `buffer`, or a new one
+    /// when it is missing or too small.
+    pub fn start(bytes: &Tensor, buffer: Option<PinnedBytes>) -> Result<Self> {
+        let bytes = bytes.contiguous()?;
+        let len = bytes.elem_count();
+        let (guard, layout) = bytes.storage_and_layout();
+        let Storage::Cuda(storage) = &*guard else {
+            candle_core::bail!("HostCopy takes a CUDA tensor");
+        };
+        let device = storage.device().clone();
+        let source = storage
+            .as_cuda_slice::<u8>()?
+            .slice(layout.start_offset()..layout.start_offset() + len);
+        let mut buffer = match buffer {
+            Some(buffer) if buffer.0.len() >= len => buffer,
+            _ => {
+                let context = device.cuda_stream().context().clone();
+                // SAFETY: the bytes are written by the copy below before anyone reads them;
+                // flags 0: ordinary (cached) page-locked memory, which the CPU reads fast.
+                PinnedBytes(unsafe { context.alloc_pinned_with_flags::<u8>(len, 0) }.w()?)
+            }
+        };
+        device
+            .cuda_stream()
+            .memcpy_dtoh(&source, &mut buffer.0)
+            .w()?;
+        drop(guard);
+        Ok(Self {
+            buffer,
+            len,
+            _source: bytes,
+        })
+    }
+
+    /// Waits for the copy (not for work queued after it) and returns the bytes and the buffer.
+    pub fn finish(self) -> Result<(Vec<u8>, PinnedBytes)> {
+        let bytes = self.buffer.0.as_slice().w()?[..self.len].to_vec();
+        Ok((bytes, self.buffer))
+    }
+}

@@ -10,6 +10,7 @@ use super::{
 };
 use crate::engine::error::{EngineError, Result};
 use crate::engine::noise::NoiseGenerator;
+use crate::engine::preview::{PendingPreview, PreviewBuffer};
 use crate::engine::unet::AddedConditions;
 
 use super::modes::{Blend, JobInput};
@@ -303,6 +304,10 @@ impl StableDiffusion {
         let first_index = plan.first_index;
         let mut latents = plan.latents.clone();
         let mut generator = NoiseGenerator::new(request.seed ^ 0x5eed_5eed_5eed_5eed);
+        let projection = preview.latent_previews.then(|| self.preview_projection());
+        // The previous step's preview on its way from the GPU, and buffers to reuse.
+        let mut pending: Option<PendingPreview> = None;
+        let mut buffers: Vec<PreviewBuffer> = Vec::new();
         for (index, &timestep) in timesteps.iter().enumerate().skip(first_index) {
             if cancel.load(Ordering::Relaxed) {
                 return Err(EngineError::Cancelled);
@@ -377,6 +382,31 @@ impl StableDiffusion {
             } else {
                 None
             };
+            let latent_preview = match &projection {
+                Some(projection) => {
+                    let this_step = PendingPreview::start(
+                        projection,
+                        &step.pred_original_sample,
+                        buffers.pop(),
+                    )?;
+                    // Ready at once on the CPU; on a GPU, the previous step's copy is done (or
+                    // nearly) while this step's work is queued behind it.
+                    let ready = if this_step.is_ready() {
+                        Some(this_step)
+                    } else {
+                        pending.replace(this_step)
+                    };
+                    match ready {
+                        Some(ready) => {
+                            let (image, buffer) = ready.finish()?;
+                            buffers.extend(buffer);
+                            Some(image)
+                        }
+                        None => None,
+                    }
+                }
+                None => None,
+            };
             on_step(StepProgress {
                 step_index: index - first_index,
                 total_steps: timesteps.len() - first_index,
@@ -384,6 +414,7 @@ impl StableDiffusion {
                 elapsed_secs: started.elapsed().as_secs_f64(),
                 predicted_latents: &step.pred_original_sample,
                 vae_preview,
+                latent_preview,
             });
         }
         Ok(latents)

@@ -61,7 +61,39 @@ impl StableDiffusion {
         if let Some(prediction) = options.overrides.prediction {
             spec.scheduler_config.prediction_type = Some(prediction.config_name().into());
         }
-        Self::build(spec, &options)
+        let model = Self::build(spec, &options)?;
+        if !model.device.is_cpu() {
+            if let Some(progress) = &options.progress {
+                progress(LoadProgress::Loading {
+                    component: "warm-up".into(),
+                });
+            }
+            // Not fatal: a model that cannot run this tiny job says why in the artist's own.
+            let _ = model.warm_up();
+        }
+        Ok(model)
+    }
+
+    /// One tiny job (64x64 pixels, one guided step, decoded): a GPU's first work in a process
+    /// (kernel compilation, cuBLAS handles, memory pools) is paid here, at load, instead of by
+    /// the artist's first picture.
+    pub fn warm_up(&self) -> Result<()> {
+        let side = 8 * self.vae_scale_factor();
+        let request = super::GenerationRequest {
+            prompt: "warm-up".into(),
+            steps: 1,
+            width: side,
+            height: side,
+            ..Default::default()
+        };
+        let options = super::PreviewOptions {
+            latent_previews: true,
+            ..Default::default()
+        };
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        self.generate(&request, None, options, &cancel, &mut |_| {})?;
+        self.device.synchronize()?;
+        Ok(())
     }
 
     fn build(spec: ModelSpec, options: &LoadOptions) -> Result<Self> {

@@ -94,7 +94,9 @@ impl StableDiffusion {
         Ok(match input {
             JobInput::Text { init_noise } => {
                 let noise = self.job_noise(request, *init_noise)?;
-                LatentPlan::text_to_image(noise, scheduler)?
+                let mut plan = LatentPlan::text_to_image(noise, scheduler)?;
+                plan.extra_unet_input = self.blank_inpainting_input(request)?;
+                plan
             }
             JobInput::Image {
                 pixels,
@@ -292,6 +294,26 @@ impl StableDiffusion {
                 mask: latent_mask,
             }),
         })
+    }
+
+    /// For an inpainting UNet asked for text to image, as A1111 feeds it: everything masked
+    /// (mask 1) over a mid-gray picture's latents (its distribution's mean); `None` for an
+    /// ordinary UNet.
+    fn blank_inpainting_input(&self, request: &GenerationRequest) -> Result<Option<Tensor>> {
+        let [batch, channels, height, width] = self.latent_shape(request);
+        if self.unet.config().in_channels != 2 * channels + 1 {
+            return Ok(None);
+        }
+        let gray = Tensor::zeros(
+            (1, 3, request.height, request.width),
+            DType::F32,
+            &self.device,
+        )?;
+        let masked = self
+            .scale_latents(&self.encode_pixels(&gray)?.mean)?
+            .repeat((batch, 1, 1, 1))?;
+        let mask = Tensor::ones((batch, 1, height, width), DType::F32, &self.device)?;
+        Ok(Some(Tensor::cat(&[&mask, &masked], 1)?))
     }
 
     /// Latents for the UNet of an image in [-1, 1] `(1, 3, H, W)`: a sample of the VAE's

@@ -174,6 +174,9 @@ impl LoadOptions {
 pub struct PreviewOptions {
     /// Decode the predicted x0 with the full VAE every this many steps (0 = never).
     pub vae_decode_every: usize,
+    /// A cheap preview (the latents projected to RGB) with every step, copied from the GPU
+    /// without stalling it: each step's preview comes with the next step's progress.
+    pub latent_previews: bool,
 }
 
 /// Everything that determines an image.
@@ -242,6 +245,10 @@ pub struct StepProgress<'a> {
     pub predicted_latents: &'a Tensor,
     /// A full VAE decode of the first predicted image, when [`PreviewOptions`] asked for one.
     pub vae_preview: Option<RgbImage>,
+    /// With [`PreviewOptions::latent_previews`]: the cheap preview of the latest step whose
+    /// work the GPU has finished (on the CPU, this step's; on a GPU, the previous one's, so
+    /// that nothing waits for the step just queued).
+    pub latent_preview: Option<RgbImage>,
 }
 
 /// Seconds spent in each phase of a job.

@@ -116,6 +116,7 @@ impl AtelierApp {
                 request: cell.request,
                 preview: PreviewOptions {
                     vae_decode_every: self.settings.vae_preview_every,
+                    latent_previews: true,
                 },
                 cancel: Arc::new(AtomicBool::new(false)),
                 image,

@@ -98,6 +98,7 @@ impl AtelierApp {
                 request: self.current_request(self.settings.seed.wrapping_add(k as u64)),
                 preview: PreviewOptions {
                     vae_decode_every: self.settings.vae_preview_every,
+                    latent_previews: true,
                 },
                 cancel: Arc::new(AtomicBool::new(false)),
                 image: image.clone(),
