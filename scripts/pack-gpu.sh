@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 eval "$(../shared/gpu/cuda-env.sh)"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda}
 mkdir -p .gpu
-cargo build --release --features cuda
+# slim: without the bundled model, so that the binaries and fixtures fit the carry limit.
+cargo build --release --features cuda,slim
 log=$(mktemp)
-cargo test --release --features cuda --test parity --test gpu_kernels --no-run 2>&1 | tee "$log"
+cargo test --release --features cuda,slim --test parity --test gpu_kernels --no-run 2>&1 | tee "$log"
 strip -o .gpu/atelier.tmp "$CARGO_TARGET_DIR/release/atelier"
 xz -T2 -6 -c .gpu/atelier.tmp > .gpu/atelier.xz
 for test in parity gpu_kernels; do
@@ -21,4 +22,6 @@ done
 rm -f .gpu/atelier.tmp "$log"
 [[ -d .gpu/whl ]] || ../shared/gpu/diffusers-wheels.sh .gpu/whl
 cp ../shared/gpu/bench_diffusers.py .gpu/
+mkdir -p .gpu/tok
+cp -r tests/fixtures/sd1/model/tokenizer tests/fixtures/sdxl/model/tokenizer_2 .gpu/tok/
 du -sh .gpu/*

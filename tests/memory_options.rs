@@ -173,8 +173,8 @@ fn one_pass_and_auto_decode_as_before() {
         2e-4,
     );
     assert!(
-        model.tiles_vae(1, 4096, 4096),
-        "a 4096x4096 decode goes in tiles"
+        model.tiles_vae(4, 4096, 4096),
+        "four 4096x4096 pictures go in tiles"
     );
     model.set_vae_tiling(VaeTiling::Always);
     assert_eq!(

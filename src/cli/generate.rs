@@ -376,6 +376,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
+    crate::engine::profile::reset_peak_memory(model.device());
     let job_started = std::time::Instant::now();
     let mut first_preview_secs = None;
     let mut preview_count = 0;
@@ -487,6 +488,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     );
     if let Some(secs) = first_preview_secs {
         eprintln!("first preview after {secs:.3} s ({preview_count} previews)");
+    }
+    if let (Some(used), Some(reserved)) = (
+        crate::engine::profile::peak_memory_bytes(model.device()),
+        crate::engine::profile::peak_reserved_memory_bytes(model.device()),
+    ) {
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        eprintln!(
+            "peak GPU memory {:.2} GiB allocated, {:.2} GiB held by the pool (the last job; \
+             the CUDA context comes on top)",
+            gib(used),
+            gib(reserved)
+        );
     }
     Ok(())
 }

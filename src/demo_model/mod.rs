@@ -29,13 +29,18 @@ on a blue background\". For real pictures, choose a Stable \
 Diffusion model: a preset from the Hub (downloaded once), a diffusers folder or a checkpoint \
 file you have (Folder…, File…), or your models folders in Settings.";
 
+#[cfg(not(feature = "slim"))]
 macro_rules! bundled {
     ($($path:literal),* $(,)?) => {
         &[$(($path, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/atelier-shapes/", $path)) as &[u8])),*]
     };
 }
 
+/// Every file of the model, by its path inside the folder (none in a `slim` build).
+#[cfg(feature = "slim")]
+pub const FILES: &[(&str, &[u8])] = &[];
 /// Every file of the model, by its path inside the folder.
+#[cfg(not(feature = "slim"))]
 pub const FILES: &[(&str, &[u8])] = bundled!(
     "model_index.json",
     "scheduler/scheduler_config.json",

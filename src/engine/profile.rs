@@ -77,23 +77,59 @@ pub fn peak_memory_bytes(device: &Device) -> Option<u64> {
     None
 }
 
+/// Peak bytes the GPU's default memory pool held from the device since the last
+/// [`reset_peak_memory`] (allocated plus what it kept for reuse: what a smaller GPU must have,
+/// besides the CUDA context itself). `None` off CUDA.
+pub fn peak_reserved_memory_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        return pool_attribute(cuda, false, true);
+    }
+    let _ = device;
+    None
+}
+
+/// Free memory on a CUDA GPU (the driver's figure, other processes counted), `None` elsewhere.
+pub fn free_gpu_memory_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let context = cuda.cuda_stream().context().clone();
+        context.bind_to_thread().ok()?;
+        let (free, _total) =
+            candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+        return Some(free as u64);
+    }
+    let _ = device;
+    None
+}
+
 /// Starts a new peak-memory measurement at the current usage.
 pub fn reset_peak_memory(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
         memory_pool_high_water(cuda, true);
+        pool_attribute(cuda, true, true);
     }
     let _ = device;
 }
 
 #[cfg(feature = "cuda")]
 fn memory_pool_high_water(device: &candle_core::CudaDevice, reset: bool) -> Option<u64> {
+    pool_attribute(device, reset, false)
+}
+
+#[cfg(feature = "cuda")]
+fn pool_attribute(device: &candle_core::CudaDevice, reset: bool, reserved: bool) -> Option<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let stream = device.cuda_stream();
     let context = stream.context();
     context.bind_to_thread().ok()?;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    let attribute = if reserved {
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH
+    } else {
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH
+    };
     let mut value: u64 = 0;
     // SAFETY: plain driver queries on the device's default pool with valid out-pointers.
     unsafe {

@@ -61,6 +61,8 @@ struct Session {
     applied: Vec<Statistics>,
     call: usize,
     counted: CountedPart,
+    /// Whether GroupNorms add to the tallies (not in the last pass: it only applies).
+    collecting: bool,
 }
 
 thread_local! {
@@ -81,6 +83,7 @@ impl SharedStatistics {
                 applied: Vec::new(),
                 call: 0,
                 counted: CountedPart::WHOLE,
+                collecting: true,
             })
         });
         Self {
@@ -99,11 +102,13 @@ impl SharedStatistics {
         });
     }
 
-    /// Ends a pass over all tiles: what it collected is applied from now on, and a new tally
-    /// starts.
-    pub fn next_pass(&self) {
+    /// Ends a pass over all tiles: what it collected is applied from now on; the next pass
+    /// collects again when `collect` is set (each GroupNorm waits for its sums: the last pass
+    /// should not).
+    pub fn next_pass(&self, collect: bool) {
         SESSION.with(|session| {
             if let Some(session) = session.borrow_mut().as_mut() {
+                session.collecting = collect;
                 session.applied = session
                     .tallies
                     .drain(..)
@@ -144,12 +149,26 @@ pub(crate) fn intercept(
     bias: &Tensor,
     activation: Option<Activation>,
 ) -> Result<Option<Tensor>> {
-    let Some(counted) = SESSION.with(|session| session.borrow().as_ref().map(|s| s.counted)) else {
+    let Some((counted, collecting)) =
+        SESSION.with(|session| session.borrow().as_ref().map(|s| (s.counted, s.collecting)))
+    else {
         return Ok(None);
     };
+    if !collecting {
+        let applied = SESSION.with(|session| {
+            let mut session = session.borrow_mut();
+            let session = session.as_mut()?;
+            let call = session.call;
+            session.call += 1;
+            session.applied.get(call).cloned()
+        });
+        return match applied {
+            Some(stats) => normalise(xs, groups, eps, weight, bias, activation, stats).map(Some),
+            None => Ok(None),
+        };
+    }
     let dims = xs.dims().to_vec();
     let batch = dims[0];
-    let channels = dims[1];
     let xs32 = xs.to_dtype(DType::F32)?;
     let grouped = xs32.reshape((batch, groups, ()))?;
     let part = match dims.as_slice() {
@@ -196,9 +215,27 @@ pub(crate) fn intercept(
             .filter(|stats| stats.means.len() == sums.len())
             .cloned()
     });
-    let Some(stats) = applied else {
-        return Ok(None);
-    };
+    match applied {
+        Some(stats) => normalise(xs, groups, eps, weight, bias, activation, stats).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// `xs` normalised with `stats` (per batch item and group), then the affine weights and
+/// `activation`, in `xs`'s precision.
+fn normalise(
+    xs: &Tensor,
+    groups: usize,
+    eps: f64,
+    weight: &Tensor,
+    bias: &Tensor,
+    activation: Option<Activation>,
+    stats: Statistics,
+) -> Result<Tensor> {
+    let dims = xs.dims().to_vec();
+    let batch = dims[0];
+    let channels = dims[1];
+    let grouped = xs.to_dtype(DType::F32)?.reshape((batch, groups, ()))?;
     let device = xs.device();
     let means = Tensor::from_vec(stats.means, (batch, groups, 1), device)?;
     let inverse_std: Vec<f32> = stats
@@ -224,5 +261,5 @@ pub(crate) fn intercept(
         Some(activation) => activation.apply(&out)?,
         None => out,
     };
-    Ok(Some(out.to_dtype(xs.dtype())?))
+    Ok(out.to_dtype(xs.dtype())?)
 }

@@ -14,8 +14,9 @@ use super::vae::{VaeDecoder, VaeEncoder};
 /// Whether decodes and encodes go tile by tile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum VaeTiling {
-    /// Tiles when an untiled pass would need more than [`AUTO_TILING_ABOVE_BYTES`] of
-    /// activations (large images: hires fix at 2048x2048, SDXL past 1536x1536).
+    /// Tiles when an untiled pass would not fit: on a CUDA GPU, its activations (as
+    /// [`estimated_untiled_bytes`] puts them) above the free memory less a margin; elsewhere
+    /// above [`AUTO_TILING_ABOVE_BYTES`] (a 4096x4096 decode).
     #[default]
     Auto,
     /// Always in tiles (when the image is larger than one tile).
@@ -83,11 +84,16 @@ impl VaeTilingCell {
     }
 }
 
-/// With [`VaeTiling::Auto`], a pass tiles once its largest activations (full resolution, the
-/// first level's channels, about four alive at once) would pass this many bytes.
-pub const AUTO_TILING_ABOVE_BYTES: usize = 3 << 30;
+/// With [`VaeTiling::Auto`] off CUDA (main memory), a pass tiles once its activations would
+/// pass this many bytes.
+pub const AUTO_TILING_ABOVE_BYTES: usize = 12 << 30;
 
-/// The untiled pass's activation memory as [`AUTO_TILING_ABOVE_BYTES`] estimates it.
+/// With [`VaeTiling::Auto`] on CUDA, what is kept free besides the untiled pass's estimate.
+pub const GPU_MARGIN_BYTES: usize = 1 << 30;
+
+/// The untiled pass's activation memory: six full-resolution tensors of the first level's
+/// channels (measured on an H200: SD's VAE at 2048x2048 in f16 took 6.4 GB besides the weights;
+/// the estimate says 6 GiB).
 pub fn estimated_untiled_bytes(
     batch: usize,
     height_px: usize,
@@ -95,7 +101,7 @@ pub fn estimated_untiled_bytes(
     first_level_channels: usize,
     dtype: DType,
 ) -> usize {
-    4 * batch * height_px * width_px * first_level_channels * dtype.size_in_bytes()
+    6 * batch * height_px * width_px * first_level_channels * dtype.size_in_bytes()
 }
 
 /// The tile sizes of a VAE: `sample_px` pixels a side (the config's `sample_size`, as diffusers
@@ -109,13 +115,20 @@ pub struct TileSizes {
     pub latent_cells: usize,
 }
 
-/// When a VAE config has no `sample_size` (single-file checkpoints): 512-pixel tiles.
-pub const DEFAULT_TILE_PX: usize = 512;
+/// The largest tile (and the tile when a VAE config has no `sample_size`, as single-file
+/// checkpoints): 512 pixels. diffusers tiles SDXL's VAE by 1024 pixels, which leaves a
+/// 1024x1024 picture in one piece, and tiling is what a GPU short of memory needs there
+/// (measured on an H200: SDXL's f32 decode of 1024x1024 takes 2.8 GB besides the weights).
+pub const MAX_TILE_PX: usize = 512;
 
 impl TileSizes {
-    /// The tiles of a VAE with `sample_size` (pixels) and `scale_factor` pixels per cell.
+    /// The tiles of a VAE with `sample_size` (pixels, at most [`MAX_TILE_PX`]) and
+    /// `scale_factor` pixels per cell.
     pub fn new(sample_size: Option<usize>, scale_factor: usize) -> Self {
-        let sample_px = sample_size.unwrap_or(DEFAULT_TILE_PX).max(scale_factor);
+        let sample_px = sample_size
+            .unwrap_or(MAX_TILE_PX)
+            .min(MAX_TILE_PX)
+            .max(scale_factor);
         Self {
             sample_px,
             latent_cells: (sample_px / scale_factor.max(1)).max(1),
@@ -191,7 +204,7 @@ pub fn run_tiled_shared(
     let small = input.upsample_nearest2d(height.div_ceil(shrink), width.div_ceil(shrink))?;
     session.start_tile(CountedPart::WHOLE);
     drop(pass(&small)?);
-    session.next_pass();
+    session.next_pass(true);
     // Better ones: every tile, normalised with the first, counting its middle part.
     let origins = tile_origins(height, width, input_tile);
     for &(top, left) in &origins {
@@ -202,7 +215,7 @@ pub fn run_tiled_shared(
         session.start_tile(counted_part(top, left, height, width, input_tile));
         drop(pass(&tile)?);
     }
-    session.next_pass();
+    session.next_pass(false);
     let mut next = origins.iter();
     run_tiled(input, input_tile, output_tile, |tile| {
         if let Some(&(top, left)) = next.next() {

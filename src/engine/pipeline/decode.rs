@@ -9,8 +9,8 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::preview::LatentProjection;
 use crate::engine::vae::{LatentDistribution, VaeEncoder};
 use crate::engine::vae_tiling::{
-    AUTO_TILING_ABOVE_BYTES, TileSizes, TileStatistics, VaeTiling, decode_in_tiles,
-    estimated_untiled_bytes, moments_in_tiles,
+    AUTO_TILING_ABOVE_BYTES, GPU_MARGIN_BYTES, TileSizes, TileStatistics, VaeTiling,
+    decode_in_tiles, estimated_untiled_bytes, moments_in_tiles,
 };
 
 impl StableDiffusion {
@@ -63,13 +63,17 @@ impl StableDiffusion {
             VaeTiling::Never => false,
             VaeTiling::Auto => {
                 let channels = self.vae.config().block_out_channels.first().copied();
-                estimated_untiled_bytes(
+                let needed = estimated_untiled_bytes(
                     batch,
                     height_px,
                     width_px,
                     channels.unwrap_or(128),
                     self.vae_dtype,
-                ) > AUTO_TILING_ABOVE_BYTES
+                );
+                match crate::engine::profile::free_gpu_memory_bytes(&self.device) {
+                    Some(free) => needed + GPU_MARGIN_BYTES > free as usize,
+                    None => needed > AUTO_TILING_ABOVE_BYTES,
+                }
             }
         }
     }
