@@ -176,14 +176,14 @@ impl GroupNorm {
 
     fn run(&self, xs: &Tensor, activation: Option<Activation>) -> Result<Tensor> {
         // In a tiled VAE pass: the statistics of the whole image.
-        if let Some(out) = super::shared_norm::intercept(
-            xs,
-            self.groups,
-            self.eps,
-            &self.weight,
-            &self.bias,
+        let parts = super::shared_norm::NormParts {
+            groups: self.groups,
+            eps: self.eps,
+            weight: &self.weight,
+            bias: &self.bias,
             activation,
-        )? {
+        };
+        if let Some(out) = super::shared_norm::intercept(xs, &parts)? {
             return Ok(out);
         }
         profile::scope("group_norm", xs.device(), || {

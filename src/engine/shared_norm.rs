@@ -138,17 +138,26 @@ impl Drop for SharedStatistics {
     }
 }
 
+/// What a GroupNorm call normalises with, besides the statistics.
+#[derive(Clone, Copy)]
+pub(crate) struct NormParts<'a> {
+    /// Channel groups.
+    pub groups: usize,
+    /// Added to the variance.
+    pub eps: f64,
+    /// Per-channel scale.
+    pub weight: &'a Tensor,
+    /// Per-channel shift.
+    pub bias: &'a Tensor,
+    /// Applied after (SiLU in the VAE's resnets).
+    pub activation: Option<Activation>,
+}
+
 /// Called by every GroupNorm: `None` when no session is open or nothing is applied yet (then
 /// it normalises as usual), else `xs` normalised with the shared statistics. Adds `xs`'s sums
-/// to the session's tally either way.
-pub(crate) fn intercept(
-    xs: &Tensor,
-    groups: usize,
-    eps: f64,
-    weight: &Tensor,
-    bias: &Tensor,
-    activation: Option<Activation>,
-) -> Result<Option<Tensor>> {
+/// to the session's tally unless the session only applies.
+pub(crate) fn intercept(xs: &Tensor, parts: &NormParts<'_>) -> Result<Option<Tensor>> {
+    let groups = parts.groups;
     let Some((counted, collecting)) =
         SESSION.with(|session| session.borrow().as_ref().map(|s| (s.counted, s.collecting)))
     else {
@@ -163,7 +172,7 @@ pub(crate) fn intercept(
             session.applied.get(call).cloned()
         });
         return match applied {
-            Some(stats) => normalise(xs, groups, eps, weight, bias, activation, stats).map(Some),
+            Some(stats) => normalise(xs, parts, stats).map(Some),
             None => Ok(None),
         };
     }
@@ -216,22 +225,21 @@ pub(crate) fn intercept(
             .cloned()
     });
     match applied {
-        Some(stats) => normalise(xs, groups, eps, weight, bias, activation, stats).map(Some),
+        Some(stats) => normalise(xs, parts, stats).map(Some),
         None => Ok(None),
     }
 }
 
 /// `xs` normalised with `stats` (per batch item and group), then the affine weights and
 /// `activation`, in `xs`'s precision.
-fn normalise(
-    xs: &Tensor,
-    groups: usize,
-    eps: f64,
-    weight: &Tensor,
-    bias: &Tensor,
-    activation: Option<Activation>,
-    stats: Statistics,
-) -> Result<Tensor> {
+fn normalise(xs: &Tensor, parts: &NormParts<'_>, stats: Statistics) -> Result<Tensor> {
+    let NormParts {
+        groups,
+        eps,
+        weight,
+        bias,
+        activation,
+    } = *parts;
     let dims = xs.dims().to_vec();
     let batch = dims[0];
     let channels = dims[1];
