@@ -123,9 +123,21 @@ impl Conv2d {
                     .contiguous()?
                     .apply_op3_no_bwd(&self.weight, &self.bias, &op)?);
             }
-            let out = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-            let bias = self.bias.reshape((1, (), 1, 1))?;
-            let out = out.broadcast_add(&bias)?;
+            let out = if xs.device().is_cpu()
+                && xs.dtype() == DType::F32
+                && self.weight.dtype() == DType::F32
+                && self.bias.dtype() == DType::F32
+            {
+                let op = super::cpu_kernels::CpuConv2dOp {
+                    stride: self.stride,
+                    padding: self.padding,
+                };
+                xs.contiguous()?
+                    .apply_op3_no_bwd(&self.weight.contiguous()?, &self.bias, &op)?
+            } else {
+                let out = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+                out.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
+            };
             Ok(match residual {
                 Some(residual) => (residual + out)?,
                 None => out,

@@ -154,6 +154,26 @@ fn attention_unprofiled(
             .contiguous()?)
     };
     let dtype = query.dtype();
+    if mask.is_none()
+        && query.device().is_cpu()
+        && [query.dtype(), key.dtype(), value.dtype()] == [DType::F32; 3]
+    {
+        let op = super::cpu_kernels::CpuAttentionOp {
+            scale: scale as f32,
+        };
+        let rows = |xs: &Tensor, len: usize| -> Result<Tensor> {
+            Ok(split(xs, len)?.reshape((batch * heads, len, head_dim))?)
+        };
+        let out = rows(query, query_len)?.apply_op3_no_bwd(
+            &rows(key, key_len)?,
+            &rows(value, key_len)?,
+            &op,
+        )?;
+        return Ok(out
+            .reshape((batch, heads, query_len, head_dim))?
+            .transpose(1, 2)?
+            .reshape((batch, query_len, width))?);
+    }
     let compute_dtype = if upcast || dtype != DType::F32 && dtype != DType::F64 {
         DType::F32
     } else {
