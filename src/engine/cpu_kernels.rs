@@ -140,7 +140,13 @@ mod tests {
             let v = pattern((rows, key_len, dim), 1.3);
             let scale = 1.0 / (dim as f64).sqrt();
             let ours = q
-                .apply_op3_no_bwd(&k, &v, &CpuAttentionOp { scale: scale as f32 })
+                .apply_op3_no_bwd(
+                    &k,
+                    &v,
+                    &CpuAttentionOp {
+                        scale: scale as f32,
+                    },
+                )
                 .unwrap();
             let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
             let reference = candle_nn::ops::softmax_last_dim(&scores)
@@ -155,7 +161,10 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(difference < 1e-5, "{rows}x{query_len}x{key_len}x{dim}: {difference}");
+            assert!(
+                difference < 1e-5,
+                "{rows}x{query_len}x{key_len}x{dim}: {difference}"
+            );
         }
     }
 
@@ -196,7 +205,11 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&bias.reshape((1, 7, 1, 1)).unwrap())
                 .unwrap();
-            assert_eq!(ours.dims(), reference.dims(), "{shape:?} k{kernel} s{stride}");
+            assert_eq!(
+                ours.dims(),
+                reference.dims(),
+                "{shape:?} k{kernel} s{stride}"
+            );
             let difference = (ours - reference)
                 .unwrap()
                 .abs()
@@ -205,7 +218,10 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(difference < 1e-4, "{shape:?} k{kernel} s{stride} p{padding}: {difference}");
+            assert!(
+                difference < 1e-4,
+                "{shape:?} k{kernel} s{stride} p{padding}: {difference}"
+            );
         }
     }
 
@@ -283,10 +299,14 @@ impl CustomOp3 for CpuConv2dOp {
         let input = contiguous(xs, xs_layout, "the input")?;
         let weight = contiguous(weight, weight_layout, "the weight")?;
         let bias = contiguous(bias, bias_layout, "the bias")?;
-        let (Ok(&[batch, channels, height, width]), Ok(&[out_channels, in_channels, kernel_h, kernel_w])) = (
+        let (
+            Ok(&[batch, channels, height, width]),
+            Ok(&[out_channels, in_channels, kernel_h, kernel_w]),
+        ) = (
             <&[usize; 4]>::try_from(xs_layout.shape().dims()),
             <&[usize; 4]>::try_from(weight_layout.shape().dims()),
-        ) else {
+        )
+        else {
             candle_core::bail!("CPU conv2d: input and weight must be 4-D");
         };
         if in_channels != channels || bias.len() != out_channels || self.stride == 0 {
@@ -317,8 +337,7 @@ impl CustomOp3 for CpuConv2dOp {
         } else {
             gemm::Parallelism::None
         };
-        let pointwise =
-            kernel_h == 1 && kernel_w == 1 && self.stride == 1 && self.padding == 0;
+        let pointwise = kernel_h == 1 && kernel_w == 1 && self.stride == 1 && self.padding == 0;
         let band_rows = (MAX_COLUMN_VALUES / (depth * out_w).max(1)).clamp(1, out_h);
         let mut columns = if pointwise {
             Vec::new()
@@ -333,11 +352,25 @@ impl CustomOp3 for CpuConv2dOp {
                 // image (channels x plane), all row-major and in bounds.
                 unsafe {
                     gemm::gemm(
-                        out_channels, plane, channels,
-                        out.as_mut_ptr(), 1, plane as isize, true,
-                        weight.as_ptr(), 1, channels as isize,
-                        image.as_ptr(), 1, plane as isize,
-                        1.0, 1.0, false, false, false, parallelism,
+                        out_channels,
+                        plane,
+                        channels,
+                        out.as_mut_ptr(),
+                        1,
+                        plane as isize,
+                        true,
+                        weight.as_ptr(),
+                        1,
+                        channels as isize,
+                        image.as_ptr(),
+                        1,
+                        plane as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism,
                     );
                 }
                 continue;
@@ -346,23 +379,46 @@ impl CustomOp3 for CpuConv2dOp {
                 let rows = band_rows.min(out_h - first_row);
                 let span = rows * out_w;
                 let band = &mut columns[..depth * span];
-                band.par_chunks_mut(span).enumerate().for_each(|(row, values)| {
-                    let channel = row / (kernel_h * kernel_w);
-                    let ky = (row / kernel_w) % kernel_h;
-                    let kx = row % kernel_w;
-                    let source = &image[channel * height * width..][..height * width];
-                    self.fill_column_row(values, source, (height, width), (ky, kx), first_row, out_w);
-                });
+                band.par_chunks_mut(span)
+                    .enumerate()
+                    .for_each(|(row, values)| {
+                        let channel = row / (kernel_h * kernel_w);
+                        let ky = (row / kernel_w) % kernel_h;
+                        let kx = row % kernel_w;
+                        let source = &image[channel * height * width..][..height * width];
+                        self.fill_column_row(
+                            values,
+                            source,
+                            (height, width),
+                            (ky, kx),
+                            first_row,
+                            out_w,
+                        );
+                    });
                 // SAFETY: the band's outputs are rows first_row.. of each output channel's plane
                 // (row stride `plane`), the weight is (out_channels x depth) and the columns
                 // (depth x span), all row-major and in bounds.
                 unsafe {
                     gemm::gemm(
-                        out_channels, span, depth,
-                        out.as_mut_ptr().add(first_row * out_w), 1, plane as isize, true,
-                        weight.as_ptr(), 1, depth as isize,
-                        band.as_ptr(), 1, span as isize,
-                        1.0, 1.0, false, false, false, parallelism,
+                        out_channels,
+                        span,
+                        depth,
+                        out.as_mut_ptr().add(first_row * out_w),
+                        1,
+                        plane as isize,
+                        true,
+                        weight.as_ptr(),
+                        1,
+                        depth as isize,
+                        band.as_ptr(),
+                        1,
+                        span as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism,
                     );
                 }
             }
@@ -448,11 +504,16 @@ impl CustomOp3 for CpuAttentionOp {
         let q = contiguous(query, query_layout, "the query")?;
         let k = contiguous(key, key_layout, "the key")?;
         let v = contiguous(value, value_layout, "the value")?;
-        let (Ok(&[rows, query_len, dim]), Ok(&[key_rows, key_len, key_dim]), Ok(&[value_rows, value_len, value_dim])) = (
+        let (
+            Ok(&[rows, query_len, dim]),
+            Ok(&[key_rows, key_len, key_dim]),
+            Ok(&[value_rows, value_len, value_dim]),
+        ) = (
             <&[usize; 3]>::try_from(query_layout.shape().dims()),
             <&[usize; 3]>::try_from(key_layout.shape().dims()),
             <&[usize; 3]>::try_from(value_layout.shape().dims()),
-        ) else {
+        )
+        else {
             candle_core::bail!("CPU attention: query, key and value must be 3-D");
         };
         if key_rows != rows || value_rows != rows || key_dim != dim || value_len != key_len {
@@ -498,11 +559,25 @@ impl CpuAttentionOp {
         // read transposed, all row-major and in bounds.
         unsafe {
             gemm::gemm(
-                count, key_len, dim,
-                scores.as_mut_ptr(), 1, key_len as isize, false,
-                queries.as_ptr(), 1, dim as isize,
-                keys.as_ptr(), dim as isize, 1,
-                0.0, self.scale, false, false, false, gemm::Parallelism::None,
+                count,
+                key_len,
+                dim,
+                scores.as_mut_ptr(),
+                1,
+                key_len as isize,
+                false,
+                queries.as_ptr(),
+                1,
+                dim as isize,
+                keys.as_ptr(),
+                dim as isize,
+                1,
+                0.0,
+                self.scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
         }
         let mut sums = vec![0f32; count];
@@ -517,11 +592,25 @@ impl CpuAttentionOp {
         // (key_len x value_dim), all row-major and in bounds.
         unsafe {
             gemm::gemm(
-                count, value_dim, key_len,
-                out.as_mut_ptr(), 1, value_dim as isize, false,
-                scores.as_ptr(), 1, key_len as isize,
-                values.as_ptr(), 1, value_dim as isize,
-                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                count,
+                value_dim,
+                key_len,
+                out.as_mut_ptr(),
+                1,
+                value_dim as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                key_len as isize,
+                values.as_ptr(),
+                1,
+                value_dim as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
         }
         for (row, sum) in out.chunks_mut(value_dim).zip(&sums) {
@@ -540,7 +629,11 @@ fn lanes_max(values: &[f32]) -> f32 {
             *lane = lane.max(*value);
         }
     }
-    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     lanes.into_iter().fold(tail, f32::max)
 }
 
