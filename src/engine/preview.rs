@@ -135,9 +135,7 @@ impl LatentProjection {
         }
         Ok(image)
     }
-}
 
-impl LatentProjection {
     /// [`Self::project`]'s pixels computed where `latents` are: `(h, w, 3)` bytes, contiguous,
     /// still on the device (nothing waits for the GPU).
     pub fn project_on_device(&self, latents: &Tensor) -> Result<Tensor> {
