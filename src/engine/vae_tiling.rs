@@ -1,9 +1,11 @@
-//! Tiled VAE decoding and encoding, as diffusers' `AutoencoderKL.enable_tiling()` does it: the
-//! input is cut into overlapping square tiles, each tile goes through the network alone (so the
+//! Tiled VAE decoding and encoding: the input is cut into overlapping square tiles as diffusers'
+//! `AutoencoderKL.enable_tiling()` cuts it, each tile goes through the network alone (so the
 //! memory a decode needs no longer grows with the image), and neighbouring outputs are blended
-//! linearly across the overlap so that no seam shows. Each tile normalises with its own
-//! statistics, so a tiled result differs slightly from an untiled one (the figure is reported by
-//! `atelier bench --vae-tiling`); it equals diffusers' tiled result.
+//! linearly across the overlap. diffusers normalises each tile with its own GroupNorm
+//! statistics ([`TileStatistics::PerTile`], kept and tested equal to it), which shows as seams
+//! on flat colours; Atelier decodes with statistics shared by all tiles
+//! ([`TileStatistics::Shared`]). `atelier bench --tiled-decode` reports how far either lands
+//! from an untiled decode.
 
 use candle_core::{DType, Tensor};
 
@@ -105,8 +107,8 @@ pub fn estimated_untiled_bytes(
 }
 
 /// The tile sizes of a VAE: `sample_px` pixels a side (the config's `sample_size`, as diffusers
-/// takes it), `sample_px / scale_factor` latent cells, a quarter of each overlapping its
-/// neighbour.
+/// takes it, but at most [`MAX_TILE_PX`]), `sample_px / scale_factor` latent cells, a quarter
+/// of each overlapping its neighbour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TileSizes {
     /// A tile's side in pixels.
