@@ -47,7 +47,7 @@ impl StableDiffusion {
         self.vae_tiling.set(tiling);
     }
 
-    /// The VAE's tiles (its config's `sample_size`, as diffusers tiles).
+    /// The VAE's tiles: its config's `sample_size` as diffusers tiles, at most 512 pixels.
     pub fn vae_tile_sizes(&self) -> TileSizes {
         TileSizes::new(self.vae.config().sample_size, self.vae_scale_factor())
     }
