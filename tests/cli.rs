@@ -13,6 +13,15 @@ fn atelier() -> Command {
     Command::new(env!("CARGO_BIN_EXE_atelier"))
 }
 
+/// Fails the test with the command's stderr unless it succeeded.
+fn assert_success(output: &std::process::Output) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// `atelier generate` on the SD 1.x fixture, on the CPU, prompt "a fox", 3 steps, plus `extra`;
 /// it must succeed.
 fn generate_sd1(out: &std::path::Path, extra: &[&str]) {
@@ -25,11 +34,7 @@ fn generate_sd1(out: &std::path::Path, extra: &[&str]) {
         .arg(out)
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
 }
 
 #[test]
@@ -171,11 +176,7 @@ fn schedulers_command_prints_the_quality_map_and_plots_it() {
         .arg(&plot)
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let table = String::from_utf8_lossy(&output.stdout);
     for id in atelier::schedulers::Sampler::all_ids() {
         if !id.ends_with("-exponential") {
@@ -220,11 +221,7 @@ fn schedulers_on_a_model_measure_the_distance_to_the_reference() {
         .arg(&plot)
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let table = String::from_utf8_lossy(&output.stdout);
     let line = table
         .lines()
@@ -393,11 +390,7 @@ fn bench_runs_on_a_fixture_model() {
         .arg(model_dir("sdxl"))
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["unet_batch"], 2);
     assert!(report["report"]["unet_step_ms"].as_f64().unwrap() > 0.0);
@@ -427,11 +420,7 @@ fn gallery_list_search_and_rebuild() {
             .arg(dir.path())
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert_success(&output);
         (
             String::from_utf8_lossy(&output.stdout).into_owned(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -471,11 +460,7 @@ fn compare_makes_a_grid_of_the_engines_images_and_keeps_the_cells() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let chunks = read_png_text(&out).unwrap();
     let record: atelier::compare::GridRecord =
         serde_json::from_str(&chunks[atelier::compare::COMPARISON_KEYWORD]).unwrap();

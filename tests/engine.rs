@@ -88,7 +88,9 @@ fn latent_previews_come_with_every_step_and_match_the_projection() {
                 let on_host = model.preview(step.predicted_latents).unwrap();
                 let on_device = model
                     .preview_projection()
-                    .project_on_device(step.predicted_latents)
+                    .on_device(step.predicted_latents.device())
+                    .unwrap()
+                    .project(step.predicted_latents)
                     .unwrap()
                     .flatten_all()
                     .unwrap()

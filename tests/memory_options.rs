@@ -129,6 +129,7 @@ fn shared_statistics_leave_no_seams_on_a_trained_vae() {
     let per_tile =
         to_unit(&decode_in_tiles(model.vae(), &latents, tiles, TileStatistics::PerTile).unwrap());
     model.set_vae_tiling(VaeTiling::Always);
+    assert!(model.tiles_vae(1, 384, 384), "nine 128-pixel tiles");
     let shared = model
         .decode_to_tensor(&(&latents * scale).unwrap())
         .unwrap();
@@ -140,6 +141,7 @@ fn shared_statistics_leave_no_seams_on_a_trained_vae() {
          per tile {per_tile_error:.2} (max {:.0})",
         max_difference(&per_tile, &untiled) * 255.0
     );
+    assert!(shared_error > 0.01, "went in tiles (not one pass)");
     assert!(shared_error < per_tile_error / 2.0);
     assert!(shared_error < 2.0, "{shared_error} of 255 on average");
 
@@ -148,6 +150,7 @@ fn shared_statistics_leave_no_seams_on_a_trained_vae() {
     let encoder_error = mean_difference(&tiled_latents, &latents);
     let latent_scale = mean_difference(&latents, &latents.zeros_like().unwrap());
     eprintln!("encode: mean difference {encoder_error:.4} (latents' mean size {latent_scale:.3})");
+    assert!(encoder_error > 0.0, "went in tiles (not one pass)");
     assert!(encoder_error < latent_scale / 20.0);
 }
 
@@ -227,6 +230,9 @@ fn text_encoders_kept_on_the_cpu_give_the_unet_what_it_reads() {
     for family in ["sd1", "sdxl"] {
         let kept = load_f16(family, true);
         let plain = load_f16(family, false);
+        assert_eq!(kept.text_encoders_placement().1, DType::F32, "{family}");
+        assert!(kept.text_encoders_placement().0.is_cpu());
+        assert_eq!(plain.text_encoders_placement().1, DType::F16, "{family}");
         let reference = load_model(family);
         for prompt in [
             "a red fox in the snow",

@@ -33,3 +33,18 @@ pub mod vae_tiling;
 pub mod weights;
 
 pub use error::{EngineError, Result};
+
+/// What the engine's unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use candle_core::Tensor;
+
+    /// The largest |a - b| of two tensors of one shape.
+    pub(crate) fn max_abs_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("tensors of one shape and dtype f32")
+    }
+}

@@ -136,19 +136,36 @@ impl LatentProjection {
         Ok(image)
     }
 
-    /// [`Self::project`]'s pixels computed where `latents` are: `(h, w, 3)` bytes, contiguous,
-    /// still on the device (nothing waits for the GPU).
-    pub fn project_on_device(&self, latents: &Tensor) -> Result<Tensor> {
+    /// The map as tensors on `device`, made once for a job's previews.
+    pub fn on_device(&self, device: &candle_core::Device) -> Result<DeviceProjection> {
+        let factors: Vec<f32> = self.factors.iter().flatten().copied().collect();
+        Ok(DeviceProjection {
+            host: *self,
+            factors: Tensor::from_vec(factors, (4, 3), device)?,
+            bias: Tensor::from_vec(self.bias.to_vec(), (1, 3), device)?,
+        })
+    }
+}
+
+/// A [`LatentProjection`] whose factors and bias are tensors on a device.
+#[derive(Debug, Clone)]
+pub struct DeviceProjection {
+    /// The map itself (for the CPU's direct projection).
+    pub host: LatentProjection,
+    factors: Tensor,
+    bias: Tensor,
+}
+
+impl DeviceProjection {
+    /// [`LatentProjection::project`]'s pixels computed where `latents` are: `(h, w, 3)` bytes,
+    /// contiguous, still on the device (nothing waits for the GPU).
+    pub fn project(&self, latents: &Tensor) -> Result<Tensor> {
         let (_, channels, height, width) = latents.dims4()?;
         if channels != 4 {
             return Err(EngineError::Unsupported(format!(
                 "latent previews need 4 latent channels, the model has {channels}"
             )));
         }
-        let device = latents.device();
-        let factors: Vec<f32> = self.factors.iter().flatten().copied().collect();
-        let factors = Tensor::from_vec(factors, (4, 3), device)?;
-        let bias = Tensor::from_vec(self.bias.to_vec(), (1, 3), device)?;
         // (h * w, 4) x (4, 3) + bias, then [-1, 1] to [0, 255] rounded as `project` does.
         let cells = latents
             .get(0)?
@@ -156,7 +173,7 @@ impl LatentProjection {
             .reshape((4, height * width))?
             .t()?
             .contiguous()?;
-        let rgb = cells.matmul(&factors)?.broadcast_add(&bias)?;
+        let rgb = cells.matmul(&self.factors)?.broadcast_add(&self.bias)?;
         let bytes = (((rgb + 1.0)? * 127.5)?.clamp(0.0, 255.0)?.round()?).to_dtype(DType::U8)?;
         Ok(bytes.reshape((height, width, 3))?)
     }
@@ -184,14 +201,14 @@ impl PendingPreview {
     /// Starts the preview of `latents`' first image; on CUDA, into `buffer` (page-locked host
     /// memory to reuse, from [`PendingPreview::finish`]) when it is large enough.
     pub fn start(
-        projection: &LatentProjection,
+        projection: &DeviceProjection,
         latents: &Tensor,
         buffer: Option<PreviewBuffer>,
     ) -> Result<Self> {
         #[cfg(feature = "cuda")]
         if latents.device().is_cuda() {
             let (_, _, height, width) = latents.dims4()?;
-            let bytes = projection.project_on_device(latents)?;
+            let bytes = projection.project(latents)?;
             let copy = super::cuda::HostCopy::start(&bytes, buffer.map(|b| b.0))?;
             return Ok(PendingPreview::Copying {
                 copy,
@@ -200,7 +217,7 @@ impl PendingPreview {
             });
         }
         let _ = buffer;
-        Ok(PendingPreview::Ready(projection.project(latents)?))
+        Ok(PendingPreview::Ready(projection.host.project(latents)?))
     }
 
     /// Whether it is an image already (no waiting).

@@ -71,7 +71,7 @@ pub fn scope_with<T, E: From<candle_core::Error>>(
 pub fn peak_memory_bytes(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
-        return memory_pool_high_water(cuda, false);
+        return pool_attribute(cuda, false, false);
     }
     let _ = device;
     None
@@ -107,18 +107,15 @@ pub fn free_gpu_memory_bytes(device: &Device) -> Option<u64> {
 pub fn reset_peak_memory(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
-        memory_pool_high_water(cuda, true);
+        pool_attribute(cuda, true, false);
         pool_attribute(cuda, true, true);
     }
     let _ = device;
 }
 
 #[cfg(feature = "cuda")]
-fn memory_pool_high_water(device: &candle_core::CudaDevice, reset: bool) -> Option<u64> {
-    pool_attribute(device, reset, false)
-}
-
-#[cfg(feature = "cuda")]
+/// The default pool's high water of allocated (or, with `reserved`, held) bytes; with `reset`,
+/// starts it again at the current figure.
 fn pool_attribute(device: &candle_core::CudaDevice, reset: bool, reserved: bool) -> Option<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let stream = device.cuda_stream();

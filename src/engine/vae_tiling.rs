@@ -362,14 +362,7 @@ mod tests {
             .unwrap();
         let stitched = run_tiled(&input, 16, 16, |tile| Ok(tile.clone())).unwrap();
         check_size(&stitched, 37, 53).unwrap();
-        let difference = (stitched - &input)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let difference = crate::engine::test_support::max_abs_difference(&stitched, &input);
         assert!(difference < 1e-3, "{difference}");
     }
 

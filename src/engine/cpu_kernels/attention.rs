@@ -259,14 +259,7 @@ mod tests {
                 .unwrap()
                 .matmul(&v)
                 .unwrap();
-            let difference = (ours - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let difference = crate::engine::test_support::max_abs_difference(&ours, &reference);
             assert!(
                 difference < 1e-5,
                 "{rows}x{query_len}x{key_len}x{dim}: {difference}"

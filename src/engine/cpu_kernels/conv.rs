@@ -87,31 +87,15 @@ impl CustomOp3 for CpuConv2dOp {
             let image = &input[item * channels * height * width..][..channels * height * width];
             let out = &mut output[item * out_channels * plane..][..out_channels * plane];
             if pointwise {
-                // SAFETY: out is (out_channels x plane), weight (out_channels x channels) and the
-                // image (channels x plane), all row-major and in bounds.
-                unsafe {
-                    gemm::gemm(
-                        out_channels,
-                        plane,
-                        channels,
-                        out.as_mut_ptr(),
-                        1,
-                        plane as isize,
-                        true,
-                        weight.as_ptr(),
-                        1,
-                        channels as isize,
-                        image.as_ptr(),
-                        1,
-                        plane as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
-                }
+                // The image itself is the (channels x plane) matrix of columns.
+                add_product(
+                    out,
+                    plane,
+                    weight,
+                    image,
+                    (out_channels, channels, plane),
+                    parallelism,
+                );
                 continue;
             }
             for first_row in (0..out_h).step_by(band_rows) {
@@ -134,38 +118,60 @@ impl CustomOp3 for CpuConv2dOp {
                             out_w,
                         );
                     });
-                // SAFETY: the band's outputs are rows first_row.. of each output channel's plane
-                // (row stride `plane`), the weight is (out_channels x depth) and the columns
-                // (depth x span), all row-major and in bounds.
-                unsafe {
-                    gemm::gemm(
-                        out_channels,
-                        span,
-                        depth,
-                        out.as_mut_ptr().add(first_row * out_w),
-                        1,
-                        plane as isize,
-                        true,
-                        weight.as_ptr(),
-                        1,
-                        depth as isize,
-                        band.as_ptr(),
-                        1,
-                        span as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
-                }
+                // The band's outputs: rows first_row.. of each output channel's plane.
+                add_product(
+                    &mut out[first_row * out_w..],
+                    plane,
+                    weight,
+                    band,
+                    (out_channels, depth, span),
+                    parallelism,
+                );
             }
         }
         Ok((
             CpuStorage::F32(output),
             Shape::from((batch, out_channels, out_h, out_w)),
         ))
+    }
+}
+
+/// `out += weight x columns` for `weight` (rows x depth) and `columns` (depth x span), both
+/// row-major, into the first `span` values of each of `rows` rows of `out`, which lie `stride`
+/// values apart.
+fn add_product(
+    out: &mut [f32],
+    stride: usize,
+    weight: &[f32],
+    columns: &[f32],
+    (rows, depth, span): (usize, usize, usize),
+    parallelism: gemm::Parallelism,
+) {
+    assert!(weight.len() >= rows * depth && columns.len() >= depth * span);
+    assert!(rows == 0 || out.len() >= (rows - 1) * stride + span);
+    // SAFETY: the asserts above keep every read and write of the three matrices in bounds.
+    unsafe {
+        gemm::gemm(
+            rows,
+            span,
+            depth,
+            out.as_mut_ptr(),
+            1,
+            stride as isize,
+            true,
+            weight.as_ptr(),
+            1,
+            depth as isize,
+            columns.as_ptr(),
+            1,
+            span as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 
@@ -259,14 +265,7 @@ mod tests {
                 reference.dims(),
                 "{shape:?} k{kernel} s{stride}"
             );
-            let difference = (ours - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let difference = crate::engine::test_support::max_abs_difference(&ours, &reference);
             assert!(
                 difference < 1e-4,
                 "{shape:?} k{kernel} s{stride} p{padding}: {difference}"

@@ -142,14 +142,7 @@ mod tests {
             } else {
                 expected.clone()
             };
-            let difference = (ours - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let difference = crate::engine::test_support::max_abs_difference(&ours, &expected);
             assert!(difference < 1e-5, "silu {silu}: {difference}");
         }
     }

@@ -304,7 +304,10 @@ impl StableDiffusion {
         let first_index = plan.first_index;
         let mut latents = plan.latents.clone();
         let mut generator = NoiseGenerator::new(request.seed ^ 0x5eed_5eed_5eed_5eed);
-        let projection = preview.latent_previews.then(|| self.preview_projection());
+        let projection = match preview.latent_previews {
+            true => Some(self.preview_projection().on_device(&self.device)?),
+            false => None,
+        };
         // The previous step's preview on its way from the GPU, and buffers to reuse.
         let mut pending: Option<PendingPreview> = None;
         let mut buffers: Vec<PreviewBuffer> = Vec::new();

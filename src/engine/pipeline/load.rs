@@ -132,6 +132,7 @@ impl StableDiffusion {
                 tokenizer: Arc::new(part.tokenizer),
                 encoder,
                 device: encoder_device.clone(),
+                dtype: encoder_dtype,
             });
         }
         if text_encoders.is_empty() {

@@ -41,6 +41,8 @@ struct TextEncoderPart {
     encoder: ClipTextEncoder,
     /// Where it runs: the model's device, or the CPU when its memory is kept for the UNet.
     device: Device,
+    /// Its weights' precision (f32 on the CPU).
+    dtype: DType,
 }
 
 /// A loaded Stable Diffusion model.
@@ -73,6 +75,15 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
+    /// Where the text encoders run and in what precision (the CPU in f32 when they are kept
+    /// off the GPU, else the model's device and precision).
+    pub fn text_encoders_placement(&self) -> (Device, DType) {
+        match self.text_encoders.first() {
+            Some(part) => (part.device.clone(), part.dtype),
+            None => (self.device.clone(), self.dtype),
+        }
+    }
+
     /// The UNet's weights file (hashed for the images' metadata): a single file's whole
     /// checkpoint, as A1111 hashes it.
     pub fn unet_weights(&self) -> &Path {
