@@ -386,3 +386,77 @@ fn linear_layers_match_reference() {
         }
     }
 }
+
+/// A UNet step replayed from a CUDA graph equals the same step run eagerly: for new inputs and
+/// timesteps at every replay, for a second input size (its own graph) and back, on SD 1.5's and
+/// SDXL's full-size architectures with random weights (f16, as Atelier runs them).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn cuda_graph_steps_equal_eager_steps() {
+    use atelier::engine::random::RandomModel;
+    use atelier::engine::unet::AddedConditions;
+    let device = test_device();
+    assert!(device.is_cuda(), "set ATELIER_TEST_DEVICE=cuda");
+    for (architecture, context_width) in [("sd15", 768), ("sdxl", 2048)] {
+        let model =
+            RandomModel::with_options(architecture, &device, DType::F16, None, false).unwrap();
+        let unet = &model.unet;
+        let on_device = |t: Tensor| t.to_dtype(DType::F16).unwrap().to_device(&device).unwrap();
+        let context = on_device(random(&[2, 77, context_width], 1));
+        let added = (architecture == "sdxl").then(|| AddedConditions {
+            text_embeds: on_device(random(&[2, 1280], 2)),
+            time_ids: Tensor::new(&[[1024f32, 1024., 0., 0., 1024., 1024.]; 2], &device).unwrap(),
+        });
+        // (latent side, timestep): the first size three times (eager, captured, replayed), a
+        // second size twice, then the first again.
+        let calls = [
+            (64, 999.0),
+            (64, 500.0),
+            (64, 21.0),
+            (48, 700.0),
+            (48, 300.0),
+            (64, 1.0),
+        ];
+        let run = |graphs: bool| -> Vec<Tensor> {
+            unet.set_cuda_graphs(false);
+            unet.set_cuda_graphs(graphs);
+            calls
+                .iter()
+                .enumerate()
+                .map(|(seed, &(side, timestep))| {
+                    let sample = on_device(random(&[2, 4, side, side], 10 + seed as u64));
+                    unet.forward(&sample, timestep, &context, added.as_ref())
+                        .unwrap()
+                        .to_device(&Device::Cpu)
+                        .unwrap()
+                })
+                .collect()
+        };
+        let eager = run(false);
+        let before = unet.cuda_graph_report().unwrap();
+        let replayed = run(true);
+        let report = unet.cuda_graph_report().unwrap();
+        assert_eq!(report.refusal, None, "{architecture}: capture refused");
+        assert_eq!(
+            report.captured - before.captured,
+            2,
+            "{architecture}: one graph per size"
+        );
+        assert_eq!(
+            report.replays - before.replays,
+            4,
+            "{architecture}: {report:?}"
+        );
+        assert!(report.kernels > 100, "{architecture}: {report:?}");
+        for ((eager, replayed), (side, timestep)) in eager.iter().zip(&replayed).zip(calls) {
+            assert_close(
+                &format!("{architecture} {side}x{side} at t={timestep}: graph vs eager"),
+                replayed,
+                eager,
+                1e-3,
+            );
+        }
+        unet.set_cuda_graphs(false);
+    }
+}

@@ -214,6 +214,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "  enqueue       {:>10.1} ms  (CPU time to submit one step)",
             report.unet_submit_ms
         );
+        if let Some(graphs) = &report.cuda_graphs {
+            println!("  steps ran as  {graphs}");
+        }
         println!(
             "VAE decode      {:>10.1} ms  ({:?})",
             report.vae_decode_ms, target.vae_dtype

@@ -60,6 +60,9 @@ pub struct BenchReport {
     pub end_to_end_30_steps_ms: f64,
     /// CPU time to enqueue one UNet evaluation (the rest of a step is the GPU catching up).
     pub unet_submit_ms: f64,
+    /// How the UNet steps ran on CUDA: replayed from a CUDA graph (and its size) or eagerly
+    /// (and why). `None` off CUDA.
+    pub cuda_graphs: Option<String>,
     /// Peak GPU memory over the benchmark (weights included), where the device reports it.
     pub peak_gpu_memory_bytes: Option<u64>,
     /// With `profile`: (operation, milliseconds in one step, calls).
@@ -193,10 +196,32 @@ pub fn run(target: &BenchTarget<'_>, options: BenchOptions) -> Result<BenchRepor
         vae_decode_ms,
         end_to_end_30_steps_ms: text_encoding_ms + 30.0 * unet_step_ms + vae_decode_ms,
         unet_submit_ms,
+        cuda_graphs: graph_summary(target.unet, device),
         peak_gpu_memory_bytes: profile::peak_memory_bytes(device),
         profile,
         vae_profile,
     })
+}
+
+/// One line on how the UNet's steps ran on CUDA, `None` elsewhere.
+fn graph_summary(unet: &UNet, device: &Device) -> Option<String> {
+    if !device.is_cuda() {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(report) = unet.cuda_graph_report() {
+        return Some(match (report.replays, report.refusal) {
+            (0, Some(reason)) => format!("eager (capture refused: {reason})"),
+            (0, None) => "eager (CUDA graphs off: ATELIER_CUDA_GRAPHS=0)".to_string(),
+            (replays, refusal) => format!(
+                "CUDA graph of {} kernels, {replays} replays{}",
+                report.kernels,
+                refusal.map_or(String::new(), |r| format!(" (one capture refused: {r})"))
+            ),
+        });
+    }
+    let _ = unet;
+    None
 }
 
 /// One decode of a large image, untiled and in tiles.

@@ -32,7 +32,8 @@ pub fn finish() -> Vec<(&'static str, f64, usize)> {
     })
 }
 
-fn active() -> bool {
+/// Whether profiling is on for this thread (it synchronises, so CUDA graphs stay off).
+pub fn active() -> bool {
     TOTALS.with(|totals| totals.borrow().is_some())
 }
 
@@ -65,9 +66,9 @@ pub fn scope_with<T, E: From<candle_core::Error>>(
     Ok(value)
 }
 
-/// Peak bytes allocated from the GPU's default memory pool (which candle allocates from) since
-/// the last [`reset_peak_memory`]: weights and activations, like PyTorch's
-/// `max_memory_allocated`. `None` off CUDA.
+/// Peak bytes allocated from the GPU's default memory pool (which candle allocates from) and
+/// by CUDA graphs since the last [`reset_peak_memory`]: weights and activations, like
+/// PyTorch's `max_memory_allocated`. `None` off CUDA.
 pub fn peak_memory_bytes(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
@@ -114,32 +115,58 @@ pub fn reset_peak_memory(device: &Device) {
 }
 
 #[cfg(feature = "cuda")]
-/// The default pool's high water of allocated (or, with `reserved`, held) bytes; with `reset`,
-/// starts it again at the current figure.
+/// The high water of allocated (or, with `reserved`, held) bytes of the default pool plus that
+/// of the memory CUDA graphs keep for their activations (each pool's own peak: an upper bound
+/// of the two together); with `reset`, starts both again at the current figure.
 fn pool_attribute(device: &candle_core::CudaDevice, reset: bool, reserved: bool) -> Option<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let stream = device.cuda_stream();
     let context = stream.context();
     context.bind_to_thread().ok()?;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let attribute = if reserved {
-        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH
+    let (attribute, graph_attribute) = if reserved {
+        (
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+        )
     } else {
-        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH
+        (
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+        )
     };
     let mut value: u64 = 0;
-    // SAFETY: plain driver queries on the device's default pool with valid out-pointers.
+    let mut graph_value: u64 = 0;
+    // SAFETY: plain driver queries on the device's default pool and graph memory with valid
+    // out-pointers (resets write the zero they point to).
     unsafe {
         if sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
             != sys::CUresult::CUDA_SUCCESS
         {
             return None;
         }
-        let status = if reset {
-            sys::cuMemPoolSetAttribute(pool, attribute, (&mut value as *mut u64).cast())
+        let (status, graph_status) = if reset {
+            (
+                sys::cuMemPoolSetAttribute(pool, attribute, (&mut value as *mut u64).cast()),
+                sys::cuDeviceSetGraphMemAttribute(
+                    context.cu_device(),
+                    graph_attribute,
+                    (&mut graph_value as *mut u64).cast(),
+                ),
+            )
         } else {
-            sys::cuMemPoolGetAttribute(pool, attribute, (&mut value as *mut u64).cast())
+            (
+                sys::cuMemPoolGetAttribute(pool, attribute, (&mut value as *mut u64).cast()),
+                sys::cuDeviceGetGraphMemAttribute(
+                    context.cu_device(),
+                    graph_attribute,
+                    (&mut graph_value as *mut u64).cast(),
+                ),
+            )
         };
-        (status == sys::CUresult::CUDA_SUCCESS).then_some(value)
+        if graph_status != sys::CUresult::CUDA_SUCCESS {
+            graph_value = 0;
+        }
+        (status == sys::CUresult::CUDA_SUCCESS).then_some(value + graph_value)
     }
 }

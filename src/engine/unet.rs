@@ -274,6 +274,9 @@ pub struct UNet {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     activation: Activation,
+    /// The body's captured CUDA graphs (shared by clones: they share the weights).
+    #[cfg(feature = "cuda")]
+    graphs: std::sync::Arc<std::sync::Mutex<super::cuda::GraphCache>>,
 }
 
 fn is_cross_attn(block_type: &str) -> Result<bool> {
@@ -504,6 +507,8 @@ impl UNet {
             mid_block,
             up_blocks,
             activation,
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
@@ -542,6 +547,54 @@ impl UNet {
         sample: &Tensor,
         timestep: f64,
         context: &Tensor,
+        added: Option<&AddedConditions>,
+        guidance: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let emb = self.embedding(sample, timestep, added, guidance)?;
+        self.run_body(&[sample.clone(), emb, context.clone()])
+    }
+
+    /// [`UNet::body`] of `[sample, emb, context]`, replayed from a CUDA graph where it can be.
+    #[cfg(feature = "cuda")]
+    fn run_body(&self, inputs: &[Tensor; 3]) -> Result<Tensor> {
+        let mut graphs = self
+            .graphs
+            .lock()
+            .map_err(|_| EngineError::Device("the UNet's CUDA graphs were poisoned".into()))?;
+        graphs.run(inputs, |inputs| {
+            self.body(&inputs[0], &inputs[1], &inputs[2])
+        })
+    }
+
+    /// [`UNet::body`] of `[sample, emb, context]`.
+    #[cfg(not(feature = "cuda"))]
+    fn run_body(&self, inputs: &[Tensor; 3]) -> Result<Tensor> {
+        self.body(&inputs[0], &inputs[1], &inputs[2])
+    }
+
+    /// Whether this UNet's steps are captured into CUDA graphs and replayed (on by default on
+    /// CUDA unless `ATELIER_CUDA_GRAPHS=0`; no effect elsewhere).
+    pub fn set_cuda_graphs(&self, enabled: bool) {
+        #[cfg(feature = "cuda")]
+        if let Ok(mut graphs) = self.graphs.lock() {
+            graphs.set_enabled(enabled);
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = enabled;
+    }
+
+    /// What the CUDA graphs have done so far, `None` off CUDA builds.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_graph_report(&self) -> Option<super::cuda::GraphReport> {
+        self.graphs.lock().ok().map(|graphs| graphs.report())
+    }
+
+    /// The time embedding (with SDXL's added conditions and LCM's guidance embedding), `(batch,
+    /// width)` in the sample's precision.
+    fn embedding(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
         added: Option<&AddedConditions>,
         guidance: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -585,11 +638,16 @@ impl UNet {
             emb = (emb + add_embedding.forward(&add_embeds)?)?;
         }
 
+        Ok(emb)
+    }
+
+    /// Everything after the time embedding: the part of a step that runs as a CUDA graph.
+    fn body(&self, sample: &Tensor, emb: &Tensor, context: &Tensor) -> Result<Tensor> {
         let mut hidden = self.conv_in.forward(sample)?;
         let mut skips = vec![hidden.clone()];
         for block in &self.down_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                hidden = resnet.forward(&hidden, Some(&emb))?;
+                hidden = resnet.forward(&hidden, Some(emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     hidden = attn.forward(&hidden, context)?;
                 }
@@ -602,12 +660,12 @@ impl UNet {
         }
 
         if let Some(mid) = &self.mid_block {
-            hidden = mid.first.forward(&hidden, Some(&emb))?;
+            hidden = mid.first.forward(&hidden, Some(emb))?;
             for (j, resnet) in mid.resnets.iter().enumerate() {
                 if let Some(attn) = mid.attentions.get(j) {
                     hidden = attn.forward(&hidden, context)?;
                 }
-                hidden = resnet.forward(&hidden, Some(&emb))?;
+                hidden = resnet.forward(&hidden, Some(emb))?;
             }
         }
 
@@ -617,7 +675,7 @@ impl UNet {
                     EngineError::Unsupported("UNet skip connections do not line up".into())
                 })?;
                 hidden = Tensor::cat(&[&hidden, &skip], 1)?;
-                hidden = resnet.forward(&hidden, Some(&emb))?;
+                hidden = resnet.forward(&hidden, Some(emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     hidden = attn.forward(&hidden, context)?;
                 }

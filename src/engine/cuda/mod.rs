@@ -5,6 +5,10 @@
 //! Inputs must be contiguous f16 or f32 (attention: f16); [`super::fused`] checks and falls back
 //! to candle's own operations otherwise.
 
+mod graph;
+
+pub use graph::{GraphCache, GraphReport, graphs_wanted, trim_graph_memory};
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 

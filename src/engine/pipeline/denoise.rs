@@ -145,8 +145,11 @@ impl StableDiffusion {
             cancel,
             started,
             on_step,
-        )?;
-        // Make sure queued GPU work is counted as denoising, not decoding.
+        );
+        // The steps' CUDA graphs keep memory for their activations: give it back for the
+        // decode (waits for the steps, so that they count as denoising, not decoding).
+        self.release_graph_memory();
+        let latents = latents?;
         self.device.synchronize()?;
         let denoising_secs = denoise_started.elapsed().as_secs_f64();
         if cancel.load(Ordering::Relaxed) {
@@ -172,6 +175,15 @@ impl StableDiffusion {
             },
             warnings: conditioning.warnings,
         })
+    }
+
+    /// Hands the memory that the UNet's CUDA graphs keep between launches back to the driver
+    /// (mapped again by the next launch). Nothing to do off CUDA.
+    pub(super) fn release_graph_memory(&self) {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(cuda) = &self.device {
+            crate::engine::cuda::trim_graph_memory(cuda);
+        }
     }
 
     /// The job's standard-normal noise: `init_noise` when given (checked), else seeded.

@@ -69,6 +69,7 @@ impl DeviceChoice {
                     ));
                 }
                 Device::new_cuda(0)
+                    .map(without_event_tracking)
                     .map_err(|e| EngineError::Device(format!("no usable CUDA GPU: {e}")))
             }
             DeviceChoice::Metal => {
@@ -85,7 +86,7 @@ impl DeviceChoice {
                 if candle_core::utils::cuda_is_available()
                     && let Ok(device) = Device::new_cuda(0)
                 {
-                    return Ok(device);
+                    return Ok(without_event_tracking(device));
                 }
                 if candle_core::utils::metal_is_available()
                     && let Ok(device) = Device::new_metal(0)
@@ -274,4 +275,18 @@ pub struct GenerationOutput {
     pub timings: Timings,
     /// Things the user should know (e.g. tokens dropped from a long prompt).
     pub warnings: Vec<String>,
+}
+
+/// A CUDA device whose tensors do not each create and destroy two CUDA events: candle's device
+/// queues its work on the per-thread default stream, which leaves cudarc out of its
+/// multi-stream mode, where alone those events are waited on; made and dropped with every
+/// tensor, they only cost the CPU time in every operation.
+fn without_event_tracking(device: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = &device {
+        // SAFETY: no stream of this context was made with `new_stream`, so cudarc never waits on
+        // the events (see above): switching them off loses no synchronisation.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    device
 }
