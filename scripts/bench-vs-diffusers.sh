@@ -11,7 +11,7 @@
 # weights, saves it, and times diffusers: the eager UNet loop, a whole warm pipeline call, the
 # VAE decode, and the UNet loop under torch.compile (compile time apart). Atelier then loads the
 # very same folder and runs `bench` (UNet step, CPU enqueue time, VAE decode untiled and tiled,
-# peak memory) and `generate` with a live preview every step: a fresh process (its first job,
+# peak memory; once more without CUDA graphs) and `generate` with a live preview every step: a fresh process (its first job,
 # what the first CUDA work costs it) and a warm engine (--repeat 3, the last run timed).
 set -euo pipefail
 archs=("$@")
@@ -36,6 +36,9 @@ for arch in "${archs[@]}"; do
     2> "$out/diffusers-$arch.err" | tee "$out/diffusers-$arch.json" || true
   $bin bench --model "$model" --device cuda --steps 30 --warmup 3 --tiled-decode $tiled --json \
     | tee "$out/atelier-bench-$arch.json"
+  # The same steps without CUDA graphs (each step's ~1,000 launches enqueued by the CPU).
+  ATELIER_CUDA_GRAPHS=0 $bin bench --model "$model" --device cuda --steps 30 --warmup 3 --json \
+    | tee "$out/atelier-bench-eager-$arch.json"
   job=(generate --model "$model" --prompt "a photo of a red fox in the snow, highly detailed"
        --steps 30 --scheduler ddim --guidance 7.5 --seed 1 --device cuda --width $side --height $side)
   { time $bin "${job[@]}" --out "$out/$arch-cold.png"; } 2>&1 | grep -vE "^$|^user|^sys" \

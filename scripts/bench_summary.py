@@ -34,7 +34,13 @@ if ref.get("eager") and unet_ms:
         print("  torch.compile: did not finish (see diffusers-*.err)")
 if unet_ms:
     submit = report.get("unet_submit_ms")
-    print(f"CPU enqueue of one step {submit:.1f} ms = {submit / unet_ms:.2f} of the step")
+    print(f"CPU enqueue of one step {submit:.1f} ms = {submit / unet_ms:.2f} of the step "
+          f"(steps ran as: {report.get('cuda_graphs')})")
+eager_report = last_json(f"{out}/atelier-bench-eager-{arch}.json").get("report", {})
+if eager_report.get("unet_step_ms") and unet_ms:
+    eager_ms, eager_submit = eager_report["unet_step_ms"], eager_report["unet_submit_ms"]
+    print(f"  without CUDA graphs: step {eager_ms:.1f} ms, enqueue {eager_submit:.1f} ms = "
+          f"{eager_submit / eager_ms:.2f} of the step; graphs make the step {eager_ms / unet_ms:.2f}x faster")
 if step_s and unet_ms:
     real = step_s[-1] * 1e3
     print(f"real job (generate, preview every step, warm): {real:.1f} ms/step = {real / unet_ms:.3f}x bench's step")

@@ -143,6 +143,7 @@ pub enum Command {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
+    crate::engine::cpu_kernels::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         None => run_window(cli.window),
