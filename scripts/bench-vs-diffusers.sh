@@ -15,6 +15,9 @@
 # what the first CUDA work costs it) and a warm engine (--repeat 3, the last run timed).
 set -euo pipefail
 archs=("$@")
+# COMPILE=0 leaves torch.compile out (it takes a minute or two per family).
+compile=--compile
+[[ ${COMPILE:-1} == 0 ]] && compile=
 [[ $# -eq 0 ]] && archs=(sd15 sd21 sdxl)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl
@@ -32,7 +35,7 @@ for arch in "${archs[@]}"; do
     *) echo "unknown family $arch" >&2; exit 2 ;;
   esac
   model=/tmp/$arch
-  python3 scripts/bench_full_diffusers.py "$arch" "$model" .gpu/tok --compile --vae-sides $vae_sides \
+  python3 scripts/bench_full_diffusers.py "$arch" "$model" .gpu/tok $compile --vae-sides $vae_sides \
     2> "$out/diffusers-$arch.err" | tee "$out/diffusers-$arch.json" || true
   $bin bench --model "$model" --device cuda --steps 30 --warmup 3 --tiled-decode $tiled --json \
     | tee "$out/atelier-bench-$arch.json"

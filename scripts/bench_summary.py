@@ -19,7 +19,7 @@ ours = last_json(f"{out}/atelier-bench-{arch}.json")
 report = ours.get("report", {})
 warm = open(f"{out}/atelier-warm-{arch}.txt").read()
 cold = open(f"{out}/atelier-cold-{arch}.txt").read()
-step_s = [float(x) for x in re.findall(r"\(([0-9.]+) s/step\)", warm)]
+step_ms = [float(x) for x in re.findall(r"\(([0-9.]+) ms/step\)", warm)]
 job = re.findall(r"run (\d+) of (\d+): ([0-9.]+) s \(job ([0-9.]+) s\)", warm)
 print(f"== {arch} ({ref.get('gpu', '?')}, torch {ref.get('torch', '?')})")
 unet_ms = report.get("unet_step_ms")
@@ -41,8 +41,8 @@ if eager_report.get("unet_step_ms") and unet_ms:
     eager_ms, eager_submit = eager_report["unet_step_ms"], eager_report["unet_submit_ms"]
     print(f"  without CUDA graphs: step {eager_ms:.1f} ms, enqueue {eager_submit:.1f} ms = "
           f"{eager_submit / eager_ms:.2f} of the step; graphs make the step {eager_ms / unet_ms:.2f}x faster")
-if step_s and unet_ms:
-    real = step_s[-1] * 1e3
+if step_ms and unet_ms:
+    real = step_ms[-1]
     print(f"real job (generate, preview every step, warm): {real:.1f} ms/step = {real / unet_ms:.3f}x bench's step")
 if job and ref.get("pipeline_s"):
     total = float(job[-1][3])

@@ -478,10 +478,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let timings = output.timings;
     eprintln!(
-        "{} steps in {:.2} s ({:.3} s/step), total {:.2} s (text encoding {:.2} s, decode {:.2} s)",
+        "{} steps in {:.3} s ({:.2} ms/step), total {:.3} s (text encoding {:.3} s, decode {:.3} s)",
         request.steps,
         timings.denoising_secs,
-        timings.denoising_secs / request.steps as f64,
+        timings.denoising_secs * 1e3 / request.steps as f64,
         timings.total_secs,
         timings.text_encoding_secs,
         timings.decode_secs

@@ -550,26 +550,61 @@ impl UNet {
         added: Option<&AddedConditions>,
         guidance: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let emb = self.embedding(sample, timestep, added, guidance)?;
-        self.run_body(&[sample.clone(), emb, context.clone()])
+        // The whole evaluation is one function of device tensors (the timestep too), so that it
+        // can run as one CUDA graph: [sample, timesteps, context, (text_embeds, time_ids),
+        // (guidance)].
+        let timesteps = Tensor::full(timestep as f32, sample.dim(0)?, sample.device())?;
+        let mut inputs = vec![sample.clone(), timesteps, context.clone()];
+        if let Some(added) = added {
+            inputs.extend([added.text_embeds.clone(), added.time_ids.clone()]);
+        }
+        inputs.extend(guidance.cloned());
+        let (has_added, has_guidance) = (added.is_some(), guidance.is_some());
+        self.run_graphed(&inputs, |inputs| {
+            let mut rest = inputs[3..].iter();
+            let mut next = || {
+                rest.next().cloned().ok_or_else(|| {
+                    EngineError::InvalidParameter("UNet inputs do not line up".into())
+                })
+            };
+            let added = match has_added {
+                true => Some(AddedConditions {
+                    text_embeds: next()?,
+                    time_ids: next()?,
+                }),
+                false => None,
+            };
+            let guidance = match has_guidance {
+                true => Some(next()?),
+                false => None,
+            };
+            let emb = self.embedding(&inputs[0], &inputs[1], added.as_ref(), guidance.as_ref())?;
+            self.body(&inputs[0], &emb, &inputs[2])
+        })
     }
 
-    /// [`UNet::body`] of `[sample, emb, context]`, replayed from a CUDA graph where it can be.
+    /// `evaluate(inputs)`, replayed from a CUDA graph where it can be.
     #[cfg(feature = "cuda")]
-    fn run_body(&self, inputs: &[Tensor; 3]) -> Result<Tensor> {
+    fn run_graphed(
+        &self,
+        inputs: &[Tensor],
+        evaluate: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let mut graphs = self
             .graphs
             .lock()
             .map_err(|_| EngineError::Device("the UNet's CUDA graphs were poisoned".into()))?;
-        graphs.run(inputs, |inputs| {
-            self.body(&inputs[0], &inputs[1], &inputs[2])
-        })
+        graphs.run(inputs, evaluate)
     }
 
-    /// [`UNet::body`] of `[sample, emb, context]`.
+    /// `evaluate(inputs)`.
     #[cfg(not(feature = "cuda"))]
-    fn run_body(&self, inputs: &[Tensor; 3]) -> Result<Tensor> {
-        self.body(&inputs[0], &inputs[1], &inputs[2])
+    fn run_graphed(
+        &self,
+        inputs: &[Tensor],
+        evaluate: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        evaluate(inputs)
     }
 
     /// Whether this UNet's steps are captured into CUDA graphs and replayed (on by default on
@@ -589,21 +624,19 @@ impl UNet {
         self.graphs.lock().ok().map(|graphs| graphs.report())
     }
 
-    /// The time embedding (with SDXL's added conditions and LCM's guidance embedding), `(batch,
-    /// width)` in the sample's precision.
+    /// The time embedding of `timesteps` `(batch,)` f32 (with SDXL's added conditions and LCM's
+    /// guidance embedding), `(batch, width)` in the sample's precision.
     fn embedding(
         &self,
         sample: &Tensor,
-        timestep: f64,
+        timesteps: &Tensor,
         added: Option<&AddedConditions>,
         guidance: Option<&Tensor>,
     ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let dtype = sample.dtype();
-        let device = sample.device();
-        let timesteps = Tensor::full(timestep as f32, batch, device)?;
         let t_emb = timestep_embedding(
-            &timesteps,
+            timesteps,
             self.config.block_out_channels[0],
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
@@ -641,7 +674,7 @@ impl UNet {
         Ok(emb)
     }
 
-    /// Everything after the time embedding: the part of a step that runs as a CUDA graph.
+    /// Everything after the time embedding.
     fn body(&self, sample: &Tensor, emb: &Tensor, context: &Tensor) -> Result<Tensor> {
         let mut hidden = self.conv_in.forward(sample)?;
         let mut skips = vec![hidden.clone()];

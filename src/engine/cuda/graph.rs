@@ -293,17 +293,37 @@ fn check_nodes(graph: &CudaGraph) -> Result<usize> {
         ))?;
         let mut kernels = 0;
         for &node in &nodes[..count] {
-            let mut kind = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
-            check(sys::cuGraphNodeGetType(node, &mut kind))?;
+            // As the driver's integer: a node type newer than these bindings stays harmless.
+            let mut kind: u32 = 0;
+            check(sys::cuGraphNodeGetType(
+                node,
+                (&mut kind as *mut u32).cast(),
+            ))?;
+            const KERNEL: u32 = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL as u32;
+            const MEMCPY: u32 = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY as u32;
             match kind {
-                sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => kernels += 1,
-                sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY => {
-                    let mut params: sys::CUDA_MEMCPY3D = std::mem::zeroed();
-                    check(sys::cuGraphMemcpyNodeGetParams(node, &mut params))?;
-                    let device_memory = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-                    if params.srcMemoryType != device_memory
-                        || params.dstMemoryType != device_memory
-                    {
+                KERNEL => kernels += 1,
+                MEMCPY => {
+                    // Zeroed, not `mem::zeroed()`: the struct's memory-type enums have no zero.
+                    let mut params = std::mem::MaybeUninit::<sys::CUDA_MEMCPY3D_st>::zeroed();
+                    check(sys::cuGraphMemcpyNodeGetParams(node, params.as_mut_ptr()))?;
+                    // Read the fields as the driver's integers, whatever it wrote.
+                    let base = params.as_ptr().cast::<u8>();
+                    let field = |offset: usize| base.add(offset).cast::<u32>().read_unaligned();
+                    let pointer = |offset: usize| {
+                        base.add(offset).cast::<sys::CUdeviceptr>().read_unaligned()
+                    };
+                    use std::mem::offset_of;
+                    type Params = sys::CUDA_MEMCPY3D_st;
+                    let source = (
+                        field(offset_of!(Params, srcMemoryType)),
+                        pointer(offset_of!(Params, srcDevice)),
+                    );
+                    let destination = (
+                        field(offset_of!(Params, dstMemoryType)),
+                        pointer(offset_of!(Params, dstDevice)),
+                    );
+                    if !is_device_memory(source) || !is_device_memory(destination) {
                         return Err(EngineError::Unsupported(
                             "the captured call copies host memory".into(),
                         ));
@@ -313,6 +333,30 @@ fn check_nodes(graph: &CudaGraph) -> Result<usize> {
             }
         }
         Ok(kernels)
+    }
+}
+
+/// Whether a copy's end, `(memory type, device pointer)` as the driver's integers, is device
+/// memory (a unified address is asked about).
+fn is_device_memory((memory_type, pointer): (u32, sys::CUdeviceptr)) -> bool {
+    const DEVICE: u32 = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32;
+    const ARRAY: u32 = sys::CUmemorytype::CU_MEMORYTYPE_ARRAY as u32;
+    const UNIFIED: u32 = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED as u32;
+    match memory_type {
+        DEVICE | ARRAY => true,
+        UNIFIED => {
+            let mut kind: u32 = 0;
+            // SAFETY: a driver query about an address, writing one u32 to a valid pointer.
+            let status = unsafe {
+                sys::cuPointerGetAttribute(
+                    (&mut kind as *mut u32).cast(),
+                    sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                    pointer,
+                )
+            };
+            status == sys::CUresult::CUDA_SUCCESS && kind == DEVICE
+        }
+        _ => false,
     }
 }
 

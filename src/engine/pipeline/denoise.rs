@@ -146,11 +146,10 @@ impl StableDiffusion {
             started,
             on_step,
         );
-        // The steps' CUDA graphs keep memory for their activations: give it back for the
-        // decode (waits for the steps, so that they count as denoising, not decoding).
-        self.release_graph_memory();
-        let latents = latents?;
+        // Make sure queued GPU work is counted as denoising, not decoding.
         self.device.synchronize()?;
+        self.release_graph_memory_for_decode(request.batch_size, request.height, request.width);
+        let latents = latents?;
         let denoising_secs = denoise_started.elapsed().as_secs_f64();
         if cancel.load(Ordering::Relaxed) {
             return Err(EngineError::Cancelled);
@@ -177,13 +176,34 @@ impl StableDiffusion {
         })
     }
 
-    /// Hands the memory that the UNet's CUDA graphs keep between launches back to the driver
-    /// (mapped again by the next launch). Nothing to do off CUDA.
-    pub(super) fn release_graph_memory(&self) {
+    /// The UNet's CUDA graphs keep the memory of their activations between launches: when
+    /// the GPU's free memory would not hold an untiled decode of `batch` images of `height_px` x
+    /// `width_px`, hands it back to the driver first (the next launch maps it again, which
+    /// costs that job a few milliseconds). Nothing to do off CUDA.
+    pub(super) fn release_graph_memory_for_decode(
+        &self,
+        batch: usize,
+        height_px: usize,
+        width_px: usize,
+    ) {
         #[cfg(feature = "cuda")]
         if let candle_core::Device::Cuda(cuda) = &self.device {
-            crate::engine::cuda::trim_graph_memory(cuda);
+            use crate::engine::vae_tiling::{GPU_MARGIN_BYTES, estimated_untiled_bytes};
+            let channels = self.vae.config().block_out_channels.first().copied();
+            let needed = estimated_untiled_bytes(
+                batch,
+                height_px,
+                width_px,
+                channels.unwrap_or(128),
+                self.vae_dtype,
+            ) + GPU_MARGIN_BYTES;
+            let free = crate::engine::profile::free_gpu_memory_bytes(&self.device);
+            if free.is_none_or(|free| (free as usize) < needed) {
+                crate::engine::cuda::trim_graph_memory(cuda);
+            }
         }
+        #[cfg(not(feature = "cuda"))]
+        let _ = (batch, height_px, width_px);
     }
 
     /// The job's standard-normal noise: `init_noise` when given (checked), else seeded.
