@@ -69,7 +69,7 @@ fn generate_reproduces_diffusers_from_the_same_noise() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "atelier failed: {stderr}");
-    assert!(stderr.contains("s/step"), "no timing summary in: {stderr}");
+    assert!(stderr.contains("ms/step"), "no timing summary in: {stderr}");
 
     let latents = Tensor::read_npy(&latents_path).unwrap();
     assert_close(

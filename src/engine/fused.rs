@@ -250,6 +250,11 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
                 .contiguous()?
                 .apply_op1_no_bwd(&super::cuda::GegluOp)?);
         }
+        if projected.device().is_cpu() && projected.dtype() == DType::F32 {
+            return Ok(projected
+                .contiguous()?
+                .apply_op1_no_bwd(&super::cpu_kernels::CpuGegluOp)?);
+        }
         let half = projected.dim(candle_core::D::Minus1)? / 2;
         let hidden = projected.narrow(candle_core::D::Minus1, 0, half)?;
         let gate = projected.narrow(candle_core::D::Minus1, half, half)?;

@@ -274,7 +274,8 @@ pub struct UNet {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     activation: Activation,
-    /// The body's captured CUDA graphs (shared by clones: they share the weights).
+    /// CUDA graphs of whole evaluations, by input shapes (shared by clones: they share the
+    /// weights the graphs read).
     #[cfg(feature = "cuda")]
     graphs: std::sync::Arc<std::sync::Mutex<super::cuda::GraphCache>>,
 }

@@ -180,12 +180,7 @@ impl StableDiffusion {
     /// the GPU's free memory would not hold an untiled decode of `batch` images of `height_px` x
     /// `width_px`, hands it back to the driver first (the next launch maps it again, which
     /// costs that job a few milliseconds). Nothing to do off CUDA.
-    pub(super) fn release_graph_memory_for_decode(
-        &self,
-        batch: usize,
-        height_px: usize,
-        width_px: usize,
-    ) {
+    fn release_graph_memory_for_decode(&self, batch: usize, height_px: usize, width_px: usize) {
         #[cfg(feature = "cuda")]
         if let candle_core::Device::Cuda(cuda) = &self.device {
             use crate::engine::vae_tiling::{GPU_MARGIN_BYTES, estimated_untiled_bytes};
