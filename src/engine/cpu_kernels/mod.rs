@@ -168,7 +168,7 @@ fn normalise_group_portable(
     eps: f64,
     silu: bool,
 ) {
-    // f64 partial sums in lanes: vectorised, and each lane adds few enough values to stay exact.
+    // f64 partial sums in lanes: vectorised, and accurate over a whole group.
     const LANES: usize = 8;
     let (mut sums, mut squares) = ([0f64; LANES], [0f64; LANES]);
     let mut chunks = xs.chunks_exact(LANES);
