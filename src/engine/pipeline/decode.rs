@@ -61,21 +61,38 @@ impl StableDiffusion {
         match self.vae_tiling() {
             VaeTiling::Always => true,
             VaeTiling::Never => false,
-            VaeTiling::Auto => {
-                let channels = self.vae.config().block_out_channels.first().copied();
-                let needed = estimated_untiled_bytes(
-                    batch,
-                    height_px,
-                    width_px,
-                    channels.unwrap_or(128),
-                    self.vae_dtype,
-                );
-                match crate::engine::profile::free_gpu_memory_bytes(&self.device) {
-                    Some(free) => needed + GPU_MARGIN_BYTES > free as usize,
-                    None => needed > AUTO_TILING_ABOVE_BYTES,
-                }
-            }
+            VaeTiling::Auto => self
+                .gpu_short_for_untiled_vae(batch, height_px, width_px)
+                .unwrap_or_else(|| {
+                    self.untiled_vae_bytes(batch, height_px, width_px) > AUTO_TILING_ABOVE_BYTES
+                }),
         }
+    }
+
+    /// The activation memory of an untiled VAE pass over `batch` images of `height_px` x
+    /// `width_px` (see [`estimated_untiled_bytes`]).
+    fn untiled_vae_bytes(&self, batch: usize, height_px: usize, width_px: usize) -> usize {
+        let channels = self.vae.config().block_out_channels.first().copied();
+        estimated_untiled_bytes(
+            batch,
+            height_px,
+            width_px,
+            channels.unwrap_or(128),
+            self.vae_dtype,
+        )
+    }
+
+    /// Whether the GPU's free memory is short of an untiled VAE pass (with a margin); `None`
+    /// where the device does not say (off CUDA).
+    pub(super) fn gpu_short_for_untiled_vae(
+        &self,
+        batch: usize,
+        height_px: usize,
+        width_px: usize,
+    ) -> Option<bool> {
+        let free = crate::engine::profile::free_gpu_memory_bytes(&self.device)?;
+        let needed = self.untiled_vae_bytes(batch, height_px, width_px) + GPU_MARGIN_BYTES;
+        Some(needed > free as usize)
     }
 
     /// Decodes latents to 8-bit RGB images, rounding as diffusers' `numpy_to_pil` does.

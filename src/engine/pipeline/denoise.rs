@@ -182,20 +182,12 @@ impl StableDiffusion {
     /// costs that job a few milliseconds). Nothing to do off CUDA.
     fn release_graph_memory_for_decode(&self, batch: usize, height_px: usize, width_px: usize) {
         #[cfg(feature = "cuda")]
-        if let candle_core::Device::Cuda(cuda) = &self.device {
-            use crate::engine::vae_tiling::{GPU_MARGIN_BYTES, estimated_untiled_bytes};
-            let channels = self.vae.config().block_out_channels.first().copied();
-            let needed = estimated_untiled_bytes(
-                batch,
-                height_px,
-                width_px,
-                channels.unwrap_or(128),
-                self.vae_dtype,
-            ) + GPU_MARGIN_BYTES;
-            let free = crate::engine::profile::free_gpu_memory_bytes(&self.device);
-            if free.is_none_or(|free| (free as usize) < needed) {
-                crate::engine::cuda::trim_graph_memory(cuda);
-            }
+        if let candle_core::Device::Cuda(cuda) = &self.device
+            && self
+                .gpu_short_for_untiled_vae(batch, height_px, width_px)
+                .unwrap_or(true)
+        {
+            crate::engine::cuda::trim_graph_memory(cuda);
         }
         #[cfg(not(feature = "cuda"))]
         let _ = (batch, height_px, width_px);
