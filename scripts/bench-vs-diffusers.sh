@@ -20,6 +20,8 @@ compile=--compile
 [[ ${COMPILE:-1} == 0 ]] && compile=
 [[ $# -eq 0 ]] && archs=(sd15 sd21 sdxl)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# PyTorch's cuDNN, for Atelier's convolutions too (ATELIER_CUDNN=0 leaves it out).
+eval "$(bash scripts/cudnn-env.sh)"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl
 export PYTHONPATH=/tmp/site
 out=${OUT:-/tmp/bench-out}
@@ -51,6 +53,9 @@ for arch in "${archs[@]}"; do
   if [[ $arch == sdxl ]]; then
     $bin "${job[@]}" --repeat 2 --text-encoders-on-cpu --out "$out/$arch-encoders-on-cpu.png" 2>&1 \
       | sed 's/^/encoders on the CPU: /' | tee "$out/atelier-cpu-encoders-$arch.txt"
+    # Both memory options, as an 8 GiB card would run it (the README's SDXL-on-8-GiB figure).
+    $bin "${job[@]}" --repeat 2 --text-encoders-on-cpu --vae-tiling on --out "$out/$arch-8gib.png" 2>&1 \
+      | sed 's/^/both memory options: /' | tee "$out/atelier-8gib-$arch.txt"
   fi
   python3 scripts/bench_summary.py "$arch" "$out" | tee "$out/summary-$arch.txt"
   rm -rf "$model"

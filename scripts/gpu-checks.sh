@@ -7,6 +7,8 @@
 #      fixtures and on a full-size SD 1.5 architecture with random weights.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# PyTorch's cuDNN, for Atelier's convolutions too (ATELIER_CUDNN=0 leaves it out).
+eval "$(bash scripts/cudnn-env.sh)"
 out=${OUT:-/tmp/atelier-gpu}
 mkdir -p "$out" /tmp/atelier-bin
 for binary in atelier parity gpu_kernels; do

@@ -14,11 +14,16 @@ log=$(mktemp)
 cargo test --release --features cuda,slim --test parity --test gpu_kernels --no-run 2>&1 | tee "$log"
 strip -o .gpu/atelier.tmp "$CARGO_TARGET_DIR/release/atelier"
 xz -T2 -6 -c .gpu/atelier.tmp > .gpu/atelier.xz
+cargo bench --features cuda,slim --bench gpu_kernels --no-run 2>&1 | tee -a "$log"
 for test in parity gpu_kernels; do
-  binary=$(grep -o "$CARGO_TARGET_DIR/release/deps/$test-[0-9a-f]*" "$log" | tail -1)
+  binary=$(grep -o "$CARGO_TARGET_DIR/release/deps/$test-[0-9a-f]*" "$log" | head -1)
   strip -o .gpu/atelier.tmp "$binary"
   xz -T2 -6 -c .gpu/atelier.tmp > ".gpu/$test.xz"
 done
+# The kernel timings (benches/gpu_kernels.rs), whose binary has the same name as the tests'.
+binary=$(grep -o "$CARGO_TARGET_DIR/release/deps/gpu_kernels-[0-9a-f]*" "$log" | tail -1)
+strip -o .gpu/atelier.tmp "$binary"
+xz -T2 -6 -c .gpu/atelier.tmp > .gpu/kernel-timings.xz
 rm -f .gpu/atelier.tmp "$log"
 [[ -d .gpu/whl ]] || ../shared/gpu/diffusers-wheels.sh .gpu/whl
 cp ../shared/gpu/bench_diffusers.py .gpu/

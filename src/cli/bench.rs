@@ -217,6 +217,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if let Some(graphs) = &report.cuda_graphs {
             println!("  steps ran as  {graphs}");
         }
+        if let Some(convolutions) = &report.convolutions {
+            println!("  convolutions  {convolutions}");
+        }
         println!(
             "VAE decode      {:>10.1} ms  ({:?})",
             report.vae_decode_ms, target.vae_dtype

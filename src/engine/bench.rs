@@ -63,6 +63,9 @@ pub struct BenchReport {
     /// How the UNet steps ran on CUDA: replayed from a CUDA graph (and its size) or eagerly
     /// (and why). `None` off CUDA.
     pub cuda_graphs: Option<String>,
+    /// What ran the convolutions on CUDA: cuDNN (and its version) or Atelier's im2col + cuBLAS.
+    /// `None` off CUDA.
+    pub convolutions: Option<String>,
     /// Peak GPU memory over the benchmark (weights included), where the device reports it.
     pub peak_gpu_memory_bytes: Option<u64>,
     /// With `profile`: (operation, milliseconds in one step, calls).
@@ -197,10 +200,30 @@ pub fn run(target: &BenchTarget<'_>, options: BenchOptions) -> Result<BenchRepor
         end_to_end_30_steps_ms: text_encoding_ms + 30.0 * unet_step_ms + vae_decode_ms,
         unet_submit_ms,
         cuda_graphs: graph_summary(target.unet, device),
+        convolutions: convolution_summary(device),
         peak_gpu_memory_bytes: profile::peak_memory_bytes(device),
         profile,
         vae_profile,
     })
+}
+
+/// What runs convolutions on CUDA, `None` elsewhere.
+fn convolution_summary(device: &Device) -> Option<String> {
+    if !device.is_cuda() {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    return Some(match super::cuda::cudnn_version() {
+        Some(version) => format!(
+            "cuDNN {}.{}.{}",
+            version / 10_000,
+            version / 100 % 100,
+            version % 100
+        ),
+        None => "im2col + cuBLAS (no cuDNN 9 found, or ATELIER_CUDNN=0)".to_string(),
+    });
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 /// One line on how the UNet's steps ran on CUDA, `None` elsewhere.

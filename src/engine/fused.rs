@@ -262,6 +262,29 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// Whether [`attention_scores_f32`] takes queries of this device and type (f16 on CUDA).
+pub fn has_f16_attention_scores(device: &Device, dtype: DType) -> bool {
+    cfg!(feature = "cuda") && dtype == DType::F16 && kernels_for(device, dtype)
+}
+
+/// `scale * q k^T` in f32 for f16 `(rows, tokens, width)` queries and keys on CUDA, in one
+/// tensor-core GEMM per row (see [`has_f16_attention_scores`]); `None` elsewhere.
+pub fn attention_scores_f32(query: &Tensor, key: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if has_f16_attention_scores(query.device(), query.dtype()) && key.dtype() == DType::F16 {
+        let op = super::cuda::AttentionScoresOp {
+            scale: scale as f32,
+        };
+        return Ok(Some(
+            query
+                .contiguous()?
+                .apply_op2_no_bwd(&key.contiguous()?, &op)?,
+        ));
+    }
+    let _ = (query, key, scale);
+    Ok(None)
+}
+
 /// Attention through the tensor-core kernel when it applies: CUDA, f16, no mask, a supported
 /// head width, 16-byte aligned rows. `None` means: use the general path.
 pub fn flash_attention(

@@ -179,8 +179,21 @@ fn attention_unprofiled(
     } else {
         dtype
     };
-    let q = split(query, query_len)?.to_dtype(compute_dtype)?;
-    let k_t = split(key, key_len)?.to_dtype(compute_dtype)?.t()?;
+    // f16 on CUDA: f32 scores straight from the f16 values in one tensor-core GEMM (the same
+    // products as from f32 copies); elsewhere from copies in the compute type.
+    let f16_scores =
+        super::fused::has_f16_attention_scores(query.device(), dtype) && key.dtype() == DType::F16;
+    let q = if f16_scores {
+        split(query, query_len)?
+    } else {
+        split(query, query_len)?.to_dtype(compute_dtype)?
+    };
+    let k = split(key, key_len)?;
+    let k_t = if f16_scores {
+        None
+    } else {
+        Some(k.to_dtype(compute_dtype)?.t()?)
+    };
     let v = split(value, key_len)?;
     // Score matrices grow with the square of the token count (4096 tokens at SD 1.5's first
     // level): process queries in chunks so that each chunk's scores stay small. On the CPU this
@@ -193,7 +206,20 @@ fn attention_unprofiled(
     let rows = batch * heads;
     let chunk = (max_score_elements / (rows * key_len).max(1)).clamp(1, query_len);
     let attend = |q: &Tensor, mask: Option<Tensor>| -> Result<Tensor> {
-        let mut scores = (q.matmul(&k_t)? * scale)?;
+        let mut scores = match &k_t {
+            Some(k_t) => (q.matmul(k_t)? * scale)?,
+            None => {
+                let len = q.dim(2)?;
+                let rows_of = |t: &Tensor, len: usize| t.reshape((rows, len, head_dim));
+                super::fused::attention_scores_f32(
+                    &rows_of(q, len)?,
+                    &rows_of(&k, key_len)?,
+                    scale,
+                )?
+                .ok_or_else(|| candle_core::Error::Msg("f16 attention scores unavailable".into()))?
+                .reshape((batch, heads, len, key_len))?
+            }
+        };
         if let Some(mask) = mask {
             scores = scores.broadcast_add(&mask.to_dtype(compute_dtype)?)?;
         }

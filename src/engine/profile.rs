@@ -90,15 +90,12 @@ pub fn peak_reserved_memory_bytes(device: &Device) -> Option<u64> {
     None
 }
 
-/// Free memory on a CUDA GPU (the driver's figure, other processes counted), `None` elsewhere.
+/// Memory a CUDA GPU can still give this process: the driver's free figure (other processes
+/// counted) plus what the default memory pool holds unused for reuse. `None` elsewhere.
 pub fn free_gpu_memory_bytes(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
-        let context = cuda.cuda_stream().context().clone();
-        context.bind_to_thread().ok()?;
-        let (free, _total) =
-            candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
-        return Some(free as u64);
+        return super::cuda::free_memory_bytes(cuda);
     }
     let _ = device;
     None

@@ -1,19 +1,22 @@
 //! Atelier's own CUDA kernels (`kernels.cu`, compiled to PTX by build.rs) as candle custom ops:
-//! fused GroupNorm (+SiLU), GEGLU, convolutions as one GEMM per batch item straight into NCHW with
-//! the bias and residual folded in, and a flash-style tensor-core attention.
+//! fused GroupNorm (+SiLU), GEGLU, convolutions (cuDNN's when installed, else one GEMM per batch
+//! item) straight into NCHW with the bias and residual folded in, and a flash-style tensor-core
+//! attention.
 //!
 //! Inputs must be contiguous f16 or f32 (attention: f16); [`super::fused`] checks and falls back
 //! to candle's own operations otherwise.
 
+mod cudnn;
 mod graph;
 
+pub use cudnn::{available as cudnn_available, version as cudnn_version};
 pub use graph::{GraphCache, GraphReport, graphs_wanted, trim_graph_memory};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig, sys};
+use candle_core::cuda_backend::cudarc::cublas::{Gemm, GemmConfig, sys};
 use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -104,6 +107,66 @@ fn function(device: &CudaDevice, name: &str, shared_bytes: u32) -> Result<CudaFu
     Ok(function)
 }
 
+/// Memory the GPU can still give this process: the driver's free figure (other processes
+/// counted) plus what the default memory pool holds unused for reuse. `None` when the driver
+/// does not say.
+pub fn free_memory_bytes(cuda: &CudaDevice) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let context = cuda.cuda_stream().context().clone();
+    context.bind_to_thread().ok()?;
+    let (free, _total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let (mut reserved, mut used) = (0u64, 0u64);
+    // SAFETY: driver queries of the device's default pool, each writing one u64.
+    let pool_spare = unsafe {
+        let ok = sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            .result()
+            .is_ok()
+            && sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                (&mut reserved as *mut u64).cast(),
+            )
+            .result()
+            .is_ok()
+            && sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+                (&mut used as *mut u64).cast(),
+            )
+            .result()
+            .is_ok();
+        if ok { reserved.saturating_sub(used) } else { 0 }
+    };
+    Some(free as u64 + pool_spare)
+}
+
+/// Lets the device's default memory pool (which candle allocates from) keep what is freed for
+/// reuse, as PyTorch's caching allocator does, instead of handing everything back to the driver
+/// at each synchronisation (its default): a VAE decode after a synchronised step otherwise maps
+/// every one of its large activations and workspaces afresh.
+pub fn keep_freed_memory(device: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let context = device.cuda_stream().context().clone();
+    context.bind_to_thread().w()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: driver calls on this context's device and its default pool, with a u64 value as
+    // the release-threshold attribute expects.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            .result()
+            .w()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .w()
+    }
+}
+
 /// Blocks over (columns, rows): threads walk the columns of a row, grid rows walk the rows.
 fn grid_2d(columns: usize, rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -179,6 +242,12 @@ macro_rules! three_input_op {
         }
     };
 }
+
+mod attention;
+mod conv;
+
+pub use attention::{ATTENTION_HEAD_DIMS, AttentionScoresOp, FlashAttentionOp};
+pub use conv::Conv2dOp;
 
 /// Runs `f` on the GPU data of `tensor` (an extra input an op holds, such as a bias), checking
 /// that it is on the GPU, of type `T`, contiguous and `elements` long.
@@ -351,20 +420,8 @@ impl CustomOp1 for GegluOp {
     }
 }
 
-/// A 2-D convolution with bias (and optionally a residual added to its output): im2col (skipped
-/// for 1x1 convolutions) and one GEMM per batch item that accumulates onto bias + residual.
-pub struct Conv2dOp {
-    /// Stride in both directions.
-    pub stride: usize,
-    /// Zero padding on every side.
-    pub padding: usize,
-    /// Added to the output, same shape as it.
-    pub residual: Option<Tensor>,
-    /// f32 GEMMs on TF32 tensor cores (see [`super::fused::with_tf32_convolutions`]).
-    pub tf32: bool,
-}
-
-trait GemmScalar: CudaDType + DeviceRepr + Copy {
+/// Element types of the GEMM-based operations (f16, f32), with their 0 and 1.
+trait GemmScalar: CudaDType + DeviceRepr + cudnn::ConvScalar + Copy {
     const ONE: Self;
     const ZERO: Self;
 }
@@ -376,222 +433,6 @@ impl GemmScalar for f32 {
     const ONE: Self = 1.0;
     const ZERO: Self = 0.0;
 }
-
-impl Conv2dOp {
-    fn run<T: GemmScalar>(
-        &self,
-        x: (&CudaStorage, &Layout),
-        weight: (&CudaStorage, &Layout),
-        bias: (&CudaStorage, &Layout),
-    ) -> Result<(CudaStorage, Shape)>
-    where
-        candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
-    {
-        let device = x.0.device().clone();
-        let (batch, channels, height, width) = x.1.shape().dims4()?;
-        let (out_channels, in_channels, kh, kw) = weight.1.shape().dims4()?;
-        if in_channels != channels {
-            candle_core::bail!("conv2d: input has {channels} channels, weight {in_channels}");
-        }
-        let (stride, pad) = (self.stride, self.padding);
-        if height + 2 * pad < kh || width + 2 * pad < kw {
-            candle_core::bail!("conv2d: input smaller than the kernel");
-        }
-        let out_h = (height + 2 * pad - kh) / stride + 1;
-        let out_w = (width + 2 * pad - kw) / stride + 1;
-        let pixels = out_h * out_w;
-        let k = channels * kh * kw;
-        if height * width >= i32::MAX as usize || pixels >= i32::MAX as usize {
-            candle_core::bail!("conv2d kernel: {height}x{width} is too large");
-        }
-        let total = batch * out_channels * pixels;
-        let name = suffix(x.0.dtype())?;
-        let stream = device.cuda_stream();
-
-        let xs = contiguous_slice::<T>(x.0, x.1, "conv2d input")?;
-        let ws = contiguous_slice::<T>(weight.0, weight.1, "conv2d weight")?;
-        let bs = contiguous_slice::<T>(bias.0, bias.1, "conv2d bias")?;
-
-        // SAFETY: conv_init writes every element.
-        let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(total)? };
-        let init = function(&device, &format!("conv_init_{name}"), 0)?;
-        let planes = batch * out_channels;
-        let (planes_i, channels_i, pixels_i) = (planes as i64, out_channels as i64, pixels as i64);
-        match &self.residual {
-            Some(residual) => {
-                with_tensor_view::<T, _>(residual, total, "conv2d residual", |rs| {
-                    let mut builder = stream.launch_builder(&init);
-                    builder
-                        .arg(&mut out)
-                        .arg(&bs)
-                        .arg(&rs)
-                        .arg(&planes_i)
-                        .arg(&channels_i)
-                        .arg(&pixels_i);
-                    // SAFETY: arguments match the kernel's signature.
-                    unsafe { builder.launch(grid_2d(pixels, planes)) }.w()
-                })?;
-            }
-            None => {
-                let null: u64 = 0;
-                let mut builder = stream.launch_builder(&init);
-                builder
-                    .arg(&mut out)
-                    .arg(&bs)
-                    .arg(&null)
-                    .arg(&planes_i)
-                    .arg(&channels_i)
-                    .arg(&pixels_i);
-                // SAFETY: a null residual is checked by the kernel.
-                unsafe { builder.launch(grid_2d(pixels, planes)) }.w()?;
-            }
-        }
-
-        let blas = device.cublas_handle();
-        let tf32 = self.tf32 && x.0.dtype() == DType::F32;
-        // out[b][:, p0..p0 + len] += W (out_channels x k) * columns (k x len), for `items`
-        // batch items from `first` whose columns are `k * len` apart.
-        let gemm = |columns: &CudaView<'_, T>,
-                    out: &mut CudaSlice<T>,
-                    first: usize,
-                    items: usize,
-                    p0: usize,
-                    len: usize|
-         -> Result<()> {
-            let config = StridedBatchedConfig {
-                gemm: GemmConfig {
-                    transa: sys::cublasOperation_t::CUBLAS_OP_N,
-                    transb: sys::cublasOperation_t::CUBLAS_OP_N,
-                    m: len as i32,
-                    n: out_channels as i32,
-                    k: k as i32,
-                    alpha: T::ONE,
-                    lda: len as i32,
-                    ldb: k as i32,
-                    beta: T::ONE,
-                    ldc: pixels as i32,
-                },
-                batch_size: items as i32,
-                stride_a: (k * len) as i64,
-                stride_b: 0,
-                stride_c: (out_channels * pixels) as i64,
-            };
-            let mut target = out.slice_mut(first * out_channels * pixels + p0..);
-            if tf32 {
-                return timed("conv2d.gemm", &device, || {
-                    tf32_gemm(&blas, &stream, &config, columns, &ws, &mut target)
-                });
-            }
-            timed("conv2d.gemm", &device, || {
-                // SAFETY: columns hold items * k * len elements, the weight out_channels * k,
-                // and the output rows p0..p0 + len of `items` planes of out_channels * pixels.
-                unsafe { blas.gemm_strided_batched(config, columns, &ws, &mut target) }.w()
-            })
-        };
-        if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
-            gemm(&xs, &mut out, 0, batch, 0, pixels)?;
-        } else {
-            // Columns for all of the batch at once when they are small; else one batch item
-            // and a band of output pixels at a time, so that memory stays bounded.
-            let (items_per_call, band) = if batch * k * pixels <= MAX_COLUMN_ELEMENTS {
-                (batch, pixels)
-            } else {
-                // Bands of whole multiples of 128 pixels keep every GEMM operand aligned.
-                let band = (MAX_COLUMN_ELEMENTS / k) / 128 * 128;
-                (1, band.clamp(128.min(pixels), pixels))
-            };
-            // SAFETY: im2col writes every element it is asked for before the GEMM reads them.
-            let mut columns: CudaSlice<T> =
-                unsafe { device.alloc::<T>(items_per_call * k * band)? };
-            let func = function(&device, &format!("im2col_{name}"), 0)?;
-            for first in (0..batch).step_by(items_per_call) {
-                let input = xs.slice(first * channels * height * width..);
-                for p0 in (0..pixels).step_by(band) {
-                    let len = band.min(pixels - p0);
-                    let ints = [
-                        items_per_call as i32,
-                        channels as i32,
-                        height as i32,
-                        width as i32,
-                        kh as i32,
-                        kw as i32,
-                        stride as i32,
-                        pad as i32,
-                        out_w as i32,
-                        p0 as i32,
-                        len as i32,
-                    ];
-                    let mut builder = stream.launch_builder(&func);
-                    builder.arg(&input).arg(&mut columns);
-                    for value in &ints {
-                        builder.arg(value);
-                    }
-                    timed("conv2d.im2col", &device, || {
-                        // SAFETY: arguments match the kernel's signature.
-                        unsafe { builder.launch(grid_2d(len, items_per_call * channels)) }.w()
-                    })?;
-                    gemm(&columns.slice(..), &mut out, first, items_per_call, p0, len)?;
-                }
-            }
-        }
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, device),
-            Shape::from((batch, out_channels, out_h, out_w)),
-        ))
-    }
-}
-
-/// The strided batched GEMM of `config` on f32 data with TF32 tensor-core products.
-fn tf32_gemm<T>(
-    blas: &candle_core::cuda_backend::cudarc::cublas::CudaBlas,
-    stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-    config: &StridedBatchedConfig<T>,
-    a: &CudaView<'_, T>,
-    b: &CudaView<'_, T>,
-    c: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, T>,
-) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
-    use std::ffi::c_void;
-    let (a_ptr, _a_use) = a.device_ptr(stream);
-    let (b_ptr, _b_use) = b.device_ptr(stream);
-    let (c_ptr, _c_use) = c.device_ptr_mut(stream);
-    let (alpha, beta) = (1.0f32, 1.0f32);
-    let g = &config.gemm;
-    let f32_type = sys::cudaDataType_t::CUDA_R_32F;
-    // SAFETY: the caller's f32 buffers match `config` (as for the plain GEMM); alpha and beta
-    // are f32 scalars as the 32F compute types expect.
-    unsafe {
-        gemm_strided_batched_ex(
-            *blas.handle(),
-            g.transa,
-            g.transb,
-            g.m,
-            g.n,
-            g.k,
-            (&alpha as *const f32).cast::<c_void>(),
-            a_ptr as *const c_void,
-            f32_type,
-            g.lda,
-            config.stride_a,
-            b_ptr as *const c_void,
-            f32_type,
-            g.ldb,
-            config.stride_b,
-            (&beta as *const f32).cast::<c_void>(),
-            c_ptr as *mut c_void,
-            f32_type,
-            g.ldc,
-            config.stride_c,
-            config.batch_size,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }
-    .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))
-}
-
-three_input_op!(Conv2dOp, "atelier-conv2d");
 
 /// `x W^T + bias` for a contiguous `(..., in)` input and `(out, in)` weight: one cuBLAS GEMM
 /// and one bias pass.
@@ -726,134 +567,6 @@ impl candle_core::CustomOp2 for LinearOp {
             DType::F32 => self.run::<f32>((x, xl), (w, wl)),
             other => candle_core::bail!("linear kernel: unsupported {other:?}"),
         }
-    }
-}
-
-/// Head widths the attention kernel is built for (a head is zero-padded up to one of them).
-pub const ATTENTION_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
-
-/// Scaled dot-product attention without a mask over f16 `(batch, tokens, heads * head_dim)`
-/// tensors whose rows may be strided (q, k and v can be column ranges of one projection).
-pub struct FlashAttentionOp {
-    /// Number of heads.
-    pub heads: usize,
-    /// Width of one head.
-    pub head_dim: usize,
-    /// Multiplies the scores before the softmax.
-    pub scale: f32,
-}
-
-impl FlashAttentionOp {
-    /// The padded head width the kernel uses, if any.
-    pub fn padded_head_dim(head_dim: usize) -> Option<usize> {
-        ATTENTION_HEAD_DIMS.iter().copied().find(|&p| p >= head_dim)
-    }
-
-    /// Queries per block (8 warps of 16) and keys per tile, as in kernels.cu.
-    const BLOCK_QUERIES: usize = 128;
-    const BLOCK_KEYS: usize = 64;
-
-    fn shared_bytes(padded: usize) -> usize {
-        // Two stages of one key tile and one value tile, rows padded by 8 halves.
-        2 * 2 * Self::BLOCK_KEYS * (padded + 8) * 2
-    }
-}
-
-fn rows_layout(layout: &Layout, what: &str) -> Result<(usize, usize, usize)> {
-    let (batch, _, _) = layout.shape().dims3()?;
-    let stride = layout.stride();
-    if stride[2] != 1 {
-        candle_core::bail!("attention {what}: columns must be contiguous");
-    }
-    let batch_stride = if batch == 1 { 0 } else { stride[0] };
-    Ok((layout.start_offset(), stride[1], batch_stride))
-}
-
-impl CustomOp3 for FlashAttentionOp {
-    fn name(&self) -> &'static str {
-        "atelier-flash-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        cuda_only(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let device = q.device().clone();
-        let (batch, nq, _) = ql.shape().dims3()?;
-        let nk = kl.shape().dims3()?.1;
-        let (q_offset, q_stride, q_batch) = rows_layout(ql, "query")?;
-        let (k_offset, kv_stride, kv_batch) = rows_layout(kl, "key")?;
-        let (v_offset, v_stride, v_batch) = rows_layout(vl, "value")?;
-        if v_stride != kv_stride || v_batch != kv_batch {
-            candle_core::bail!("attention: keys and values must share their layout");
-        }
-        let Some(padded) = Self::padded_head_dim(self.head_dim) else {
-            candle_core::bail!("attention kernel: head width {} too large", self.head_dim);
-        };
-        let width = self.heads * self.head_dim;
-        let qs = q.as_cuda_slice::<f16>()?.slice(q_offset..);
-        let ks = k.as_cuda_slice::<f16>()?.slice(k_offset..);
-        let vs = v.as_cuda_slice::<f16>()?.slice(v_offset..);
-        // SAFETY: the kernel writes every element of every query row and head.
-        let mut out: CudaSlice<f16> = unsafe { device.alloc::<f16>(batch * nq * width)? };
-        let shared = Self::shared_bytes(padded) as u32;
-        let func = function(&device, &format!("flash_attention_d{padded}"), shared)?;
-        let config = LaunchConfig {
-            grid_dim: (
-                nq.div_ceil(Self::BLOCK_QUERIES) as u32,
-                self.heads as u32,
-                batch as u32,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: shared,
-        };
-        let (nq_i, nk_i, d_i) = (nq as i32, nk as i32, self.head_dim as i32);
-        let strides = [
-            q_stride as i64,
-            kv_stride as i64,
-            width as i64,
-            q_batch as i64,
-            kv_batch as i64,
-            (nq * width) as i64,
-        ];
-        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
-        let stream = device.cuda_stream();
-        let mut builder = stream.launch_builder(&func);
-        builder
-            .arg(&qs)
-            .arg(&ks)
-            .arg(&vs)
-            .arg(&mut out)
-            .arg(&nq_i)
-            .arg(&nk_i)
-            .arg(&d_i);
-        for stride in &strides {
-            builder.arg(stride);
-        }
-        builder.arg(&scale_log2);
-        // SAFETY: arguments match the kernel's signature; alignment is checked by the caller.
-        unsafe { builder.launch(config) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, device),
-            Shape::from((batch, nq, width)),
-        ))
     }
 }
 

@@ -277,16 +277,20 @@ pub struct GenerationOutput {
     pub warnings: Vec<String>,
 }
 
-/// A CUDA device whose tensors do not each create and destroy two CUDA events: candle's device
+/// A CUDA device whose tensors do not each create and destroy two CUDA events (candle's device
 /// queues its work on the per-thread default stream, which leaves cudarc out of its
 /// multi-stream mode, where alone those events are waited on; made and dropped with every
-/// tensor, they only cost the CPU time in every operation.
+/// tensor, they only cost the CPU time in every operation), and whose memory pool keeps freed
+/// memory for reuse ([`crate::engine::cuda::keep_freed_memory`]).
 fn without_event_tracking(device: Device) -> Device {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = &device {
         // SAFETY: no stream of this context was made with `new_stream`, so cudarc never waits on
         // the events (see above): switching them off loses no synchronisation.
         unsafe { cuda.disable_event_tracking() };
+        // Should the driver refuse, the pool only re-maps memory more often: slower, still
+        // correct, so there is nothing to report.
+        let _ = crate::engine::cuda::keep_freed_memory(cuda);
     }
     device
 }
