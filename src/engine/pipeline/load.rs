@@ -74,11 +74,14 @@ impl StableDiffusion {
         Ok(model)
     }
 
-    /// One tiny job (64x64 pixels, one guided step, decoded): a GPU's first work in a process
-    /// (kernel compilation, cuBLAS handles, memory pools) is paid here, at load, instead of by
-    /// the artist's first picture.
+    /// One job of one guided step at the model's native size (64x64 pixels when its config
+    /// does not say), decoded: a GPU's first work in a process (kernel compilation, cuBLAS and
+    /// cuDNN handles, memory pools, and timing which convolution route is faster at each of
+    /// that size's shapes) is paid here, at load, instead of by the artist's first picture.
     pub fn warm_up(&self) -> Result<()> {
-        let side = 8 * self.vae_scale_factor();
+        let side = self
+            .native_size()
+            .unwrap_or(8 * self.vae_scale_factor());
         let request = super::GenerationRequest {
             prompt: "warm-up".into(),
             steps: 1,
