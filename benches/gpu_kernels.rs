@@ -1,6 +1,6 @@
-//! Times Atelier's CUDA kernels (flash attention, convolutions, GroupNorm + SiLU) at the shapes
-//! where SD 1.5, SD 2.1 768-v, SDXL and the VAE spend their time, and prints each one's time and
-//! throughput; `scripts/bench_kernels_torch.py` times PyTorch's operations (SDPA, cuDNN) at the
+//! Times Atelier's CUDA kernels (flash attention, convolutions by each route, GroupNorm + SiLU)
+//! at the shapes where SD 1.5, SD 2.1 768-v, SDXL and the VAE spend their time, and prints each
+//! one's time and throughput; `scripts/bench_kernels_torch.py` times PyTorch's operations (SDPA, cuDNN) at the
 //! same shapes, so that one device call compares the two:
 //!     cargo bench --features cuda,slim --bench gpu_kernels
 //! Needs a CUDA GPU; f16 throughout.
@@ -8,6 +8,7 @@
 
 use std::time::Instant;
 
+use atelier::engine::cuda::{ConvRoute, force_convolution_route};
 use atelier::engine::fused::{Conv2d, GroupNorm};
 use atelier::engine::nn::{Activation, attention};
 use candle_core::{DType, Device, Tensor};
@@ -105,9 +106,14 @@ fn main() {
         );
         let conv = Conv2d::new(cin, cout, kernel, 1, vb).unwrap();
         let x = randn(&[batch, cin, side, side], &device);
-        let ms = time_ms(&device, 10, || conv.forward(&x).unwrap());
         let flops = 2.0 * (batch * cin * cout * kernel * kernel * side * side) as f64;
-        println!("conv,{label},{ms:.3},{:.1}", flops / ms / 1e9);
+        // The engine's choice, then each route forced.
+        for route in [ConvRoute::Fastest, ConvRoute::Im2col, ConvRoute::Cudnn] {
+            force_convolution_route(route);
+            let ms = time_ms(&device, 10, || conv.forward(&x).unwrap());
+            println!("conv {route:?},{label},{ms:.3},{:.1}", flops / ms / 1e9);
+        }
+        force_convolution_route(ConvRoute::Fastest);
     }
     // (label, batch, channels, side)
     for (label, batch, channels, side) in [

@@ -468,7 +468,7 @@ fn progress_counts_model_evaluations() {
 
 #[test]
 fn every_fixture_family_warms_up() {
-    // GPUs run this tiny job at load; it must work for every kind of model.
+    // GPUs run this one-step job at load (at the native size); it must work for every kind of model.
     for family in ["sd1", "sd2", "sdxl", "lcm", "sd1-inpaint"] {
         let model = load_model(family);
         model.warm_up().unwrap_or_else(|e| panic!("{family}: {e}"));

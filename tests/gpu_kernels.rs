@@ -216,6 +216,27 @@ fn convolutions_match_reference() {
         // Larger than one im2col buffer: done in bands of output pixels, batch item by item.
         (2, 64, 8, 512, 3, 1, true),
     ];
+    // Each route on its own: im2col + cuBLAS, and cuDNN where it is installed.
+    #[cfg(feature = "cuda")]
+    {
+        use atelier::engine::cuda::{ConvRoute, cudnn_available, force_convolution_route};
+        let mut routes = vec![ConvRoute::Im2col];
+        if cudnn_available() {
+            routes.push(ConvRoute::Cudnn);
+        }
+        for route in routes {
+            force_convolution_route(route);
+            check_convolutions(&cases, &format!("{route:?}"));
+        }
+        force_convolution_route(ConvRoute::Fastest);
+    }
+    #[cfg(not(feature = "cuda"))]
+    check_convolutions(&cases, "no CUDA build");
+}
+
+type ConvCase = (usize, usize, usize, usize, usize, usize, bool);
+
+fn check_convolutions(cases: &[ConvCase], route: &str) {
     for (seed, &(batch, cin, cout, size, kernel, stride, with_residual)) in cases.iter().enumerate()
     {
         let seed = seed as u64 * 10;
@@ -262,7 +283,9 @@ fn convolutions_match_reference() {
                 )
             };
             assert_close(
-                &format!("conv {batch}x{cin}->{cout} {size}px k{kernel} s{stride} {dtype:?}"),
+                &format!(
+                    "conv {batch}x{cin}->{cout} {size}px k{kernel} s{stride} {dtype:?} {route}"
+                ),
                 &out,
                 &want,
                 tolerance,

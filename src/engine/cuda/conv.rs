@@ -2,6 +2,7 @@
 //! faster for the shape (timed once per shape), else im2col + cuBLAS GEMMs straight into NCHW.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
@@ -16,9 +17,36 @@ use super::{
     timed, with_tensor_view,
 };
 
+/// Which way the CUDA convolutions go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvRoute {
+    /// The faster of cuDNN and im2col, timed once per shape (the default).
+    Fastest = 0,
+    /// Always im2col + cuBLAS.
+    Im2col = 1,
+    /// cuDNN wherever it is installed (else im2col).
+    Cudnn = 2,
+}
+
+static FORCED_ROUTE: AtomicU8 = AtomicU8::new(ConvRoute::Fastest as u8);
+
+/// Sends every convolution of the process one way from now on: for tests that check each route
+/// and for comparisons; the engine itself leaves it at [`ConvRoute::Fastest`].
+pub fn force_convolution_route(route: ConvRoute) {
+    FORCED_ROUTE.store(route as u8, Ordering::Relaxed);
+}
+
+fn forced_route() -> ConvRoute {
+    match FORCED_ROUTE.load(Ordering::Relaxed) {
+        1 => ConvRoute::Im2col,
+        2 => ConvRoute::Cudnn,
+        _ => ConvRoute::Fastest,
+    }
+}
+
 /// A 2-D convolution with bias (and optionally a residual added to its output): the output is
 /// first set to bias + residual, then cuDNN's convolution accumulates onto it when cuDNN is
-/// installed ([`cudnn_available`]); otherwise im2col (skipped for 1x1 convolutions) and one GEMM
+/// installed ([`super::cudnn_available`]) and faster for the shape; otherwise im2col (skipped for 1x1 convolutions) and one GEMM
 /// per batch item do.
 pub struct Conv2dOp {
     /// Stride in both directions.
@@ -27,7 +55,7 @@ pub struct Conv2dOp {
     pub padding: usize,
     /// Added to the output, same shape as it.
     pub residual: Option<Tensor>,
-    /// f32 GEMMs on TF32 tensor cores (see [`super::fused::with_tf32_convolutions`]).
+    /// f32 GEMMs on TF32 tensor cores (see [`crate::engine::fused::with_tf32_convolutions`]).
     pub tf32: bool,
 }
 
@@ -214,7 +242,13 @@ impl Conv2dOp {
             tf32,
         };
         let use_cudnn = cudnn::available()
-            && faster_route(&device, key, &mut out, &im2col_route, &cudnn_route)?;
+            && match forced_route() {
+                ConvRoute::Fastest => {
+                    faster_route(&device, key, &mut out, &im2col_route, &cudnn_route)?
+                }
+                ConvRoute::Im2col => false,
+                ConvRoute::Cudnn => true,
+            };
         set_bias(&mut out)?;
         if use_cudnn {
             cudnn_route(&mut out)?;

@@ -247,7 +247,7 @@ mod attention;
 mod conv;
 
 pub use attention::{ATTENTION_HEAD_DIMS, AttentionScoresOp, FlashAttentionOp};
-pub use conv::Conv2dOp;
+pub use conv::{Conv2dOp, ConvRoute, force_convolution_route};
 
 /// Runs `f` on the GPU data of `tensor` (an extra input an op holds, such as a bias), checking
 /// that it is on the GPU, of type `T`, contiguous and `elements` long.

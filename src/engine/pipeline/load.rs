@@ -79,9 +79,7 @@ impl StableDiffusion {
     /// cuDNN handles, memory pools, and timing which convolution route is faster at each of
     /// that size's shapes) is paid here, at load, instead of by the artist's first picture.
     pub fn warm_up(&self) -> Result<()> {
-        let side = self
-            .native_size()
-            .unwrap_or(8 * self.vae_scale_factor());
+        let side = self.native_size().unwrap_or(8 * self.vae_scale_factor());
         let request = super::GenerationRequest {
             prompt: "warm-up".into(),
             steps: 1,
