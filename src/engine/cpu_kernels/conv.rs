@@ -1,4 +1,5 @@
-//! Convolutions on the CPU: im2col from contiguous rows, one GEMM per band into NCHW.
+//! Convolutions on the CPU: 3x3 ones with stride 1 and padding 1 by Winograd's F(4x4, 3x3)
+//! (`winograd.rs`), the others by im2col from contiguous rows and one GEMM per band into NCHW.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
@@ -17,6 +18,12 @@ pub struct CpuConv2dOp {
     /// Zero padding on every side.
     pub padding: usize,
 }
+
+/// The fewest output pixels per image (32x32) for which a 3x3 convolution goes by Winograd: its
+/// filters are transformed on every call (4x the weight: keeping them would take another 8 GB
+/// for SD 1.5's UNet), which at the UNet's 1280-channel levels of 8x8 and 16x16 pixels costs
+/// more than it saves.
+const MIN_WINOGRAD_PIXELS: usize = 1024;
 
 /// The most f32 values of im2col columns built at once (64 MiB).
 const MAX_COLUMN_VALUES: usize = 1 << 24;
@@ -76,6 +83,28 @@ impl CustomOp3 for CpuConv2dOp {
         } else {
             gemm::Parallelism::None
         };
+        let winograd = kernel_h == 3
+            && kernel_w == 3
+            && self.stride == 1
+            && self.padding == 1
+            && height * width >= MIN_WINOGRAD_PIXELS;
+        if winograd {
+            let filters = super::winograd::transform_filters(weight, out_channels, channels);
+            for item in 0..batch {
+                let image = &input[item * channels * height * width..][..channels * height * width];
+                let out = &mut output[item * out_channels * plane..][..out_channels * plane];
+                super::winograd::convolve_3x3_add(
+                    out,
+                    image,
+                    &filters,
+                    (out_channels, channels, height, width),
+                );
+            }
+            return Ok((
+                CpuStorage::F32(output),
+                Shape::from((batch, out_channels, out_h, out_w)),
+            ));
+        }
         let pointwise = kernel_h == 1 && kernel_w == 1 && self.stride == 1 && self.padding == 0;
         let band_rows = (MAX_COLUMN_VALUES / (depth * out_w).max(1)).clamp(1, out_h);
         let mut columns = if pointwise {
@@ -239,10 +268,13 @@ mod tests {
                 * scale)
                 .unwrap()
         };
-        // (input, kernel, stride, padding): SD's 3x3 convolutions, the UNet's strided
+        // (input, kernel, stride, padding): SD's 3x3 convolutions (Winograd), the UNet's strided
         // downsamplers, the VAE encoder's unpadded ones, 1x1 shortcuts, odd sizes.
         let cases = [
             ((2, 5, 9, 11), 3, 1, 1),
+            // Winograd (at least 32x32 pixels): sizes that are and are not multiples of 4.
+            ((1, 4, 32, 32), 3, 1, 1),
+            ((2, 3, 33, 35), 3, 1, 1),
             ((1, 4, 10, 7), 3, 2, 1),
             ((1, 3, 9, 9), 3, 2, 0),
             ((2, 6, 5, 8), 1, 1, 0),

@@ -52,6 +52,7 @@ pub(crate) use vectorised;
 mod attention;
 mod conv;
 mod geglu;
+mod winograd;
 
 /// Makes the C allocator keep freed memory for reuse instead of handing it back to the kernel.
 ///
