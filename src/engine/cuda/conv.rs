@@ -46,8 +46,8 @@ fn forced_route() -> ConvRoute {
 
 /// A 2-D convolution with bias (and optionally a residual added to its output): the output is
 /// first set to bias + residual, then cuDNN's convolution accumulates onto it when cuDNN is
-/// installed ([`super::cudnn_available`]) and faster for the shape; otherwise im2col (skipped for 1x1 convolutions) and one GEMM
-/// per batch item do.
+/// installed ([`super::cudnn_available`]) and faster for the shape; otherwise im2col (skipped
+/// for 1x1 convolutions) and one GEMM per batch item do.
 pub struct Conv2dOp {
     /// Stride in both directions.
     pub stride: usize,
@@ -94,7 +94,8 @@ impl Conv2dOp {
         let ws = contiguous_slice::<T>(weight.0, weight.1, "conv2d weight")?;
         let bs = contiguous_slice::<T>(bias.0, bias.1, "conv2d bias")?;
 
-        // SAFETY: conv_init writes every element.
+        // SAFETY: `set_bias` (conv_init) writes every element before the result is used; only
+        // the routes' timing adds onto the uninitialised values first, and it is overwritten.
         let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(total)? };
         let init = function(&device, &format!("conv_init_{name}"), 0)?;
         let planes = batch * out_channels;

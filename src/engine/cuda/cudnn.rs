@@ -5,9 +5,11 @@
 //! `ATELIER_CUDNN=0`, [`super::Conv2dOp`] keeps its own im2col + cuBLAS path.
 //!
 //! Only the dozen functions of cuDNN's legacy convolution API that a forward convolution needs
-//! are bound here (cudarc's own cuDNN bindings would link the library into the binary). A plan
-//! (descriptors, the algorithm cuDNN's heuristics rank first, as PyTorch picks it by default,
-//! and its workspace size) is made once per shape on each thread: cuDNN handles are per thread.
+//! are bound here (cudarc's own cuDNN bindings, with candle's dynamic linking, would link the
+//! library into the binary). A plan (descriptors, an algorithm from cuDNN's heuristics, with the
+//! precomputed-index implicit GEMM preferred, and its workspace size) is made once per shape on
+//! each thread: cuDNN handles are per thread. Whether cuDNN or im2col is faster for a shape is
+//! decided by timing both ([`super::conv`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
