@@ -34,6 +34,7 @@ const DATA_FLOAT: c_int = 0;
 const DATA_HALF: c_int = 2;
 const TENSOR_NCHW: c_int = 0;
 const CROSS_CORRELATION: c_int = 1;
+const DEFAULT_MATH: c_int = 0;
 const TENSOR_OP_MATH: c_int = 1;
 const FMA_MATH: c_int = 3;
 /// The workspace any algorithm may have, however little memory is free (32 MiB).
@@ -364,7 +365,7 @@ impl Plan {
                 .take(returned.clamp(0, results.len() as c_int) as usize)
                 .filter(|perf| {
                     perf.status == STATUS_SUCCESS
-                        && (!exact || perf.math_type == FMA_MATH)
+                        && (!exact || matches!(perf.math_type, DEFAULT_MATH | FMA_MATH))
                         && perf.memory <= workspace_limit
                 })
                 .collect();
@@ -381,11 +382,10 @@ impl Plan {
                     candle_core::Error::Msg("cuDNN: no algorithm for this convolution".into())
                 })?;
             plan.algorithm = usable.algorithm;
-            // The algorithm's own math type, as PyTorch sets it (tensor cores where allowed).
-            api.check(
-                "math type",
-                (api.set_math_type)(plan.conv, usable.math_type),
-            )?;
+            // The algorithm's own math type, as PyTorch sets it (tensor cores where allowed);
+            // exact f32 stays on FMA math (DEFAULT would allow TF32 on Ampere and newer).
+            let math = if exact { FMA_MATH } else { usable.math_type };
+            api.check("math type", (api.set_math_type)(plan.conv, math))?;
             let size = (api.workspace_size)(
                 handle,
                 plan.x,
