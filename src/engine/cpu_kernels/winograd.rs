@@ -78,42 +78,6 @@ fn filter_transform(g: &[f32]) -> [f32; POSITIONS] {
     u
 }
 
-/// `Bt d B` of one 6x6 input tile `d` (row-major).
-#[inline(always)]
-fn input_transform(d: &[f32; POSITIONS]) -> [f32; POSITIONS] {
-    let mut t = [0f32; POSITIONS]; // Bt d
-    for col in 0..SPAN {
-        let column = std::array::from_fn(|row| d[row * SPAN + col]);
-        for (row, value) in input_column(column).into_iter().enumerate() {
-            t[row * SPAN + col] = value;
-        }
-    }
-    let mut v = [0f32; POSITIONS];
-    for row in 0..SPAN {
-        let line = std::array::from_fn(|col| t[row * SPAN + col]);
-        v[row * SPAN..][..SPAN].copy_from_slice(&input_column(line));
-    }
-    v
-}
-
-/// `At m A` of one tile's 36 products: its 4x4 output pixels, row-major.
-#[inline(always)]
-fn output_transform(m: &[f32; POSITIONS]) -> [f32; TILE * TILE] {
-    let mut t = [0f32; TILE * SPAN]; // At m: 4x6
-    for col in 0..SPAN {
-        let column = std::array::from_fn(|row| m[row * SPAN + col]);
-        for (row, value) in output_column(column).into_iter().enumerate() {
-            t[row * SPAN + col] = value;
-        }
-    }
-    let mut y = [0f32; TILE * TILE];
-    for row in 0..TILE {
-        let line = std::array::from_fn(|col| t[row * SPAN + col]);
-        y[row * TILE..][..TILE].copy_from_slice(&output_column(line));
-    }
-    y
-}
-
 /// The transformed filters `G g Gt` of a `(out_channels, channels, 3, 3)` weight, laid out
 /// `[out][position][in]` (36 positions): what [`convolve_3x3_add`] multiplies.
 pub fn transform_filters(weight: &[f32], out_channels: usize, channels: usize) -> Vec<f32> {
@@ -170,118 +134,217 @@ fn convolve_in_bands(
     for first_tile_row in (0..tiles_h).step_by(band_rows) {
         let rows = band_rows.min(tiles_h - first_tile_row);
         let tiles = rows * tiles_w;
-        v[..channels * POSITIONS * band_tiles]
-            .par_chunks_mut(POSITIONS * band_tiles)
-            .enumerate()
-            .for_each(|(channel, values)| {
-                let source = &image[channel * plane..][..plane];
-                transform_band(
-                    values,
-                    band_tiles,
-                    source,
-                    (height, width),
-                    first_tile_row,
-                    rows,
-                );
-            });
-        // The 36 GEMMs M[p] (out x tiles) = U[p] (out x channels) V[p] (channels x tiles).
-        m.par_chunks_mut(out_channels * band_tiles)
-            .enumerate()
-            .for_each(|(position, products)| {
-                let u_p = &filters[position * channels..];
-                let v_p = &v[position * band_tiles..];
-                // SAFETY: u_p's rows (out channel k at k * 36 * channels) each span `channels`
-                // values inside `filters`; v_p's rows lie 36 * band_tiles apart and each spans
-                // `tiles` values inside v (channel c's row p starts at (36c + p) * band_tiles);
-                // products holds out rows of band_tiles values.
-                unsafe {
-                    gemm::gemm(
-                        out_channels,
-                        tiles,
-                        channels,
-                        products.as_mut_ptr(),
-                        1,
-                        band_tiles as isize,
-                        false,
-                        u_p.as_ptr(),
-                        1,
-                        (POSITIONS * channels) as isize,
-                        v_p.as_ptr(),
-                        1,
-                        (POSITIONS * band_tiles) as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+        timed("conv2d.winograd_input", || {
+            v[..channels * POSITIONS * band_tiles]
+                .par_chunks_mut(POSITIONS * band_tiles)
+                .enumerate()
+                .for_each(|(channel, values)| {
+                    let source = &image[channel * plane..][..plane];
+                    transform_band(
+                        values,
+                        band_tiles,
+                        source,
+                        height,
+                        width,
+                        first_tile_row,
+                        rows,
                     );
-                }
-            });
-        output[..out_channels * plane]
-            .par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(out_channel, out)| {
-                let mut tile = [0f32; POSITIONS];
-                for local in 0..tiles {
-                    for (position, value) in tile.iter_mut().enumerate() {
-                        *value = m[(position * out_channels + out_channel) * band_tiles + local];
+                })
+        });
+        // The 36 GEMMs M[p] (out x tiles) = U[p] (out x channels) V[p] (channels x tiles).
+        timed("conv2d.winograd_gemm", || {
+            m.par_chunks_mut(out_channels * band_tiles)
+                .enumerate()
+                .for_each(|(position, products)| {
+                    let u_p = &filters[position * channels..];
+                    let v_p = &v[position * band_tiles..];
+                    // SAFETY: u_p's rows (out channel k at k * 36 * channels) each span `channels`
+                    // values inside `filters`; v_p's rows lie 36 * band_tiles apart and each spans
+                    // `tiles` values inside v (channel c's row p starts at (36c + p) * band_tiles);
+                    // products holds out rows of band_tiles values.
+                    unsafe {
+                        gemm::gemm(
+                            out_channels,
+                            tiles,
+                            channels,
+                            products.as_mut_ptr(),
+                            1,
+                            band_tiles as isize,
+                            false,
+                            u_p.as_ptr(),
+                            1,
+                            (POSITIONS * channels) as isize,
+                            v_p.as_ptr(),
+                            1,
+                            (POSITIONS * band_tiles) as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
                     }
-                    let pixels = output_transform(&tile);
-                    let (ty, tx) = (first_tile_row + local / tiles_w, local % tiles_w);
-                    for (index, pixel) in pixels.iter().enumerate() {
-                        let (y, x) = (TILE * ty + index / TILE, TILE * tx + index % TILE);
-                        if y < height && x < width {
-                            out[y * width + x] += pixel;
-                        }
+                })
+        });
+        timed("conv2d.winograd_output", || {
+            output[..out_channels * plane]
+                .par_chunks_mut(plane)
+                .enumerate()
+                .for_each(|(out_channel, out)| {
+                    let mut across = vec![0f32; SPAN * TILE * tiles_w];
+                    let mut pixels = vec![0f32; TILE * TILE * tiles_w];
+                    for row in 0..rows {
+                        let first = (out_channel * band_tiles) + row * tiles_w;
+                        let products: [&[f32]; POSITIONS] = std::array::from_fn(|position| {
+                            &m[position * out_channels * band_tiles + first..][..tiles_w]
+                        });
+                        add_tile_row(
+                            &products,
+                            &mut across,
+                            &mut pixels,
+                            out,
+                            height,
+                            width,
+                            first_tile_row + row,
+                        );
                     }
-                }
-            });
+                })
+        });
     }
 }
 
+/// `out += At M A` for one tile row (`width / 4` tiles, rounded up), from its 36 product rows
+/// (`products[r * 6 + c]`, one value per tile), through the work rows `across` (`At` along
+/// each product row: [row of 6][column of 4][tile]) and `pixels` ([pixel row][pixel
+/// column][tile]): every loop runs over the tiles, which the compiler vectorises.
+#[allow(clippy::needless_range_loop)] // `tx` walks several rows at once
+fn add_tile_row(
+    products: &[&[f32]; POSITIONS],
+    across: &mut [f32],
+    pixels: &mut [f32],
+    out: &mut [f32],
+    height: usize,
+    width: usize,
+    tile_row: usize,
+) {
+    let tiles_w = width.div_ceil(TILE);
+    for r in 0..SPAN {
+        let dst = &mut across[r * TILE * tiles_w..][..TILE * tiles_w];
+        let (d0, rest) = dst.split_at_mut(tiles_w);
+        let (d1, rest) = rest.split_at_mut(tiles_w);
+        let (d2, d3) = rest.split_at_mut(tiles_w);
+        let m = &products[r * SPAN..][..SPAN];
+        for tx in 0..tiles_w {
+            let o = output_column(std::array::from_fn(|c| m[c][tx]));
+            d0[tx] = o[0];
+            d1[tx] = o[1];
+            d2[tx] = o[2];
+            d3[tx] = o[3];
+        }
+    }
+    for j in 0..TILE {
+        let column: [&[f32]; SPAN] =
+            std::array::from_fn(|r| &across[(r * TILE + j) * tiles_w..][..tiles_w]);
+        for tx in 0..tiles_w {
+            let o = output_column(std::array::from_fn(|r| column[r][tx]));
+            for (i, value) in o.into_iter().enumerate() {
+                pixels[(i * TILE + j) * tiles_w + tx] = value;
+            }
+        }
+    }
+    for i in 0..TILE {
+        let y = TILE * tile_row + i;
+        if y >= height {
+            break;
+        }
+        let line = &mut out[y * width..][..width];
+        let phases: [&[f32]; TILE] =
+            std::array::from_fn(|j| &pixels[(i * TILE + j) * tiles_w..][..tiles_w]);
+        let full = width / TILE;
+        for (tx, group) in line.chunks_exact_mut(TILE).enumerate().take(full) {
+            for (j, pixel) in group.iter_mut().enumerate() {
+                *pixel += phases[j][tx];
+            }
+        }
+        for x in full * TILE..width {
+            line[x] += phases[x % TILE][x / TILE];
+        }
+    }
+}
+
+/// Runs `f` under `name` when profiling (`bench --profile`).
+fn timed(name: &'static str, f: impl FnOnce()) {
+    let _ = crate::engine::profile::scope_with(
+        name,
+        || Ok(()),
+        || {
+            f();
+            Ok::<(), candle_core::Error>(())
+        },
+    );
+}
+
 /// One channel's transformed tiles for tile rows `first_tile_row..first_tile_row + rows`:
-/// `values[position * stride + tile]`, zero outside the image (the padding).
+/// `values[position * stride + tile]`, zero outside the image (the padding). Every loop runs
+/// across a tile row's tiles (vectorisable): its six input rows are split into four phases
+/// (`x = 4j + p - 1`), so that every value a tile needs sits at the same index `j` (or `j + 1`)
+/// of some phase.
+#[allow(clippy::needless_range_loop)] // `tx` walks several rows at once
 fn transform_band(
     values: &mut [f32],
     stride: usize,
     source: &[f32],
-    (height, width): (usize, usize),
+    height: usize,
+    width: usize,
     first_tile_row: usize,
     rows: usize,
 ) {
     let tiles_w = width.div_ceil(TILE);
-    let pixel = |y: isize, x: isize| -> f32 {
-        if y < 0 || x < 0 || y >= height as isize || x >= width as isize {
-            0.0
-        } else {
-            source[y as usize * width + x as usize]
-        }
-    };
-    let mut d = [0f32; POSITIONS];
-    let span = SPAN as isize;
+    let phase_len = tiles_w + 1;
+    // The six input rows by phase: [dy][phase][j]; then Bt applied down them: [r][phase][j].
+    let mut phases = vec![0f32; SPAN * TILE * phase_len];
+    let mut down = vec![0f32; SPAN * TILE * phase_len];
+    // One input row with a zero on the left and zeros past its end: x = 4j + p - 1 is at 4j + p.
+    let mut padded = vec![0f32; TILE * phase_len];
+    let mut planes: Vec<&mut [f32]> = values.chunks_mut(stride).take(POSITIONS).collect();
     for row in 0..rows {
         let y0 = (TILE * (first_tile_row + row)) as isize - 1;
-        for tx in 0..tiles_w {
-            let x0 = (TILE * tx) as isize - 1;
-            let inside =
-                y0 >= 0 && x0 >= 0 && y0 + span <= height as isize && x0 + span <= width as isize;
-            if inside {
-                for dy in 0..SPAN {
-                    let line = &source[(y0 as usize + dy) * width + x0 as usize..][..SPAN];
-                    d[dy * SPAN..][..SPAN].copy_from_slice(line);
-                }
-            } else {
-                for dy in 0..SPAN {
-                    for dx in 0..SPAN {
-                        d[dy * SPAN + dx] = pixel(y0 + dy as isize, x0 + dx as isize);
-                    }
-                }
+        for dy in 0..SPAN {
+            let y = y0 + dy as isize;
+            // padded[x + 1] = pixel x of the row, zero in the padding and beyond.
+            padded.fill(0.0);
+            if y >= 0 && y < height as isize {
+                padded[1..=width].copy_from_slice(&source[y as usize * width..][..width]);
             }
-            let transformed = input_transform(&d);
-            let tile = row * tiles_w + tx;
-            for (position, value) in transformed.iter().enumerate() {
-                values[position * stride + tile] = *value;
+            let (p0, rest) = phases[dy * TILE * phase_len..].split_at_mut(phase_len);
+            let (p1, rest) = rest.split_at_mut(phase_len);
+            let (p2, rest) = rest.split_at_mut(phase_len);
+            let p3 = &mut rest[..phase_len];
+            for (j, quad) in padded.chunks_exact(TILE).enumerate() {
+                p0[j] = quad[0];
+                p1[j] = quad[1];
+                p2[j] = quad[2];
+                p3[j] = quad[3];
+            }
+        }
+        let span = TILE * phase_len;
+        for k in 0..span {
+            let column = input_column(std::array::from_fn(|dy| phases[dy * span + k]));
+            for (r, value) in column.into_iter().enumerate() {
+                down[r * span + k] = value;
+            }
+        }
+        let first = row * tiles_w;
+        for r in 0..SPAN {
+            let phase = |p: usize| &down[(r * TILE + p) * phase_len..][..phase_len];
+            let (p0, p1, p2, p3) = (phase(0), phase(1), phase(2), phase(3));
+            let targets = &mut planes[r * SPAN..(r + 1) * SPAN];
+            for tx in 0..tiles_w {
+                let across = input_column([p0[tx], p1[tx], p2[tx], p3[tx], p0[tx + 1], p1[tx + 1]]);
+                for (c, value) in across.into_iter().enumerate() {
+                    targets[c][first + tx] = value;
+                }
             }
         }
     }
