@@ -268,21 +268,23 @@ pub fn has_f16_attention_scores(device: &Device, dtype: DType) -> bool {
 }
 
 /// `scale * q k^T` in f32 for f16 `(rows, tokens, width)` queries and keys on CUDA, in one
-/// tensor-core GEMM per row (see [`has_f16_attention_scores`]); `None` elsewhere.
-pub fn attention_scores_f32(query: &Tensor, key: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+/// tensor-core GEMM per row; an error where [`has_f16_attention_scores`] says no.
+pub fn attention_scores_f32(query: &Tensor, key: &Tensor, scale: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if has_f16_attention_scores(query.device(), query.dtype()) && key.dtype() == DType::F16 {
         let op = super::cuda::AttentionScoresOp {
             scale: scale as f32,
         };
-        return Ok(Some(
-            query
-                .contiguous()?
-                .apply_op2_no_bwd(&key.contiguous()?, &op)?,
-        ));
+        return Ok(query
+            .contiguous()?
+            .apply_op2_no_bwd(&key.contiguous()?, &op)?);
     }
-    let _ = (query, key, scale);
-    Ok(None)
+    let _ = (key, scale);
+    Err(EngineError::Unsupported(format!(
+        "f16 attention scores need f16 on CUDA, not {:?} on {:?}",
+        query.dtype(),
+        query.device()
+    )))
 }
 
 /// Attention through the tensor-core kernel when it applies: CUDA, f16, no mask, a supported

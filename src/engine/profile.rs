@@ -117,10 +117,8 @@ pub fn reset_peak_memory(device: &Device) {
 /// of the two together); with `reset`, starts both again at the current figure.
 fn pool_attribute(device: &candle_core::CudaDevice, reset: bool, reserved: bool) -> Option<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let stream = device.cuda_stream();
-    let context = stream.context();
-    context.bind_to_thread().ok()?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let pool = super::cuda::default_memory_pool(device)?;
+    let context = device.cuda_stream().context().clone();
     let (attribute, graph_attribute) = if reserved {
         (
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
@@ -137,11 +135,6 @@ fn pool_attribute(device: &candle_core::CudaDevice, reset: bool, reserved: bool)
     // SAFETY: plain driver queries on the device's default pool and graph memory with valid
     // out-pointers (resets write the zero they point to).
     unsafe {
-        if sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
-            != sys::CUresult::CUDA_SUCCESS
-        {
-            return None;
-        }
         let (status, graph_status) = if reset {
             (
                 sys::cuMemPoolSetAttribute(pool, attribute, (&mut value as *mut u64).cast()),

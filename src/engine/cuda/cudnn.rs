@@ -371,7 +371,8 @@ impl Plan {
                 .collect();
             // The precomputed-index implicit GEMM (on tensor cores unless exact) where it is
             // offered: timed by cuDNN's own search (cudnnFind) on an H200, it was the fastest at
-            // every SD UNet and VAE shape; the heuristics' first choice is not always it.
+            // each of the eleven UNet and VAE shapes of benches/gpu_kernels.rs; the heuristics'
+            // first choice is not always it.
             let usable = usable
                 .iter()
                 .find(|perf| {

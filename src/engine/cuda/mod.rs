@@ -107,37 +107,42 @@ fn function(device: &CudaDevice, name: &str, shared_bytes: u32) -> Result<CudaFu
     Ok(function)
 }
 
+/// The device's default memory pool (which candle allocates from), with the device's context
+/// bound to this thread; `None` when the driver refuses.
+pub fn default_memory_pool(
+    device: &CudaDevice,
+) -> Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let context = device.cuda_stream().context().clone();
+    context.bind_to_thread().ok()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a driver query on this context's device writing one pool handle.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()) }
+        .result()
+        .ok()?;
+    Some(pool)
+}
+
 /// Memory the GPU can still give this process: the driver's free figure (other processes
 /// counted) plus what the default memory pool holds unused for reuse. `None` when the driver
 /// does not say.
-pub fn free_memory_bytes(cuda: &CudaDevice) -> Option<u64> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let context = cuda.cuda_stream().context().clone();
-    context.bind_to_thread().ok()?;
+pub fn free_memory_bytes(device: &CudaDevice) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys::{self, CUmemPool_attribute};
+    let pool = default_memory_pool(device)?;
     let (free, _total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let (mut reserved, mut used) = (0u64, 0u64);
-    // SAFETY: driver queries of the device's default pool, each writing one u64.
-    let pool_spare = unsafe {
-        let ok = sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+    let pool_value = |attribute: CUmemPool_attribute| -> Option<u64> {
+        let mut value = 0u64;
+        // SAFETY: a driver query of the default pool writing one u64.
+        unsafe { sys::cuMemPoolGetAttribute(pool, attribute, (&mut value as *mut u64).cast()) }
             .result()
-            .is_ok()
-            && sys::cuMemPoolGetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
-                (&mut reserved as *mut u64).cast(),
-            )
-            .result()
-            .is_ok()
-            && sys::cuMemPoolGetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
-                (&mut used as *mut u64).cast(),
-            )
-            .result()
-            .is_ok();
-        if ok { reserved.saturating_sub(used) } else { 0 }
+            .ok()?;
+        Some(value)
     };
+    let pool_spare = pool_value(CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)
+        .zip(pool_value(
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        ))
+        .map_or(0, |(reserved, used)| reserved.saturating_sub(used));
     Some(free as u64 + pool_spare)
 }
 
@@ -147,24 +152,20 @@ pub fn free_memory_bytes(cuda: &CudaDevice) -> Option<u64> {
 /// every one of its large activations and workspaces afresh.
 pub fn keep_freed_memory(device: &CudaDevice) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let context = device.cuda_stream().context().clone();
-    context.bind_to_thread().w()?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let pool = default_memory_pool(device)
+        .ok_or_else(|| candle_core::Error::Msg("no default GPU memory pool".into()))?;
     let mut threshold = u64::MAX;
-    // SAFETY: driver calls on this context's device and its default pool, with a u64 value as
-    // the release-threshold attribute expects.
+    // SAFETY: a driver call on the default pool with a u64 value, as the release-threshold
+    // attribute expects.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
-            .result()
-            .w()?;
         sys::cuMemPoolSetAttribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
             (&mut threshold as *mut u64).cast(),
         )
-        .result()
-        .w()
     }
+    .result()
+    .w()
 }
 
 /// Blocks over (columns, rows): threads walk the columns of a row, grid rows walk the rows.

@@ -69,7 +69,7 @@ impl DeviceChoice {
                     ));
                 }
                 Device::new_cuda(0)
-                    .map(without_event_tracking)
+                    .map(prepared_cuda_device)
                     .map_err(|e| EngineError::Device(format!("no usable CUDA GPU: {e}")))
             }
             DeviceChoice::Metal => {
@@ -86,7 +86,7 @@ impl DeviceChoice {
                 if candle_core::utils::cuda_is_available()
                     && let Ok(device) = Device::new_cuda(0)
                 {
-                    return Ok(without_event_tracking(device));
+                    return Ok(prepared_cuda_device(device));
                 }
                 if candle_core::utils::metal_is_available()
                     && let Ok(device) = Device::new_metal(0)
@@ -282,7 +282,7 @@ pub struct GenerationOutput {
 /// multi-stream mode, where alone those events are waited on; made and dropped with every
 /// tensor, they only cost the CPU time in every operation), and whose memory pool keeps freed
 /// memory for reuse ([`crate::engine::cuda::keep_freed_memory`]).
-fn without_event_tracking(device: Device) -> Device {
+fn prepared_cuda_device(device: Device) -> Device {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = &device {
         // SAFETY: no stream of this context was made with `new_stream`, so cudarc never waits on
