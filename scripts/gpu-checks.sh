@@ -2,7 +2,7 @@
 # On the GPU machine (device tool, carry [".gpu"], after scripts/pack-gpu.sh here): unpacks the
 # binaries and checks the CUDA build's numbers:
 #   1. tests/gpu_kernels.rs: our kernels against candle's CPU f32 at SD 1.5/SDXL shapes, f32 and f16;
-#   2. tests/parity.rs in f32 on the GPU against the values diffusers computed (the CPU's bar);
+#   2. tests/headless/parity.rs in f32 on the GPU against the values diffusers computed (the CPU's bar);
 #   3. scripts/gpu-parity-f16.py: `atelier generate` in f16 against diffusers in f16 on the
 #      fixtures and on a full-size SD 1.5 architecture with random weights.
 set -uo pipefail
@@ -11,7 +11,7 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRA
 eval "$(bash scripts/cudnn-env.sh)"
 out=${OUT:-/tmp/atelier-gpu}
 mkdir -p "$out" /tmp/atelier-bin
-for binary in atelier parity gpu_kernels; do
+for binary in atelier headless gpu_kernels; do
   xz -dc ".gpu/$binary.xz" > "/tmp/atelier-bin/$binary" && chmod +x "/tmp/atelier-bin/$binary"
 done
 # The test binaries find the fixtures here rather than where they were built.
@@ -19,7 +19,7 @@ export ATELIER_REPO_DIR=$PWD
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 ATELIER_TEST_DEVICE=cuda /tmp/atelier-bin/gpu_kernels --include-ignored --test-threads 1 || status=1
-ATELIER_TEST_DEVICE=cuda /tmp/atelier-bin/parity --test-threads 1 || status=1
+ATELIER_TEST_DEVICE=cuda /tmp/atelier-bin/headless parity:: --test-threads 1 || status=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl
 export PYTHONPATH=/tmp/site
 models=(tests/fixtures/sd1/model tests/fixtures/sd2/model tests/fixtures/sdxl/model)

@@ -1,5 +1,5 @@
 """Tiny textual inversion embeddings for the fixture models and what diffusers'
-`load_textual_inversion` computes with them, for tests/embeddings.rs.
+`load_textual_inversion` computes with them, for tests/headless/embeddings.rs.
 
 Files (tests/fixtures/embeddings/), seeded random vectors:
   inkStyle.safetensors     kohya's `emb_params`, 2 vectors, for the SD 1.x fixture.

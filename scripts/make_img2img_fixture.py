@@ -1,4 +1,4 @@
-"""Image to image on the fixture models, as diffusers computes it, for tests/img2img.rs.
+"""Image to image on the fixture models, as diffusers computes it, for tests/headless/img2img.rs.
 
 For the SD 1.x, SD 2.x and SDXL fixtures: a deterministic 'photo' (a smooth colour pattern), the
 VAE encoder's latent distribution of it (mean and std), and whole img2img runs of

@@ -1,4 +1,4 @@
-"""Inpainting on the fixture models, as diffusers computes it, for tests/inpaint.rs.
+"""Inpainting on the fixture models, as diffusers computes it, for tests/headless/inpaint.rs.
 
 Makes a 9-channel inpainting UNet for the SD 1.x fixture (the sd1 UNet's config with
 in_channels=9, seeded random weights; saved to OUT/unet, which becomes

@@ -7,7 +7,7 @@ first remaining timestep, as the img2img pipelines do, and records:
   order, first_index (t_start * order), remaining (timesteps left),
   alpha and sigma such that add_noise(x0, noise) = alpha * x0 + sigma * noise.
 Atelier's `Scheduler::order`, `first_index_for_strength` and `Scheduler::add_noise` are checked
-against it in tests/late_start.rs.
+against it in tests/headless/late_start.rs.
 
 Needs torch and diffusers 0.42.1 (+ torchsde for DPMSolverSDEScheduler); no model weights:
     python scripts/make_late_start_fixture.py [tests/fixtures/late_start.json]

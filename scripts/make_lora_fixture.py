@@ -1,5 +1,5 @@
 """Tiny LoRA/LyCORIS files for the fixture models and what diffusers computes with them, for
-tests/lora.rs.
+tests/headless/lora.rs.
 
 Files (tests/fixtures/lora/), seeded random weights, rank 4:
   sd1-kohya.safetensors   kohya/A1111 names (`lora_unet_<diffusers path>`, `lora_te_`), `alpha`,

@@ -1,5 +1,5 @@
 """Prompt embeddings as AUTOMATIC1111 computes them, on the fixture text encoders, for
-tests/prompts.rs.
+tests/headless/prompts.rs.
 
 A1111's algorithm written again here from its description (modules/prompt_parser.py's
 attention grammar, modules/sd_hijack_clip.py's chunking with the default 20-token comma

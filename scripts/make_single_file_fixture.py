@@ -1,5 +1,5 @@
 """Tiny single-file checkpoints (the original CompVis/SGM layout that A1111 and ComfyUI read) and
-what diffusers' `from_single_file` computes with them, for tests/single_file.rs.
+what diffusers' `from_single_file` computes with them, for tests/headless/single_file.rs.
 
 Four pipelines with seeded random weights, built in diffusers, then written in the original
 layout by this script's own diffusers -> original key map (the inverse of diffusers'

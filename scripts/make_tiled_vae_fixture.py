@@ -1,4 +1,4 @@
-"""Tiled VAE decoding and encoding as diffusers computes it, for tests/vae_tiling.rs.
+"""Tiled VAE decoding and encoding as diffusers computes it, for tests/headless/memory_options.rs.
 
 On the SD 1.x fixture's VAE (sample_size 64, so 64-pixel tiles of 32 latent cells, a quarter
 overlapping): seeded latents of 56x80 cells decoded with `enable_tiling()` and without, and a

@@ -11,11 +11,11 @@ mkdir -p .gpu
 # slim: without the bundled model, so that the binaries and fixtures fit the carry limit.
 cargo build --release --features cuda,slim
 log=$(mktemp)
-cargo test --release --features cuda,slim --test parity --test gpu_kernels --no-run 2>&1 | tee "$log"
+cargo test --release --features cuda,slim --test headless --test gpu_kernels --no-run 2>&1 | tee "$log"
 strip -o .gpu/atelier.tmp "$CARGO_TARGET_DIR/release/atelier"
 xz -T2 -6 -c .gpu/atelier.tmp > .gpu/atelier.xz
 cargo bench --features cuda,slim --bench gpu_kernels --no-run 2>&1 | tee -a "$log"
-for test in parity gpu_kernels; do
+for test in headless gpu_kernels; do
   binary=$(grep -o "$CARGO_TARGET_DIR/release/deps/$test-[0-9a-f]*" "$log" | head -1)
   strip -o .gpu/atelier.tmp "$binary"
   xz -T2 -6 -c .gpu/atelier.tmp > ".gpu/$test.xz"

@@ -1,6 +1,6 @@
 //! Reads back what a picture of Atelier Shapes shows: the background's colour, and the largest
 //! shape's colour, kind and position. This is how the validation measures that a prompt steers
-//! the picture (`atelier shapes-check`, `tests/demo_model.rs`).
+//! the picture (`atelier shapes-check`, `tests/headless/demo_model.rs`).
 //!
 //! The background is the median colour of the picture's border; the shape is the largest
 //! connected region that differs from it; its colour is the median of its inside, named by the

@@ -1,6 +1,6 @@
 //! The fixed validation set of Atelier Shapes and its score: does the picture show what the
 //! prompt asked for? (`assets/atelier-shapes-validation.json`, written by
-//! `scripts/shapes_data.py`; read by `atelier shapes-check` and `tests/demo_model.rs`.)
+//! `scripts/shapes_data.py`; read by `atelier shapes-check` and `tests/headless/demo_model.rs`.)
 
 use serde::Deserialize;
 

@@ -1,5 +1,5 @@
 //! Shared helpers for the tests: fixture paths, expected values, tolerances.
-#![allow(dead_code, clippy::unwrap_used)] // shared by several test crates; panics are test failures
+#![allow(dead_code, clippy::unwrap_used)] // shared by the test binaries; panics are test failures
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
 //! The window's test fixture: the real app against a fake engine that records its jobs.
-#![allow(dead_code)] // each test file uses its part
+#![allow(dead_code)] // each test binary uses its part
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use std::sync::atomic::Ordering;

@@ -4,7 +4,7 @@
 //! asked for, and with guidance 1 and an empty prompt they must not (so the test can fail).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;

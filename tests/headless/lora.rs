@@ -4,7 +4,7 @@
 //! negative; exact restore; the prompt's `<lora:name:w>`; refusals.
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! alpha mask, outpainting, and the hires fix, on the SD 1.x fixtures (CPU).
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -69,7 +69,7 @@ fn inpainting_repaints_the_masked_region_from_a_file_or_an_alpha_channel() {
     let mask_path = dir.path().join("mask.png");
     mask.save(&mask_path).unwrap();
     // The other half, for comparison: the mask decides what is made. (What is made is checked
-    // against diffusers in tests/inpaint.rs; random weights keep nothing recognisable here.)
+    // against diffusers in tests/headless/inpaint.rs; random weights keep nothing recognisable here.)
     let other_mask = GrayImage::from_fn(64, 48, |x, y| Luma([if in_mask(x, y) { 0 } else { 255 }]));
     let other_path = dir.path().join("other.png");
     other_mask.save(&other_path).unwrap();

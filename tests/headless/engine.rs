@@ -1,7 +1,7 @@
 //! The engine's behaviour around the numbers: callbacks, cancel, previews, sources, errors.
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

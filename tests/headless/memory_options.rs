@@ -4,7 +4,7 @@
 //! encoders kept on the CPU while the rest of the model runs elsewhere (here: in f16).
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

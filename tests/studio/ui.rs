@@ -1,7 +1,7 @@
 //! The window, headless: egui_kittest drives the real app against a fake engine.
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod window;
+use crate::window;
 
 use atelier::engine::pipeline::GenerationRequest;
 use atelier::ui::settings::Settings;

@@ -5,7 +5,7 @@
 //! and a VAE file in the original layout as an override.
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -3,7 +3,7 @@
 //! (`scripts/fuzz.sh` runs the same parsers under libFuzzer for longer.)
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

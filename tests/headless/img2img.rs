@@ -4,7 +4,7 @@
 //! two strengths, from diffusers' own draws (the VAE's sampling noise, then the added noise).
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

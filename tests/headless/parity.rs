@@ -2,7 +2,7 @@
 //! `ATELIER_TEST_DEVICE=cuda` in a `cuda` build).
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::AtomicBool;
 

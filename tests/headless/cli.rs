@@ -1,7 +1,7 @@
 //! End to end: the `atelier` binary on a fixture model, checked against diffusers.
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

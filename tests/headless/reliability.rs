@@ -2,7 +2,7 @@
 //! nothing crashes. Each test names the failure it guards against (issue 15).
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

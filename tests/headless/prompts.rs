@@ -3,7 +3,7 @@
 //! backtrack, an empty prompt), on the SD 1.x, 2.x and XL fixture text encoders.
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -5,7 +5,7 @@
 //! and 0.75, from diffusers' own random draws.
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -2,7 +2,7 @@
 //! gallery keeping what redoes an image, and comparisons of a picture's strengths.
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod window;
+use crate::window;
 
 use atelier::engine::init_image::{HiresUpscaler, MaskedContent, ResizeMode};
 use atelier::ui::UiCommand;
