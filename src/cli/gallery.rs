@@ -6,7 +6,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use crate::gallery::library::{GalleryEntry, GalleryQuery, Library, SyncReport};
+use crate::gallery::library::{GalleryEntry, Library, SyncReport};
+use crate::gallery::search::GalleryQuery;
 
 /// Arguments of `atelier gallery`.
 #[derive(Debug, Args)]

@@ -7,5 +7,6 @@ pub mod library;
 pub mod metadata;
 pub mod png_read;
 pub mod record;
+pub mod search;
 mod sync;
 pub mod worker;

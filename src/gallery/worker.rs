@@ -11,11 +11,10 @@ use std::time::Instant;
 use image::RgbImage;
 use sha2::{Digest, Sha256};
 
-use super::library::{
-    DeletedImage, GalleryEntry, GalleryQuery, Library, SEARCH_PAGE_ROWS, SyncReport, thumbnail,
-};
+use super::library::{DeletedImage, GalleryEntry, Library, SyncReport, thumbnail};
 use super::png_read::decode_rgb_bounded;
 use super::record::ImageMetadata;
+use super::search::{GalleryQuery, SEARCH_PAGE_ROWS};
 
 /// Wakes the window when something arrives.
 pub type Wake = Arc<dyn Fn() + Send + Sync>;

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use egui::{RichText, TextureHandle, Ui};
 
 use super::UiCommand;
-use crate::gallery::library::{GalleryEntry, GalleryQuery};
+use crate::gallery::library::GalleryEntry;
+use crate::gallery::search::GalleryQuery;
 
 /// The thumbnail cell size in points.
 const CELL: f32 = 150.0;

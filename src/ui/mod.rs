@@ -210,7 +210,7 @@ pub struct AtelierApp {
     /// Press Generate once the model has loaded (`atelier --generate`: scripts, screenshots).
     pub generate_when_loaded: bool,
     gallery_handle: Option<GalleryHandle>,
-    last_gallery_query: Option<crate::gallery::library::GalleryQuery>,
+    last_gallery_query: Option<crate::gallery::search::GalleryQuery>,
     next_job_id: JobId,
     generate_pressed_at: Option<(JobId, Instant)>,
     dialog_sender: SyncSender<DialogResult>,

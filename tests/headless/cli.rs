@@ -501,7 +501,7 @@ fn compare_makes_a_grid_of_the_engines_images_and_keeps_the_cells() {
 
     let (library, _) = atelier::gallery::library::Library::open(&library).unwrap();
     let cells = library
-        .search(&atelier::gallery::library::GalleryQuery {
+        .search(&atelier::gallery::search::GalleryQuery {
             comparison: Some(plan.id.clone()),
             ..Default::default()
         })

@@ -240,7 +240,7 @@ fn a_comparison_reopens_from_its_cells_in_the_gallery() {
         .save(&RgbImage::new(8, 8), &ImageMetadata::default())
         .unwrap();
     let cells = library
-        .search(&atelier::gallery::library::GalleryQuery {
+        .search(&atelier::gallery::search::GalleryQuery {
             comparison: Some("cmp-reopen".into()),
             ..Default::default()
         })

@@ -5,9 +5,10 @@
 use std::path::Path;
 
 use atelier::engine::pipeline::{GenerationRequest, Timings};
-use atelier::gallery::library::{GalleryError, GalleryQuery, Library};
+use atelier::gallery::library::{GalleryError, Library};
 use atelier::gallery::metadata::{A1111Parameters, read_png_text, write_png};
 use atelier::gallery::record::{ImageMetadata, MetadataSource};
+use atelier::gallery::search::GalleryQuery;
 use atelier::schedulers::{SchedulerKind, SigmaSchedule};
 use image::RgbImage;
 

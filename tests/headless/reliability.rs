@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use atelier::gallery::library::{GalleryError, GalleryQuery, Library};
+use atelier::gallery::library::{GalleryError, Library};
 use atelier::gallery::metadata::write_png;
 use atelier::gallery::png_read::{decode_rgb_bounded, read_text_bounded};
+use atelier::gallery::search::GalleryQuery;
 use common::*;
 use image::RgbImage;
 
