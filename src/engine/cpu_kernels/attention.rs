@@ -156,10 +156,7 @@ super::vectorised! {
 fn softmax_rows_portable(scores: &mut [f32], width: usize, sums: &mut [f32]) {
     for (row, sum) in scores.chunks_mut(width).zip(sums) {
         let max = lanes_max(row);
-        for score in row.iter_mut() {
-            *score = exp_approx(*score - max);
-        }
-        *sum = lanes_sum(row);
+        *sum = exp_and_sum(row, max);
     }
 }
 
@@ -188,17 +185,23 @@ fn lanes_max(values: &[f32]) -> f32 {
     lanes.into_iter().fold(tail, f32::max)
 }
 
-/// The sum, [`LANES`] at a time.
+/// Each value replaced by e^(value - max), and their sum, [`LANES`] at a time in one pass.
 #[inline(always)]
-fn lanes_sum(values: &[f32]) -> f32 {
+fn exp_and_sum(values: &mut [f32], max: f32) -> f32 {
     let mut lanes = [0f32; LANES];
-    let mut chunks = values.chunks_exact(LANES);
+    let mut chunks = values.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
         for (lane, value) in lanes.iter_mut().zip(chunk) {
+            *value = exp_approx(*value - max);
             *lane += *value;
         }
     }
-    chunks.remainder().iter().sum::<f32>() + lanes.iter().sum::<f32>()
+    let mut tail = 0.0;
+    for value in chunks.into_remainder() {
+        *value = exp_approx(*value - max);
+        tail += *value;
+    }
+    tail + lanes.iter().sum::<f32>()
 }
 
 /// e^x for x in [-87, 88] (clamped there), within about 3e-7 relative: x split into a whole
