@@ -62,6 +62,19 @@ impl Module for Linear {
                 };
                 return Ok(xs.contiguous()?.apply_op2_no_bwd(self.0.weight(), &op)?);
             }
+            let weight = self.0.weight();
+            if xs.device().is_cpu()
+                && xs.dtype() == DType::F32
+                && weight.dtype() == DType::F32
+                && self.0.bias().is_none_or(|bias| bias.dtype() == DType::F32)
+            {
+                let (xs, weight) = (xs.contiguous()?, weight.contiguous()?);
+                let op = super::cpu_kernels::CpuLinearOp;
+                return Ok(match self.0.bias() {
+                    Some(bias) => xs.apply_op3_no_bwd(&weight, &bias.contiguous()?, &op)?,
+                    None => xs.apply_op2_no_bwd(&weight, &op)?,
+                });
+            }
             Ok(if xs.is_contiguous() {
                 self.0.forward(xs)?
             } else {

@@ -6,11 +6,13 @@
 //! normalised, scaled and activated output. Convolutions build their im2col columns from
 //! contiguous input rows and run one GEMM per band straight into NCHW ([`CpuConv2dOp`]);
 //! attention runs per head and block of queries with its softmax in place ([`CpuAttentionOp`]);
-//! GEGLU is one pass with a vectorisable erf ([`CpuGegluOp`]).
+//! GEGLU is one pass with a vectorisable erf ([`CpuGegluOp`]); linear layers are one GEMM over
+//! every input row on top of the bias ([`CpuLinearOp`]).
 
 pub use attention::CpuAttentionOp;
 pub use conv::CpuConv2dOp;
 pub use geglu::CpuGegluOp;
+pub use linear::CpuLinearOp;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
@@ -52,6 +54,7 @@ pub(crate) use vectorised;
 mod attention;
 mod conv;
 mod geglu;
+mod linear;
 mod winograd;
 
 /// Makes the C allocator keep freed memory for reuse instead of handing it back to the kernel.
