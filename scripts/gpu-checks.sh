@@ -2,7 +2,8 @@
 # On the GPU machine (device tool, carry [".gpu"], after scripts/pack-gpu.sh here): unpacks the
 # binaries and checks the CUDA build's numbers:
 #   1. tests/gpu_kernels.rs: our kernels against candle's CPU f32 at SD 1.5/SDXL shapes, f32 and f16;
-#   2. tests/headless/parity.rs in f32 on the GPU against the values diffusers computed (the CPU's bar);
+#   2. tests/headless/parity.rs (the `headless` binary's parity:: tests) in f32 on the GPU
+#      against the values diffusers computed (the CPU's bar);
 #   3. scripts/gpu-parity-f16.py: `atelier generate` in f16 against diffusers in f16 on the
 #      fixtures and on a full-size SD 1.5 architecture with random weights.
 set -uo pipefail

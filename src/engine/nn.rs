@@ -25,9 +25,10 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 }
 
 /// A linear layer. On CUDA it runs as one GEMM with the bias in cuBLASLt's epilogue (f16) or a
-/// bias pass (f32) ([`super::cuda::LinearOp`]);
-/// elsewhere through candle, making its input contiguous first: candle 0.11's `Linear` returns
-/// wrong rows for a batched input with transposed strides (checked in `tests/headless/candle_quirks.rs`).
+/// bias pass (f32) ([`super::cuda::LinearOp`]); on the CPU in f32 as one GEMM over all rows on
+/// top of the bias ([`super::cpu_kernels::CpuLinearOp`]); elsewhere through candle, making its
+/// input contiguous first: candle 0.11's `Linear` returns wrong rows for a batched input with
+/// transposed strides (checked in `tests/headless/candle_quirks.rs`).
 #[derive(Debug, Clone)]
 pub struct Linear(candle_nn::Linear);
 
