@@ -77,12 +77,7 @@ impl CustomOp3 for CpuConv2dOp {
             .par_chunks_mut(plane.max(1))
             .enumerate()
             .for_each(|(index, values)| values.fill(bias[index % out_channels]));
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        let parallelism = super::gemm_parallelism();
         let winograd = kernel_h == 3
             && kernel_w == 3
             && self.stride == 1

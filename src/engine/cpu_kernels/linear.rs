@@ -8,11 +8,11 @@ use super::contiguous;
 /// `x W^T (+ bias)` for a contiguous f32 input `(..., in)` and weight `(out, in)`: the input's
 /// leading dimensions are one GEMM's rows, read with the weight's strides as it is stored, and
 /// the output starts as the bias. candle's `Linear` broadcasts the weight over the batch, runs a
-/// GEMM per batch item and adds the bias in another pass: in a loop of its own on this project's
-/// 2-core machine, SD 1.5's 320 -> 2560 projection at 64x64 latents (batch 2) took 84 ms there
-/// and 35 ms here (~380 GFLOP/s, the `gemm` crate's speed on plain matrices); inside a UNet step
-/// the layers' sum went from 1.35 to 1.30 s (medians of three alternating runs: less than the
-/// machine's noise).
+/// GEMM per batch item and adds the bias in another pass. Timed once (code not kept) on this
+/// project's 2-core machine: SD 1.5's 320 -> 2560 projection at 64x64 latents (batch 2) took
+/// 84 ms there and 35 ms here (~380 GFLOP/s; the `gemm` crate's speed on plain matrices is
+/// 430-450); inside a UNet step the layers' sum went from 1.35 to 1.30 s (medians of three
+/// alternating runs: less than the machine's noise).
 /// As a [`CustomOp2`] without bias, as a [`CustomOp3`] with one of `out` values.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuLinearOp;
@@ -59,12 +59,7 @@ impl CpuLinearOp {
         if rows == 0 || out_dim == 0 || in_dim == 0 {
             return Ok((CpuStorage::F32(output), Shape::from(out_dims)));
         }
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        let parallelism = super::gemm_parallelism();
         // SAFETY: output is (rows x out_dim), input (rows x in_dim) and weight (out_dim x
         // in_dim), read transposed as (in_dim x out_dim), all row-major and in bounds.
         unsafe {

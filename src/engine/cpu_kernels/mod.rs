@@ -86,6 +86,14 @@ pub struct CpuGroupNormOp {
     pub silu: bool,
 }
 
+/// How the `gemm` crate may split one GEMM: over candle's CPU threads when there are several.
+pub(super) fn gemm_parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        threads if threads > 1 => gemm::Parallelism::Rayon(threads),
+        _ => gemm::Parallelism::None,
+    }
+}
+
 pub(super) fn contiguous<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
