@@ -8,6 +8,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo::rerun-if-changed=src/engine/cuda/kernels.cu");
+    println!("cargo::rerun-if-changed=src/engine/cuda/elementwise.cuh");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

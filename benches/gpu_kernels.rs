@@ -11,7 +11,7 @@ use std::time::Instant;
 use atelier::engine::cuda::{ConvRoute, force_convolution_route};
 use atelier::engine::fused::{Conv2d, GroupNorm};
 use atelier::engine::nn::{Activation, attention};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 const DTYPE: DType = DType::F16;
@@ -33,6 +33,22 @@ fn time_ms(device: &Device, runs: usize, mut f: impl FnMut() -> Tensor) -> f64 {
         .collect();
     times.sort_by(f64::total_cmp);
     times[runs / 2]
+}
+
+/// Mean time of one call of `f` over `runs` calls enqueued back to back (one synchronisation at
+/// the end), in milliseconds, after two warm-ups: for operations short enough that a
+/// synchronisation per call would dominate.
+fn time_back_to_back_ms(device: &Device, runs: usize, mut f: impl FnMut() -> Tensor) -> f64 {
+    for _ in 0..2 {
+        f();
+    }
+    device.synchronize().unwrap();
+    let start = Instant::now();
+    for _ in 0..runs {
+        f();
+    }
+    device.synchronize().unwrap();
+    start.elapsed().as_secs_f64() * 1e3 / runs as f64
 }
 
 fn randn(shape: &[usize], device: &Device) -> Tensor {
@@ -75,6 +91,36 @@ fn main() {
         });
         let flops = 4.0 * (batch * heads * nq * nk * head_dim) as f64;
         println!("attention,{label},{ms:.3},{:.1}", flops / ms / 1e9);
+    }
+    // (label, rows, in, out, bias): SDXL's and SD 2.1's projections with guidance (batch 2).
+    let linear_cases = [
+        ("sdxl 32x32 qkv", 2048, 1280, 3840, false),
+        ("sdxl 32x32 out", 2048, 1280, 1280, true),
+        ("sdxl 32x32 ff in", 2048, 1280, 10240, true),
+        ("sdxl 32x32 ff out", 2048, 5120, 1280, true),
+        ("sdxl 64x64 qkv", 8192, 640, 1920, false),
+        ("sdxl 64x64 out", 8192, 640, 640, true),
+        ("sdxl 64x64 ff in", 8192, 640, 5120, true),
+        ("sdxl 64x64 ff out", 8192, 2560, 640, true),
+        ("sd21 96x96 qkv", 18432, 320, 960, false),
+        ("sd21 96x96 out", 18432, 320, 320, true),
+        ("sd21 96x96 ff in", 18432, 320, 2560, true),
+        ("sd21 96x96 ff out", 18432, 1280, 320, true),
+    ];
+    for (label, rows, in_dim, out_dim, bias) in linear_cases {
+        let mut tensors = vec![(
+            "weight".to_string(),
+            (randn(&[out_dim, in_dim], &device) * 0.02).unwrap(),
+        )];
+        if bias {
+            tensors.push(("bias".to_string(), randn(&[out_dim], &device)));
+        }
+        let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DTYPE, &device);
+        let layer = atelier::engine::nn::linear(in_dim, out_dim, bias, vb).unwrap();
+        let x = randn(&[rows, in_dim], &device);
+        let ms = time_back_to_back_ms(&device, 50, || layer.forward(&x).unwrap());
+        let flops = 2.0 * (rows * in_dim * out_dim) as f64;
+        println!("linear,{label},{ms:.4},{:.1}", flops / ms / 1e9);
     }
     // (label, batch, in, out, side, kernel)
     let conv_cases = [

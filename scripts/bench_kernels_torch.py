@@ -25,6 +25,21 @@ def time_ms(f, runs):
     return times[runs // 2]
 
 
+def time_back_to_back_ms(f, runs):
+    """Mean time of one call over `runs` calls enqueued back to back, after two warm-ups."""
+    for _ in range(2):
+        f()
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(runs):
+        f()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / runs
+
+
 def main():
     torch.backends.cudnn.benchmark = False  # diffusers' default
     dev, dt = "cuda", torch.float16
@@ -54,6 +69,26 @@ def main():
 
         ms = time_ms(run, 20)
         print(f"attention,{label},{ms:.3},{4 * b * h * nq * nk * d / ms / 1e9:.1}")
+    linear_cases = [
+        ("sdxl 32x32 qkv", 2048, 1280, 3840, False),
+        ("sdxl 32x32 out", 2048, 1280, 1280, True),
+        ("sdxl 32x32 ff in", 2048, 1280, 10240, True),
+        ("sdxl 32x32 ff out", 2048, 5120, 1280, True),
+        ("sdxl 64x64 qkv", 8192, 640, 1920, False),
+        ("sdxl 64x64 out", 8192, 640, 640, True),
+        ("sdxl 64x64 ff in", 8192, 640, 5120, True),
+        ("sdxl 64x64 ff out", 8192, 2560, 640, True),
+        ("sd21 96x96 qkv", 18432, 320, 960, False),
+        ("sd21 96x96 out", 18432, 320, 320, True),
+        ("sd21 96x96 ff in", 18432, 320, 2560, True),
+        ("sd21 96x96 ff out", 18432, 1280, 320, True),
+    ]
+    for label, rows, n_in, n_out, has_bias in linear_cases:
+        x = torch.randn(rows, n_in, device=dev, dtype=dt)
+        w = torch.randn(n_out, n_in, device=dev, dtype=dt) * 0.02
+        bias = torch.randn(n_out, device=dev, dtype=dt) if has_bias else None
+        ms = time_back_to_back_ms(lambda: F.linear(x, w, bias), 50)
+        print(f"linear,{label},{ms:.4},{2 * rows * n_in * n_out / ms / 1e9:.1f}")
     conv_cases = [
         ("vae 512ch 64px", 1, 512, 512, 64, 3),
         ("vae 512ch 128px", 1, 512, 512, 128, 3),

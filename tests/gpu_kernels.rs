@@ -1,5 +1,6 @@
-//! Atelier's CUDA kernels (flash attention, GroupNorm+SiLU, convolution with bias and residual,
-//! GEGLU) against the same operations computed by candle on the CPU in f32, at the shapes of
+//! Atelier's CUDA kernels (flash attention, GroupNorm+SiLU, convolution with bias, residual and
+//! per-channel bias, GEGLU, linear layers onto a residual, LayerNorm, token transposes, 2x
+//! upsampling) against the same operations computed by candle on the CPU in f32, at the shapes of
 //! SD 1.5 and SDXL. GPU-only, so ignored by default: run them with `ATELIER_TEST_DEVICE=cuda` in a
 //! `cuda` build and `--include-ignored` (scripts/gpu-checks.sh does).
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
@@ -290,6 +291,21 @@ fn check_convolutions(cases: &[ConvCase], route: &str) {
                 &want,
                 tolerance,
             );
+            // A per-image, per-channel bias (a ResNet block's time embedding) added in the
+            // convolution's first pass.
+            if !with_residual {
+                let plane_bias = random(&[batch, cout], seed + 4);
+                let (p, p_ref) = on_both(&plane_bias, dtype);
+                assert_close(
+                    &format!(
+                        "conv + channel bias {batch}x{cin}->{cout} {size}px k{kernel} s{stride} \
+                         {dtype:?} {route}"
+                    ),
+                    &ours.forward_add_per_channel(&x, &p).unwrap(),
+                    &reference.forward_add_per_channel(&x_ref, &p_ref).unwrap(),
+                    tolerance,
+                );
+            }
         }
     }
 }
@@ -407,6 +423,150 @@ fn linear_layers_match_reference() {
                 &format!("linear {leading:?}x{in_dim}->{out_dim} bias {bias} {dtype:?}"),
                 &ours.forward(&x).unwrap(),
                 &reference.forward(&x_ref).unwrap(),
+                tolerance,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn linear_layers_onto_a_residual_match_reference() {
+    // (leading dims, in, out, bias): SDXL's attention output and feed-forward out, no bias, odd.
+    let cases: [(&[usize], usize, usize, bool); 4] = [
+        (&[2, 1024], 1280, 1280, true),
+        (&[2, 1024], 5120, 1280, true),
+        (&[2, 64], 64, 96, false),
+        (&[3, 7], 13, 5, true),
+    ];
+    for (seed, &(leading, in_dim, out_dim, bias)) in cases.iter().enumerate() {
+        let seed = seed as u64 * 10 + 100;
+        let mut shape = leading.to_vec();
+        shape.push(in_dim);
+        let x = random(&shape, seed);
+        let weight =
+            (random(&[out_dim, in_dim], seed + 1) * (1.0 / (in_dim as f64).sqrt())).unwrap();
+        let bias_values = random(&[out_dim], seed + 2);
+        let mut out_shape = leading.to_vec();
+        out_shape.push(out_dim);
+        let residual = random(&out_shape, seed + 3);
+        for (dtype, tolerance) in dtypes() {
+            let (x, x_ref) = on_both(&x, dtype);
+            let (w, w_ref) = on_both(&weight, dtype);
+            let (b, b_ref) = on_both(&bias_values, dtype);
+            let (r, r_ref) = on_both(&residual, dtype);
+            let tensors = |w: Tensor, b: Tensor| {
+                if bias {
+                    vec![("weight", w), ("bias", b)]
+                } else {
+                    vec![("weight", w)]
+                }
+            };
+            let layer = |tensors, dtype, device: &Device| {
+                atelier::engine::nn::linear(
+                    in_dim,
+                    out_dim,
+                    bias,
+                    var_builder(tensors, dtype, device),
+                )
+                .unwrap()
+            };
+            let ours = layer(tensors(w, b), dtype, &test_device());
+            let reference = layer(tensors(w_ref, b_ref), DType::F32, &Device::Cpu);
+            assert_close(
+                &format!("linear onto residual {leading:?}x{in_dim}->{out_dim} {dtype:?}"),
+                &ours.forward_onto(&x, r).unwrap(),
+                &reference.forward_onto(&x_ref, r_ref).unwrap(),
+                tolerance,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn layer_norm_matches_reference() {
+    use candle_core::Module;
+    // Widths kept in registers (320, 640, 1280, 2048), wider (2560), odd (13); odd row counts.
+    for (seed, (rows, width)) in [
+        (4607, 320),
+        (8192, 640),
+        (2048, 1280),
+        (9, 2048),
+        (5, 2560),
+        (3, 13),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = seed as u64 * 10 + 200;
+        let x = ((random(&[rows, width], seed) * 4.0).unwrap() + 1.5).unwrap();
+        let weight = random(&[width], seed + 1);
+        let bias = random(&[width], seed + 2);
+        for (dtype, tolerance) in dtypes() {
+            let (x, x_ref) = on_both(&x, dtype);
+            let (w, w_ref) = on_both(&weight, dtype);
+            let (b, b_ref) = on_both(&bias, dtype);
+            let norm = |w, b, dtype, device: &Device| {
+                atelier::engine::nn::LayerNorm::new(
+                    width,
+                    1e-5,
+                    var_builder(vec![("weight", w), ("bias", b)], dtype, device),
+                )
+                .unwrap()
+            };
+            assert_close(
+                &format!("layer norm {rows}x{width} {dtype:?}"),
+                &norm(w, b, dtype, &test_device()).forward(&x).unwrap(),
+                &norm(w_ref, b_ref, DType::F32, &Device::Cpu)
+                    .forward(&x_ref)
+                    .unwrap(),
+                tolerance,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn token_transposes_and_upsampling_match_reference() {
+    use atelier::engine::fused::{image_to_tokens, tokens_to_image, upsample_nearest};
+    // SD 2.1's first level (96x96, 320 channels), sizes that are not multiples of the tiles.
+    for (seed, shape) in [[2, 320, 96, 96], [1, 5, 3, 7], [2, 40, 33, 17]]
+        .into_iter()
+        .enumerate()
+    {
+        let seed = seed as u64 * 10 + 300;
+        let [batch, channels, height, width] = shape;
+        let image = random(&shape, seed);
+        let tokens = random(&[batch, height * width, channels], seed + 1);
+        for (dtype, _) in dtypes() {
+            let (image, image_ref) = on_both(&image, dtype);
+            let (tokens, tokens_ref) = on_both(&tokens, dtype);
+            // Moves and (one f16 rounding of) an addition only.
+            let tolerance = if dtype == DType::F16 { 1e-3 } else { 1e-7 };
+            assert_close(
+                &format!("image to tokens {shape:?} {dtype:?}"),
+                &image_to_tokens(&image).unwrap(),
+                &image_to_tokens(&image_ref).unwrap(),
+                tolerance,
+            );
+            assert_close(
+                &format!("tokens to image {shape:?} {dtype:?}"),
+                &tokens_to_image(&tokens, (height, width), None).unwrap(),
+                &tokens_to_image(&tokens_ref, (height, width), None).unwrap(),
+                tolerance,
+            );
+            assert_close(
+                &format!("tokens to image + residual {shape:?} {dtype:?}"),
+                &tokens_to_image(&tokens, (height, width), Some(&image)).unwrap(),
+                &tokens_to_image(&tokens_ref, (height, width), Some(&image_ref)).unwrap(),
+                tolerance,
+            );
+            assert_close(
+                &format!("upsample 2x {shape:?} {dtype:?}"),
+                &upsample_nearest(&image, 2 * height, 2 * width).unwrap(),
+                &upsample_nearest(&image_ref, 2 * height, 2 * width).unwrap(),
                 tolerance,
             );
         }

@@ -13,13 +13,13 @@ pub struct BenchArgs {
     /// A model folder or repo id to time.
     #[arg(long, conflicts_with = "random_weights")]
     pub model: Option<String>,
-    /// Time a full-size architecture with random weights instead: sd15 or sdxl.
+    /// Time a full-size architecture with random weights instead: sd15, sd21 or sdxl.
     #[arg(long)]
     pub random_weights: Option<String>,
     /// cpu, cuda, metal or auto.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Width in pixels (default: 512 for sd15, 1024 for sdxl, else the model's native size).
+    /// Width in pixels (default: 512 for sd15, 768 for sd21, 1024 for sdxl, else the model's native size).
     #[arg(long)]
     pub width: Option<usize>,
     /// Height in pixels (same default as width).
@@ -124,7 +124,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 vae_dtype,
                 !args.skip_text_encoders,
             )?;
-            let native = if arch == "sdxl" { 1024 } else { 512 };
+            let native = match arch.as_str() {
+                "sdxl" => 1024,
+                "sd21" => 768,
+                _ => 512,
+            };
             let target = BenchTarget {
                 text_encoders: random.text_encoders.iter().collect(),
                 unet: &random.unet,
@@ -135,7 +139,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             };
             (target, format!("{arch} (random weights)"), native)
         }
-        _ => bail!("give either --model or --random-weights sd15|sdxl"),
+        _ => bail!("give either --model or --random-weights sd15|sd21|sdxl"),
     };
     let options = BenchOptions {
         width: args.width.unwrap_or(native),

@@ -101,15 +101,26 @@ impl Conv2d {
 
     /// Convolves `xs` `(batch, in, h, w)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.run(xs, None)
+        self.run(xs, None, None)
     }
 
     /// Convolves `xs` and adds `residual` (the output's shape) in the same pass where it can.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.run(xs, Some(residual))
+        self.run(xs, Some(residual), None)
     }
 
-    fn run(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    /// Convolves `xs` and adds `plane_bias` `(batch, out channels)` to every pixel of the
+    /// matching output plane (a ResNet block's time embedding), in the same pass where it can.
+    pub fn forward_add_per_channel(&self, xs: &Tensor, plane_bias: &Tensor) -> Result<Tensor> {
+        self.run(xs, None, Some(plane_bias))
+    }
+
+    fn run(
+        &self,
+        xs: &Tensor,
+        residual: Option<&Tensor>,
+        plane_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         profile::scope("conv2d", xs.device(), || {
             #[cfg(feature = "cuda")]
             if kernels_for(xs.device(), xs.dtype()) {
@@ -118,6 +129,14 @@ impl Conv2d {
                     padding: self.padding,
                     tf32: TF32_CONVOLUTIONS.with(std::cell::Cell::get),
                     residual: residual.map(Tensor::contiguous).transpose()?,
+                    plane_bias: plane_bias
+                        .map(|bias| {
+                            let (_, channels) = bias.dims2()?;
+                            bias.to_dtype(xs.dtype())?
+                                .broadcast_as((xs.dim(0)?, channels))?
+                                .contiguous()
+                        })
+                        .transpose()?,
                 };
                 return Ok(xs
                     .contiguous()?
@@ -137,6 +156,13 @@ impl Conv2d {
             } else {
                 let out = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
                 out.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
+            };
+            let out = match plane_bias {
+                Some(bias) => {
+                    let (batch, channels) = bias.dims2()?;
+                    out.broadcast_add(&bias.reshape((batch, channels, 1, 1))?)?
+                }
+                None => out,
             };
             Ok(match residual {
                 Some(residual) => (residual + out)?,
@@ -260,6 +286,72 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
         let gate = projected.narrow(candle_core::D::Minus1, half, half)?;
         Ok((hidden * gate.gelu_erf()?)?)
     })
+}
+
+/// `(batch, channels, h, w)` image as `(batch, h * w, channels)` tokens (contiguous).
+pub fn image_to_tokens(xs: &Tensor) -> Result<Tensor> {
+    let (batch, channels, height, width) = xs.dims4()?;
+    #[cfg(feature = "cuda")]
+    if kernels_for(xs.device(), xs.dtype()) {
+        return Ok(xs
+            .contiguous()?
+            .reshape((batch, channels, height * width))?
+            .apply_op1_no_bwd(&super::cuda::TransposeOp)?);
+    }
+    Ok(xs
+        .permute((0, 2, 3, 1))?
+        .reshape((batch, height * width, channels))?
+        .contiguous()?)
+}
+
+/// `(batch, h * w, channels)` tokens back as a contiguous `(batch, channels, h, w)` image, plus
+/// `residual` (that image's shape) if given, in the same pass where our kernels run.
+pub fn tokens_to_image(
+    tokens: &Tensor,
+    (height, width): (usize, usize),
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (batch, _, channels) = tokens.dims3()?;
+    #[cfg(feature = "cuda")]
+    if kernels_for(tokens.device(), tokens.dtype())
+        && residual.is_none_or(|r| r.dtype() == tokens.dtype())
+    {
+        let tokens = tokens.contiguous()?;
+        let op = super::cuda::TransposeOp;
+        let image = match residual {
+            Some(residual) => tokens.apply_op2_no_bwd(
+                &residual
+                    .contiguous()?
+                    .reshape((batch, channels, height * width))?,
+                &op,
+            )?,
+            None => tokens.apply_op1_no_bwd(&op)?,
+        };
+        return Ok(image.reshape((batch, channels, height, width))?);
+    }
+    let image = tokens
+        .reshape((batch, height, width, channels))?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?;
+    Ok(match residual {
+        Some(residual) => (image + residual)?,
+        None => image,
+    })
+}
+
+/// Nearest-neighbour upsampling of `(batch, channels, h, w)` to `(out_h, out_w)`; exact
+/// doubling runs through our kernel where it can.
+pub fn upsample_nearest(xs: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let (_, _, height, width) = xs.dims4()?;
+        if kernels_for(xs.device(), xs.dtype()) && (out_h, out_w) == (2 * height, 2 * width) {
+            return Ok(xs
+                .contiguous()?
+                .apply_op1_no_bwd(&super::cuda::Upsample2xOp)?);
+        }
+    }
+    Ok(xs.upsample_nearest2d(out_h, out_w)?)
 }
 
 /// Whether [`attention_scores_f32`] takes queries of this device and type (f16 on CUDA).

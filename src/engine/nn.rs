@@ -51,6 +51,27 @@ impl Linear {
         super::weights::note_stacked(&weights, &weight);
         Ok(Linear(candle_nn::Linear::new(weight, bias)))
     }
+
+    /// `residual + self(xs)`. Where our CUDA kernels run, the GEMM accumulates onto
+    /// `residual`'s memory in place (no separate addition pass), so the caller hands
+    /// `residual` over: no other handle on its storage may be read afterwards.
+    pub fn forward_onto(&self, xs: &Tensor, residual: Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if super::fused::kernels_for(xs.device(), xs.dtype())
+            && residual.dtype() == xs.dtype()
+            && residual.is_contiguous()
+        {
+            return profile::scope("linear", xs.device(), || {
+                let op = super::cuda::LinearAddOp {
+                    weight: self.0.weight().clone(),
+                    bias: self.0.bias().cloned(),
+                };
+                residual.inplace_op2(&xs.contiguous()?, &op)?;
+                Ok(residual)
+            });
+        }
+        Ok((self.forward(xs)? + residual)?)
+    }
 }
 
 impl Module for Linear {
@@ -83,6 +104,42 @@ impl Module for Linear {
             })
         };
         profile::scope("linear", xs.device(), run).map_err(candle_core::Error::wrap)
+    }
+}
+
+/// LayerNorm over the last dimension with affine weights, through our kernel where it runs
+/// ([`super::cuda::LayerNormOp`]), else candle's.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    inner: candle_nn::LayerNorm,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` of width `dim` under `vb`.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            inner: candle_nn::layer_norm(dim, eps, vb)?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if super::fused::kernels_for(xs.device(), xs.dtype())
+            && let Some(bias) = self.inner.bias()
+        {
+            let op = super::cuda::LayerNormOp {
+                eps: self.eps as f32,
+            };
+            return xs
+                .contiguous()?
+                .apply_op3_no_bwd(self.inner.weight(), bias, &op);
+        }
+        self.inner.forward(xs)
     }
 }
 
@@ -409,14 +466,16 @@ impl ResnetBlock {
     /// Applies the block; `temb` is the (already computed) time embedding, if any.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let act = self.activation;
-        let mut hidden = self.conv1.forward(&self.norm1.forward_then(xs, act)?)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let temb = proj
-                .forward(&act.apply(temb)?)?
-                .unsqueeze(2)?
-                .unsqueeze(3)?;
-            hidden = hidden.broadcast_add(&temb)?;
-        }
+        let normed = self.norm1.forward_then(xs, act)?;
+        // The projected time embedding, one value per image and channel, is added to conv1's
+        // output in the convolution's own first pass where the kernels run.
+        let hidden = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let temb = proj.forward(&act.apply(temb)?)?;
+                self.conv1.forward_add_per_channel(&normed, &temb)?
+            }
+            _ => self.conv1.forward(&normed)?,
+        };
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
@@ -464,7 +523,7 @@ impl Upsample {
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, height, width) = xs.dims4()?;
         let (out_h, out_w) = size.unwrap_or((height * 2, width * 2));
-        let xs = xs.upsample_nearest2d(out_h, out_w)?;
+        let xs = super::fused::upsample_nearest(xs, out_h, out_w)?;
         self.conv.forward(&xs)
     }
 }

@@ -63,7 +63,7 @@ fn parse<T: DeserializeOwned>(name: &str, text: &str) -> Result<T> {
 }
 
 impl RandomModel {
-    /// Builds `sd15` or `sdxl` with random weights in `dtype` on `device`.
+    /// Builds `sd15`, `sd21` (768-v) or `sdxl` with random weights in `dtype` on `device`.
     pub fn new(architecture: &str, device: &Device, dtype: DType) -> Result<Self> {
         Self::with_options(architecture, device, dtype, None, true)
     }
@@ -85,6 +85,12 @@ impl RandomModel {
                 include_str!("../../assets/configs/sd15/vae.json"),
                 vec![include_str!("../../assets/configs/sd15/text_encoder.json")],
             ),
+            "sd21" => (
+                ModelFamily::Sd2,
+                include_str!("../../assets/configs/sd21/unet.json"),
+                include_str!("../../assets/configs/sd21/vae.json"),
+                vec![include_str!("../../assets/configs/sd21/text_encoder.json")],
+            ),
             "sdxl" => (
                 ModelFamily::Sdxl,
                 include_str!("../../assets/configs/sdxl/unet.json"),
@@ -96,7 +102,7 @@ impl RandomModel {
             ),
             other => {
                 return Err(EngineError::InvalidParameter(format!(
-                    "unknown architecture {other:?}; choose sd15 or sdxl"
+                    "unknown architecture {other:?}; choose sd15, sd21 or sdxl"
                 )));
             }
         };

@@ -14,7 +14,7 @@ use half::f16;
 
 use super::{
     GemmScalar, MAX_COLUMN_ELEMENTS, contiguous_slice, cuda_only, cudnn, function, grid_2d, suffix,
-    timed, with_tensor_view,
+    timed, with_optional_view,
 };
 
 /// Which way the CUDA convolutions go.
@@ -55,6 +55,9 @@ pub struct Conv2dOp {
     pub padding: usize,
     /// Added to the output, same shape as it.
     pub residual: Option<Tensor>,
+    /// Added to each output plane: one value per batch item and output channel (a ResNet
+    /// block's projected time embedding), `batch * out_channels` contiguous values.
+    pub plane_bias: Option<Tensor>,
     /// f32 GEMMs on TF32 tensor cores (see [`crate::engine::fused::with_tf32_convolutions`]).
     pub tf32: bool,
 }
@@ -97,41 +100,48 @@ impl Conv2dOp {
         // SAFETY: `set_bias` (conv_init) writes every element before the result is used; only
         // the routes' timing adds onto the uninitialised values first, and it is overwritten.
         let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(total)? };
-        let init = function(&device, &format!("conv_init_{name}"), 0)?;
         let planes = batch * out_channels;
         let (planes_i, channels_i, pixels_i) = (planes as i64, out_channels as i64, pixels as i64);
-        // out = bias (+ residual), what the convolution then accumulates onto.
+        // 16-byte vectors where every plane starts 16-byte aligned (the residual's too).
+        let aligned = |tensor: &Option<Tensor>| {
+            tensor
+                .as_ref()
+                .is_none_or(|t| t.layout().start_offset().is_multiple_of(8))
+        };
+        let init_name =
+            if x.0.dtype() == DType::F16 && pixels.is_multiple_of(8) && aligned(&self.residual) {
+                "f16x8"
+            } else {
+                name
+            };
+        let init = function(&device, &format!("conv_init_{init_name}"), 0)?;
+        let init_columns = if init_name == "f16x8" {
+            pixels / 8
+        } else {
+            pixels
+        };
+        // out = bias (+ plane bias) (+ residual), what the convolution then accumulates onto.
         let set_bias = |out: &mut CudaSlice<T>| -> Result<()> {
-            match &self.residual {
-                Some(residual) => {
-                    with_tensor_view::<T, _>(residual, total, "conv2d residual", |rs| {
-                        let mut builder = stream.launch_builder(&init);
-                        builder
-                            .arg(out)
-                            .arg(&bs)
-                            .arg(&rs)
-                            .arg(&planes_i)
-                            .arg(&channels_i)
-                            .arg(&pixels_i);
-                        // SAFETY: arguments match the kernel's signature.
-                        unsafe { builder.launch(grid_2d(pixels, planes)) }.w()
-                    })?;
-                }
-                None => {
+            with_optional_view::<T, _>(self.plane_bias.as_ref(), planes, "plane bias", |pb| {
+                with_optional_view::<T, _>(self.residual.as_ref(), total, "residual", |rs| {
                     let null: u64 = 0;
                     let mut builder = stream.launch_builder(&init);
-                    builder
-                        .arg(out)
-                        .arg(&bs)
-                        .arg(&null)
-                        .arg(&planes_i)
-                        .arg(&channels_i)
-                        .arg(&pixels_i);
-                    // SAFETY: a null residual is checked by the kernel.
-                    unsafe { builder.launch(grid_2d(pixels, planes)) }.w()?;
-                }
-            }
-            Ok(())
+                    builder.arg(out).arg(&bs);
+                    match &pb {
+                        Some(view) => builder.arg(view),
+                        None => builder.arg(&null),
+                    };
+                    match &rs {
+                        Some(view) => builder.arg(view),
+                        None => builder.arg(&null),
+                    };
+                    builder.arg(&planes_i).arg(&channels_i).arg(&pixels_i);
+                    // SAFETY: arguments match the kernel's signature; null pointers are
+                    // checked by the kernel, the views' lengths by with_optional_view.
+                    unsafe { builder.launch(grid_2d(init_columns, planes)) }.w()?;
+                    Ok(())
+                })
+            })
         };
 
         let tf32 = self.tf32 && x.0.dtype() == DType::F32;

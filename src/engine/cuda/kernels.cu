@@ -1,6 +1,7 @@
 // Atelier's own CUDA kernels: fused GroupNorm (+SiLU), GEGLU, im2col for the convolutions'
-// GEMMs, and a flash-style attention on the tensor cores (f16 in, f32 accumulation, no
-// materialised score matrix). Compiled to PTX by build.rs with nvcc; launched from cuda.rs.
+// GEMMs, LayerNorm, transposes and other memory-bound helpers (elementwise.cuh), and a
+// flash-style attention on the tensor cores (f16 in, f32 accumulation, no materialised score
+// matrix). Compiled to PTX by build.rs with nvcc; launched from cuda.rs.
 #include <cuda_fp16.h>
 #include <stdint.h>
 
@@ -22,6 +23,8 @@ __device__ __forceinline__ float block_sum(float value, float* scratch) {
     for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffff, value, offset);
     return value;
 }
+
+#include "elementwise.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // GroupNorm over contiguous (batch, channels, pixels). The elements of group g of batch item b
@@ -247,7 +250,8 @@ extern "C" __global__ void geglu_f16(const __half* x, __half* out, long rows, lo
 // ---------------------------------------------------------------------------------------------
 // Convolution helpers. im2col writes (batch, channels * kh * kw, out_h * out_w), so that one
 // GEMM per batch item, weight (out, k) x columns (k, pixels), lands directly in NCHW.
-// conv_init fills the output with the bias (and a residual) so that the GEMM adds onto it.
+// conv_init (elementwise.cuh) fills the output with the bias (and a residual) so that the GEMM
+// adds onto it.
 // ---------------------------------------------------------------------------------------------
 // Columns for output pixels [p_start, p_start + p_count) of `batch` items starting at x:
 // col is (batch * channels, kh * kw, p_count). One thread per output pixel of one channel plane
@@ -283,25 +287,6 @@ extern "C" __global__ void im2col_f32(const float* x, float* col, int b, int c, 
 extern "C" __global__ void im2col_f16(const __half* x, __half* col, int b, int c, int h, int w, int kh, int kw,
                                       int stride, int pad, int ow, int p_start, int p_count) {
     im2col<__half>(x, col, b, c, h, w, kh, kw, stride, pad, ow, p_start, p_count);
-}
-
-template <typename T>
-__device__ void conv_init(T* out, const T* bias, const T* residual, long planes, long channels, long pixels) {
-    for (long plane = blockIdx.y; plane < planes; plane += gridDim.y) {
-        float b = to_float(bias[plane % channels]);
-        long base = plane * pixels;
-        for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < pixels; p += gridDim.x * blockDim.x) {
-            float value = b;
-            if (residual) value += to_float(residual[base + p]);
-            out[base + p] = from_float<T>(value);
-        }
-    }
-}
-extern "C" __global__ void conv_init_f32(float* out, const float* bias, const float* residual, long planes, long channels, long pixels) {
-    conv_init<float>(out, bias, residual, planes, channels, pixels);
-}
-extern "C" __global__ void conv_init_f16(__half* out, const __half* bias, const __half* residual, long planes, long channels, long pixels) {
-    conv_init<__half>(out, bias, residual, planes, channels, pixels);
 }
 
 // Adds bias[column] to every row of a contiguous (rows, columns) matrix, in place.

@@ -20,8 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::cublas::{Gemm, GemmConfig, sys};
-use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+use candle_core::cuda_backend::cudarc::cublaslt::CudaBlasLT;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -189,9 +188,13 @@ macro_rules! three_input_op {
 
 mod attention;
 mod conv;
+mod elementwise;
+mod linear;
 
 pub use attention::{ATTENTION_HEAD_DIMS, AttentionScoresOp, FlashAttentionOp};
 pub use conv::{Conv2dOp, ConvRoute, force_convolution_route};
+pub use elementwise::{LayerNormOp, TransposeOp, Upsample2xOp};
+pub use linear::{LinearAddOp, LinearOp};
 
 /// Runs `f` on the GPU data of `tensor` (an extra input an op holds, such as a bias), checking
 /// that it is on the GPU, of type `T`, contiguous and `elements` long.
@@ -209,6 +212,19 @@ fn with_tensor_view<T: CudaDType, R>(
         candle_core::bail!("{what} does not match the output");
     }
     f(contiguous_slice::<T>(storage, layout, what)?)
+}
+
+/// [`with_tensor_view`] for an optional tensor: `f` gets `None` when there is none.
+fn with_optional_view<T: CudaDType, R>(
+    tensor: Option<&Tensor>,
+    elements: usize,
+    what: &str,
+    f: impl FnOnce(Option<CudaView<'_, T>>) -> Result<R>,
+) -> Result<R> {
+    match tensor {
+        Some(tensor) => with_tensor_view(tensor, elements, what, |view| f(Some(view))),
+        None => f(None),
+    }
 }
 
 /// GroupNorm over `(batch, channels, ...)` with affine weights, optionally followed by SiLU.
@@ -364,7 +380,8 @@ impl CustomOp1 for GegluOp {
     }
 }
 
-/// Element types of the GEMM-based operations (f16, f32), with their 0 and 1.
+/// Element types of the GEMM-based operations (f16, f32), with their 0 and 1 (and candle's
+/// name for the type, [`cudnn::ConvScalar::DTYPE`]).
 trait GemmScalar: CudaDType + DeviceRepr + cudnn::ConvScalar + Copy {
     const ONE: Self;
     const ZERO: Self;
@@ -376,140 +393,4 @@ impl GemmScalar for f16 {
 impl GemmScalar for f32 {
     const ONE: Self = 1.0;
     const ZERO: Self = 0.0;
-}
-
-/// `x W^T + bias` for a contiguous `(..., in)` input and `(out, in)` weight: one cuBLAS GEMM
-/// and one bias pass.
-pub struct LinearOp {
-    /// `(out,)`, added to every row.
-    pub bias: Option<Tensor>,
-}
-
-impl LinearOp {
-    fn run<T: GemmScalar>(
-        &self,
-        x: (&CudaStorage, &Layout),
-        weight: (&CudaStorage, &Layout),
-    ) -> Result<(CudaStorage, Shape)>
-    where
-        candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
-        CudaBlasLT: Matmul<T>,
-    {
-        let device = x.0.device().clone();
-        let dims = x.1.shape().dims();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.1.shape().elem_count() / in_dim.max(1);
-        let (out_dim, weight_in) = weight.1.shape().dims2()?;
-        if weight_in != in_dim {
-            candle_core::bail!("linear: input width {in_dim}, weight {weight_in}");
-        }
-        let xs = contiguous_slice::<T>(x.0, x.1, "linear input")?;
-        let ws = contiguous_slice::<T>(weight.0, weight.1, "linear weight")?;
-        // SAFETY: the GEMM (beta = 0) writes every element.
-        let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(rows * out_dim)? };
-        let mut out_dims = dims.to_vec();
-        let last = out_dims.len() - 1;
-        out_dims[last] = out_dim;
-        // f16 with a bias: cuBLASLt adds the bias in the GEMM's epilogue.
-        if let (DType::F16, Some(bias)) = (x.0.dtype(), &self.bias) {
-            let config = MatmulConfig {
-                transa: true,
-                transb: false,
-                transc: false,
-                m: out_dim as u64,
-                n: rows as u64,
-                k: in_dim as u64,
-                alpha: 1.0,
-                lda: in_dim as i64,
-                ldb: in_dim as i64,
-                beta: 0.0,
-                ldc: out_dim as i64,
-                stride_a: None,
-                stride_b: None,
-                stride_c: None,
-                stride_bias: None,
-                batch_size: None,
-            };
-            let handle = blas_lt(&device)?;
-            with_tensor_view::<T, _>(bias, out_dim, "linear bias", |bs| {
-                timed("linear.gemm+bias", &device, || {
-                    // SAFETY: f16 buffers of out * in, rows * in, rows * out and out elements.
-                    unsafe { handle.matmul(config, &ws, &xs, &mut out, Some(&bs), None) }
-                        .map_err(lt_error)
-                })
-            })?;
-            return Ok((
-                CudaStorage::wrap_cuda_slice(out, device),
-                Shape::from(out_dims),
-            ));
-        }
-        let config = GemmConfig {
-            transa: sys::cublasOperation_t::CUBLAS_OP_T,
-            transb: sys::cublasOperation_t::CUBLAS_OP_N,
-            m: out_dim as i32,
-            n: rows as i32,
-            k: in_dim as i32,
-            alpha: T::ONE,
-            lda: in_dim as i32,
-            ldb: in_dim as i32,
-            beta: T::ZERO,
-            ldc: out_dim as i32,
-        };
-        let blas = device.cublas_handle();
-        timed("linear.gemm", &device, || {
-            // SAFETY: buffers of rows * in, out * in and rows * out elements.
-            unsafe { blas.gemm(config, &ws, &xs, &mut out) }.w()
-        })?;
-        if let Some(bias) = &self.bias {
-            with_tensor_view::<T, _>(bias, out_dim, "linear bias", |bs| {
-                let func = function(
-                    &device,
-                    &format!("add_bias_rows_{}", suffix(x.0.dtype())?),
-                    0,
-                )?;
-                let (rows_i, columns_i) = (rows as i64, out_dim as i32);
-                let stream = device.cuda_stream();
-                let mut builder = stream.launch_builder(&func);
-                builder.arg(&mut out).arg(&bs).arg(&rows_i).arg(&columns_i);
-                timed("linear.bias", &device, || {
-                    // SAFETY: arguments match the kernel's signature.
-                    unsafe { builder.launch(grid_2d(out_dim, rows)) }.w()
-                })
-            })?;
-        }
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, device),
-            Shape::from(out_dims),
-        ))
-    }
-}
-
-impl candle_core::CustomOp2 for LinearOp {
-    fn name(&self) -> &'static str {
-        "atelier-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        cuda_only(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F16 => self.run::<f16>((x, xl), (w, wl)),
-            DType::F32 => self.run::<f32>((x, xl), (w, wl)),
-            other => candle_core::bail!("linear kernel: unsupported {other:?}"),
-        }
-    }
 }

@@ -2,11 +2,14 @@
 //! self-attention, cross-attention to the text, a GEGLU feed-forward) and its parts.
 
 use candle_core::{D, Module, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::engine::config::UNetConfig;
 use crate::engine::error::Result;
-use crate::engine::nn::{Conv2d, GroupNorm, Linear, attention, conv2d, group_norm, linear};
+use crate::engine::fused::{image_to_tokens, tokens_to_image};
+use crate::engine::nn::{
+    Conv2d, GroupNorm, LayerNorm, Linear, attention, conv2d, group_norm, linear,
+};
 
 /// The q, k and v projections: separate, or stacked into one GEMM where our CUDA kernels run
 /// (the attention kernel reads q, k and v as column ranges of the stacked output).
@@ -69,7 +72,14 @@ impl CrossAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// `residual + attention(xs, context)`: the output projection accumulates onto `residual`
+    /// (see [`Linear::forward_onto`]).
+    fn forward_onto(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        residual: Tensor,
+    ) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
         let width = self.inner;
         let (q, k, v) = match &self.projections {
@@ -94,7 +104,7 @@ impl CrossAttention {
             }
         };
         let out = attention(&q, &k, &v, self.heads, self.upcast, None)?;
-        Ok(self.to_out.forward(&out)?)
+        self.to_out.forward_onto(&out, residual)
     }
 }
 
@@ -121,9 +131,9 @@ impl TransformerBlock {
         let head_dim = dim / heads;
         let inner_ff = dim * 4;
         Ok(Self {
-            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: LayerNorm::new(dim, 1e-5, vb.pp("norm1"))?,
             attn1: CrossAttention::new(dim, dim, heads, head_dim, upcast, true, vb.pp("attn1"))?,
-            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: LayerNorm::new(dim, 1e-5, vb.pp("norm2"))?,
             attn2: CrossAttention::new(
                 dim,
                 context_dim,
@@ -133,23 +143,21 @@ impl TransformerBlock {
                 false,
                 vb.pp("attn2"),
             )?,
-            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
             ff_in: linear(dim, inner_ff * 2, true, vb.pp("ff.net.0.proj"))?,
             ff_out: linear(inner_ff, dim, true, vb.pp("ff.net.2"))?,
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
-            + &xs)?;
+    /// The block on `xs`, whose memory the residual additions reuse (it is handed over).
+    fn forward(&self, xs: Tensor, context: &Tensor) -> Result<Tensor> {
+        let normed = self.norm1.forward(&xs)?;
+        let xs = self.attn1.forward_onto(&normed, None, xs)?;
+        let normed = self.norm2.forward(&xs)?;
+        let xs = self.attn2.forward_onto(&normed, Some(context), xs)?;
         let projected = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
-        let ff = self
-            .ff_out
-            .forward(&crate::engine::fused::geglu(&projected)?)?;
-        Ok((ff + xs)?)
+        self.ff_out
+            .forward_onto(&crate::engine::fused::geglu(&projected)?, xs)
     }
 }
 
@@ -204,27 +212,22 @@ impl SpatialTransformer {
     }
 
     pub(super) fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (batch, channels, height, width) = xs.dims4()?;
-        let to_tokens = |t: Tensor| -> Result<Tensor> {
-            Ok(t.permute((0, 2, 3, 1))?
-                .reshape((batch, height * width, channels))?)
-        };
-        let to_image = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((batch, height, width, channels))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?)
-        };
+        let (_, _, height, width) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
         let mut hidden = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(&normed)?)?,
-            Projection::Linear(lin) => lin.forward(&to_tokens(normed)?)?,
+            Projection::Conv(conv) => image_to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&image_to_tokens(&normed)?)?,
         };
         for block in &self.blocks {
-            hidden = block.forward(&hidden, context)?;
+            hidden = block.forward(hidden, context)?;
         }
         match &self.proj_out {
-            Projection::Conv(conv) => conv.forward_add(&to_image(hidden)?, xs),
-            Projection::Linear(lin) => Ok((to_image(lin.forward(&hidden)?)? + xs)?),
+            Projection::Conv(conv) => {
+                conv.forward_add(&tokens_to_image(&hidden, (height, width), None)?, xs)
+            }
+            Projection::Linear(lin) => {
+                tokens_to_image(&lin.forward(&hidden)?, (height, width), Some(xs))
+            }
         }
     }
 }
