@@ -573,6 +573,45 @@ fn token_transposes_and_upsampling_match_reference() {
     }
 }
 
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn three_pass_tf32_products_are_as_exact_as_f32() {
+    use atelier::engine::fused::{tf32x3_matmul, with_tf32_convolutions};
+    assert!(test_device().is_cuda(), "set ATELIER_TEST_DEVICE=cuda");
+    // The VAE attention's two products (scores q k^T, then probabilities times values) at odd
+    // sizes; a single TF32 pass would be ~1e-3 off.
+    let a = random(&[2, 300, 512], 400);
+    let b_t = random(&[2, 700, 512], 401);
+    let c = random(&[2, 300, 700], 402);
+    let v = random(&[2, 700, 96], 403);
+    let (a, a_ref) = on_both(&a, DType::F32);
+    let (b_t, b_t_ref) = on_both(&b_t, DType::F32);
+    let (c, c_ref) = on_both(&c, DType::F32);
+    let (v, v_ref) = on_both(&v, DType::F32);
+    assert!(
+        tf32x3_matmul(&a, &b_t, true).unwrap().is_none(),
+        "TF32 only inside with_tf32_convolutions"
+    );
+    let (scores, out) = with_tf32_convolutions(|| {
+        (
+            tf32x3_matmul(&a, &b_t, true).unwrap().unwrap(),
+            tf32x3_matmul(&c, &v, false).unwrap().unwrap(),
+        )
+    });
+    assert_close(
+        "a b^T in three TF32 passes",
+        &scores,
+        &a_ref.matmul(&b_t_ref.t().unwrap()).unwrap(),
+        2e-6,
+    );
+    assert_close(
+        "c v in three TF32 passes",
+        &out,
+        &c_ref.matmul(&v_ref).unwrap(),
+        2e-6,
+    );
+}
+
 /// A UNet step replayed from a CUDA graph equals the same step run eagerly: for new inputs and
 /// timesteps at every replay, for a second input size (its own graph) and back, on SD 1.5's and
 /// SDXL's full-size architectures with random weights (f16, as Atelier runs them).

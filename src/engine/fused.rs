@@ -49,6 +49,38 @@ pub fn with_tf32_convolutions<T>(f: impl FnOnce() -> T) -> T {
     value
 }
 
+/// `a b` (or `a b^T` when `transpose_b`) for f32 `(..., m, k)` and `(..., k, n)` (or
+/// `(..., n, k)`) tensors in three TF32 tensor-core passes, about as exact as an f32 product
+/// ([`super::cuda::Tf32x3MatmulOp`]): on CUDA, inside [`with_tf32_convolutions`] (a model that
+/// runs upcast to f32). `None` elsewhere: the caller then multiplies in plain f32.
+pub fn tf32x3_matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if TF32_CONVOLUTIONS.with(std::cell::Cell::get)
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && kernels_for(a.device(), a.dtype())
+        && a.rank() >= 2
+        && a.rank() == b.rank()
+    {
+        let dims = a.dims();
+        let (m, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let leading = &dims[..dims.len() - 2];
+        let batch: usize = leading.iter().product();
+        let b_dims = b.dims();
+        let b_last2 = (b_dims[b_dims.len() - 2], b_dims[b_dims.len() - 1]);
+        let n = if transpose_b { b_last2.0 } else { b_last2.1 };
+        let out = a.contiguous()?.reshape((batch, m, k))?.apply_op2_no_bwd(
+            &b.contiguous()?.reshape((batch, b_last2.0, b_last2.1))?,
+            &super::cuda::Tf32x3MatmulOp { transpose_b },
+        )?;
+        let mut out_dims = leading.to_vec();
+        out_dims.extend([m, n]);
+        return Ok(Some(out.reshape(out_dims)?));
+    }
+    let _ = (a, b, transpose_b);
+    Ok(None)
+}
+
 /// Our kernels use Ampere's instructions (`mma.sync` m16n8k16, `cp.async`): compute capability
 /// 8.0 or newer. Older GPUs keep candle's operations.
 #[cfg(feature = "cuda")]

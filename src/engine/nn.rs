@@ -278,6 +278,13 @@ fn attention_unprofiled(
     let chunk = (max_score_elements / (rows * key_len).max(1)).clamp(1, query_len);
     let attend = |q: &Tensor, mask: Option<Tensor>| -> Result<Tensor> {
         let mut scores = match &k_t {
+            // An f32 model upcast from f16 on CUDA: three TF32 passes (about f32's exactness).
+            Some(k_t) if compute_dtype == DType::F32 && dtype == DType::F32 => {
+                match super::fused::tf32x3_matmul(q, &k, true)? {
+                    Some(scores) => (scores * scale)?,
+                    None => (q.matmul(k_t)? * scale)?,
+                }
+            }
             Some(k_t) => (q.matmul(k_t)? * scale)?,
             None => {
                 let len = q.dim(2)?;
@@ -294,7 +301,10 @@ fn attention_unprofiled(
             scores = scores.broadcast_add(&mask.to_dtype(compute_dtype)?)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        Ok(probs.matmul(&v)?)
+        Ok(match super::fused::tf32x3_matmul(&probs, &v, false)? {
+            Some(out) => out,
+            None => probs.matmul(&v)?,
+        })
     };
     let out = if chunk >= query_len {
         attend(&q, mask.cloned())?

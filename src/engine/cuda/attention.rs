@@ -239,3 +239,147 @@ impl CustomOp3 for FlashAttentionOp {
         ))
     }
 }
+
+/// Batched f32 matrix products `a b` (or `a b^T`) on TF32 tensor cores in three passes: each
+/// operand is split into its TF32 rounding and the remainder, and `big * big + big * small +
+/// small * big` comes within f32's own rounding (the remainders' product is below it), as
+/// PyTorch's f32 attention kernels compute. For the attention of a VAE that runs upcast to f32
+/// (SDXL's), which a plain f32 GEMM would make several times slower. Inputs: `a` `(batch, m, k)`,
+/// `b` `(batch, k, n)` or, transposed, `(batch, n, k)`, both contiguous f32.
+pub struct Tf32x3MatmulOp {
+    /// `b` is given as `(batch, n, k)`: the product is `a b^T`.
+    pub transpose_b: bool,
+}
+
+impl candle_core::CustomOp2 for Tf32x3MatmulOp {
+    fn name(&self) -> &'static str {
+        "atelier-tf32x3-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        cuda_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+        use std::ffi::c_void;
+        if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+            candle_core::bail!("three-pass TF32 products: f32 only");
+        }
+        let (batch, m, k) = al.shape().dims3()?;
+        let (b_batch, b_rows, b_cols) = bl.shape().dims3()?;
+        let n = if self.transpose_b { b_rows } else { b_cols };
+        let b_k = if self.transpose_b { b_cols } else { b_rows };
+        if b_batch != batch || b_k != k {
+            candle_core::bail!(
+                "three-pass TF32 products: {:?} by {:?}",
+                al.shape(),
+                bl.shape()
+            );
+        }
+        let dim = |value: usize| -> Result<i32> {
+            i32::try_from(value)
+                .map_err(|_| candle_core::Error::Msg("three-pass TF32 products: too large".into()))
+        };
+        let device = a.device().clone();
+        let stream = device.cuda_stream();
+        let a_view = contiguous_slice::<f32>(a, al, "product input")?;
+        let b_view = contiguous_slice::<f32>(b, bl, "product input")?;
+        let split = function(&device, "split_tf32", 0)?;
+        // Each operand as (TF32 part, remainder).
+        let halves = |view: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>,
+                      count: usize|
+         -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+            // SAFETY: split_tf32 writes every element of both.
+            let mut big = unsafe { device.alloc::<f32>(count)? };
+            let mut small = unsafe { device.alloc::<f32>(count)? };
+            let count_i = count as i64;
+            let mut builder = stream.launch_builder(&split);
+            builder
+                .arg(view)
+                .arg(&mut big)
+                .arg(&mut small)
+                .arg(&count_i);
+            let config = LaunchConfig {
+                grid_dim: (count.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match the kernel's signature.
+            unsafe { builder.launch(config) }.w()?;
+            Ok((big, small))
+        };
+        let (a_big, a_small) = halves(&a_view, batch * m * k)?;
+        let (b_big, b_small) = halves(&b_view, batch * k * n)?;
+        // SAFETY: the first pass (beta = 0) writes every element.
+        let mut out: CudaSlice<f32> = unsafe { device.alloc::<f32>(batch * m * n)? };
+        let blas = device.cublas_handle();
+        // Column-major: out^T (n x m) = op(b)^T (n x k) . a^T (k x m).
+        let (transa, lda) = if self.transpose_b {
+            (sys::cublasOperation_t::CUBLAS_OP_T, dim(k)?)
+        } else {
+            (sys::cublasOperation_t::CUBLAS_OP_N, dim(n)?)
+        };
+        let (n_i, m_i, k_i) = (dim(n)?, dim(m)?, dim(k)?);
+        let f32_type = sys::cudaDataType_t::CUDA_R_32F;
+        let (c_ptr, _c_use) = out.device_ptr_mut(&stream);
+        // Smallest terms first, the TF32 parts' product last.
+        for (b_part, a_part, beta) in [
+            (&b_small, &a_big, 0.0f32),
+            (&b_big, &a_small, 1.0),
+            (&b_big, &a_big, 1.0),
+        ] {
+            let (b_ptr, _b_use) = b_part.device_ptr(&stream);
+            let (a_ptr, _a_use) = a_part.device_ptr(&stream);
+            let alpha = 1.0f32;
+            // SAFETY: f32 buffers of batch * k * n, batch * m * k and batch * m * n elements
+            // as the strides say; f32 scalars for the 32F compute type.
+            unsafe {
+                gemm_strided_batched_ex(
+                    *blas.handle(),
+                    transa,
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    n_i,
+                    m_i,
+                    k_i,
+                    (&alpha as *const f32).cast::<c_void>(),
+                    b_ptr as *const c_void,
+                    f32_type,
+                    lda,
+                    (k * n) as i64,
+                    a_ptr as *const c_void,
+                    f32_type,
+                    k_i,
+                    (m * k) as i64,
+                    (&beta as *const f32).cast::<c_void>(),
+                    c_ptr as *mut c_void,
+                    f32_type,
+                    n_i,
+                    (m * n) as i64,
+                    dim(batch)?,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))?;
+        }
+        drop(_c_use);
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from((batch, m, n)),
+        ))
+    }
+}

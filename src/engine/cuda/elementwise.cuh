@@ -230,3 +230,19 @@ extern "C" __global__ void conv_init_f16x8(__half* out, const __half* bias, cons
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Splits f32 values into a TF32 part (round to nearest, 10-bit mantissa) and the rest, for
+// three-pass TF32 GEMMs (big * big + big * small + small * big), which come within f32's own
+// rounding on tensor cores, as PyTorch's f32 attention kernels compute.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void split_tf32(const float* x, float* big, float* small, long n) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float value = x[i];
+        uint32_t bits;
+        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(value));
+        float high = __uint_as_float(bits);
+        big[i] = high;
+        small[i] = value - high;
+    }
+}

@@ -191,7 +191,7 @@ mod conv;
 mod elementwise;
 mod linear;
 
-pub use attention::{ATTENTION_HEAD_DIMS, AttentionScoresOp, FlashAttentionOp};
+pub use attention::{ATTENTION_HEAD_DIMS, AttentionScoresOp, FlashAttentionOp, Tf32x3MatmulOp};
 pub use conv::{Conv2dOp, ConvRoute, force_convolution_route};
 pub use elementwise::{LayerNormOp, TransposeOp, Upsample2xOp};
 pub use linear::{LinearAddOp, LinearOp};
