@@ -248,24 +248,4 @@ impl Upsample2xOp {
     }
 }
 
-impl CustomOp1 for Upsample2xOp {
-    fn name(&self) -> &'static str {
-        "atelier-upsample-2x"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        cuda_only(self.name())
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F16 => self.run::<f16>(x, layout),
-            DType::F32 => self.run::<f32>(x, layout),
-            other => candle_core::bail!("upsample kernel: unsupported {other:?}"),
-        }
-    }
-}
+one_input_op!(Upsample2xOp, "atelier-upsample-2x");

@@ -1,7 +1,9 @@
-//! Atelier's own CUDA kernels (`kernels.cu`, compiled to PTX by build.rs) as candle custom ops:
-//! fused GroupNorm (+SiLU), GEGLU, convolutions (cuDNN's when installed, else one GEMM per batch
-//! item) straight into NCHW with the bias and residual folded in, and a flash-style tensor-core
-//! attention.
+//! Atelier's own CUDA kernels (`kernels.cu` and `elementwise.cuh`, compiled to PTX by build.rs)
+//! as candle custom ops: fused GroupNorm (+SiLU), GEGLU, convolutions (cuDNN's when installed,
+//! else one GEMM per batch item) straight into NCHW with the bias, a per-channel bias and a
+//! residual folded in, linear layers (also accumulating onto a residual in place), LayerNorm,
+//! the attention blocks' image <-> tokens transposes, 2x upsampling, a flash-style tensor-core
+//! attention, and three-pass TF32 products for f32 attention.
 //!
 //! Inputs must be contiguous f16 or f32 (attention: f16); [`super::fused`] checks and falls back
 //! to candle's own operations otherwise.
@@ -144,6 +146,33 @@ fn contiguous_slice<'a, T: CudaDType>(
         candle_core::bail!("{what} must be contiguous");
     }
     Ok(storage.as_cuda_slice::<T>()?.slice(layout.start_offset()..))
+}
+
+/// `CustomOp1` for an op with a generic `run(x, layout)` over f16 and f32: CUDA only.
+macro_rules! one_input_op {
+    ($op:ty, $label:literal) => {
+        impl CustomOp1 for $op {
+            fn name(&self) -> &'static str {
+                $label
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &Layout,
+            ) -> Result<(candle_core::CpuStorage, Shape)> {
+                cuda_only(self.name())
+            }
+
+            fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+                match x.dtype() {
+                    DType::F16 => self.run::<f16>(x, layout),
+                    DType::F32 => self.run::<f32>(x, layout),
+                    other => candle_core::bail!("{}: unsupported {other:?}", $label),
+                }
+            }
+        }
+    };
 }
 
 /// `CustomOp3` for an op with a generic `run((x, layout), (a, layout), (b, layout))` over f16
@@ -358,27 +387,7 @@ impl GegluOp {
     }
 }
 
-impl CustomOp1 for GegluOp {
-    fn name(&self) -> &'static str {
-        "atelier-geglu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        cuda_only(self.name())
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F16 => self.run::<f16>(x, layout),
-            DType::F32 => self.run::<f32>(x, layout),
-            other => candle_core::bail!("GEGLU kernel: unsupported {other:?}"),
-        }
-    }
-}
+one_input_op!(GegluOp, "atelier-geglu");
 
 /// Element types of the GEMM-based operations (f16, f32), with their 0 and 1 (and candle's
 /// name for the type, [`cudnn::ConvScalar::DTYPE`]).
