@@ -17,7 +17,6 @@ use super::{
 
 /// `out = x W^T + bias (+ out when accumulate)` for `rows` rows: `x` is `(rows, in)`, the
 /// weight `(out_dim, in)`, `out` `(rows, out_dim)`, all contiguous.
-#[allow(clippy::too_many_arguments)]
 fn linear_into<T: GemmScalar>(
     device: &CudaDevice,
     xs: &CudaView<'_, T>,
