@@ -375,6 +375,21 @@ fn geglu_matches_reference() {
     }
 }
 
+/// A linear layer from `weight` and, when `bias` is set, `bias_values`, in `dtype` on `device`.
+fn linear_layer(
+    (in_dim, out_dim, bias): (usize, usize, bool),
+    weight: Tensor,
+    bias_values: Tensor,
+    dtype: DType,
+    device: &Device,
+) -> atelier::engine::nn::Linear {
+    let mut tensors = vec![("weight", weight)];
+    if bias {
+        tensors.push(("bias", bias_values));
+    }
+    atelier::engine::nn::linear(in_dim, out_dim, bias, var_builder(tensors, dtype, device)).unwrap()
+}
+
 #[test]
 #[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
 fn linear_layers_match_reference() {
@@ -398,27 +413,9 @@ fn linear_layers_match_reference() {
             let (x, x_ref) = on_both(&x, dtype);
             let (w, w_ref) = on_both(&weight, dtype);
             let (b, b_ref) = on_both(&bias_values, dtype);
-            let tensors = |w: Tensor, b: Tensor| {
-                if bias {
-                    vec![("weight", w), ("bias", b)]
-                } else {
-                    vec![("weight", w)]
-                }
-            };
-            let ours = atelier::engine::nn::linear(
-                in_dim,
-                out_dim,
-                bias,
-                var_builder(tensors(w, b), dtype, &test_device()),
-            )
-            .unwrap();
-            let reference = atelier::engine::nn::linear(
-                in_dim,
-                out_dim,
-                bias,
-                var_builder(tensors(w_ref, b_ref), DType::F32, &Device::Cpu),
-            )
-            .unwrap();
+            let dims = (in_dim, out_dim, bias);
+            let ours = linear_layer(dims, w, b, dtype, &test_device());
+            let reference = linear_layer(dims, w_ref, b_ref, DType::F32, &Device::Cpu);
             assert_close(
                 &format!("linear {leading:?}x{in_dim}->{out_dim} bias {bias} {dtype:?}"),
                 &ours.forward(&x).unwrap(),
@@ -455,24 +452,9 @@ fn linear_layers_onto_a_residual_match_reference() {
             let (w, w_ref) = on_both(&weight, dtype);
             let (b, b_ref) = on_both(&bias_values, dtype);
             let (r, r_ref) = on_both(&residual, dtype);
-            let tensors = |w: Tensor, b: Tensor| {
-                if bias {
-                    vec![("weight", w), ("bias", b)]
-                } else {
-                    vec![("weight", w)]
-                }
-            };
-            let layer = |tensors, dtype, device: &Device| {
-                atelier::engine::nn::linear(
-                    in_dim,
-                    out_dim,
-                    bias,
-                    var_builder(tensors, dtype, device),
-                )
-                .unwrap()
-            };
-            let ours = layer(tensors(w, b), dtype, &test_device());
-            let reference = layer(tensors(w_ref, b_ref), DType::F32, &Device::Cpu);
+            let dims = (in_dim, out_dim, bias);
+            let ours = linear_layer(dims, w, b, dtype, &test_device());
+            let reference = linear_layer(dims, w_ref, b_ref, DType::F32, &Device::Cpu);
             assert_close(
                 &format!("linear onto residual {leading:?}x{in_dim}->{out_dim} {dtype:?}"),
                 &ours.forward_onto(&x, r).unwrap(),

@@ -8,7 +8,7 @@ use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape};
 use half::f16;
 
-use super::{contiguous_slice, cuda_only, function};
+use super::{contiguous_slice, cuda_only, function, tf32_gemm};
 
 /// Attention scores `scale * q k^T` in f32 from f16 `(rows, query tokens, width)` queries and
 /// `(rows, key tokens, width)` keys, one tensor-core GEMM per row (f32 sums and output, so the
@@ -273,9 +273,7 @@ impl candle_core::CustomOp2 for Tf32x3MatmulOp {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
-        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
-        use std::ffi::c_void;
+        use candle_core::cuda_backend::cudarc::cublas::{GemmConfig, StridedBatchedConfig};
         if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
             candle_core::bail!("three-pass TF32 products: f32 only");
         }
@@ -333,50 +331,41 @@ impl candle_core::CustomOp2 for Tf32x3MatmulOp {
         } else {
             (sys::cublasOperation_t::CUBLAS_OP_N, dim(n)?)
         };
-        let (n_i, m_i, k_i) = (dim(n)?, dim(m)?, dim(k)?);
-        let f32_type = sys::cudaDataType_t::CUDA_R_32F;
-        let (c_ptr, _c_use) = out.device_ptr_mut(&stream);
+        let config = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa,
+                transb: sys::cublasOperation_t::CUBLAS_OP_N,
+                m: dim(n)?,
+                n: dim(m)?,
+                k: dim(k)?,
+                alpha: 1.0f32,
+                lda,
+                ldb: dim(k)?,
+                beta: 0.0f32,
+                ldc: dim(n)?,
+            },
+            batch_size: dim(batch)?,
+            stride_a: (k * n) as i64,
+            stride_b: (m * k) as i64,
+            stride_c: (m * n) as i64,
+        };
+        let mut target = out.slice_mut(..);
         // Smallest terms first, the TF32 parts' product last.
         for (b_part, a_part, beta) in [
             (&b_small, &a_big, 0.0f32),
             (&b_big, &a_small, 1.0),
             (&b_big, &a_big, 1.0),
         ] {
-            let (b_ptr, _b_use) = b_part.device_ptr(&stream);
-            let (a_ptr, _a_use) = a_part.device_ptr(&stream);
-            let alpha = 1.0f32;
-            // SAFETY: f32 buffers of batch * k * n, batch * m * k and batch * m * n elements
-            // as the strides say; f32 scalars for the 32F compute type.
-            unsafe {
-                gemm_strided_batched_ex(
-                    *blas.handle(),
-                    transa,
-                    sys::cublasOperation_t::CUBLAS_OP_N,
-                    n_i,
-                    m_i,
-                    k_i,
-                    (&alpha as *const f32).cast::<c_void>(),
-                    b_ptr as *const c_void,
-                    f32_type,
-                    lda,
-                    (k * n) as i64,
-                    a_ptr as *const c_void,
-                    f32_type,
-                    k_i,
-                    (m * k) as i64,
-                    (&beta as *const f32).cast::<c_void>(),
-                    c_ptr as *mut c_void,
-                    f32_type,
-                    n_i,
-                    (m * n) as i64,
-                    dim(batch)?,
-                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))?;
+            tf32_gemm(
+                &blas,
+                &stream,
+                &config,
+                &b_part.slice(..),
+                &a_part.slice(..),
+                &mut target,
+                beta,
+            )?;
         }
-        drop(_c_use);
         Ok((
             CudaStorage::wrap_cuda_slice(out, device),
             Shape::from((batch, m, n)),

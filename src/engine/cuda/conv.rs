@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig, sys};
@@ -14,7 +14,7 @@ use half::f16;
 
 use super::{
     GemmScalar, MAX_COLUMN_ELEMENTS, contiguous_slice, cuda_only, cudnn, function, grid_2d, suffix,
-    timed, with_optional_view,
+    tf32_gemm, timed, with_optional_view,
 };
 
 /// Which way the CUDA convolutions go.
@@ -176,7 +176,7 @@ impl Conv2dOp {
             let mut target = out.slice_mut(first * out_channels * pixels + p0..);
             if tf32 {
                 return timed("conv2d.gemm", &device, || {
-                    tf32_gemm(&blas, &stream, &config, columns, &ws, &mut target)
+                    tf32_gemm(&blas, &stream, &config, columns, &ws, &mut target, 1.0)
                 });
             }
             timed("conv2d.gemm", &device, || {
@@ -332,56 +332,6 @@ fn faster_route<T: DeviceRepr>(
         .map_err(|_| lock_error())?
         .insert(key, cudnn_faster);
     Ok(cudnn_faster)
-}
-
-/// The strided batched GEMM of `config` on f32 data with TF32 tensor-core products.
-fn tf32_gemm<T>(
-    blas: &candle_core::cuda_backend::cudarc::cublas::CudaBlas,
-    stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-    config: &StridedBatchedConfig<T>,
-    a: &CudaView<'_, T>,
-    b: &CudaView<'_, T>,
-    c: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, T>,
-) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
-    use std::ffi::c_void;
-    let (a_ptr, _a_use) = a.device_ptr(stream);
-    let (b_ptr, _b_use) = b.device_ptr(stream);
-    let (c_ptr, _c_use) = c.device_ptr_mut(stream);
-    let (alpha, beta) = (1.0f32, 1.0f32);
-    let g = &config.gemm;
-    let f32_type = sys::cudaDataType_t::CUDA_R_32F;
-    // SAFETY: the caller's f32 buffers match `config` (as for the plain GEMM); alpha and beta
-    // are f32 scalars as the 32F compute types expect.
-    unsafe {
-        gemm_strided_batched_ex(
-            *blas.handle(),
-            g.transa,
-            g.transb,
-            g.m,
-            g.n,
-            g.k,
-            (&alpha as *const f32).cast::<c_void>(),
-            a_ptr as *const c_void,
-            f32_type,
-            g.lda,
-            config.stride_a,
-            b_ptr as *const c_void,
-            f32_type,
-            g.ldb,
-            config.stride_b,
-            (&beta as *const f32).cast::<c_void>(),
-            c_ptr as *mut c_void,
-            f32_type,
-            g.ldc,
-            config.stride_c,
-            config.batch_size,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }
-    .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))
 }
 
 three_input_op!(Conv2dOp, "atelier-conv2d");

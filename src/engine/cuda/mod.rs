@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::{StridedBatchedConfig, sys};
 use candle_core::cuda_backend::cudarc::cublaslt::CudaBlasLT;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -388,6 +389,58 @@ impl GegluOp {
 }
 
 one_input_op!(GegluOp, "atelier-geglu");
+
+/// The strided batched GEMM of `config` on f32 data with TF32 tensor-core products, alpha 1,
+/// accumulating onto `c` times `beta` (`config`'s own alpha and beta are not read).
+fn tf32_gemm<T>(
+    blas: &candle_core::cuda_backend::cudarc::cublas::CudaBlas,
+    stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    config: &StridedBatchedConfig<T>,
+    a: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    c: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, T>,
+    beta: f32,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use std::ffi::c_void;
+    let (a_ptr, _a_use) = a.device_ptr(stream);
+    let (b_ptr, _b_use) = b.device_ptr(stream);
+    let (c_ptr, _c_use) = c.device_ptr_mut(stream);
+    let alpha = 1.0f32;
+    let g = &config.gemm;
+    let f32_type = sys::cudaDataType_t::CUDA_R_32F;
+    // SAFETY: the caller's f32 buffers match `config` (as for the plain GEMM); alpha and beta
+    // are f32 scalars as the 32F compute types expect.
+    unsafe {
+        gemm_strided_batched_ex(
+            *blas.handle(),
+            g.transa,
+            g.transb,
+            g.m,
+            g.n,
+            g.k,
+            (&alpha as *const f32).cast::<c_void>(),
+            a_ptr as *const c_void,
+            f32_type,
+            g.lda,
+            config.stride_a,
+            b_ptr as *const c_void,
+            f32_type,
+            g.ldb,
+            config.stride_b,
+            (&beta as *const f32).cast::<c_void>(),
+            c_ptr as *mut c_void,
+            f32_type,
+            g.ldc,
+            config.stride_c,
+            config.batch_size,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))
+}
 
 /// Element types of the GEMM-based operations (f16, f32), with their 0 and 1 (and candle's
 /// name for the type, [`cudnn::ConvScalar::DTYPE`]).
