@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool, carry [".gpu"], after scripts/pack-gpu.sh here): unpacks the
 # binaries and checks the CUDA build's numbers:
-#   1. tests/gpu_kernels.rs: our kernels against candle's CPU f32 at SD 1.5/SDXL shapes, f32 and f16;
+#   1. tests/gpu_kernels.rs: our kernels against candle's CPU f32 at SD 1.5/SDXL shapes, f32 and f16
+#      (attention on both kernels where the GPU is a Hopper);
 #   2. tests/headless/parity.rs (the `headless` binary's parity:: tests) in f32 on the GPU
 #      against the values diffusers computed (the CPU's bar);
 #   3. scripts/gpu-parity-f16.py: `atelier generate` in f16 against diffusers in f16 on the
@@ -20,6 +21,9 @@ export ATELIER_REPO_DIR=$PWD
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 ATELIER_TEST_DEVICE=cuda /tmp/atelier-bin/gpu_kernels --include-ignored --test-threads 1 || status=1
+# The portable attention kernel too, where the Hopper one took the 64-wide heads above.
+ATELIER_HOPPER_ATTENTION=0 ATELIER_TEST_DEVICE=cuda /tmp/atelier-bin/gpu_kernels flash_attention \
+  --include-ignored --test-threads 1 || status=1
 ATELIER_TEST_DEVICE=cuda /tmp/atelier-bin/headless parity:: --test-threads 1 || status=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl
 export PYTHONPATH=/tmp/site

@@ -8,7 +8,7 @@ use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape};
 use half::f16;
 
-use super::{contiguous_slice, cuda_only, function, tf32_gemm};
+use super::{contiguous_slice, cuda_only, function, hopper_attention_kernel, tf32_gemm};
 
 /// Attention scores `scale * q k^T` in f32 from f16 `(rows, query tokens, width)` queries and
 /// `(rows, key tokens, width)` keys, one tensor-core GEMM per row (f32 sums and output, so the
@@ -136,6 +136,10 @@ impl FlashAttentionOp {
     const BLOCK_QUERIES: usize = 128;
     const BLOCK_KEYS: usize = 64;
 
+    /// Shared memory of the Hopper kernel: three stages of a 64-key key tile and value tile
+    /// (128-byte rows), plus 1 KiB to align them to the swizzle's 1024 bytes.
+    const HOPPER_SHARED_BYTES: u32 = 3 * 2 * 64 * 128 + 1024;
+
     fn shared_bytes(padded: usize) -> usize {
         // Two stages of one key tile and one value tile, rows padded by 8 halves.
         2 * 2 * Self::BLOCK_KEYS * (padded + 8) * 2
@@ -196,16 +200,38 @@ impl CustomOp3 for FlashAttentionOp {
         let vs = v.as_cuda_slice::<f16>()?.slice(v_offset..);
         // SAFETY: the kernel writes every element of every query row and head.
         let mut out: CudaSlice<f16> = unsafe { device.alloc::<f16>(batch * nq * width)? };
-        let shared = Self::shared_bytes(padded) as u32;
-        let func = function(&device, &format!("flash_attention_d{padded}"), shared)?;
-        let config = LaunchConfig {
-            grid_dim: (
-                nq.div_ceil(Self::BLOCK_QUERIES) as u32,
-                self.heads as u32,
-                batch as u32,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: shared,
+        // Hopper's wgmma kernel for 64-wide heads: one warpgroup (64 queries) per block, which
+        // measured within 1.2 % of two at SDXL's 4,096 tokens and faster at every other size.
+        let hopper_kernel = if self.head_dim == 64 {
+            hopper_attention_kernel(
+                &device,
+                "flash_attention_wgmma_d64",
+                Self::HOPPER_SHARED_BYTES,
+            )
+        } else {
+            None
+        };
+        let hopper = hopper_kernel.is_some();
+        let (func, config) = if let Some(func) = hopper_kernel {
+            let config = LaunchConfig {
+                grid_dim: (nq.div_ceil(64) as u32, self.heads as u32, batch as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: Self::HOPPER_SHARED_BYTES,
+            };
+            (func, config)
+        } else {
+            let shared = Self::shared_bytes(padded) as u32;
+            let func = function(&device, &format!("flash_attention_d{padded}"), shared)?;
+            let config = LaunchConfig {
+                grid_dim: (
+                    nq.div_ceil(Self::BLOCK_QUERIES) as u32,
+                    self.heads as u32,
+                    batch as u32,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: shared,
+            };
+            (func, config)
         };
         let (nq_i, nk_i, d_i) = (nq as i32, nk as i32, self.head_dim as i32);
         let strides = [
@@ -225,8 +251,11 @@ impl CustomOp3 for FlashAttentionOp {
             .arg(&vs)
             .arg(&mut out)
             .arg(&nq_i)
-            .arg(&nk_i)
-            .arg(&d_i);
+            .arg(&nk_i);
+        if !hopper {
+            // The Hopper kernel's head width is fixed.
+            builder.arg(&d_i);
+        }
         for stride in &strides {
             builder.arg(stride);
         }

@@ -202,7 +202,15 @@ impl Conv2dOp {
             // SAFETY: im2col writes every element it is asked for before the GEMM reads them.
             let mut columns: CudaSlice<T> =
                 unsafe { device.alloc::<T>(items_per_call * k * band)? };
-            let func = function(&device, &format!("im2col_{name}"), 0)?;
+            // f16 3x3 at stride 1 with rows of whole 8-pixel groups: 16-byte column stores
+            // (bands are multiples of 128 pixels, so every band starts on a group).
+            let vectorized =
+                name == "f16" && kh == 3 && kw == 3 && stride == 1 && out_w.is_multiple_of(8);
+            let (func, pixels_per_thread) = if vectorized {
+                (function(&device, "im2col_f16x8_k3", 0)?, 8)
+            } else {
+                (function(&device, &format!("im2col_{name}"), 0)?, 1)
+            };
             for first in (0..batch).step_by(items_per_call) {
                 let input = xs.slice(first * channels * height * width..);
                 for p0 in (0..pixels).step_by(band) {
@@ -227,7 +235,13 @@ impl Conv2dOp {
                     }
                     timed("conv2d.im2col", &device, || {
                         // SAFETY: arguments match the kernel's signature.
-                        unsafe { builder.launch(grid_2d(len, items_per_call * channels)) }.w()
+                        unsafe {
+                            builder.launch(grid_2d(
+                                len.div_ceil(pixels_per_thread),
+                                items_per_call * channels,
+                            ))
+                        }
+                        .w()
                     })?;
                     gemm(&columns.slice(..), out, first, items_per_call, p0, len)?;
                 }

@@ -34,14 +34,66 @@ use candle_core::{CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, T
 use half::f16;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/atelier_kernels.ptx"));
+/// The Hopper attention kernel (`attention_sm90.cu`, PTX for `compute_90a`); empty when the
+/// nvcc that built Atelier could not target it.
+const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/atelier_attention_sm90.ptx"));
 const THREADS: u32 = 256;
 /// Largest im2col buffer (elements): 128 MiB in f16. Bigger convolutions go in bands.
 const MAX_COLUMN_ELEMENTS: usize = 1 << 26;
 
 type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
 
-fn modules() -> &'static Mutex<HashMap<DeviceId, Arc<CudaModule>>> {
-    static MODULES: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaModule>>>> = OnceLock::new();
+/// A PTX module of Atelier's kernels.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Module {
+    /// kernels.cu: every kernel but the Hopper attention.
+    Kernels,
+    /// attention_sm90.cu: loads on compute capability 9.0 only.
+    HopperAttention,
+}
+
+impl Module {
+    fn ptx(self) -> &'static str {
+        match self {
+            Module::Kernels => PTX,
+            Module::HopperAttention => PTX_SM90,
+        }
+    }
+}
+
+/// The Hopper attention kernel `name` (see [`module_function`]) where attention may use it: its
+/// PTX was built, the device is compute capability 9.0 (the only one that runs `compute_90a`
+/// code), `ATELIER_HOPPER_ATTENTION` is not `0`, and the driver compiled the module (a driver
+/// older than the nvcc that built Atelier refuses it: the portable kernel takes over). Decided
+/// once per process.
+fn hopper_attention_kernel(
+    device: &CudaDevice,
+    name: &str,
+    shared_bytes: u32,
+) -> Option<CudaFunction> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    let available = *AVAILABLE.get_or_init(|| {
+        let context = device.cuda_stream().context().clone();
+        let capability = (
+            context.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            context.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        );
+        !PTX_SM90.is_empty()
+            && matches!(capability, (Ok(9), Ok(0)))
+            && !std::env::var("ATELIER_HOPPER_ATTENTION").is_ok_and(|value| value == "0")
+            && module_function(device, Module::HopperAttention, name, shared_bytes).is_ok()
+    });
+    if !available {
+        return None;
+    }
+    module_function(device, Module::HopperAttention, name, shared_bytes).ok()
+}
+
+type ModuleCache = HashMap<(DeviceId, Module), Arc<CudaModule>>;
+
+fn modules() -> &'static Mutex<ModuleCache> {
+    static MODULES: OnceLock<Mutex<ModuleCache>> = OnceLock::new();
     MODULES.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
@@ -74,8 +126,19 @@ fn functions() -> &'static Mutex<FunctionCache> {
     FUNCTIONS.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// The kernel `name`, loaded once per device; `shared_bytes` above 48 KiB is opted into.
+/// The kernel `name` of kernels.cu, loaded once per device; `shared_bytes` above 48 KiB is
+/// opted into.
 fn function(device: &CudaDevice, name: &str, shared_bytes: u32) -> Result<CudaFunction> {
+    module_function(device, Module::Kernels, name, shared_bytes)
+}
+
+/// [`function`] for a kernel of `module`.
+fn module_function(
+    device: &CudaDevice,
+    module: Module,
+    name: &str,
+    shared_bytes: u32,
+) -> Result<CudaFunction> {
     let key = (device.id(), name.to_string());
     let mut cache = functions()
         .lock()
@@ -83,24 +146,24 @@ fn function(device: &CudaDevice, name: &str, shared_bytes: u32) -> Result<CudaFu
     if let Some(function) = cache.get(&key) {
         return Ok(function.clone());
     }
-    let module = {
+    let loaded_module = {
         let mut modules = modules()
             .lock()
             .map_err(|_| candle_core::Error::Msg("CUDA module cache poisoned".into()))?;
-        match modules.get(&device.id()) {
-            Some(module) => module.clone(),
+        match modules.get(&(device.id(), module)) {
+            Some(loaded) => loaded.clone(),
             None => {
-                let module = device
+                let loaded = device
                     .cuda_stream()
                     .context()
-                    .load_module(Ptx::from_src(PTX))
+                    .load_module(Ptx::from_src(module.ptx()))
                     .w()?;
-                modules.insert(device.id(), module.clone());
-                module
+                modules.insert((device.id(), module), loaded.clone());
+                loaded
             }
         }
     };
-    let function = module.load_function(name).w()?;
+    let function = loaded_module.load_function(name).w()?;
     if shared_bytes > 48 * 1024 {
         function
             .set_attribute(
