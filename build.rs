@@ -11,6 +11,7 @@ use std::process::Command;
 fn main() {
     println!("cargo::rerun-if-changed=src/engine/cuda/kernels.cu");
     println!("cargo::rerun-if-changed=src/engine/cuda/elementwise.cuh");
+    println!("cargo::rerun-if-changed=src/engine/cuda/flash_common.cuh");
     println!("cargo::rerun-if-changed=src/engine/cuda/attention_sm90.cu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=NVCC");

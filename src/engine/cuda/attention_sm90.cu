@@ -14,8 +14,7 @@
 // on the tensor cores while the next tile's S = Q K^T is issued; the exponentials run on the
 // special-function unit with subnormals flushed, and the output's rescale is skipped while no
 // row maximum of a warp moves.
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "flash_common.cuh"
 
 namespace sm90 {
 
@@ -24,17 +23,6 @@ constexpr int ROW_BYTES = 128;  // bytes per K or V row in shared memory
 
 __device__ __forceinline__ uint32_t smem_address(const void* pointer) {
     return (uint32_t)__cvta_generic_to_shared(pointer);
-}
-
-// 16-byte asynchronous copy from global to shared memory; zero-fills when `valid` is false.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-    int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 }
 
 // Shared-memory matrix descriptor for a tile of 128-byte rows in the 128-byte swizzle, starting
@@ -63,29 +51,12 @@ __device__ __forceinline__ void fence_registers(float (&r)[N]) {
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-// D(64x64) (+)= A(64x16, registers) * B(16x64): B's rows are the 16 keys that follow `desc`'s
-// start, read transposed (tnspB = 1) from the row-major value tile.
-__device__ __forceinline__ void wgmma_m64n64k16_rs_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.eq.u32 p, 1, 1;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
-
-// D(64x64) (=|+=) A(64x16, registers) * B(16x64): B^T's 64 rows (keys) are K-major in the
-// swizzled key tile. `accumulate` = 0 overwrites D.
-__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc,
-                                                   int accumulate) {
+// D(64x64) (=|+=) A(64x16, registers) * B(16x64), `accumulate` = 0 overwriting D. B from the
+// swizzled tile at `desc`: TRANSPOSE_B = 0 reads B^T's 64 rows K-major (the key tile, for
+// S = Q K^T); 1 reads B's 16 rows transposed from a row-major tile (the value tile, for P V).
+template <int TRANSPOSE_B>
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], const uint32_t (&a)[4], uint64_t desc,
+                                                int accumulate) {
     asm volatile(
         "{\n"
         ".reg .pred p;\n"
@@ -93,13 +64,13 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
+        "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate), "n"(TRANSPOSE_B));
 }
 
 // 2^x on the special-function unit, subnormal results flushed to zero (P is rounded to f16
@@ -108,11 +79,6 @@ __device__ __forceinline__ float exp2_ftz(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
-}
-
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
 }
 
 // q: (batch, nq, *) with head h at columns [h * 64, h * 64 + 64) and row stride q_stride (in
@@ -200,7 +166,7 @@ __device__ void flash_attention_wgmma(const __half* q, const __half* k, const __
         wgmma_fence();
 #pragma unroll
         for (int step = 0; step < 4; ++step)
-            wgmma_m64n64k16_rs(s, qa[step], swizzled_descriptor(kt + step * 32), step > 0);
+            wgmma_m64n64k16<0>(s, qa[step], swizzled_descriptor(kt + step * 32), step > 0);
         wgmma_commit();
     };
 
@@ -277,7 +243,7 @@ __device__ void flash_attention_wgmma(const __half* q, const __half* k, const __
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            wgmma_m64n64k16_rs_tb(o, p[kk], swizzled_descriptor(vt + kk * 16 * ROW_BYTES));
+            wgmma_m64n64k16<1>(o, p[kk], swizzled_descriptor(vt + kk * 16 * ROW_BYTES), 1);
         }
         wgmma_commit();
 
@@ -298,23 +264,8 @@ __device__ void flash_attention_wgmma(const __half* q, const __half* k, const __
         fence_registers(s);
     }
 
-    sum_lo += __shfl_xor_sync(0xffffffff, sum_lo, 1);
-    sum_lo += __shfl_xor_sync(0xffffffff, sum_lo, 2);
-    sum_hi += __shfl_xor_sync(0xffffffff, sum_hi, 1);
-    sum_hi += __shfl_xor_sync(0xffffffff, sum_hi, 2);
-    const float inv_lo = 1.0f / sum_lo, inv_hi = 1.0f / sum_hi;
-    __half* ob = out + b * o_batch + (long)head * HEAD;
-    const int r_lo = row0 + g, r_hi = row0 + g + 8;
-#pragma unroll
-    for (int db = 0; db < DBLOCKS; ++db) {
-        const int c = db * 8 + 2 * t;
-        if (r_lo < nq)
-            *reinterpret_cast<__half2*>(ob + (long)r_lo * o_stride + c) =
-                __floats2half2_rn(o[db * 4 + 0] * inv_lo, o[db * 4 + 1] * inv_lo);
-        if (r_hi < nq)
-            *reinterpret_cast<__half2*>(ob + (long)r_hi * o_stride + c) =
-                __floats2half2_rn(o[db * 4 + 2] * inv_hi, o[db * 4 + 3] * inv_hi);
-    }
+    store_normalised_rows<DBLOCKS>(o, sum_lo, sum_hi, out + b * o_batch + (long)head * HEAD, o_stride, row0 + g, nq,
+                                   t, HEAD);
 }
 
 }  // namespace sm90

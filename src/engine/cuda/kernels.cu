@@ -25,6 +25,7 @@ __device__ __forceinline__ float block_sum(float value, float* scratch) {
 }
 
 #include "elementwise.cuh"
+#include "flash_common.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // GroupNorm over contiguous (batch, channels, pixels). The elements of group g of batch item b
@@ -370,23 +371,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const __half* sme
                  : "r"(address));
 }
 
-// 16-byte asynchronous copy from global to shared memory; zero-fills when `valid` is false.
-__device__ __forceinline__ void cp_async_16(__half* smem, const __half* gmem, bool valid) {
-    uint32_t dst = (uint32_t)__cvta_generic_to_shared(smem);
-    int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
-}
-
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-}
-
 constexpr int FLASH_WARPS = 8;
 constexpr int FLASH_BM = 16 * FLASH_WARPS;
 constexpr int FLASH_BN = 64;
@@ -438,8 +422,8 @@ __device__ void flash_attention(const __half* q, const __half* k, const __half* 
             int r = idx / CHUNKS, c = (idx % CHUNKS) * 8;
             bool valid = key0 + r < nk && c < d;
             long offset = valid ? (long)(key0 + r) * kv_stride + c : 0;
-            cp_async_16(kt + r * LDH + c, kb + offset, valid);
-            cp_async_16(vt + r * LDH + c, vb + offset, valid);
+            cp_async_16((uint32_t)__cvta_generic_to_shared(kt + r * LDH + c), kb + offset, valid);
+            cp_async_16((uint32_t)__cvta_generic_to_shared(vt + r * LDH + c), vb + offset, valid);
         }
         cp_async_commit();
     };
@@ -533,24 +517,8 @@ __device__ void flash_attention(const __half* q, const __half* k, const __half* 
         __syncthreads();
     }
 
-    sum_lo += __shfl_xor_sync(0xffffffff, sum_lo, 1);
-    sum_lo += __shfl_xor_sync(0xffffffff, sum_lo, 2);
-    sum_hi += __shfl_xor_sync(0xffffffff, sum_hi, 1);
-    sum_hi += __shfl_xor_sync(0xffffffff, sum_hi, 2);
-    const float inv_lo = 1.0f / sum_lo, inv_hi = 1.0f / sum_hi;
-    __half* ob = out + b * o_batch + (long)head * d;
-    const int r_lo = row0 + g, r_hi = row0 + g + 8;
-#pragma unroll
-    for (int db = 0; db < DBLOCKS; ++db) {
-        int c = db * 8 + 2 * t;
-        if (c >= d) continue;
-        if (r_lo < nq)
-            *reinterpret_cast<__half2*>(ob + (long)r_lo * o_stride + c) =
-                __floats2half2_rn(o[db][0] * inv_lo, o[db][1] * inv_lo);
-        if (r_hi < nq)
-            *reinterpret_cast<__half2*>(ob + (long)r_hi * o_stride + c) =
-                __floats2half2_rn(o[db][2] * inv_hi, o[db][3] * inv_hi);
-    }
+    store_normalised_rows<DBLOCKS>(&o[0][0], sum_lo, sum_hi, out + b * o_batch + (long)head * d, o_stride, row0 + g,
+                                   nq, t, d);
 }
 
 #define FLASH_ATTENTION(DP)                                                                                      \
