@@ -77,6 +77,25 @@ fn flash_attention_matches_reference() {
         // The VAE's single 512-wide head: too wide for the kernel, f32 scores from one GEMM.
         (1, 1024, 1024, 1, 512),
     ];
+    // The 64-wide cases test the Hopper kernel wherever it should run, not the portable one.
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = test_device() {
+        use atelier::engine::cuda::{FlashAttentionOp, hopper_attention_built};
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        let context = cuda.cuda_stream().context().clone();
+        let capability = (
+            context.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            context.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        );
+        let wanted = hopper_attention_built()
+            && matches!(capability, (Ok(9), Ok(0)))
+            && std::env::var("ATELIER_HOPPER_ATTENTION").map_or(true, |value| value != "0");
+        assert_eq!(
+            FlashAttentionOp::uses_hopper_kernel(&cuda),
+            wanted,
+            "Hopper attention kernel in use on compute capability {capability:?}"
+        );
+    }
     for (seed, &(batch, nq, nk, heads, head_dim)) in cases.iter().enumerate() {
         let width = heads * head_dim;
         let q = random(&[batch, nq, width], seed as u64 * 3);

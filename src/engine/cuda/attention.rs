@@ -3,8 +3,10 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::sys;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape};
 use half::f16;
 
@@ -140,6 +142,21 @@ impl FlashAttentionOp {
     /// (128-byte rows), plus 1 KiB to align them to the swizzle's 1024 bytes.
     const HOPPER_SHARED_BYTES: u32 = 3 * 2 * 64 * 128 + 1024;
 
+    /// The Hopper kernel (attention_sm90.cu), where `device` runs it.
+    fn hopper_kernel(device: &CudaDevice) -> Option<CudaFunction> {
+        hopper_attention_kernel(
+            device,
+            "flash_attention_wgmma_d64",
+            Self::HOPPER_SHARED_BYTES,
+        )
+    }
+
+    /// Whether 64-wide heads take the Hopper kernel on `device` (compute capability 9.0, the
+    /// kernel built and accepted by the driver, `ATELIER_HOPPER_ATTENTION` not `0`).
+    pub fn uses_hopper_kernel(device: &CudaDevice) -> bool {
+        Self::hopper_kernel(device).is_some()
+    }
+
     fn shared_bytes(padded: usize) -> usize {
         // Two stages of one key tile and one value tile, rows padded by 8 halves.
         2 * 2 * Self::BLOCK_KEYS * (padded + 8) * 2
@@ -203,11 +220,7 @@ impl CustomOp3 for FlashAttentionOp {
         // Hopper's wgmma kernel for 64-wide heads: one warpgroup (64 queries) per block, which
         // measured within 1.2 % of two at SDXL's 4,096 tokens and faster at every other size.
         let hopper_kernel = if self.head_dim == 64 {
-            hopper_attention_kernel(
-                &device,
-                "flash_attention_wgmma_d64",
-                Self::HOPPER_SHARED_BYTES,
-            )
+            Self::hopper_kernel(&device)
         } else {
             None
         };

@@ -294,8 +294,8 @@ extern "C" __global__ void im2col_f16(const __half* x, __half* col, int b, int c
 // of 8 (the UNet's 3x3 convolutions but the downsamplers, at widths divisible by 8): one thread
 // per 8 consecutive output pixels of one row; per kernel row it reads the 10 input values the 8
 // pixels see once and writes each tap's 8 values as one 16-byte store (the generic kernel's
-// 2-byte stores wrote about 1.2 TB/s under ncu on SD 2.1's 96x96 level). Same arguments as
-// im2col_f16; kh, kw and stride are 3, 3 and 1.
+// 2-byte stores: 106 MB of columns in 87 us under ncu on SD 2.1's 96x96 level, about 1.2 TB/s).
+// Same arguments as im2col_f16; kh, kw and stride are 3, 3 and 1.
 extern "C" __global__ void im2col_f16x8_k3(const __half* x, __half* col, int batch, int channels, int height,
                                            int width, int, int, int, int pad, int out_w, int p_start,
                                            int p_count) {

@@ -61,6 +61,11 @@ impl Module {
     }
 }
 
+/// Whether this build holds the Hopper attention kernel (its nvcc could target `compute_90a`).
+pub fn hopper_attention_built() -> bool {
+    !PTX_SM90.is_empty()
+}
+
 /// The Hopper attention kernel `name` (see [`module_function`]) where attention may use it: its
 /// PTX was built, the device is compute capability 9.0 (the only one that runs `compute_90a`
 /// code), `ATELIER_HOPPER_ATTENTION` is not `0`, and the driver compiled the module (a driver
@@ -79,7 +84,7 @@ fn hopper_attention_kernel(
             context.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
             context.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
         );
-        !PTX_SM90.is_empty()
+        hopper_attention_built()
             && matches!(capability, (Ok(9), Ok(0)))
             && !std::env::var("ATELIER_HOPPER_ATTENTION").is_ok_and(|value| value == "0")
             && module_function(device, Module::HopperAttention, name, shared_bytes).is_ok()
