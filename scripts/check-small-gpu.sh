@@ -6,7 +6,8 @@
 # then through the device tool with carry [".gpu/atelier.xz", ".gpu/whl", ".gpu/tok"]:
 #     bash scripts/check-small-gpu.sh [GIB]
 # It generates with both memory options (the UI's choice when memory is short), with VAE tiling on
-# auto (which should tile by itself), and with no option (which must fail with a clear message).
+# auto (which should tile by itself), and with no option (which must fail with a clear message);
+# then a hires fix to 2048x2048 with both options.
 set -uo pipefail
 gib=${1:-8}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -48,6 +49,17 @@ for options in "--text-encoders-on-cpu --vae-tiling on" "--text-encoders-on-cpu 
   [[ -n $options && $rc -ne 0 ]] && status=1
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
 done
+# The hires fix to 2048x2048 (the picture enlarged with Lanczos, so the VAE encodes and decodes
+# at 2048 in tiles), with both memory options: 2048 and beyond within GIB GiB.
+hires=(generate --model "$model" --prompt "a photo of a red fox in the snow, highly detailed"
+       --steps 10 --scheduler ddim --guidance 7.5 --seed 1 --device cuda --width 1024 --height 1024
+       --hires-scale 2 --hires-upscaler lanczos --hires-steps 10 --hires-strength 0.5
+       --text-encoders-on-cpu --vae-tiling on)
+echo "== $gib GiB free, hires fix to 2048x2048, --text-encoders-on-cpu --vae-tiling on"
+$bin "${hires[@]}" --out "$out/sdxl-${gib}gib-hires-2048.png" 2>&1 | tail -7 | tee -a "$out/small-gpu.txt"
+rc=${PIPESTATUS[0]}
+echo "exit status $rc" | tee -a "$out/small-gpu.txt"
+[[ $rc -ne 0 ]] && status=1
 kill $ballast
 rm -rf "$model" "$ready"
 exit $status
