@@ -691,3 +691,72 @@ fn cuda_graph_steps_equal_eager_steps() {
         unet.set_cuda_graphs(false);
     }
 }
+
+/// Running out of GPU memory inside a graph's call (the first, eager call of new shapes; a
+/// capture and the eager call after it) gives every graph and the pools' unused memory back and
+/// makes the call again, eagerly: the caller gets the right result, and those shapes stay eager.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a GPU: ATELIER_TEST_DEVICE=cuda"]
+fn cuda_graphs_run_eagerly_when_memory_runs_out() {
+    use atelier::engine::cuda::GraphCache;
+    use atelier::engine::error::EngineError;
+    use std::cell::Cell;
+    let device = test_device();
+    assert!(device.is_cuda(), "set ATELIER_TEST_DEVICE=cuda");
+    let input = random(&[2, 4, 8, 8], 7).to_device(&device).unwrap();
+    let expected = ((&input * 2.0).unwrap() + 1.0).unwrap();
+    // Body calls (counted from 1) that fail as the driver does when memory runs out.
+    for failing in [vec![1], vec![2, 3]] {
+        let calls = Cell::new(0usize);
+        let body = |inputs: &[Tensor]| -> atelier::engine::error::Result<Tensor> {
+            calls.set(calls.get() + 1);
+            if failing.contains(&calls.get()) {
+                return Err(EngineError::from(candle_core::Error::Msg(
+                    "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+                )));
+            }
+            Ok(((&inputs[0] * 2.0)? + 1.0)?)
+        };
+        let mut graphs = GraphCache::new(true);
+        // A graph of another size, captured and replayed: given back when memory runs out.
+        let other = random(&[2, 4, 16, 16], 8).to_device(&device).unwrap();
+        let other_calls = |inputs: &[Tensor]| -> atelier::engine::error::Result<Tensor> {
+            Ok((&inputs[0] + 3.0)?)
+        };
+        for _ in 0..3 {
+            graphs
+                .run(std::slice::from_ref(&other), other_calls)
+                .unwrap();
+        }
+        assert_eq!(graphs.report().captured, 1);
+        for round in 0..4 {
+            let output = graphs
+                .run(std::slice::from_ref(&input), body)
+                .unwrap_or_else(|e| panic!("failing calls {failing:?}, round {round}: {e}"));
+            assert_close(
+                &format!("failing calls {failing:?}, round {round}"),
+                &output.to_device(&Device::Cpu).unwrap(),
+                &expected.to_device(&Device::Cpu).unwrap(),
+                0.0,
+            );
+        }
+        let report = graphs.report();
+        assert!(
+            report
+                .refusal
+                .as_deref()
+                .is_some_and(|r| r.contains("out of memory")),
+            "{report:?}"
+        );
+        // No capture of these shapes; every later round one eager call.
+        assert_eq!(report.captured, 1, "{report:?}");
+        assert_eq!(calls.get(), 4 + failing.len(), "failing calls {failing:?}");
+        // The other size's graph was given up: its shapes start again from an eager call.
+        let replays = report.replays;
+        graphs
+            .run(std::slice::from_ref(&other), other_calls)
+            .unwrap();
+        assert_eq!(graphs.report().replays, replays);
+    }
+}

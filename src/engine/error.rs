@@ -78,10 +78,15 @@ impl From<crate::schedulers::error::SchedulerError> for EngineError {
     }
 }
 
+/// Whether a tensor error is the GPU running out of memory.
+fn is_out_of_memory_error(error: &candle_core::Error) -> bool {
+    let text = error.to_string().to_ascii_lowercase();
+    text.contains("out of memory") || text.contains("out_of_memory")
+}
+
 /// What to try when the GPU ran out of memory (empty for other errors).
 fn out_of_memory_hint(error: &candle_core::Error) -> &'static str {
-    let text = error.to_string().to_ascii_lowercase();
-    if text.contains("out of memory") || text.contains("out_of_memory") {
+    if is_out_of_memory_error(error) {
         "\nThe GPU ran out of memory. Try: Model options -> Text encoders on the CPU \
          (--text-encoders-on-cpu), Settings -> VAE tiling: always (--vae-tiling on), a smaller \
          image or batch, or closing other programs that use the GPU."
@@ -91,6 +96,19 @@ fn out_of_memory_hint(error: &candle_core::Error) -> &'static str {
 }
 
 impl EngineError {
+    /// Whether this is the GPU running out of memory (a tensor operation's, or a driver call's
+    /// reported as a device error).
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            EngineError::Tensor(error) => is_out_of_memory_error(error),
+            EngineError::Device(message) => {
+                let text = message.to_ascii_lowercase();
+                text.contains("out of memory") || text.contains("out_of_memory")
+            }
+            _ => false,
+        }
+    }
+
     /// A [`EngineError::BadFile`] for `path`.
     pub fn bad_file(path: impl Into<PathBuf>, message: impl ToString) -> Self {
         EngineError::BadFile {
@@ -112,7 +130,11 @@ mod tests {
         let text = error.to_string();
         assert!(text.contains("Text encoders on the CPU"), "{text}");
         assert!(text.contains("VAE tiling"), "{text}");
+        assert!(error.is_out_of_memory());
         let other = EngineError::from(candle_core::Error::Msg("shape mismatch".into()));
         assert_eq!(other.to_string(), "tensor error: shape mismatch");
+        assert!(!other.is_out_of_memory());
+        let graph = EngineError::Device("CUDA graph: DriverError(CUDA_ERROR_OUT_OF_MEMORY)".into());
+        assert!(graph.is_out_of_memory());
     }
 }

@@ -7,6 +7,10 @@
 //! into the graph's fixed buffers, launch it and copy the output out. A call that cannot be
 //! captured (a host copy, an operation that waits for the device) makes the capture fail; those
 //! shapes then run eagerly, and [`GraphCache::report`] says why.
+//!
+//! Memory: a graph keeps its own memory for one call's activations. A capture first hands back
+//! what the default pool keeps unused (the eager call's activations), so the two are not held at
+//! once; running out of memory in a call gives every graph up and runs that call again eagerly.
 
 use std::sync::Arc;
 
@@ -14,6 +18,7 @@ use candle_core::cuda_backend::CudaDevice;
 use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
 use candle_core::{DType, Device, Shape, Tensor};
 
+use super::memory::release_unused_memory;
 use crate::engine::error::{EngineError, Result};
 
 /// Graphs kept at once (one per set of input shapes: a size, a batch, a context length). Each
@@ -154,6 +159,31 @@ impl GraphCache {
             .iter()
             .map(|t| (t.dims().to_vec(), t.dtype()))
             .collect();
+        match self.run_cached(&device, key.clone(), inputs, &body) {
+            Err(error) if error.is_out_of_memory() => {
+                // Memory is short (a graph of another size keeps its activations' memory, or a
+                // capture needs memory of its own): every graph and what the pools keep unused
+                // go back to the driver, these shapes run eagerly from now on, and the call is
+                // made again.
+                self.report.refusal = Some(format!("out of memory, ran eagerly: {error}"));
+                self.entries.clear();
+                release_unused_memory(&device);
+                let output = body(inputs)?;
+                self.remember(key, Entry::Refused);
+                Ok(output)
+            }
+            result => result,
+        }
+    }
+
+    /// [`GraphCache::run`] for inputs of shapes `key`, whatever memory it takes.
+    fn run_cached(
+        &mut self,
+        device: &CudaDevice,
+        key: Key,
+        inputs: &[Tensor],
+        body: &impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let Some(position) = self.entries.iter().position(|(k, _)| *k == key) else {
             let output = body(inputs)?;
             self.remember(key, Entry::Seen(output.shape().clone(), output.dtype()));
@@ -162,18 +192,18 @@ impl GraphCache {
         let (key, entry) = self.entries.remove(position);
         let (entry, output) = match entry {
             Entry::Refused => (Entry::Refused, body(inputs)?),
-            Entry::Seen(shape, dtype) => match capture(&device, inputs, &body, &shape, dtype) {
+            Entry::Seen(shape, dtype) => match capture(device, inputs, body, &shape, dtype) {
                 Ok((captured, kernels)) => {
                     self.report.captured += 1;
                     self.report.kernels = kernels;
-                    self.replay(&device, captured, inputs, &body)?
+                    self.replay(device, captured, inputs, body)?
                 }
                 Err(error) => {
                     self.report.refusal = Some(error.to_string());
                     (Entry::Refused, body(inputs)?)
                 }
             },
-            Entry::Captured(captured) => self.replay(&device, captured, inputs, &body)?,
+            Entry::Captured(captured) => self.replay(device, captured, inputs, body)?,
         };
         self.remember(key, entry);
         Ok(output)
@@ -196,7 +226,7 @@ impl GraphCache {
             Err(error) => {
                 self.report.refusal = Some(format!("replay failed: {error}"));
                 drop(captured);
-                trim_graph_memory(device);
+                release_unused_memory(device);
                 Ok((Entry::Refused, body(inputs)?))
             }
         }
@@ -228,6 +258,10 @@ fn capture(
         .map(|t| Ok(t.contiguous()?.copy()?))
         .collect::<Result<Vec<_>>>()?;
     let output = Tensor::zeros(output_shape, output_dtype, &Device::Cuda(device.clone()))?;
+    // The eager call before left its activations' memory in the default pool, unused now; the
+    // graph takes memory of its own for them, so that memory goes back to the driver first
+    // (else both are held: twice the activations, which a small GPU does not have).
+    release_unused_memory(device);
     let stream = device.cuda_stream();
     let context: Arc<_> = stream.context().clone();
     // An error left over from earlier work is that work's, not the capture's.

@@ -46,6 +46,25 @@ pub fn free_memory_bytes(device: &CudaDevice) -> Option<u64> {
     Some(free as u64 + pool_spare)
 }
 
+/// Hands back to the driver what the device's default memory pool (which candle allocates from)
+/// and the CUDA graphs' memory keep unused, once the stream's queued work is done: for when
+/// memory is short. The pools map memory again as they need it.
+pub fn release_unused_memory(device: &CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Some(pool) = default_memory_pool(device) else {
+        return;
+    };
+    let stream = device.cuda_stream();
+    if stream.synchronize().is_ok() {
+        // SAFETY: plain driver calls on this context's device and its default pool (bound to
+        // this thread by `default_memory_pool`); nothing of ours is in flight.
+        unsafe {
+            let _ = sys::cuMemPoolTrimTo(pool, 0);
+            let _ = sys::cuDeviceGraphMemTrim(stream.context().cu_device());
+        }
+    }
+}
+
 /// Lets the device's default memory pool (which candle allocates from) keep what is freed for
 /// reuse, as PyTorch's caching allocator does, instead of handing everything back to the driver
 /// at each synchronisation (its default): a VAE decode after a synchronised step otherwise maps
