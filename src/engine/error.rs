@@ -78,10 +78,15 @@ impl From<crate::schedulers::error::SchedulerError> for EngineError {
     }
 }
 
+/// Whether an error's text says that the GPU ran out of memory (as the CUDA driver says it).
+fn says_out_of_memory(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    text.contains("out of memory") || text.contains("out_of_memory")
+}
+
 /// Whether a tensor error is the GPU running out of memory.
 fn is_out_of_memory_error(error: &candle_core::Error) -> bool {
-    let text = error.to_string().to_ascii_lowercase();
-    text.contains("out of memory") || text.contains("out_of_memory")
+    says_out_of_memory(&error.to_string())
 }
 
 /// What to try when the GPU ran out of memory (empty for other errors).
@@ -101,10 +106,7 @@ impl EngineError {
     pub fn is_out_of_memory(&self) -> bool {
         match self {
             EngineError::Tensor(error) => is_out_of_memory_error(error),
-            EngineError::Device(message) => {
-                let text = message.to_ascii_lowercase();
-                text.contains("out of memory") || text.contains("out_of_memory")
-            }
+            EngineError::Device(message) => says_out_of_memory(message),
             _ => false,
         }
     }
