@@ -247,13 +247,23 @@ pub struct ChunkTokens {
     pub chunk_length: usize,
 }
 
+/// What the chunker packs: a token of text, or a textual-inversion embedding's ids (one per
+/// vector), which stay together in one chunk as A1111 keeps them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptToken {
+    /// One token of text.
+    Word(u32),
+    /// An embedding's placeholder ids.
+    Embedding(Vec<u32>),
+}
+
 /// A1111's `tokenize_line`: the parsed prompt's pieces tokenized one by one (`tokenize`), packed
 /// into chunks. Returns the chunks and the token count the prompt box shows (a multiple of the
 /// chunk length for all but the last chunk).
 pub fn chunk_prompt<E>(
     pieces: &[WeightedText],
     ids: ChunkTokens,
-    mut tokenize: impl FnMut(&str) -> Result<Vec<u32>, E>,
+    mut tokenize: impl FnMut(&str) -> Result<Vec<PromptToken>, E>,
 ) -> Result<(Vec<PromptChunk>, usize), E> {
     let length = ids.chunk_length;
     let mut chunks = Vec::new();
@@ -296,8 +306,15 @@ pub fn chunk_prompt<E>(
             continue;
         }
         let weight = piece.weight as f32;
-        for token in tokenize(&piece.text)? {
-            if Some(token) == ids.comma {
+        for unit in tokenize(&piece.text)? {
+            let token = match &unit {
+                PromptToken::Word(token) => *token,
+                PromptToken::Embedding(group) => match group.first() {
+                    Some(&first) => first,
+                    None => continue,
+                },
+            };
+            if matches!(unit, PromptToken::Word(_)) && Some(token) == ids.comma {
                 last_comma = Some(tokens.len());
             } else if COMMA_BACKTRACK != 0
                 && tokens.len() == length
@@ -328,8 +345,38 @@ pub fn chunk_prompt<E>(
                 );
                 last_comma = None;
             }
-            tokens.push(token);
-            weights.push(weight);
+            let group = match unit {
+                PromptToken::Word(token) => vec![token],
+                PromptToken::Embedding(group) => {
+                    // An embedding that would not fit starts the next chunk.
+                    if tokens.len() + group.len() > length && !tokens.is_empty() {
+                        close(
+                            &mut tokens,
+                            &mut weights,
+                            &mut chunks,
+                            &mut token_count,
+                            false,
+                        );
+                        last_comma = None;
+                    }
+                    group
+                }
+            };
+            for token in group {
+                // Only an embedding longer than a whole chunk is split.
+                if tokens.len() == length {
+                    close(
+                        &mut tokens,
+                        &mut weights,
+                        &mut chunks,
+                        &mut token_count,
+                        false,
+                    );
+                    last_comma = None;
+                }
+                tokens.push(token);
+                weights.push(weight);
+            }
         }
     }
     if !tokens.is_empty() || chunks.is_empty() {
@@ -421,11 +468,11 @@ mod tests {
             chunk_length: 75,
         };
         // One token per character: "x" is 5, "," is 7.
-        let tokenize = |text: &str| -> Result<Vec<u32>, ()> {
+        let tokenize = |text: &str| -> Result<Vec<PromptToken>, ()> {
             Ok(text
                 .chars()
                 .filter(|c| !c.is_whitespace())
-                .map(|c| if c == ',' { 7 } else { 5 })
+                .map(|c| PromptToken::Word(if c == ',' { 7 } else { 5 }))
                 .collect())
         };
         let (chunks, count) =
@@ -451,5 +498,65 @@ mod tests {
         let (chunks, _) = chunk_prompt(&parse_prompt_attention(""), ids, tokenize).unwrap();
         assert_eq!(chunks.len(), 1);
         assert!(chunks[0].tokens[1..].iter().all(|&t| t == 1001));
+    }
+
+    #[test]
+    fn an_embedding_is_never_split_across_chunks() {
+        let ids = ChunkTokens {
+            bos: 1000,
+            eos: 1001,
+            comma: Some(7),
+            chunk_length: 75,
+        };
+        // "x" is 5, "," is 7, "E" an embedding of `vectors` vectors (ids 2000...).
+        let with_vectors = |vectors: u32| {
+            move |text: &str| -> Result<Vec<PromptToken>, ()> {
+                Ok(text
+                    .chars()
+                    .filter(|c| !c.is_whitespace())
+                    .map(|c| match c {
+                        'E' => PromptToken::Embedding((2000..2000 + vectors).collect()),
+                        ',' => PromptToken::Word(7),
+                        _ => PromptToken::Word(5),
+                    })
+                    .collect())
+            }
+        };
+        // 70 tokens, then 8 vectors: the embedding moves whole to the second chunk, after
+        // which the first is padded (A1111's `len(chunk.tokens) + emb_len > chunk_length`).
+        let prompt = format!("{}E (x)", "x".repeat(70));
+        let (chunks, count) =
+            chunk_prompt(&parse_prompt_attention(&prompt), ids, with_vectors(8)).unwrap();
+        assert_eq!((chunks.len(), count), (2, 75 + 9));
+        assert_eq!(chunks[0].tokens[70], 5);
+        assert!(chunks[0].tokens[71..].iter().all(|&t| t == 1001));
+        assert_eq!(
+            &chunks[1].tokens[1..9],
+            &(2000..2008).collect::<Vec<_>>()[..]
+        );
+        assert_eq!(chunks[1].tokens[9], 5);
+        assert_eq!(chunks[1].weights[9], 1.1);
+        // 5 vectors fill the first chunk exactly: nothing moves.
+        let (chunks, count) =
+            chunk_prompt(&parse_prompt_attention(&prompt), ids, with_vectors(5)).unwrap();
+        assert_eq!((chunks.len(), count), (2, 76));
+        assert_eq!(&chunks[0].tokens[71..76], &[2000, 2001, 2002, 2003, 2004]);
+        assert_eq!(chunks[1].tokens[1], 5);
+        // The comma backtrack still applies before an embedding that reaches a full chunk.
+        let prompt = format!("{},{}E", "x".repeat(64), "x".repeat(10));
+        let (chunks, _) =
+            chunk_prompt(&parse_prompt_attention(&prompt), ids, with_vectors(3)).unwrap();
+        assert_eq!(chunks[0].tokens[65], 7);
+        assert_eq!(chunks[0].tokens[66], 1001, "padded after the comma");
+        assert_eq!(&chunks[1].tokens[1..11], &[5; 10]);
+        assert_eq!(&chunks[1].tokens[11..14], &[2000, 2001, 2002]);
+        // An embedding longer than a chunk starts one and is split where it must be.
+        let (chunks, _) =
+            chunk_prompt(&parse_prompt_attention("xE"), ids, with_vectors(80)).unwrap();
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(&chunks[0].tokens[1..3], &[5, 1001]);
+        assert_eq!(chunks[1].tokens[1], 2000);
+        assert_eq!(chunks[1].tokens[75], 2074);
+        assert_eq!(&chunks[2].tokens[1..7], &[2075, 2076, 2077, 2078, 2079, 1001]);
     }
 }

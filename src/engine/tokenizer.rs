@@ -10,7 +10,9 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::error::{EngineError, Result};
-use super::prompt_syntax::{ChunkTokens, PromptChunk, chunk_prompt, parse_prompt_attention};
+use super::prompt_syntax::{
+    ChunkTokens, PromptChunk, PromptToken, chunk_prompt, parse_prompt_attention,
+};
 use super::source::ModelFiles;
 
 const BOS: &str = "<|startoftext|>";
@@ -152,8 +154,12 @@ impl ClipTokenizer {
             let mut tokens = Vec::new();
             for piece in super::embeddings::split_at_embeddings(text, embeddings) {
                 match piece {
-                    Ok(text) => tokens.extend(self.prompt_tokens(text)?),
-                    Err(index) => tokens.extend_from_slice(&embeddings[index].ids),
+                    Ok(text) => {
+                        tokens.extend(self.prompt_tokens(text)?.into_iter().map(PromptToken::Word))
+                    }
+                    Err(index) => {
+                        tokens.push(PromptToken::Embedding(embeddings[index].ids.clone()))
+                    }
                 }
             }
             Ok::<_, EngineError>(tokens)
