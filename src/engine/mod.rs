@@ -22,6 +22,7 @@ pub mod npy;
 pub mod pipeline;
 pub mod preview;
 pub mod profile;
+pub mod prompt_schedule;
 pub mod prompt_syntax;
 pub mod random;
 pub mod shared_norm;
