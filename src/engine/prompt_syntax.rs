@@ -557,6 +557,9 @@ mod tests {
         assert_eq!(&chunks[0].tokens[1..3], &[5, 1001]);
         assert_eq!(chunks[1].tokens[1], 2000);
         assert_eq!(chunks[1].tokens[75], 2074);
-        assert_eq!(&chunks[2].tokens[1..7], &[2075, 2076, 2077, 2078, 2079, 1001]);
+        assert_eq!(
+            &chunks[2].tokens[1..7],
+            &[2075, 2076, 2077, 2078, 2079, 1001]
+        );
     }
 }

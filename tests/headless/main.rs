@@ -21,6 +21,7 @@ mod lora;
 mod memory_options;
 mod modes_cli;
 mod parity;
+mod prompt_editing;
 mod prompts;
 mod properties;
 mod reliability;

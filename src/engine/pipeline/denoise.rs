@@ -11,6 +11,7 @@ use super::{
 use crate::engine::error::{EngineError, Result};
 use crate::engine::noise::NoiseGenerator;
 use crate::engine::preview::{PendingPreview, PreviewBuffer};
+use crate::engine::prompt_schedule::{SchedulePass, prompt_schedule, text_at};
 use crate::engine::unet::AddedConditions;
 
 use super::modes::{Blend, JobInput};
@@ -123,6 +124,23 @@ impl StableDiffusion {
         cancel: &AtomicBool,
         on_step: &mut dyn FnMut(StepProgress<'_>),
     ) -> Result<GenerationOutput> {
+        let pass = SchedulePass::First {
+            steps: request.steps,
+        };
+        self.generate_pass(request, input, pass, preview, cancel, on_step)
+    }
+
+    /// [`StableDiffusion::generate_with`] as `pass` of a job (prompt editing counts its steps
+    /// from the first pass).
+    pub(super) fn generate_pass(
+        &self,
+        request: &GenerationRequest,
+        input: &JobInput<'_>,
+        pass: SchedulePass,
+        preview: PreviewOptions,
+        cancel: &AtomicBool,
+        on_step: &mut dyn FnMut(StepProgress<'_>),
+    ) -> Result<GenerationOutput> {
         let started = Instant::now();
         self.validate(request)?;
         let mut scheduler = request.scheduler.build(
@@ -133,7 +151,7 @@ impl StableDiffusion {
         )?;
         let plan = self.plan(request, input, scheduler.as_ref())?;
         let encoding_started = Instant::now();
-        let conditioning = self.condition(request)?;
+        let conditioning = self.condition_schedule(request, pass)?;
         let text_encoding_secs = encoding_started.elapsed().as_secs_f64();
         let denoise_started = Instant::now();
         let latents = self.denoise(
@@ -172,7 +190,7 @@ impl StableDiffusion {
                 decode_secs,
                 total_secs: started.elapsed().as_secs_f64(),
             },
-            warnings: conditioning.warnings,
+            warnings: Vec::new(),
         })
     }
 
@@ -219,11 +237,50 @@ impl StableDiffusion {
         Ok(noise)
     }
 
-    /// Encodes the prompts into what the UNet reads at every step, for the whole batch.
-    fn condition(&self, request: &GenerationRequest) -> Result<Conditioning> {
-        let warnings = Vec::new();
+    /// Encodes the prompts into what the UNet reads at each step of `pass`: one conditioning
+    /// per distinct pair of prompt and negative prompt texts that A1111's prompt editing gives
+    /// (`[from:to:when]`, `[a|b]`; one pair for a prompt without it).
+    fn condition_schedule(
+        &self,
+        request: &GenerationRequest,
+        pass: SchedulePass,
+    ) -> Result<ConditioningSchedule> {
+        let prompts = editing_schedule(&request.prompt, pass);
+        let negatives = editing_schedule(&request.negative_prompt, pass);
+        let mut boundaries: Vec<usize> = prompts.iter().chain(&negatives).map(|p| p.0).collect();
+        boundaries.sort_unstable();
+        boundaries.dedup();
+        let mut texts: Vec<(&str, &str)> = Vec::new();
+        let mut schedule = ConditioningSchedule {
+            conditionings: Vec::new(),
+            last_steps: Vec::new(),
+        };
+        for boundary in boundaries {
+            let pair = (text_at(&prompts, boundary), text_at(&negatives, boundary));
+            let index = match texts.iter().position(|&known| known == pair) {
+                Some(index) => index,
+                None => {
+                    schedule
+                        .conditionings
+                        .push(self.condition(request, pair.0, pair.1)?);
+                    texts.push(pair);
+                    texts.len() - 1
+                }
+            };
+            schedule.last_steps.push((boundary, index));
+        }
+        Ok(schedule)
+    }
+
+    /// Encodes `prompt` and `negative_prompt` into what the UNet reads, for the whole batch.
+    fn condition(
+        &self,
+        request: &GenerationRequest,
+        prompt: &str,
+        negative_prompt: &str,
+    ) -> Result<Conditioning> {
         let batch = request.batch_size;
-        let positive = self.encode_prompt_with(&request.prompt, request.clip_skip)?;
+        let positive = self.encode_prompt_with(prompt, request.clip_skip)?;
         // LCM-distilled UNets take the guidance scale as an embedding and run without
         // classifier-free guidance (as LatentConsistencyModelPipeline does).
         let guidance_embedding = match self.unet.guidance_embedding_dim() {
@@ -237,11 +294,7 @@ impl StableDiffusion {
         };
         let guided = request.guidance_scale > 1.0 && guidance_embedding.is_none();
         let negative = if guided {
-            Some(self.encode_negative_prompt_with(
-                &request.negative_prompt,
-                &positive,
-                request.clip_skip,
-            )?)
+            Some(self.encode_negative_prompt_with(negative_prompt, &positive, request.clip_skip)?)
         } else {
             None
         };
@@ -299,7 +352,6 @@ impl StableDiffusion {
             added,
             guidance_embedding,
             guided,
-            warnings,
         })
     }
 
@@ -311,7 +363,7 @@ impl StableDiffusion {
         &self,
         request: &GenerationRequest,
         plan: LatentPlan,
-        conditioning: &Conditioning,
+        schedule: &ConditioningSchedule,
         scheduler: &mut dyn Scheduler,
         preview: PreviewOptions,
         cancel: &AtomicBool,
@@ -334,6 +386,7 @@ impl StableDiffusion {
             if cancel.load(Ordering::Relaxed) {
                 return Err(EngineError::Cancelled);
             }
+            let conditioning = schedule.at(index - first_index);
             let scaled = scheduler.scale_model_input(&latents, index)?;
             let scaled = match &plan.extra_unet_input {
                 Some(extra) => Tensor::cat(&[&scaled, extra], 1)?,
@@ -467,8 +520,41 @@ struct Conditioning {
     guidance_embedding: Option<Tensor>,
     /// Whether classifier-free guidance runs (the UNet sees the batch twice).
     guided: bool,
-    /// Prompts that were cut, said to the artist.
-    warnings: Vec<String>,
+}
+
+/// What the UNet reads at each step of a pass: with prompt editing, conditionings that change
+/// during sampling.
+struct ConditioningSchedule {
+    /// One per distinct pair of prompt texts.
+    conditionings: Vec<Conditioning>,
+    /// `(last step, conditioning)` in order: steps (counted from 0 within the pass, as A1111
+    /// counts them) up to the first pair's last step use its conditioning, and so on; the last
+    /// pair's holds after its step.
+    last_steps: Vec<(usize, usize)>,
+}
+
+impl ConditioningSchedule {
+    /// The conditioning of `step` (counted from 0 within the pass).
+    fn at(&self, step: usize) -> &Conditioning {
+        let index = self
+            .last_steps
+            .iter()
+            .find(|(last, _)| step <= *last)
+            .or(self.last_steps.last())
+            .map_or(0, |&(_, index)| index);
+        &self.conditionings[index]
+    }
+}
+
+/// `prompt`'s prompt-editing schedule for `pass`, read without its `<lora:…>` tags (as A1111
+/// reads it); the prompt as written when it has no editing.
+fn editing_schedule(prompt: &str, pass: SchedulePass) -> Vec<(usize, String)> {
+    let stripped = crate::engine::extra_networks::strip(prompt);
+    let schedule = prompt_schedule(&stripped, pass);
+    match &schedule[..] {
+        [(last, text)] if *text == stripped => vec![(*last, prompt.to_string())],
+        _ => schedule,
+    }
 }
 
 /// How a mode starts the loop and what it feeds the UNet beside the latents: everything a mode

@@ -16,6 +16,7 @@ use crate::engine::init_image::{
     HiresUpscaler, MaskedContent, Outpaint, Region, ResizeMode, fill_masked, fit_init_image,
     image_to_tensor, mask_to_tensor, masked_region, paste_back, prepare_mask, resize_latents,
 };
+use crate::engine::prompt_schedule::SchedulePass;
 
 /// How a picture is worked on: everything but the picture and the mask themselves (what the
 /// gallery keeps to redo an image, and what the window's controls edit).
@@ -448,6 +449,7 @@ impl StableDiffusion {
         };
         let second_output = self.hires_pass(
             &second,
+            request.steps,
             &output,
             hires,
             preview,
@@ -462,16 +464,23 @@ impl StableDiffusion {
     }
 
     /// The hires fix's second pass: the first pass enlarged (its latents, or its images with
-    /// Lanczos, one at a time) and denoised again at `hires.strength`.
+    /// Lanczos, one at a time) and denoised again at `hires.strength`. Prompt editing reads its
+    /// steps after the first pass's `first_steps`, as A1111 does.
+    #[allow(clippy::too_many_arguments)] // the pass's parts, each used once
     fn hires_pass(
         &self,
         second: &GenerationRequest,
+        first_steps: usize,
         first: &GenerationOutput,
         hires: &HiresFix,
         preview: PreviewOptions,
         cancel: &AtomicBool,
         on_step: &mut dyn FnMut(StepProgress<'_>),
     ) -> Result<GenerationOutput> {
+        let pass = SchedulePass::Hires {
+            first_steps,
+            steps: second.steps,
+        };
         match hires.upscaler {
             HiresUpscaler::Latent | HiresUpscaler::LatentNearest => {
                 let [_, _, latent_height, latent_width] = self.latent_shape(second);
@@ -486,7 +495,8 @@ impl StableDiffusion {
                     strength: hires.strength,
                     noise: None,
                 };
-                let mut output = self.generate_with(second, &input, preview, cancel, on_step)?;
+                let mut output =
+                    self.generate_pass(second, &input, pass, preview, cancel, on_step)?;
                 output.timings.total_secs += first.timings.total_secs;
                 Ok(output)
             }
@@ -514,7 +524,8 @@ impl StableDiffusion {
                         sample_noise: None,
                         noise: None,
                     };
-                    let mut output = self.generate_with(&item, &input, preview, cancel, on_step)?;
+                    let mut output =
+                        self.generate_pass(&item, &input, pass, preview, cancel, on_step)?;
                     images.append(&mut output.images);
                     latents.push(output.latents.clone());
                     timings.text_encoding_secs += output.timings.text_encoding_secs;
