@@ -78,6 +78,58 @@ pub fn prompt_schedule(prompt: &str, pass: SchedulePass) -> PromptSchedule {
         .collect()
 }
 
+/// A1111's composable prompt (`get_multicond_prompt_list`): the prompt split at the word `AND`,
+/// each part with the weight of a trailing `:number` (1 without one), its text without that
+/// weight and without trailing whitespace. A prompt without `AND` is one part, and a trailing
+/// `:number` weighs it too, as in A1111.
+pub fn composable_parts(prompt: &str) -> Vec<(String, f64)> {
+    split_at_and(prompt)
+        .into_iter()
+        .map(|part| {
+            let trimmed = part.trim_end();
+            match trailing_weight(trimmed) {
+                Some((text, weight)) => (text.to_string(), weight),
+                None => (trimmed.to_string(), 1.0),
+            }
+        })
+        .collect()
+}
+
+/// `prompt` split at every `AND` that is a whole word (regex `\bAND\b`).
+fn split_at_and(prompt: &str) -> Vec<&str> {
+    let is_word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let mut parts = Vec::new();
+    let mut from = 0;
+    for (at, _) in prompt.match_indices("AND") {
+        let before = prompt[..at].chars().next_back();
+        let after = prompt[at + 3..].chars().next();
+        if at >= from && !is_word(before) && !is_word(after) {
+            parts.push(&prompt[from..at]);
+            from = at + 3;
+        }
+    }
+    parts.push(&prompt[from..]);
+    parts
+}
+
+/// `text:number` at the end of `text` (whitespace allowed around the colon; the number as
+/// A1111's `[-+]?(\d+\.?|\d*\.\d+)`): the text before it and the weight.
+fn trailing_weight(text: &str) -> Option<(&str, f64)> {
+    let colon = text.rfind(':')?;
+    let number = text[colon + 1..].trim_start();
+    let digits = number.strip_prefix(['+', '-']).unwrap_or(number);
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let all_digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+    let valid = all_digits(whole)
+        && all_digits(fraction)
+        && (!whole.is_empty() || !fraction.is_empty())
+        && !(whole.is_empty() && digits.ends_with('.'));
+    if !valid || number.is_empty() {
+        return None;
+    }
+    Some((text[..colon].trim_end(), number.parse().ok()?))
+}
+
 /// A parsed piece of prompt.
 #[derive(Debug, Clone, PartialEq)]
 enum Node {
@@ -474,6 +526,35 @@ mod tests {
         }
         // A `|` outside brackets fails A1111's parse: the schedule inside is not read.
         expect("a | [b:3]", &[(10, "a | [b:3]")]);
+    }
+
+    #[test]
+    fn composable_prompts_split_at_and_with_weights() {
+        let parts = |p: &str| composable_parts(p);
+        assert_eq!(parts("a fox"), vec![("a fox".to_string(), 1.0)]);
+        assert_eq!(parts("a fox  "), vec![("a fox".to_string(), 1.0)]);
+        assert_eq!(
+            parts("a cat :1.2 AND a dog: .5 AND snow"),
+            vec![
+                ("a cat".to_string(), 1.2),
+                (" a dog".to_string(), 0.5),
+                (" snow".to_string(), 1.0)
+            ]
+        );
+        // A trailing weight without AND weighs the one prompt; a weight inside brackets or
+        // followed by text is not one; `AND` inside a word is not a split.
+        assert_eq!(parts("a fox:-2."), vec![("a fox".to_string(), -2.0)]);
+        assert_eq!(parts("a (fox:1.2)"), vec![("a (fox:1.2)".to_string(), 1.0)]);
+        assert_eq!(parts("time: 5pm"), vec![("time: 5pm".to_string(), 1.0)]);
+        assert_eq!(
+            parts("ANDROID and BRANDS"),
+            vec![("ANDROID and BRANDS".to_string(), 1.0)]
+        );
+        assert_eq!(parts("x:."), vec![("x:.".to_string(), 1.0)]);
+        assert_eq!(
+            parts("AND a"),
+            vec![(String::new(), 1.0), (" a".to_string(), 1.0)]
+        );
     }
 
     #[test]

@@ -178,3 +178,72 @@ fn the_hires_pass_reads_when_after_the_first_pass() {
     // 1.5: half-way through the hires pass.
     assert!(!same(&run("[a cat:a dog:1.5]"), &integer));
 }
+
+/// A1111's composable prompts: `uncond + sum(weight x scale x (cond_i - uncond))`.
+#[test]
+fn and_weighs_each_parts_guidance() {
+    let model = load_model("sd1");
+    let with_guidance = |prompt: &str, guidance_scale: f64| GenerationRequest {
+        guidance_scale,
+        ..request(prompt, 4)
+    };
+    let (_, cat) = trajectory(&model, &with_guidance("a cat", 7.5), &TEXT);
+    // A weight multiplies the scale: `a cat:2` at 3.75 is `a cat` at 7.5, to the bit.
+    let (_, doubled) = trajectory(&model, &with_guidance("a cat:2", 3.75), &TEXT);
+    assert!(same(&doubled, &cat));
+    // Two halves of the same prompt, and a part of weight 0, give the prompt alone (up to
+    // rounding: the sums run in another order).
+    let (_, halves) = trajectory(
+        &model,
+        &with_guidance("a cat :0.5 AND a cat:0.5", 7.5),
+        &TEXT,
+    );
+    assert_close("two halves", &halves, &cat, 1e-5);
+    let (_, zero) = trajectory(&model, &with_guidance("a cat AND a dog :0", 7.5), &TEXT);
+    assert_close("a part of weight 0", &zero, &cat, 1e-5);
+    let (_, both) = trajectory(&model, &with_guidance("a cat AND a dog", 7.5), &TEXT);
+    assert!(relative_error(&both, &cat) > 1e-3);
+    // Each part has its own editing; the negative prompt is not split.
+    let (_, edited) = trajectory(
+        &model,
+        &with_guidance("[a cat:a dog:9] AND a dog :0", 7.5),
+        &TEXT,
+    );
+    assert_close("edited part", &edited, &cat, 1e-5);
+    // At guidance 1 a composable prompt still reads the negative prompt (A1111's formula):
+    // `a cat:0.5` is half-way between the negative prompt's prediction and the prompt's.
+    let (_, plain) = trajectory(&model, &with_guidance("a cat", 1.0), &TEXT);
+    let (_, half) = trajectory(&model, &with_guidance("a cat:0.5", 1.0), &TEXT);
+    assert!(relative_error(&half, &plain) > 1e-3);
+    // A prompt of another chunk count than the others runs on its own.
+    let long = format!("a cat AND {}", "fox ".repeat(80));
+    let (_, long) = trajectory(&model, &with_guidance(&long, 7.5), &TEXT);
+    assert!(relative_error(&long, &cat) > 1e-3);
+}
+
+#[test]
+fn and_on_a_model_without_guidance_says_why() {
+    let model = load_model("lcm");
+    let error = model
+        .generate(
+            &request("a cat AND a dog", 2),
+            None,
+            PreviewOptions::default(),
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("classifier-free guidance"), "{error}");
+    // Without `AND` it runs.
+    model
+        .generate(
+            &request("a cat", 2),
+            None,
+            PreviewOptions::default(),
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap();
+}

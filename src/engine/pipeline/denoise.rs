@@ -11,9 +11,10 @@ use super::{
 use crate::engine::error::{EngineError, Result};
 use crate::engine::noise::NoiseGenerator;
 use crate::engine::preview::{PendingPreview, PreviewBuffer};
-use crate::engine::prompt_schedule::{SchedulePass, prompt_schedule, text_at};
+use crate::engine::prompt_schedule::SchedulePass;
 use crate::engine::unet::AddedConditions;
 
+use super::conditioning::{ConditioningSchedule, Context};
 use super::modes::{Blend, JobInput};
 use crate::schedulers::Scheduler;
 
@@ -237,124 +238,6 @@ impl StableDiffusion {
         Ok(noise)
     }
 
-    /// Encodes the prompts into what the UNet reads at each step of `pass`: one conditioning
-    /// per distinct pair of prompt and negative prompt texts that A1111's prompt editing gives
-    /// (`[from:to:when]`, `[a|b]`; one pair for a prompt without it).
-    fn condition_schedule(
-        &self,
-        request: &GenerationRequest,
-        pass: SchedulePass,
-    ) -> Result<ConditioningSchedule> {
-        let prompts = editing_schedule(&request.prompt, pass);
-        let negatives = editing_schedule(&request.negative_prompt, pass);
-        let mut boundaries: Vec<usize> = prompts.iter().chain(&negatives).map(|p| p.0).collect();
-        boundaries.sort_unstable();
-        boundaries.dedup();
-        let mut texts: Vec<(&str, &str)> = Vec::new();
-        let mut schedule = ConditioningSchedule {
-            conditionings: Vec::new(),
-            last_steps: Vec::new(),
-        };
-        for boundary in boundaries {
-            let pair = (text_at(&prompts, boundary), text_at(&negatives, boundary));
-            let index = match texts.iter().position(|&known| known == pair) {
-                Some(index) => index,
-                None => {
-                    schedule
-                        .conditionings
-                        .push(self.condition(request, pair.0, pair.1)?);
-                    texts.push(pair);
-                    texts.len() - 1
-                }
-            };
-            schedule.last_steps.push((boundary, index));
-        }
-        Ok(schedule)
-    }
-
-    /// Encodes `prompt` and `negative_prompt` into what the UNet reads, for the whole batch.
-    fn condition(
-        &self,
-        request: &GenerationRequest,
-        prompt: &str,
-        negative_prompt: &str,
-    ) -> Result<Conditioning> {
-        let batch = request.batch_size;
-        let positive = self.encode_prompt_with(prompt, request.clip_skip)?;
-        // LCM-distilled UNets take the guidance scale as an embedding and run without
-        // classifier-free guidance (as LatentConsistencyModelPipeline does).
-        let guidance_embedding = match self.unet.guidance_embedding_dim() {
-            Some(dim) => Some(crate::engine::unet::guidance_scale_embedding(
-                request.guidance_scale - 1.0,
-                dim,
-                batch,
-                &self.device,
-            )?),
-            None => None,
-        };
-        let guided = request.guidance_scale > 1.0 && guidance_embedding.is_none();
-        let negative = if guided {
-            Some(self.encode_negative_prompt_with(negative_prompt, &positive, request.clip_skip)?)
-        } else {
-            None
-        };
-        let repeat = |t: &Tensor| -> Result<Tensor> {
-            let rows: Vec<Tensor> = (0..batch).map(|_| t.clone()).collect();
-            Ok(Tensor::cat(&rows, 0)?)
-        };
-        let mut contexts = Vec::new();
-        let mut pooled = Vec::new();
-        for embeddings in negative.iter().chain(std::iter::once(&positive)) {
-            contexts.push(repeat(&embeddings.context)?.to_dtype(self.dtype)?);
-            if let Some(p) = &embeddings.pooled {
-                pooled.push(repeat(p)?);
-            }
-        }
-        let model_batch = batch * contexts.len();
-        let context = match &contexts[..] {
-            // Prompts of different chunk counts: the UNet runs on each with its own length, as
-            // A1111 does by default (padding them would change the image).
-            [negative, positive] if negative.dim(1)? != positive.dim(1)? => Context::Separate {
-                negative: negative.clone(),
-                positive: positive.clone(),
-            },
-            _ => Context::Batched(Tensor::cat(&contexts, 0)?),
-        };
-        let added = if self.unet.needs_added_conditions() {
-            let text_embeds = Tensor::cat(&pooled, 0)?;
-            let (h, w) = (request.height as f32, request.width as f32);
-            let time_ids = if self.time_id_count() == Some(5) {
-                // The SDXL refiner: original size, crop, aesthetic score (diffusers' defaults:
-                // 6 for the prompt, 2.5 for the negative prompt).
-                let ids: Vec<f32> = (0..contexts.len())
-                    .flat_map(|part| {
-                        let last = part + 1 == contexts.len();
-                        let score = if last { 6.0 } else { 2.5 };
-                        std::iter::repeat_n([h, w, 0.0, 0.0, score], batch).flatten()
-                    })
-                    .collect();
-                Tensor::from_vec(ids, (model_batch, 5), &self.device)?
-            } else {
-                let ids = [h, w, 0.0, 0.0, h, w];
-                Tensor::new(&ids, &self.device)?
-                    .unsqueeze(0)?
-                    .repeat((model_batch, 1))?
-            };
-            Some(AddedConditions {
-                text_embeds,
-                time_ids,
-            })
-        } else {
-            None
-        };
-        Ok(Conditioning {
-            context,
-            added,
-            guidance_embedding,
-            guided,
-        })
-    }
-
     /// The one denoising loop, for every mode: from `plan`'s first step to the last, the UNet
     /// (twice the batch with classifier-free guidance), the scheduler's step, a preview and the
     /// cancel flag at every step. Returns the final latents.
@@ -392,8 +275,8 @@ impl StableDiffusion {
                 Some(extra) => Tensor::cat(&[&scaled, extra], 1)?,
                 None => scaled,
             };
-            let model_input = if conditioning.guided {
-                Tensor::cat(&[&scaled, &scaled], 0)?
+            let model_input = if conditioning.parts > 1 {
+                Tensor::cat(&vec![&scaled; conditioning.parts], 0)?
             } else {
                 scaled
             }
@@ -406,36 +289,31 @@ impl StableDiffusion {
                     conditioning.added.as_ref(),
                     conditioning.guidance_embedding.as_ref(),
                 )?,
-                Context::Separate { negative, positive } => {
-                    let half = |t: &Tensor, part: usize| t.narrow(0, part * batch, batch);
-                    let mut halves = Vec::with_capacity(2);
-                    for (part, context) in [negative, positive].into_iter().enumerate() {
+                Context::Separate(contexts) => {
+                    let rows = |t: &Tensor, part: usize| t.narrow(0, part * batch, batch);
+                    let mut parts = Vec::with_capacity(contexts.len());
+                    for (part, context) in contexts.iter().enumerate() {
                         let added = match &conditioning.added {
                             Some(added) => Some(AddedConditions {
-                                text_embeds: half(&added.text_embeds, part)?,
-                                time_ids: half(&added.time_ids, part)?,
+                                text_embeds: rows(&added.text_embeds, part)?,
+                                time_ids: rows(&added.time_ids, part)?,
                             }),
                             None => None,
                         };
-                        halves.push(self.unet.forward_with_guidance(
-                            &half(&model_input, part)?,
+                        parts.push(self.unet.forward_with_guidance(
+                            &rows(&model_input, part)?,
                             timestep,
                             context,
                             added.as_ref(),
                             conditioning.guidance_embedding.as_ref(),
                         )?);
                     }
-                    Tensor::cat(&halves, 0)?
+                    Tensor::cat(&parts, 0)?
                 }
             }
             .to_dtype(DType::F32)?;
-            let guided_prediction = if conditioning.guided {
-                let uncond = prediction.narrow(0, 0, batch)?;
-                let cond = prediction.narrow(0, batch, batch)?;
-                (&uncond + ((cond - &uncond)? * request.guidance_scale)?)?
-            } else {
-                prediction
-            };
+            let guided_prediction =
+                conditioning.combine(&prediction, batch, request.guidance_scale)?;
             let step = scheduler.step(&guided_prediction, index, &latents, &mut generator)?;
             latents = step.prev_sample;
             if let Some(blend) = &plan.blend {
@@ -493,67 +371,6 @@ impl StableDiffusion {
             });
         }
         Ok(latents)
-    }
-}
-
-/// The text embeddings the UNet reads.
-enum Context {
-    /// `(model batch, tokens, width)`: the negative prompt's rows first when guided.
-    Batched(Tensor),
-    /// A negative prompt and a prompt of different lengths (chunk counts), each `(batch,
-    /// tokens, width)`: two UNet evaluations per step.
-    Separate {
-        /// The negative prompt's.
-        negative: Tensor,
-        /// The prompt's.
-        positive: Tensor,
-    },
-}
-
-/// What the UNet reads besides the latents, the same at every step.
-struct Conditioning {
-    /// Text embeddings.
-    context: Context,
-    /// SDXL's pooled text and size conditioning.
-    added: Option<AddedConditions>,
-    /// LCM-distilled UNets' guidance-scale embedding.
-    guidance_embedding: Option<Tensor>,
-    /// Whether classifier-free guidance runs (the UNet sees the batch twice).
-    guided: bool,
-}
-
-/// What the UNet reads at each step of a pass: with prompt editing, conditionings that change
-/// during sampling.
-struct ConditioningSchedule {
-    /// One per distinct pair of prompt texts.
-    conditionings: Vec<Conditioning>,
-    /// `(last step, conditioning)` in order: steps (counted from 0 within the pass, as A1111
-    /// counts them) up to the first pair's last step use its conditioning, and so on; the last
-    /// pair's holds after its step.
-    last_steps: Vec<(usize, usize)>,
-}
-
-impl ConditioningSchedule {
-    /// The conditioning of `step` (counted from 0 within the pass).
-    fn at(&self, step: usize) -> &Conditioning {
-        let index = self
-            .last_steps
-            .iter()
-            .find(|(last, _)| step <= *last)
-            .or(self.last_steps.last())
-            .map_or(0, |&(_, index)| index);
-        &self.conditionings[index]
-    }
-}
-
-/// `prompt`'s prompt-editing schedule for `pass`, read without its `<lora:…>` tags (as A1111
-/// reads it); the prompt as written when it has no editing.
-fn editing_schedule(prompt: &str, pass: SchedulePass) -> Vec<(usize, String)> {
-    let stripped = crate::engine::extra_networks::strip(prompt);
-    let schedule = prompt_schedule(&stripped, pass);
-    match &schedule[..] {
-        [(last, text)] if *text == stripped => vec![(*last, prompt.to_string())],
-        _ => schedule,
     }
 }
 

@@ -5,6 +5,7 @@
 //! (latents to pixels and previews), `modes` (what each mode prepares for the loop) and `job`
 //! (a whole job as the artist describes it: the entry point of the window and the CLI).
 
+mod conditioning;
 mod decode;
 mod denoise;
 mod job;
