@@ -97,13 +97,10 @@ pub fn composable_parts(prompt: &str) -> Vec<(String, f64)> {
 
 /// `prompt` split at every `AND` that is a whole word (regex `\bAND\b`).
 fn split_at_and(prompt: &str) -> Vec<&str> {
-    let is_word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
     let mut parts = Vec::new();
     let mut from = 0;
     for (at, _) in prompt.match_indices("AND") {
-        let before = prompt[..at].chars().next_back();
-        let after = prompt[at + 3..].chars().next();
-        if at >= from && !is_word(before) && !is_word(after) {
+        if at >= from && crate::engine::prompt_syntax::is_keyword_at(prompt, at, "AND") {
             parts.push(&prompt[from..at]);
             from = at + 3;
         }

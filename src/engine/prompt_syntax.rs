@@ -138,9 +138,15 @@ fn split_breaks(text: &str) -> Vec<&str> {
 
 /// Whether `BREAK` at byte `at` of `text` is a word of its own (`\bBREAK\b`).
 pub fn is_break_at(text: &str, at: usize) -> bool {
+    is_keyword_at(text, at, "BREAK")
+}
+
+/// Whether `keyword` starts at byte `at` of `text` as a whole word (regex `\bKEYWORD\b`, as
+/// A1111 finds `BREAK` and `AND`).
+pub fn is_keyword_at(text: &str, at: usize, keyword: &str) -> bool {
     let is_word = |c: char| c.is_alphanumeric() || c == '_';
-    let end = at + "BREAK".len();
-    text[at..].starts_with("BREAK")
+    let end = at + keyword.len();
+    text[at..].starts_with(keyword)
         && text[..at].chars().next_back().is_none_or(|c| !is_word(c))
         && text[end..].chars().next().is_none_or(|c| !is_word(c))
 }

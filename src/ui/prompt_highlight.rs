@@ -1,22 +1,24 @@
-//! The prompt box's highlighting of A1111's syntax: emphasis brackets and weights, `BREAK`, and
-//! escaped brackets left plain (they are text).
+//! The prompt box's highlighting of A1111's syntax: emphasis and prompt-editing brackets,
+//! weights, `BREAK` and `AND`, and escaped brackets left plain (they are text).
 
 use egui::text::{LayoutJob, TextFormat};
 use egui::{Color32, FontId};
 
-use crate::engine::prompt_syntax::{is_break_at, weight_close};
+use crate::engine::prompt_syntax::{is_break_at, is_keyword_at, weight_close};
 
 /// What a stretch of the prompt is, for its colour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PromptSpan {
     /// Words.
     Text,
-    /// `(`, `)`, `[`, `]`.
+    /// `(`, `)`, `[`, `]`, and `|` between alternatives.
     Bracket,
     /// `:1.3` before a closing bracket.
     Weight,
     /// `BREAK`.
     Break,
+    /// `AND` between the parts of a composable prompt.
+    And,
 }
 
 /// Splits `prompt` into stretches of one kind, in order (their texts joined give the prompt).
@@ -40,9 +42,10 @@ pub fn prompt_spans<'a>(prompt: &'a str) -> Vec<(PromptSpan, &'a str)> {
                     .map_or(1, |c| 1 + c.len_utf8());
                 continue;
             }
-            b'(' | b')' | b'[' | b']' => Some((PromptSpan::Bracket, i + 1)),
+            b'(' | b')' | b'[' | b']' | b'|' => Some((PromptSpan::Bracket, i + 1)),
             b':' => weight_end(prompt, i).map(|end| (PromptSpan::Weight, end)),
             b'B' if is_break_at(prompt, i) => Some((PromptSpan::Break, i + "BREAK".len())),
+            b'A' if is_keyword_at(prompt, i, "AND") => Some((PromptSpan::And, i + "AND".len())),
             _ => None,
         };
         match special {
@@ -86,7 +89,7 @@ pub fn prompt_layout_job(prompt: &str, style: &egui::Style, wrap_width: f32) -> 
         let color = match kind {
             PromptSpan::Text => text_color,
             PromptSpan::Bracket | PromptSpan::Weight => accent,
-            PromptSpan::Break => break_color,
+            PromptSpan::Break | PromptSpan::And => break_color,
         };
         job.append(text, 0.0, TextFormat::simple(font.clone(), color));
     }
@@ -119,6 +122,20 @@ mod tests {
         );
         assert_eq!(prompt_spans("time: 5pm"), vec![(Text, "time: 5pm")]);
         assert_eq!(prompt_spans("BREAKING 東京"), vec![(Text, "BREAKING 東京")]);
+        assert_eq!(
+            prompt_spans("[a|b] AND c"),
+            vec![
+                (Bracket, "["),
+                (Text, "a"),
+                (Bracket, "|"),
+                (Text, "b"),
+                (Bracket, "]"),
+                (Text, " "),
+                (And, "AND"),
+                (Text, " c"),
+            ]
+        );
+        assert_eq!(prompt_spans("BRANDS"), vec![(Text, "BRANDS")]);
         let joined: String = prompt_spans("(a:1.2)[b]").iter().map(|(_, t)| *t).collect();
         assert_eq!(joined, "(a:1.2)[b]");
     }
