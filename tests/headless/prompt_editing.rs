@@ -247,3 +247,17 @@ fn and_on_a_model_without_guidance_says_why() {
         )
         .unwrap();
 }
+
+/// The prompt box's count: with prompt editing or `AND`, the longest text any part takes (the
+/// syntax itself is not counted), as A1111's `get_prompt_lengths`.
+#[test]
+fn the_token_count_is_the_longest_texts() {
+    let model = load_model("sd1");
+    let count = model.token_counter();
+    let plain = count("a red fox");
+    assert_eq!(count("a [red fox:cat:5]"), plain);
+    assert_eq!(count("a [red fox|cat]"), plain);
+    assert_eq!(count("a red fox AND a cat:0.5"), plain);
+    assert_eq!(count("a [red fox]"), plain, "emphasis is not counted");
+    assert!(count(&format!("a cat AND {}", "fox ".repeat(80))) > 75);
+}

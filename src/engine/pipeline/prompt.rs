@@ -127,10 +127,29 @@ impl StableDiffusion {
     }
 
     /// A thread-safe counter of prompt tokens as A1111 counts them (emphasis syntax left out,
-    /// chunks padded after a comma or `BREAK`), for the prompt box.
+    /// chunks padded after a comma or `BREAK`; with `AND` or prompt editing, the longest text
+    /// any part takes over 20 steps, as A1111's `get_prompt_lengths` does), for the prompt box.
     pub fn token_counter(&self) -> Arc<dyn Fn(&str) -> usize + Send + Sync> {
+        use crate::engine::prompt_schedule::{SchedulePass, composable_parts, prompt_schedule};
         let tokenizer = self.text_encoders[0].tokenizer.clone();
-        Arc::new(move |prompt: &str| tokenizer.chunks(prompt).map_or(0, |(_, count)| count))
+        Arc::new(move |prompt: &str| {
+            let count = |text: &str| tokenizer.chunks(text).map_or(0, |(_, count)| count);
+            let stripped = crate::engine::extra_networks::strip(prompt);
+            let parts = composable_parts(&stripped);
+            if let [(text, weight)] = &parts[..]
+                && *weight == 1.0
+                && *text == stripped.trim_end()
+                && !text.contains('[')
+            {
+                return count(prompt);
+            }
+            parts
+                .iter()
+                .flat_map(|(text, _)| prompt_schedule(text, SchedulePass::First { steps: 20 }))
+                .map(|(_, text)| count(&text))
+                .max()
+                .unwrap_or(0)
+        })
     }
 
     /// Tokenizes `prompt` with every tokenizer of the model as transformers does (plain text,
