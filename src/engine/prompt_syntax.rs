@@ -272,43 +272,17 @@ pub fn chunk_prompt<E>(
     mut tokenize: impl FnMut(&str) -> Result<Vec<PromptToken>, E>,
 ) -> Result<(Vec<PromptChunk>, usize), E> {
     let length = ids.chunk_length;
-    let mut chunks = Vec::new();
-    let mut tokens: Vec<u32> = Vec::new();
-    let mut weights: Vec<f32> = Vec::new();
-    let mut token_count = 0;
-    let mut last_comma: Option<usize> = None;
-    let close = |tokens: &mut Vec<u32>,
-                 weights: &mut Vec<f32>,
-                 chunks: &mut Vec<PromptChunk>,
-                 token_count: &mut usize,
-                 is_last: bool| {
-        *token_count += if is_last { tokens.len() } else { length };
-        let pad = length.saturating_sub(tokens.len());
-        let mut chunk_tokens = Vec::with_capacity(length + 2);
-        chunk_tokens.push(ids.bos);
-        chunk_tokens.append(tokens);
-        chunk_tokens.extend(std::iter::repeat_n(ids.eos, pad));
-        chunk_tokens.push(ids.eos);
-        let mut chunk_weights = Vec::with_capacity(length + 2);
-        chunk_weights.push(1.0);
-        chunk_weights.append(weights);
-        chunk_weights.extend(std::iter::repeat_n(1.0, pad));
-        chunk_weights.push(1.0);
-        chunks.push(PromptChunk {
-            tokens: chunk_tokens,
-            weights: chunk_weights,
-        });
+    let mut chunker = Chunker {
+        ids,
+        chunks: Vec::new(),
+        tokens: Vec::new(),
+        weights: Vec::new(),
+        token_count: 0,
+        last_comma: None,
     };
     for piece in pieces {
         if piece.is_break() {
-            close(
-                &mut tokens,
-                &mut weights,
-                &mut chunks,
-                &mut token_count,
-                false,
-            );
-            last_comma = None;
+            chunker.next_chunk(false);
             continue;
         }
         let weight = piece.weight as f32;
@@ -320,81 +294,83 @@ pub fn chunk_prompt<E>(
                     None => continue,
                 },
             };
+            let filled = chunker.tokens.len();
             if matches!(unit, PromptToken::Word(_)) && Some(token) == ids.comma {
-                last_comma = Some(tokens.len());
+                chunker.last_comma = Some(filled);
             } else if COMMA_BACKTRACK != 0
-                && tokens.len() == length
-                && let Some(comma) = last_comma
-                && tokens.len() - comma <= COMMA_BACKTRACK
+                && filled == length
+                && let Some(comma) = chunker.last_comma
+                && filled - comma <= COMMA_BACKTRACK
             {
                 // Move the words after the comma to the next chunk.
-                let moved_tokens = tokens.split_off(comma + 1);
-                let moved_weights = weights.split_off(comma + 1);
-                close(
-                    &mut tokens,
-                    &mut weights,
-                    &mut chunks,
-                    &mut token_count,
-                    false,
-                );
-                tokens = moved_tokens;
-                weights = moved_weights;
-                last_comma = None;
+                let moved_tokens = chunker.tokens.split_off(comma + 1);
+                let moved_weights = chunker.weights.split_off(comma + 1);
+                chunker.next_chunk(false);
+                chunker.tokens = moved_tokens;
+                chunker.weights = moved_weights;
             }
-            if tokens.len() == length {
-                close(
-                    &mut tokens,
-                    &mut weights,
-                    &mut chunks,
-                    &mut token_count,
-                    false,
-                );
-                last_comma = None;
+            if chunker.tokens.len() == length {
+                chunker.next_chunk(false);
             }
             let group = match unit {
                 PromptToken::Word(token) => vec![token],
                 PromptToken::Embedding(group) => {
                     // An embedding that would not fit starts the next chunk.
-                    if tokens.len() + group.len() > length && !tokens.is_empty() {
-                        close(
-                            &mut tokens,
-                            &mut weights,
-                            &mut chunks,
-                            &mut token_count,
-                            false,
-                        );
-                        last_comma = None;
+                    if chunker.tokens.len() + group.len() > length && !chunker.tokens.is_empty() {
+                        chunker.next_chunk(false);
                     }
                     group
                 }
             };
             for token in group {
                 // Only an embedding longer than a whole chunk is split.
-                if tokens.len() == length {
-                    close(
-                        &mut tokens,
-                        &mut weights,
-                        &mut chunks,
-                        &mut token_count,
-                        false,
-                    );
-                    last_comma = None;
+                if chunker.tokens.len() == length {
+                    chunker.next_chunk(false);
                 }
-                tokens.push(token);
-                weights.push(weight);
+                chunker.tokens.push(token);
+                chunker.weights.push(weight);
             }
         }
     }
-    if !tokens.is_empty() || chunks.is_empty() {
-        close(
-            &mut tokens,
-            &mut weights,
-            &mut chunks,
-            &mut token_count,
-            true,
-        );
+    if !chunker.tokens.is_empty() || chunker.chunks.is_empty() {
+        chunker.next_chunk(true);
     }
-    Ok((chunks, token_count))
+    Ok((chunker.chunks, chunker.token_count))
+}
+
+/// [`chunk_prompt`]'s state: the chunks so far and the one being filled.
+struct Chunker {
+    ids: ChunkTokens,
+    chunks: Vec<PromptChunk>,
+    /// The chunk being filled: its tokens and their weights.
+    tokens: Vec<u32>,
+    weights: Vec<f32>,
+    /// The count the prompt box shows.
+    token_count: usize,
+    /// Where the last comma of the chunk being filled is.
+    last_comma: Option<usize>,
+}
+
+impl Chunker {
+    /// Closes the chunk being filled (start and end tokens, padded with the end token) and
+    /// starts the next one (A1111's `next_chunk`).
+    fn next_chunk(&mut self, is_last: bool) {
+        let length = self.ids.chunk_length;
+        self.token_count += if is_last { self.tokens.len() } else { length };
+        let pad = length.saturating_sub(self.tokens.len());
+        let mut tokens = Vec::with_capacity(length + 2);
+        tokens.push(self.ids.bos);
+        tokens.append(&mut self.tokens);
+        tokens.extend(std::iter::repeat_n(self.ids.eos, pad));
+        tokens.push(self.ids.eos);
+        let mut weights = Vec::with_capacity(length + 2);
+        weights.push(1.0);
+        weights.append(&mut self.weights);
+        weights.extend(std::iter::repeat_n(1.0, pad));
+        weights.push(1.0);
+        self.chunks.push(PromptChunk { tokens, weights });
+        self.last_comma = None;
+    }
 }
 
 #[cfg(test)]
