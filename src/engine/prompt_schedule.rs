@@ -100,7 +100,7 @@ fn split_at_and(prompt: &str) -> Vec<&str> {
     let mut parts = Vec::new();
     let mut from = 0;
     for (at, _) in prompt.match_indices("AND") {
-        if at >= from && crate::engine::prompt_syntax::is_keyword_at(prompt, at, "AND") {
+        if crate::engine::prompt_syntax::is_keyword_at(prompt, at, "AND") {
             parts.push(&prompt[from..at]);
             from = at + 3;
         }
@@ -117,11 +117,7 @@ fn trailing_weight(text: &str) -> Option<(&str, f64)> {
     let digits = number.strip_prefix(['+', '-']).unwrap_or(number);
     let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
     let all_digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
-    let valid = all_digits(whole)
-        && all_digits(fraction)
-        && (!whole.is_empty() || !fraction.is_empty())
-        && !(whole.is_empty() && digits.ends_with('.'));
-    if !valid || number.is_empty() {
+    if !all_digits(whole) || !all_digits(fraction) || whole.len() + fraction.len() == 0 {
         return None;
     }
     Some((text[..colon].trim_end(), number.parse().ok()?))
@@ -242,34 +238,21 @@ fn is_special(c: char) -> bool {
 /// parser fails (a `|` outside any construct, a lone trailing backslash).
 fn parse_top(chars: &[char]) -> Option<Vec<Node>> {
     let mut nodes = Vec::new();
-    let mut text = String::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        if (c == '[' || c == '(')
-            && let Some((node, next)) = parse_construct(chars, i)
-        {
-            flush(&mut text, &mut nodes);
-            nodes.push(node);
-            i = next;
-            continue;
-        }
-        match c {
-            '\\' => {
-                let escaped = *chars.get(i + 1)?;
-                text.push(c);
-                text.push(escaped);
-                i += 2;
-            }
-            '|' => return None,
-            _ => {
-                text.push(c);
-                i += 1;
+    let mut at = 0;
+    loop {
+        let (part, stop) = parse_prompt(chars, at, false);
+        nodes.extend(part);
+        match chars.get(stop) {
+            None => return Some(nodes),
+            // A backslash stops a prompt only at the very end.
+            Some('|' | '\\') => return None,
+            // A bracket that starts no construct, a colon: text here.
+            Some(&stray) => {
+                nodes.push(Node::Text(stray.to_string()));
+                at = stop + 1;
             }
         }
     }
-    flush(&mut text, &mut nodes);
-    Some(nodes)
 }
 
 fn flush(text: &mut String, nodes: &mut Vec<Node>) {

@@ -23,8 +23,6 @@ pub(super) enum Context {
 pub(super) struct Conditioning {
     /// Text embeddings.
     pub(super) context: Context,
-    /// How many parts (rows of `batch`) the UNet's batch has.
-    pub(super) parts: usize,
     /// SDXL's pooled text and size conditioning, for all parts' rows.
     pub(super) added: Option<AddedConditions>,
     /// LCM-distilled UNets' guidance-scale embedding.
@@ -37,6 +35,12 @@ pub(super) struct Conditioning {
 }
 
 impl Conditioning {
+    /// How many parts (rows of `batch`) the UNet's batch has: the prompt's, and the negative
+    /// prompt's when guided.
+    pub(super) fn parts(&self) -> usize {
+        self.weights.len() + usize::from(self.guided)
+    }
+
     /// The guided prediction from the UNet's `prediction` for all parts (`parts x batch` rows,
     /// in the order of the context).
     pub(super) fn combine(&self, prediction: &Tensor, batch: usize, scale: f64) -> Result<Tensor> {
@@ -78,16 +82,6 @@ impl ConditioningSchedule {
     }
 }
 
-/// `prompt`'s prompt-editing schedule for `pass` (`prompt` already without `<lora:…>` tags);
-/// `written` (the prompt as the artist wrote it) when it has no editing.
-fn editing_schedule(prompt: &str, written: &str, pass: SchedulePass) -> Vec<(usize, String)> {
-    let schedule = prompt_schedule(prompt, pass);
-    match &schedule[..] {
-        [(last, text)] if text == prompt => vec![(*last, written.to_string())],
-        _ => schedule,
-    }
-}
-
 impl StableDiffusion {
     /// Encodes the prompts into what the UNet reads at each step of `pass`: one conditioning per
     /// distinct set of texts that A1111's prompt editing gives the negative prompt and each part
@@ -102,21 +96,14 @@ impl StableDiffusion {
         let stripped = crate::engine::extra_networks::strip(&request.prompt);
         let parts = composable_parts(&stripped);
         let weights: Vec<f64> = parts.iter().map(|p| p.1).collect();
-        let mut schedules: Vec<Vec<(usize, String)>> = match &parts[..] {
-            [(text, weight)] if *weight == 1.0 => {
-                let written = match *text == stripped.trim_end() {
-                    true => &request.prompt,
-                    false => text,
-                };
-                vec![editing_schedule(text, written, pass)]
-            }
-            _ => parts
-                .iter()
-                .map(|(text, _)| editing_schedule(text, text, pass))
-                .collect(),
-        };
+        // Texts without `<lora:…>` tags encode as the prompt with them does (the tokenizer
+        // leaves the tags out too).
+        let mut schedules: Vec<Vec<(usize, String)>> = parts
+            .iter()
+            .map(|(text, _)| prompt_schedule(text, pass))
+            .collect();
         let negative = crate::engine::extra_networks::strip(&request.negative_prompt);
-        schedules.push(editing_schedule(&negative, &request.negative_prompt, pass));
+        schedules.push(prompt_schedule(&negative, pass));
         let mut boundaries: Vec<usize> = schedules.iter().flatten().map(|p| p.0).collect();
         boundaries.sort_unstable();
         boundaries.dedup();
@@ -243,7 +230,6 @@ impl StableDiffusion {
         };
         Ok(Conditioning {
             context,
-            parts,
             added,
             guidance_embedding,
             guided,

@@ -275,8 +275,8 @@ impl StableDiffusion {
                 Some(extra) => Tensor::cat(&[&scaled, extra], 1)?,
                 None => scaled,
             };
-            let model_input = if conditioning.parts > 1 {
-                Tensor::cat(&vec![&scaled; conditioning.parts], 0)?
+            let model_input = if conditioning.parts() > 1 {
+                Tensor::cat(&vec![&scaled; conditioning.parts()], 0)?
             } else {
                 scaled
             }

@@ -133,20 +133,11 @@ impl StableDiffusion {
         use crate::engine::prompt_schedule::{SchedulePass, composable_parts, prompt_schedule};
         let tokenizer = self.text_encoders[0].tokenizer.clone();
         Arc::new(move |prompt: &str| {
-            let count = |text: &str| tokenizer.chunks(text).map_or(0, |(_, count)| count);
             let stripped = crate::engine::extra_networks::strip(prompt);
-            let parts = composable_parts(&stripped);
-            if let [(text, weight)] = &parts[..]
-                && *weight == 1.0
-                && *text == stripped.trim_end()
-                && !text.contains('[')
-            {
-                return count(prompt);
-            }
-            parts
+            composable_parts(&stripped)
                 .iter()
                 .flat_map(|(text, _)| prompt_schedule(text, SchedulePass::First { steps: 20 }))
-                .map(|(_, text)| count(&text))
+                .map(|(_, text)| tokenizer.chunks(&text).map_or(0, |(_, count)| count))
                 .max()
                 .unwrap_or(0)
         })
